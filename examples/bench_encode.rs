@@ -1,0 +1,46 @@
+//! Times fluxcap's Parquet writer on an Arrow IPC file of archive records
+//! (written by scripts/bench-encode, which times pyarrow on the same file).
+//!
+//! Usage: bench_encode INPUT.arrow OUTPUT.parquet ZSTD_LEVEL
+//! Prints one JSON line: {"seconds": …, "payload_bytes": …, "output_bytes": …}
+
+use std::time::Instant;
+
+use arrow::array::{Array, AsArray};
+use fluxcap::archive::writer::ParquetSettings;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() != 4 {
+        return Err("usage: bench_encode INPUT.arrow OUTPUT.parquet ZSTD_LEVEL".into());
+    }
+    let file = std::fs::File::open(&args[1])?;
+    let reader = arrow::ipc::reader::FileReader::try_new(file, None)?;
+    let batches: Vec<_> = reader.collect::<Result<_, _>>()?;
+    let batches: Vec<_> = batches
+        .into_iter()
+        .map(|b| b.with_schema(fluxcap::record::schema()))
+        .collect::<Result<_, _>>()?;
+    let payload: usize = batches
+        .iter()
+        .map(|b| {
+            let d = b.column_by_name("data").map(|c| c.as_binary::<i32>().values().len());
+            d.unwrap_or(0)
+        })
+        .sum();
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let s = ParquetSettings {
+        zstd_level: args[3].parse()?,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let bytes = s.encode(&batches, vec![], &args[2])?;
+    let secs = t.elapsed().as_secs_f64();
+    std::fs::write(&args[2], &bytes)?;
+    let _ = batches.first().map(|b| b.column(0).len());
+    println!(
+        "{{\"seconds\": {secs}, \"payload_bytes\": {payload}, \"output_bytes\": {}, \"rows\": {rows}}}",
+        bytes.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,626 @@
+//! The archiver loop: one task per shard, lineage-ordered, with bounded memory.
+//!
+//! ```text
+//!  stream supervisor ──ListShards──▶ shards whose parents are finished
+//!        │                              │ spawn (JoinSet, one task per shard)
+//!        │ lease renewal                ▼
+//!        │                 ShardReader ─▶ ShardBuffer (per arrival hour)
+//!        │                              │ size / age / memory pressure / end of shard
+//!        ▼                              ▼
+//!   children become eligible ◀── flush: intent → files → commit (see `checkpoint`)
+//! ```
+//!
+//! Memory: every buffered byte holds a permit of one global semaphore sized
+//! to `archive.flush.memory_budget`. A shard that cannot get permits flushes
+//! its own buffer and signals the others to flush theirs, so memory stays
+//! bounded whatever the number of shards.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use parquet::file::metadata::KeyValue;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::archive::checkpoint::{Lease, ShardCheckpoint, load_all};
+use crate::archive::layout::hour_key;
+use crate::archive::store::Archive;
+use crate::archive::writer::{ParquetSettings, put_object};
+use crate::config::{Config, PayloadFormat, StreamConfig};
+use crate::error::{Error, Result};
+use crate::kinesis::reader::{ShardReader, StartAt};
+use crate::kinesis::shards::{ShardInfo, list_shards, parents_done};
+use crate::kinesis::{self, Client};
+use crate::metrics::{ShardStats, Stats};
+use crate::record::{Position, Record, RecordBatchBuilder};
+
+/// Footer keys of a data file, read by `fluxcap verify`.
+pub mod meta {
+    /// Position before the flush that wrote the file (`""` when none).
+    pub const FLUSH_PREV: &str = "fluxcap.flush_prev";
+    /// Position of the last record of the flush.
+    pub const FLUSH_LAST: &str = "fluxcap.flush_last";
+    /// Records in the whole flush (all of its files).
+    pub const FLUSH_RECORDS: &str = "fluxcap.flush_records";
+    /// Shard of the records.
+    pub const SHARD: &str = "fluxcap.shard_id";
+}
+
+/// Encode a position for file metadata: `<seq>:<sub>`, or `""` for none.
+pub fn encode_position(p: Option<&Position>) -> String {
+    p.map(|p| format!("{}:{}", p.sequence_number, p.subsequence_number))
+        .unwrap_or_default()
+}
+
+/// Decode [`encode_position`].
+pub fn decode_position(s: &str) -> Option<Position> {
+    let (seq, sub) = s.split_once(':')?;
+    Some(Position::new(seq, sub.parse().ok()?))
+}
+
+/// What `fluxcap archive` should do.
+#[derive(Debug, Clone, Default)]
+pub struct ArchiveOptions {
+    /// Catch every shard up to its tip as of the start, commit, and return.
+    pub once: bool,
+    /// Only this stream (default: every configured stream).
+    pub stream: Option<String>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ArchiveSummary {
+    /// Records committed.
+    pub records: u64,
+    /// Payload bytes committed.
+    pub bytes: u64,
+    /// Data files committed.
+    pub files: u64,
+    /// Payloads of json streams that are not valid JSON (archived as is).
+    pub invalid_json: u64,
+    /// Calls retried.
+    pub retries: u64,
+}
+
+/// Global memory budget for buffered records, in KiB permits.
+#[derive(Debug, Clone)]
+struct MemoryBudget {
+    sem: Arc<Semaphore>,
+    total_kib: u32,
+    pressure: Arc<Notify>,
+}
+
+impl MemoryBudget {
+    fn new(bytes: u64) -> Self {
+        let kib = (bytes / 1024).clamp(1024, u32::MAX as u64 / 2) as u32;
+        MemoryBudget {
+            sem: Arc::new(Semaphore::new(kib as usize)),
+            total_kib: kib,
+            pressure: Arc::new(Notify::new()),
+        }
+    }
+
+    fn kib(&self, bytes: usize) -> u32 {
+        ((bytes / 1024) as u32 + 1).min(self.total_kib)
+    }
+}
+
+/// Run the archiver until done (`once`) or cancelled.
+pub async fn run(cfg: &Config, opts: ArchiveOptions, cancel: CancellationToken) -> Result<ArchiveSummary> {
+    let streams = cfg.selected_streams(opts.stream.as_deref())?;
+    let archive = Archive::open(cfg).await?;
+    archive.check_writable().await?;
+    let client = kinesis::client(cfg).await;
+    let stats = Arc::new(Stats::default());
+    let owner = format!("{:016x}", rand::random::<u64>());
+    let budget = MemoryBudget::new(cfg.archive.flush.memory_budget.0);
+
+    let work = cancel.child_token();
+    let progress = crate::metrics::spawn_progress(stats.clone(), cfg.archiver.progress_interval.0, work.child_token());
+    if !opts.once && !cfg.archiver.metrics_bind.is_empty() {
+        let addr = cfg
+            .archiver
+            .metrics_bind
+            .parse()
+            .map_err(|_| Error::Usage(format!("bad archiver.metrics_bind {:?}", cfg.archiver.metrics_bind)))?;
+        let bound = crate::metrics::serve(stats.clone(), addr, work.child_token()).await?;
+        tracing::info!("metrics on http://{bound}/metrics");
+    }
+
+    let mut tasks = JoinSet::new();
+    for s in streams {
+        let ctx = Arc::new(StreamCtx {
+            cfg: cfg.clone(),
+            stream: s,
+            archive: archive.clone(),
+            client: client.clone(),
+            stats: stats.clone(),
+            owner: owner.clone(),
+            budget: budget.clone(),
+            settings: ParquetSettings::from(&cfg.archive),
+            once: opts.once,
+            lease_expiry: Arc::new(AtomicI64::new(0)),
+        });
+        let token = work.clone();
+        tasks.spawn(async move { archive_stream(ctx, token).await });
+    }
+    let mut first_err = None;
+    while let Some(res) = tasks.join_next().await {
+        let res = res.unwrap_or_else(|e| Err(Error::Usage(format!("internal error: stream task failed: {e}"))));
+        if let Err(e) = res {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            if first_err.is_none() {
+                // Stop the other streams cleanly (they flush and commit).
+                work.cancel();
+                first_err = Some(e);
+            }
+        }
+    }
+    work.cancel();
+    let _ = progress.await;
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    Ok(ArchiveSummary {
+        records: stats.records_archived.load(Ordering::Relaxed),
+        bytes: stats.bytes_archived.load(Ordering::Relaxed),
+        files: stats.files.load(Ordering::Relaxed),
+        invalid_json: stats.invalid_json.load(Ordering::Relaxed),
+        retries: stats.retries.load(Ordering::Relaxed),
+    })
+}
+
+/// Everything the tasks of one stream share.
+struct StreamCtx {
+    cfg: Config,
+    stream: StreamConfig,
+    archive: Archive,
+    client: Client,
+    stats: Arc<Stats>,
+    owner: String,
+    budget: MemoryBudget,
+    settings: ParquetSettings,
+    once: bool,
+    /// Lease end (epoch ms); no flush starts when it is too close.
+    lease_expiry: Arc<AtomicI64>,
+}
+
+/// How a shard task ended.
+#[derive(Debug, PartialEq, Eq)]
+enum ShardOutcome {
+    /// Closed and read to its end; children may start.
+    Finished,
+    /// `--once`: reached the tip as of the start.
+    CaughtUp,
+    /// Cancelled; everything read was committed.
+    Stopped,
+}
+
+async fn archive_stream(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Result<()> {
+    let name = ctx.stream.name.clone();
+    let ttl = ctx.cfg.archiver.lease_ttl.0;
+    let mut lease = Lease::acquire(&ctx.archive, &name, &ctx.owner, ttl).await?;
+    let expiry = lease.expiry();
+    ctx.lease_expiry
+        .store(expiry.load(Ordering::Acquire), Ordering::Release);
+    let ctx = Arc::new(StreamCtx {
+        lease_expiry: expiry,
+        cfg: ctx.cfg.clone(),
+        stream: ctx.stream.clone(),
+        archive: ctx.archive.clone(),
+        client: ctx.client.clone(),
+        stats: ctx.stats.clone(),
+        owner: ctx.owner.clone(),
+        budget: ctx.budget.clone(),
+        settings: ctx.settings.clone(),
+        once: ctx.once,
+    });
+    tracing::info!(stream = %name, "lease acquired; archiving into {}", ctx.archive.describe(&ctx.archive.layout.stream_dir(&name)));
+
+    // Shard tasks stop on `shards` (cancel or lease loss), the renewer on `renew_stop`.
+    let shards = cancel.child_token();
+    let renew_stop = CancellationToken::new();
+    let renewer = {
+        let shards = shards.clone();
+        let stop = renew_stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(lease),
+                    _ = tokio::time::sleep(ttl / 3) => {
+                        if let Err(e) = lease.renew().await {
+                            tracing::error!("lease renewal failed: {e}");
+                            shards.cancel();
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    let result = supervise(ctx.clone(), shards.clone()).await;
+    shards.cancel();
+    renew_stop.cancel();
+    let lease_res = renewer
+        .await
+        .unwrap_or_else(|e| Err(Error::Usage(format!("internal error: lease task failed: {e}"))));
+    match (result, lease_res) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(lease)) => {
+            lease.release().await?;
+            Ok(())
+        }
+    }
+}
+
+async fn supervise(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Result<()> {
+    let name = ctx.stream.name.clone();
+    let max_backoff = ctx.cfg.archiver.max_backoff.0;
+    let mut initial: Option<HashSet<String>> = None;
+    let mut finished: HashSet<String> = HashSet::new();
+    let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+    let mut tasks: JoinSet<(String, Result<ShardOutcome>)> = JoinSet::new();
+    let mut first_err: Option<Error> = None;
+    let mut caught_up: HashSet<String> = HashSet::new();
+
+    loop {
+        if !cancel.is_cancelled() && first_err.is_none() {
+            let listed: BTreeMap<String, ShardInfo> = list_shards(&ctx.client, &name, max_backoff)
+                .await?
+                .into_iter()
+                .map(|s| (s.shard_id.clone(), s))
+                .collect();
+            let ckpts = load_all(&ctx.archive, &name).await?;
+            let checkpointed: HashSet<String> = ckpts.iter().map(|c| c.shard_id.clone()).collect();
+            finished.extend(ckpts.iter().filter(|c| c.finished).map(|c| c.shard_id.clone()));
+            let initial = initial.get_or_insert_with(|| listed.keys().cloned().collect());
+            for (id, info) in &listed {
+                if finished.contains(id) || running.contains_key(id) || caught_up.contains(id) {
+                    continue;
+                }
+                // `--once` archives what existed at the start; later shards only hold later records.
+                if ctx.once && !initial.contains(id) {
+                    continue;
+                }
+                if !parents_done(info, &listed, &finished, &checkpointed) {
+                    continue;
+                }
+                let (c, i, t) = (ctx.clone(), info.clone(), cancel.clone());
+                let h = tasks.spawn(async move {
+                    let id = i.shard_id.clone();
+                    let r = archive_shard(c, i, t).await;
+                    (id, r)
+                });
+                running.insert(id.clone(), h);
+            }
+        }
+        if running.is_empty() && (ctx.once || cancel.is_cancelled() || first_err.is_some()) {
+            break;
+        }
+        let discovery = ctx.cfg.archiver.shard_discovery_interval.0;
+        tokio::select! {
+            joined = tasks.join_next(), if !running.is_empty() => {
+                let Some(joined) = joined else { continue };
+                let (id, res) = joined.unwrap_or_else(|e| ("?".into(), Err(Error::Usage(format!("internal error: shard task failed: {e}")))));
+                running.remove(&id);
+                match res {
+                    Ok(ShardOutcome::Finished) => {
+                        tracing::info!(stream = %name, shard = %id, "shard finished");
+                        finished.insert(id);
+                    }
+                    Ok(ShardOutcome::CaughtUp) => {
+                        caught_up.insert(id);
+                    }
+                    Ok(ShardOutcome::Stopped) => {}
+                    Err(e) => {
+                        tracing::error!(stream = %name, shard = %id, "{e}");
+                        cancel.cancel();
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            _ = cancel.cancelled(), if !cancel.is_cancelled() => {}
+            _ = tokio::time::sleep(discovery), if !ctx.once && !cancel.is_cancelled() => {}
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Buffered records of one shard, grouped by arrival hour.
+struct ShardBuffer {
+    groups: BTreeMap<i64, Group>,
+    mem: usize,
+    records: usize,
+    oldest: Option<Instant>,
+    permits: Option<OwnedSemaphorePermit>,
+    /// Last record pushed.
+    last: Option<(Position, i64)>,
+}
+
+struct Group {
+    builder: RecordBatchBuilder,
+    first: Position,
+    count: usize,
+}
+
+impl ShardBuffer {
+    fn new() -> Self {
+        ShardBuffer {
+            groups: BTreeMap::new(),
+            mem: 0,
+            records: 0,
+            oldest: None,
+            permits: None,
+            last: None,
+        }
+    }
+
+    fn push(&mut self, r: &Record) {
+        let g = self.groups.entry(hour_key(r.arrival_ms)).or_insert_with(|| Group {
+            builder: RecordBatchBuilder::with_capacity(1024, 1 << 20),
+            first: r.position(),
+            count: 0,
+        });
+        g.builder.push(r);
+        g.count += 1;
+        self.mem += r.mem_size();
+        self.records += 1;
+        self.oldest.get_or_insert_with(Instant::now);
+        self.last = Some((r.position(), r.arrival_ms));
+    }
+
+    fn add_permit(&mut self, p: OwnedSemaphorePermit) {
+        match &mut self.permits {
+            Some(held) => held.merge(p),
+            None => self.permits = Some(p),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+}
+
+async fn archive_shard(ctx: Arc<StreamCtx>, info: ShardInfo, cancel: CancellationToken) -> Result<ShardOutcome> {
+    let stream = ctx.stream.name.clone();
+    let shard = info.shard_id.clone();
+    let stats = ctx.stats.shard(&stream, &shard);
+    let mut ck = ShardCheckpoint::open(&ctx.archive, &stream, &shard, info.parents.clone(), &ctx.owner).await?;
+    if ck.state().finished {
+        stats.state.store(2, Ordering::Relaxed);
+        return Ok(ShardOutcome::Finished);
+    }
+    let a = &ctx.cfg.archiver;
+    let mut reader = ShardReader::new(
+        ctx.client.clone(),
+        &stream,
+        &shard,
+        StartAt::TrimHorizon,
+        a.max_records_per_call,
+        a.max_backoff.0,
+        Arc::new(Default::default()),
+    );
+    if let Some(pos) = &ck.state().position {
+        reader = reader.resume_after(pos);
+    }
+    tracing::debug!(%stream, %shard, position = ?ck.state().position, "shard task started");
+    let started_ms = chrono::Utc::now().timestamp_millis();
+    let flush_cfg = &ctx.cfg.archive.flush;
+    let mut buf = ShardBuffer::new();
+    let mut last_call = Instant::now() - Duration::from_secs(1);
+    let retries_before = ctx.stats.retries.load(Ordering::Relaxed);
+    let _ = retries_before;
+
+    loop {
+        // Kinesis allows 5 GetRecords per second per shard.
+        let since = last_call.elapsed();
+        if since < Duration::from_millis(200) {
+            tokio::time::sleep(Duration::from_millis(200) - since).await;
+        }
+        last_call = Instant::now();
+        let batch = tokio::select! {
+            b = reader.next(&cancel) => b?,
+            _ = ctx.budget.pressure.notified() => {
+                if !buf.is_empty() {
+                    flush(&ctx, &mut ck, &mut buf, &stats, false).await?;
+                }
+                continue;
+            }
+        };
+        let Some(batch) = batch else {
+            // Cancelled: commit what was read.
+            flush(&ctx, &mut ck, &mut buf, &stats, false).await?;
+            stats.state.store(3, Ordering::Relaxed);
+            return Ok(ShardOutcome::Stopped);
+        };
+        if let Some(ms) = batch.millis_behind {
+            stats.millis_behind.store(ms, Ordering::Relaxed);
+        }
+        if !batch.records.is_empty() {
+            reserve(&ctx, &mut ck, &mut buf, &stats, batch.bytes + batch.records.len() * 64, &cancel).await?;
+            let mut invalid = 0u64;
+            for r in &batch.records {
+                if ctx.stream.format == PayloadFormat::Json
+                    && serde_json::from_slice::<serde::de::IgnoredAny>(&r.data).is_err()
+                {
+                    invalid += 1;
+                }
+                buf.push(r);
+            }
+            ctx.stats.records_read.fetch_add(batch.records.len() as u64, Ordering::Relaxed);
+            ctx.stats.buffered_bytes.fetch_add(batch.bytes as i64, Ordering::Relaxed);
+            if invalid > 0 {
+                ctx.stats.invalid_json.fetch_add(invalid, Ordering::Relaxed);
+                tracing::debug!(%stream, %shard, invalid, "payloads that are not valid JSON (archived as is)");
+            }
+        }
+        if batch.end_of_shard {
+            flush(&ctx, &mut ck, &mut buf, &stats, true).await?;
+            stats.state.store(2, Ordering::Relaxed);
+            return Ok(ShardOutcome::Finished);
+        }
+        let too_big = buf.mem as u64 >= flush_cfg.max_bytes.0;
+        let too_old = buf.oldest.is_some_and(|t| t.elapsed() >= flush_cfg.max_age.0);
+        if too_big || too_old {
+            flush(&ctx, &mut ck, &mut buf, &stats, false).await?;
+        }
+        if ctx.once {
+            let at_tip = batch.kinesis_records == 0 && batch.millis_behind.unwrap_or(0) == 0;
+            let past_start = buf.last.as_ref().is_some_and(|(_, t)| *t >= started_ms)
+                || batch.records.last().is_some_and(|r| r.arrival_ms >= started_ms);
+            if at_tip || past_start {
+                flush(&ctx, &mut ck, &mut buf, &stats, false).await?;
+                stats.state.store(3, Ordering::Relaxed);
+                return Ok(ShardOutcome::CaughtUp);
+            }
+        }
+        if batch.kinesis_records == 0 {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(a.poll_interval.0) => {}
+                _ = ctx.budget.pressure.notified() => {
+                    if !buf.is_empty() {
+                        flush(&ctx, &mut ck, &mut buf, &stats, false).await?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Get memory permits for `bytes` more, flushing first when the budget is full.
+async fn reserve(
+    ctx: &StreamCtx,
+    ck: &mut ShardCheckpoint,
+    buf: &mut ShardBuffer,
+    stats: &ShardStats,
+    bytes: usize,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let n = ctx.budget.kib(bytes);
+    if let Ok(p) = ctx.budget.sem.clone().try_acquire_many_owned(n) {
+        buf.add_permit(p);
+        return Ok(());
+    }
+    if !buf.is_empty() {
+        flush(ctx, ck, buf, stats, false).await?;
+    }
+    loop {
+        ctx.budget.pressure.notify_waiters();
+        tokio::select! {
+            p = ctx.budget.sem.clone().acquire_many_owned(n) => {
+                let p = p.map_err(|_| Error::Interrupted)?;
+                buf.add_permit(p);
+                return Ok(());
+            }
+            // Keep nudging: a shard may have been between polls when we asked.
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = cancel.cancelled() => {
+                // Still take the records: they are committed by the final flush.
+                let p = ctx.budget.sem.clone().acquire_many_owned(n).await.map_err(|_| Error::Interrupted)?;
+                buf.add_permit(p);
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Write the buffer's files and commit the shard's checkpoint (see `checkpoint`).
+async fn flush(
+    ctx: &StreamCtx,
+    ck: &mut ShardCheckpoint,
+    buf: &mut ShardBuffer,
+    stats: &ShardStats,
+    finished: bool,
+) -> Result<()> {
+    if buf.is_empty() && !finished {
+        return Ok(());
+    }
+    let stream = &ctx.stream.name;
+    let shard = ck.state().shard_id.clone();
+    let margin = ctx.cfg.archiver.lease_ttl.0 / 4;
+    if !Lease::valid_for(&ctx.lease_expiry, margin) {
+        return Err(Error::Fenced {
+            stream: stream.clone(),
+            object: format!(
+                "{} (lease not renewed in time)",
+                ctx.archive.describe(&ctx.archive.layout.lease_dir(stream))
+            ),
+        });
+    }
+    let groups = std::mem::take(&mut buf.groups);
+    let records = buf.records;
+    let payload = buf.mem;
+    let last = buf.last.take();
+    let prev = ck.state().position.clone();
+    let mut files: Vec<(object_store::path::Path, RecordBatch)> = Vec::with_capacity(groups.len());
+    for (hour, mut g) in groups {
+        let path = ctx.archive.layout.data_file(stream, hour, &shard, &g.first, g.count);
+        files.push((path, g.builder.finish()));
+    }
+    let paths: Vec<_> = files.iter().map(|(p, _)| p.clone()).collect();
+    if !files.is_empty() {
+        ck.begin(&paths).await?;
+    }
+    let kv = |k: &str, v: String| KeyValue::new(k.to_string(), v);
+    let mut written = 0u64;
+    for (path, batch) in files {
+        let metadata = vec![
+            kv(meta::FLUSH_PREV, encode_position(prev.as_ref())),
+            kv(meta::FLUSH_LAST, encode_position(last.as_ref().map(|(p, _)| p))),
+            kv(meta::FLUSH_RECORDS, records.to_string()),
+            kv(meta::SHARD, shard.clone()),
+        ];
+        let settings = ctx.settings.clone();
+        let name = ctx.archive.describe(&path);
+        let bytes = tokio::task::spawn_blocking(move || settings.encode(&[batch], metadata, &name))
+            .await
+            .map_err(|e| Error::Usage(format!("internal error: encoder task failed: {e}")))??;
+        written += bytes.len() as u64;
+        put_with_retry(ctx, &path, bytes).await?;
+    }
+    let (pos, arrival) = match last {
+        Some((p, t)) => (Some(p), Some(t)),
+        None => (None, None),
+    };
+    ck.commit(pos, arrival, records as u64, paths.len() as u64, finished).await?;
+    buf.records = 0;
+    buf.mem = 0;
+    buf.oldest = None;
+    buf.permits = None; // returns the memory to the budget
+    let s = &ctx.stats;
+    s.buffered_bytes.fetch_sub(payload as i64, Ordering::Relaxed);
+    s.records_archived.fetch_add(records as u64, Ordering::Relaxed);
+    s.bytes_archived.fetch_add(payload as u64, Ordering::Relaxed);
+    s.bytes_written.fetch_add(written, Ordering::Relaxed);
+    s.files.fetch_add(paths.len() as u64, Ordering::Relaxed);
+    s.flushes.fetch_add(1, Ordering::Relaxed);
+    stats.records.fetch_add(records as u64, Ordering::Relaxed);
+    stats.bytes.fetch_add(payload as u64, Ordering::Relaxed);
+    tracing::debug!(%stream, %shard, records, files = paths.len(), finished, "flush committed");
+    Ok(())
+}
+
+async fn put_with_retry(ctx: &StreamCtx, path: &object_store::path::Path, bytes: Vec<u8>) -> Result<()> {
+    let mut backoff = kinesis::Backoff::new(ctx.cfg.archiver.max_backoff.0);
+    loop {
+        match put_object(&ctx.archive.store, path, bytes.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if backoff.attempts() < 8 && matches!(ctx.archive.location, crate::config::ArchiveLocation::S3 { .. }) => {
+                ctx.stats.retries.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("retrying upload: {e}");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The archive layout — a public contract read by Drill, Hive, Spark, Athena,
+//! DuckDB and DataFusion:
+//!
+//! ```text
+//! <root>/<stream>/dt=YYYY-MM-DD/hr=HH/<shard>_<first-seq>_<first-sub>_<count>.parquet
+//! <root>/<stream>/_fluxcap/…          checkpoints, lease (never read as data)
+//! <root>/_fluxcap/…                   tool-wide state (replays)
+//! ```
+//!
+//! `dt`/`hr` come from the approximate arrival timestamp in UTC. A data file
+//! holds consecutive records of one shard, so its first record and its count
+//! determine its records: the same records always give the same name, which
+//! the commit protocol relies on (a re-run overwrites, never duplicates).
+
+use chrono::{DateTime, Datelike, Timelike, Utc};
+use object_store::path::Path;
+
+use crate::record::Position;
+
+/// Name of the folder holding non-data objects (ignored by every engine: it starts with `_`).
+pub const STATE_DIR: &str = "_fluxcap";
+
+/// Hive partition of an arrival time: (`YYYY-MM-DD`, `HH`).
+pub fn partition_of(arrival_ms: i64) -> (String, String) {
+    let t = DateTime::<Utc>::from_timestamp_millis(arrival_ms).unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
+    (
+        format!("{:04}-{:02}-{:02}", t.year(), t.month(), t.day()),
+        format!("{:02}", t.hour()),
+    )
+}
+
+/// Key of an hour partition: milliseconds of the hour's start.
+pub fn hour_key(arrival_ms: i64) -> i64 {
+    arrival_ms.div_euclid(3_600_000) * 3_600_000
+}
+
+/// The archive's paths, relative to the store root.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Key prefix of the archive inside the store (empty for a local directory root).
+    root: Path,
+}
+
+impl Layout {
+    /// A layout rooted at `root` (an object-store key prefix, may be empty).
+    pub fn new(root: impl Into<Path>) -> Self {
+        Layout { root: root.into() }
+    }
+
+    /// The archive root prefix.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `<root>/<stream>`: the stream's table directory.
+    pub fn stream_dir(&self, stream: &str) -> Path {
+        self.root.clone().join(stream)
+    }
+
+    /// `<root>/<stream>/dt=…/hr=…`.
+    pub fn partition_dir(&self, stream: &str, hour_ms: i64) -> Path {
+        let (dt, hr) = partition_of(hour_ms);
+        self.stream_dir(stream).join(format!("dt={dt}")).join(format!("hr={hr}"))
+    }
+
+    /// The data file for `count` consecutive records of `shard` starting at `first`.
+    pub fn data_file(&self, stream: &str, hour_ms: i64, shard: &str, first: &Position, count: usize) -> Path {
+        self.partition_dir(stream, hour_ms).join(data_file_name(shard, first, count))
+    }
+
+    /// `<root>/<stream>/_fluxcap/checkpoints/<shard>/`.
+    pub fn checkpoint_dir(&self, stream: &str, shard: &str) -> Path {
+        self.stream_dir(stream).join(STATE_DIR).join("checkpoints").join(shard)
+    }
+
+    /// `<root>/<stream>/_fluxcap/checkpoints/`.
+    pub fn checkpoints_root(&self, stream: &str) -> Path {
+        self.stream_dir(stream).join(STATE_DIR).join("checkpoints")
+    }
+
+    /// One checkpoint generation object.
+    pub fn checkpoint(&self, stream: &str, shard: &str, generation: u64) -> Path {
+        self.checkpoint_dir(stream, shard).join(format!("{generation:020}.json"))
+    }
+
+    /// `<root>/<stream>/_fluxcap/lease/`.
+    pub fn lease_dir(&self, stream: &str) -> Path {
+        self.stream_dir(stream).join(STATE_DIR).join("lease")
+    }
+
+    /// One lease epoch object.
+    pub fn lease(&self, stream: &str, epoch: u64) -> Path {
+        self.lease_dir(stream).join(format!("{epoch:020}.json"))
+    }
+
+    /// `<root>/_fluxcap/`: tool-wide state.
+    pub fn global_state_dir(&self) -> Path {
+        self.root.clone().join(STATE_DIR)
+    }
+}
+
+/// `<shard>_<first-seq>_<first-sub>_<count>.parquet`
+pub fn data_file_name(shard: &str, first: &Position, count: usize) -> String {
+    format!(
+        "{shard}_{}_{}_{count}.parquet",
+        first.sequence_number, first.subsequence_number
+    )
+}
+
+/// What a data file's name says about its records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataFileName {
+    /// Shard of every record in the file.
+    pub shard_id: String,
+    /// Position of the first record.
+    pub first: Position,
+    /// Number of records.
+    pub count: usize,
+}
+
+/// Parse a data file name; `None` for anything that is not one of ours.
+pub fn parse_data_file_name(name: &str) -> Option<DataFileName> {
+    let stem = name.strip_suffix(".parquet")?;
+    let mut parts = stem.rsplitn(4, '_');
+    let count = parts.next()?.parse().ok()?;
+    let sub = parts.next()?.parse().ok()?;
+    let seq = parts.next()?;
+    let shard = parts.next()?;
+    if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) || shard.is_empty() {
+        return None;
+    }
+    Some(DataFileName {
+        shard_id: shard.to_string(),
+        first: Position::new(seq, sub),
+        count,
+    })
+}
+
+/// Parse the zero-padded number of a generation/epoch object name.
+pub fn parse_generation(name: &str) -> Option<u64> {
+    name.strip_suffix(".json")?.parse().ok()
+}
+
+/// True when any path segment after `base` starts with `_` or `.` (not table data).
+pub fn is_hidden(path: &Path) -> bool {
+    path.parts().any(|p| {
+        let s = p.as_ref();
+        s.starts_with('_') || s.starts_with('.')
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_utc_hours() {
+        // 2026-11-25T13:59:59.999Z
+        let t = 1_764_079_199_999;
+        assert_eq!(partition_of(t), ("2026-11-25".into(), "13".into()));
+        assert_eq!(partition_of(t + 1), ("2026-11-25".into(), "14".into()));
+        assert_eq!(hour_key(t), 1_764_075_600_000);
+    }
+
+    #[test]
+    fn names_are_deterministic_and_parse_back() {
+        let l = Layout::new("pre/fix");
+        let p = Position::new("49590338271490256608559692538361571095921575989136588898", 3);
+        let path = l.data_file("orders", 1_764_079_199_999, "shardId-000000000001", &p, 42);
+        assert_eq!(
+            path.as_ref(),
+            "pre/fix/orders/dt=2026-11-25/hr=13/shardId-000000000001_49590338271490256608559692538361571095921575989136588898_3_42.parquet"
+        );
+        let parsed = parse_data_file_name(path.filename().unwrap()).unwrap();
+        assert_eq!(parsed.shard_id, "shardId-000000000001");
+        assert_eq!(parsed.first, p);
+        assert_eq!(parsed.count, 42);
+        assert!(parse_data_file_name("_x.json").is_none());
+        assert!(is_hidden(&l.checkpoint("orders", "s", 1)));
+        assert!(!is_hidden(&path));
+    }
+}

@@ -1,0 +1,10 @@
+//! The archive: layout, Parquet writer, checkpoint/commit protocol, the
+//! archiver loop, and the read-side checks (`status`, `verify`).
+
+pub mod archiver;
+pub mod status;
+pub mod verify;
+pub mod checkpoint;
+pub mod layout;
+pub mod store;
+pub mod writer;

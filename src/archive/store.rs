@@ -1,0 +1,149 @@
+//! Opens the archive's object store — a local directory or an S3 prefix —
+//! behind one `Arc<dyn ObjectStore>`, and checks that it is usable.
+
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use object_store::ObjectStore;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+
+use crate::archive::layout::Layout;
+use crate::config::{ArchiveLocation, Config};
+use crate::error::{Error, Result};
+
+/// The archive: its store, where it is, and its layout.
+#[derive(Debug, Clone)]
+pub struct Archive {
+    /// The object store (local directory or S3 bucket).
+    pub store: Arc<dyn ObjectStore>,
+    /// Where the archive lives, for messages and for engines given a URL.
+    pub location: ArchiveLocation,
+    /// Paths of data and state objects.
+    pub layout: Layout,
+}
+
+impl Archive {
+    /// Open the configured archive. For a local directory it is created; for
+    /// S3 the bucket must exist.
+    pub async fn open(cfg: &Config) -> Result<Self> {
+        let location = cfg.location()?;
+        match &location {
+            ArchiveLocation::Local(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| Error::Location {
+                    location: location.to_string(),
+                    message: format!("cannot create directory: {e}"),
+                })?;
+                let fs = LocalFileSystem::new_with_prefix(dir).map_err(|e| Error::Location {
+                    location: location.to_string(),
+                    message: e.to_string(),
+                })?;
+                Ok(Archive {
+                    store: Arc::new(fs),
+                    location,
+                    layout: Layout::new(Path::default()),
+                })
+            }
+            ArchiveLocation::S3 { bucket, prefix } => {
+                let sdk = crate::aws::sdk_config(&cfg.aws).await;
+                let mut b = AmazonS3Builder::new()
+                    .with_bucket_name(bucket)
+                    .with_region(&cfg.aws.region);
+                if let Some(creds) = crate::aws::SdkCredentials::from_sdk(&sdk) {
+                    b = b.with_credentials(creds);
+                }
+                if let Some(ep) = &cfg.aws.s3_endpoint {
+                    b = b
+                        .with_endpoint(ep)
+                        .with_virtual_hosted_style_request(false)
+                        .with_allow_http(ep.starts_with("http://"));
+                }
+                let s3 = b.build().map_err(|e| Error::Location {
+                    location: location.to_string(),
+                    message: e.to_string(),
+                })?;
+                Ok(Archive {
+                    store: Arc::new(s3),
+                    layout: Layout::new(Path::from(prefix.as_str())),
+                    location,
+                })
+            }
+        }
+    }
+
+    /// Check that the archive can be listed and written, with a message naming
+    /// the location and the likely cause (missing bucket, credentials, permissions).
+    pub async fn check_writable(&self) -> Result<()> {
+        let probe = self
+            .layout
+            .global_state_dir()
+            .join(format!("probe-{}-{}", std::process::id(), chrono::Utc::now().timestamp_millis()));
+        let explain = |e: object_store::Error| {
+            let text = e.to_string();
+            let hint = if text.contains("NoSuchBucket") || text.contains("bucket does not exist") {
+                "the bucket does not exist"
+            } else if text.contains("403") || text.contains("AccessDenied") || text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") {
+                "access denied: check the AWS credentials and the bucket policy"
+            } else if text.contains("Permission denied") {
+                "permission denied"
+            } else {
+                "the store rejected a test write"
+            };
+            Error::Location {
+                location: self.location.to_string(),
+                message: format!("{hint} ({text})"),
+            }
+        };
+        self.store
+            .put(&probe, bytes::Bytes::from_static(b"probe").into())
+            .await
+            .map_err(explain)?;
+        self.store.delete(&probe).await.map_err(explain)?;
+        Ok(())
+    }
+
+    /// A printable location of `path` (`s3://bucket/key` or a file path).
+    pub fn describe(&self, path: &Path) -> String {
+        match &self.location {
+            ArchiveLocation::Local(dir) => dir.join(path.as_ref()).display().to_string(),
+            ArchiveLocation::S3 { bucket, .. } => format!("s3://{bucket}/{path}"),
+        }
+    }
+
+    /// List every object under `prefix` (recursively).
+    pub async fn list(&self, prefix: &Path) -> Result<Vec<object_store::ObjectMeta>> {
+        self.store
+            .list(Some(prefix))
+            .try_collect()
+            .await
+            .map_err(|e| Error::store(self.describe(prefix), e))
+    }
+
+    /// Delete an object; a missing object is not an error. On a local
+    /// directory, also removes upload leftovers (`<name>#<n>` staging files of a
+    /// process killed mid-write), which the object store does not list.
+    pub async fn delete_with_leftovers(&self, path: &Path) -> Result<()> {
+        match self.store.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(Error::store(self.describe(path), e)),
+        }
+        if let ArchiveLocation::Local(dir) = &self.location {
+            let full = dir.join(path.as_ref());
+            if let (Some(parent), Some(name)) = (full.parent(), full.file_name()) {
+                let staged = format!("{}#", name.to_string_lossy());
+                if let Ok(rd) = std::fs::read_dir(parent) {
+                    for e in rd.flatten() {
+                        if e.file_name().to_string_lossy().starts_with(&staged) {
+                            std::fs::remove_file(e.path()).map_err(|source| Error::Io {
+                                path: e.path(),
+                                source,
+                            })?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

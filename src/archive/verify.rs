@@ -1,0 +1,353 @@
+//! `fluxcap verify`: proves, from the raw files and the checkpoints alone,
+//! that each shard's archive has no gap and no duplicate.
+//!
+//! Every data file's footer names the flush that wrote it (position before,
+//! position after, record count). Per shard, the flushes must form one chain
+//! from the start of the shard to the committed checkpoint; their files must
+//! hold exactly the announced records; no identity may appear twice; and a
+//! child shard may hold records only if its parents are finished (lineage).
+
+use std::collections::{BTreeMap, HashMap};
+
+use futures::TryStreamExt;
+use object_store::ObjectMeta;
+use parquet::arrow::ParquetRecordBatchStreamBuilder;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::async_reader::ParquetObjectReader;
+use serde::Serialize;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::Int64Type;
+
+use crate::archive::archiver::{decode_position, meta};
+use crate::archive::checkpoint::{Checkpoint, load_all};
+use crate::archive::layout::parse_data_file_name;
+use crate::archive::store::Archive;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::record::Position;
+
+/// Verification of every selected stream.
+#[derive(Debug, Serialize)]
+pub struct VerifyReport {
+    /// One entry per stream.
+    pub streams: Vec<StreamReport>,
+}
+
+/// Verification of one stream.
+#[derive(Debug, Serialize)]
+pub struct StreamReport {
+    /// Stream name.
+    pub stream: String,
+    /// Per-shard results.
+    pub shards: Vec<ShardReport>,
+    /// Problems not tied to one shard (stray objects).
+    pub problems: Vec<String>,
+}
+
+/// Verification of one shard.
+#[derive(Debug, Serialize)]
+pub struct ShardReport {
+    /// Shard id.
+    pub shard_id: String,
+    /// Records found in the archive's files.
+    pub records: u64,
+    /// Data files found.
+    pub files: u64,
+    /// Records the checkpoint says were committed.
+    pub checkpoint_records: u64,
+    /// The shard is finished.
+    pub finished: bool,
+    /// Files of a flush in progress or interrupted (removed by the next archiver run).
+    pub uncommitted_files: Vec<String>,
+    /// Gaps, duplicates, lineage violations.
+    pub problems: Vec<String>,
+}
+
+impl VerifyReport {
+    /// Total problems.
+    pub fn problems(&self) -> usize {
+        self.streams
+            .iter()
+            .map(|s| s.problems.len() + s.shards.iter().map(|x| x.problems.len()).sum::<usize>())
+            .sum()
+    }
+
+    /// Human-readable report.
+    pub fn to_text(&self) -> String {
+        let mut o = String::new();
+        for s in &self.streams {
+            let recs: u64 = s.shards.iter().map(|x| x.records).sum();
+            o.push_str(&format!("stream {}: {} shards, {} records\n", s.stream, s.shards.len(), recs));
+            for p in &s.problems {
+                o.push_str(&format!("  PROBLEM: {p}\n"));
+            }
+            for sh in &s.shards {
+                let status = if sh.problems.is_empty() { "ok" } else { "PROBLEMS" };
+                o.push_str(&format!(
+                    "  {:<24} {:>10} records {:>6} files  {}{}\n",
+                    sh.shard_id,
+                    sh.records,
+                    sh.files,
+                    status,
+                    if sh.finished { " (finished)" } else { "" }
+                ));
+                for u in &sh.uncommitted_files {
+                    o.push_str(&format!("    note: uncommitted file (flush in progress or interrupted): {u}\n"));
+                }
+                for p in &sh.problems {
+                    o.push_str(&format!("    PROBLEM: {p}\n"));
+                }
+            }
+        }
+        let n = self.problems();
+        o.push_str(&if n == 0 {
+            "verify: no gaps, no duplicates\n".to_string()
+        } else {
+            format!("verify: {n} problem(s)\n")
+        });
+        o
+    }
+}
+
+/// One data file as read back.
+struct FileInfo {
+    path: String,
+    prev: Option<Position>,
+    last: Option<Position>,
+    flush_records: u64,
+    positions: Vec<Position>,
+}
+
+/// Verify the selected streams.
+pub async fn verify(cfg: &Config, stream: Option<&str>) -> Result<VerifyReport> {
+    let archive = Archive::open(cfg).await?;
+    let mut streams = Vec::new();
+    for s in cfg.selected_streams(stream)? {
+        streams.push(verify_stream(&archive, &s.name).await?);
+    }
+    Ok(VerifyReport { streams })
+}
+
+/// Verify one stream of an opened archive.
+pub async fn verify_stream(archive: &Archive, stream: &str) -> Result<StreamReport> {
+    let dir = archive.layout.stream_dir(stream);
+    // Checkpoints first: a file listed afterwards that belongs to a flush the
+    // loaded checkpoint does not cover is in flight, not committed (an
+    // archiver may be running while we verify).
+    let ckpts: HashMap<String, Checkpoint> = load_all(archive, stream)
+        .await?
+        .into_iter()
+        .map(|c| (c.shard_id.clone(), c))
+        .collect();
+    let objects = archive.list(&dir).await?;
+    let mut problems = Vec::new();
+    let mut per_shard: BTreeMap<String, Vec<FileInfo>> = BTreeMap::new();
+    let mut uncommitted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let pending: HashMap<String, String> = ckpts
+        .values()
+        .flat_map(|c| c.pending.iter().map(move |p| (p.clone(), c.shard_id.clone())))
+        .collect();
+    for o in &objects {
+        let rel = o.location.prefix_match(&dir).map(|p| p.collect::<Vec<_>>());
+        let hidden = rel.is_some_and(|parts| {
+            parts
+                .iter()
+                .any(|p| p.as_ref().starts_with('_') || p.as_ref().starts_with('.'))
+        });
+        if hidden {
+            continue;
+        }
+        let name = o.location.filename().unwrap_or_default();
+        let Some(parsed) = parse_data_file_name(name) else {
+            problems.push(format!("stray object in the table directory: {}", archive.describe(&o.location)));
+            continue;
+        };
+        if let Some(shard) = pending.get(o.location.as_ref()) {
+            uncommitted.entry(shard.clone()).or_default().push(archive.describe(&o.location));
+            continue;
+        }
+        let info = read_file(archive, o).await?;
+        if let Some(ck) = ckpts.get(&parsed.shard_id)
+            && info.last.is_some()
+            && (ck.position.is_none() || info.last > ck.position)
+        {
+            uncommitted
+                .entry(parsed.shard_id.clone())
+                .or_default()
+                .push(archive.describe(&o.location));
+            continue;
+        }
+        if info.positions.len() != parsed.count || info.positions.first() != Some(&parsed.first) {
+            problems.push(format!(
+                "{}: content does not match its name ({} records, first {:?})",
+                archive.describe(&o.location),
+                info.positions.len(),
+                info.positions.first()
+            ));
+        }
+        per_shard.entry(parsed.shard_id).or_default().push(info);
+    }
+
+    let mut shards = Vec::new();
+    let mut ids: Vec<String> = per_shard.keys().chain(ckpts.keys()).cloned().collect();
+    ids.sort();
+    ids.dedup();
+    for id in ids {
+        let files = per_shard.remove(&id).unwrap_or_default();
+        let ck = ckpts.get(&id);
+        let mut rep = ShardReport {
+            shard_id: id.clone(),
+            records: files.iter().map(|f| f.positions.len() as u64).sum(),
+            files: files.len() as u64,
+            checkpoint_records: ck.map_or(0, |c| c.records),
+            finished: ck.is_some_and(|c| c.finished),
+            uncommitted_files: uncommitted.remove(&id).unwrap_or_default(),
+            problems: vec![],
+        };
+        check_shard(&id, &files, ck, &ckpts, &mut rep.problems);
+        shards.push(rep);
+    }
+    for (shard, files) in uncommitted {
+        problems.push(format!("shard {shard}: uncommitted files without a checkpoint: {files:?}"));
+    }
+    Ok(StreamReport {
+        stream: stream.to_string(),
+        shards,
+        problems,
+    })
+}
+
+fn check_shard(
+    id: &str,
+    files: &[FileInfo],
+    ck: Option<&Checkpoint>,
+    all: &HashMap<String, Checkpoint>,
+    problems: &mut Vec<String>,
+) {
+    let Some(ck) = ck else {
+        problems.push(format!("{} file(s) but no checkpoint (written by no committed flush)", files.len()));
+        return;
+    };
+    // Duplicates.
+    let mut all_pos: Vec<&Position> = files.iter().flat_map(|f| f.positions.iter()).collect();
+    all_pos.sort();
+    let mut dups = 0;
+    for w in all_pos.windows(2) {
+        if w[0] == w[1] {
+            dups += 1;
+            if dups <= 20 {
+                problems.push(format!(
+                    "duplicate record {}:{}",
+                    w[0].sequence_number, w[0].subsequence_number
+                ));
+            }
+        }
+    }
+    if dups > 20 {
+        problems.push(format!("… {} duplicates in all", dups));
+    }
+    // Flush chain: group files by flush, check each flush is complete, then chain them.
+    let mut flushes: BTreeMap<Option<Position>, (Option<Position>, u64, u64, Vec<&str>)> = BTreeMap::new();
+    for f in files {
+        let e = flushes
+            .entry(f.last.clone())
+            .or_insert((f.prev.clone(), f.flush_records, 0, vec![]));
+        e.2 += f.positions.len() as u64;
+        e.3.push(&f.path);
+        if e.0 != f.prev {
+            problems.push(format!("files of one flush disagree on its start: {:?}", e.3));
+        }
+    }
+    let mut expected_prev: Option<Position> = None;
+    for (last, (prev, announced, found, paths)) in &flushes {
+        if found != announced {
+            problems.push(format!(
+                "flush ending at {} holds {found} records in its files but announced {announced} (missing or extra file among {paths:?})",
+                fmt_pos(last.as_ref())
+            ));
+        }
+        if *prev != expected_prev {
+            problems.push(format!(
+                "gap: records after {} up to {} are missing (next flush starts after {})",
+                fmt_pos(expected_prev.as_ref()),
+                fmt_pos(prev.as_ref()),
+                fmt_pos(prev.as_ref()),
+            ));
+        }
+        expected_prev = last.clone();
+    }
+    if expected_prev != ck.position {
+        problems.push(format!(
+            "archive ends at {} but the checkpoint is at {}",
+            fmt_pos(expected_prev.as_ref()),
+            fmt_pos(ck.position.as_ref())
+        ));
+    }
+    let found: u64 = files.iter().map(|f| f.positions.len() as u64).sum();
+    if found != ck.records {
+        problems.push(format!("{found} records in files, checkpoint counts {}", ck.records));
+    }
+    // Lineage: records of a child only after every parent is finished.
+    if found > 0 {
+        for p in &ck.parents {
+            if let Some(pc) = all.get(p)
+                && !pc.finished
+            {
+                problems.push(format!("lineage: holds records although parent {p} is not finished"));
+            }
+        }
+    }
+    let _ = id;
+}
+
+fn fmt_pos(p: Option<&Position>) -> String {
+    match p {
+        Some(p) => format!("{}:{}", p.sequence_number, p.subsequence_number),
+        None => "the start of the shard".into(),
+    }
+}
+
+async fn read_file(archive: &Archive, o: &ObjectMeta) -> Result<FileInfo> {
+    let name = archive.describe(&o.location);
+    let perr = |source| Error::Parquet {
+        object: name.clone(),
+        source,
+    };
+    let reader = ParquetObjectReader::new(archive.store.clone(), o.location.clone()).with_file_size(o.size);
+    let builder = ParquetRecordBatchStreamBuilder::new(reader).await.map_err(perr)?;
+    let kv: HashMap<String, String> = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .map(|v| v.iter().filter_map(|k| Some((k.key.clone(), k.value.clone()?))).collect())
+        .unwrap_or_default();
+    let schema = builder.parquet_schema();
+    let idx: Vec<usize> = ["sequence_number", "subsequence_number"]
+        .iter()
+        .filter_map(|n| schema.columns().iter().position(|c| c.name() == *n))
+        .collect();
+    if idx.len() != 2 {
+        return Err(Error::CorruptState {
+            object: name,
+            message: "not an archive file: missing sequence_number/subsequence_number".into(),
+        });
+    }
+    let mask = ProjectionMask::leaves(schema, idx);
+    let mut stream = builder.with_projection(mask).build().map_err(perr)?;
+    let mut positions = Vec::new();
+    while let Some(batch) = stream.try_next().await.map_err(perr)? {
+        let seq = batch.column(0).as_string::<i32>();
+        let sub = batch.column(1).as_primitive::<Int64Type>();
+        for i in 0..batch.num_rows() {
+            positions.push(Position::new(seq.value(i), if sub.is_null(i) { 0 } else { sub.value(i) }));
+        }
+    }
+    Ok(FileInfo {
+        path: name,
+        prev: kv.get(meta::FLUSH_PREV).and_then(|s| decode_position(s)),
+        last: kv.get(meta::FLUSH_LAST).and_then(|s| decode_position(s)),
+        flush_records: kv.get(meta::FLUSH_RECORDS).and_then(|s| s.parse().ok()).unwrap_or(0),
+        positions,
+    })
+}

@@ -1,0 +1,887 @@
+//! Configuration: `conf/defaults.toml`, merged with the user's file, the
+//! `FLUXCAP_…` environment and command-line flags, in that order.
+//!
+//! The defaults file is compiled into the binary and is also the reference
+//! documentation of every key. A user's file may only contain keys the defaults
+//! know (plus the optional ones listed in [`OPTIONAL_KEYS`]); anything else is
+//! rejected with the file, the key and what was expected. Values are checked
+//! after merging, and an error names the source that set the bad value.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The defaults, compiled in.
+pub const DEFAULTS_TOML: &str = include_str!("../conf/defaults.toml");
+const DEFAULTS_NAME: &str = "conf/defaults.toml (built in)";
+
+/// Keys that are valid but have no default (commented out in the defaults).
+pub const OPTIONAL_KEYS: &[&str] = &["aws.profile", "aws.kinesis_endpoint", "aws.s3_endpoint"];
+
+/// Keys of one `[[streams]]` entry, and whether each is required.
+const STREAM_KEYS: &[(&str, bool)] = &[("name", true), ("format", false)];
+
+/// Environment variables starting with `FLUXCAP_` that are not configuration keys.
+const NON_KEY_ENV: &[&str] = &["FLUXCAP_CONFIG", "FLUXCAP_LOG", "FLUXCAP_STREAMS", "FLUXCAP_SERVER_TOKEN"];
+
+/// The effective configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// AWS region, profile and endpoint overrides.
+    pub aws: AwsConfig,
+    /// Archive location and file format settings.
+    pub archive: ArchiveConfig,
+    /// Archiver loop settings.
+    pub archiver: ArchiverConfig,
+    /// `fluxcap status` settings.
+    pub status: StatusConfig,
+    /// The streams this tool works on.
+    #[serde(default)]
+    pub streams: Vec<StreamConfig>,
+}
+
+/// `[aws]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// Region of the streams and bucket.
+    pub region: String,
+    /// Named profile for credentials; `None` uses the default chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// Kinesis endpoint override (local emulator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kinesis_endpoint: Option<String>,
+    /// S3 endpoint override (local S3 server, path-style addressing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
+}
+
+/// `[archive]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveConfig {
+    /// Local directory or `s3://bucket/prefix`.
+    pub location: String,
+    /// zstd level, 1..=22.
+    pub zstd_level: i32,
+    /// Maximum rows per row group (≥ 1).
+    pub row_group_rows: usize,
+    /// Data page size limit before compression.
+    pub data_page_size: ByteSize,
+    /// Bloom filters on partition_key and sequence_number.
+    pub bloom_filters: bool,
+    /// When buffered records are written out.
+    pub flush: FlushConfig,
+}
+
+/// `[archive.flush]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlushConfig {
+    /// Buffered payload bytes per shard that close its files.
+    pub max_bytes: ByteSize,
+    /// Oldest buffered record age that closes its files.
+    pub max_age: HumanDuration,
+    /// Memory for buffered records across all shards.
+    pub memory_budget: ByteSize,
+}
+
+/// `[archiver]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiverConfig {
+    /// Pause after an empty GetRecords.
+    pub poll_interval: HumanDuration,
+    /// GetRecords `Limit`, 1..=10000.
+    pub max_records_per_call: i32,
+    /// Period of shard re-discovery.
+    pub shard_discovery_interval: HumanDuration,
+    /// Lease lifetime without renewal.
+    pub lease_ttl: HumanDuration,
+    /// Backoff cap.
+    pub max_backoff: HumanDuration,
+    /// Prometheus endpoint address; empty disables.
+    pub metrics_bind: String,
+    /// Period of progress log lines when not on a terminal.
+    pub progress_interval: HumanDuration,
+}
+
+/// `[status]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Warn when the oldest unarchived record is this close to expiring.
+    pub retention_warning: HumanDuration,
+}
+
+/// One `[[streams]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Kinesis stream name.
+    pub name: String,
+    /// Payload format.
+    #[serde(default)]
+    pub format: PayloadFormat,
+}
+
+/// How payloads of a stream are interpreted (never how they are stored: the
+/// archive always keeps the exact bytes).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    /// JSON documents; invalid ones are archived as-is and counted.
+    #[default]
+    Json,
+    /// Opaque bytes.
+    Binary,
+}
+
+/// A byte count, written as an integer or with a unit (`"128MiB"`, `"64 KB"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parse `"128MiB"`, `"1 GB"`, `"4096"`.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("expected a size such as \"128MiB\" or 4096, got {s:?}"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1_000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} in {s:?} (use B, KB, KiB, MB, MiB, GB, GiB)"
+                ));
+            }
+        };
+        Ok(ByteSize((n * mult as f64) as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if b >= size && b % size == 0 {
+                return write!(f, "{}{unit}", b / size);
+            }
+        }
+        write!(f, "{b}")
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a size: an integer number of bytes or a string such as \"128MiB\"")
+        })? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Str(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A duration written as `"500ms"`, `"90s"`, `"5m"`, `"2h"`, `"7d"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    /// Parse `"500ms"`, `"90s"`, `"5m"`, `"1h30m"`, `"2d"`.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        let err = || format!("expected a duration such as \"500ms\", \"90s\", \"5m\", \"2h\" or \"7d\", got {s:?}");
+        let t = s.trim();
+        if t.is_empty() {
+            return Err(err());
+        }
+        let mut total = Duration::ZERO;
+        let mut rest = t;
+        while !rest.is_empty() {
+            let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            if digits == 0 {
+                return Err(err());
+            }
+            let n: u64 = rest[..digits].parse().map_err(|_| err())?;
+            rest = &rest[digits..];
+            let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+            let unit = &rest[..unit_len];
+            rest = &rest[unit_len..];
+            total += match unit.trim() {
+                "ms" => Duration::from_millis(n),
+                "s" => Duration::from_secs(n),
+                "m" | "min" => Duration::from_secs(n * 60),
+                "h" => Duration::from_secs(n * 3600),
+                "d" => Duration::from_secs(n * 86400),
+                _ => return Err(err()),
+            };
+        }
+        Ok(HumanDuration(total))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis() as u64;
+        if ms == 0 {
+            return write!(f, "0s");
+        }
+        for (unit, size) in [("d", 86_400_000u64), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
+            if ms % size == 0 {
+                return write!(f, "{}{unit}", ms / size);
+            }
+        }
+        write!(f, "{ms}ms")
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected a duration string such as \"90s\" or \"5m\""))?;
+        HumanDuration::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where the archive lives, parsed from `archive.location`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArchiveLocation {
+    /// A local directory (absolute after [`ArchiveLocation::parse`]).
+    Local(PathBuf),
+    /// An S3 bucket and key prefix (no leading or trailing `/`; may be empty).
+    S3 {
+        /// Bucket name.
+        bucket: String,
+        /// Key prefix.
+        prefix: String,
+    },
+}
+
+impl ArchiveLocation {
+    /// Parse a plain path, `file://` URL or `s3://bucket/prefix`.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("expected a directory or s3://bucket/prefix, got an empty string".into());
+        }
+        if let Some(rest) = s.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(format!("expected s3://bucket/prefix, got {s:?} (no bucket)"));
+            }
+            return Ok(ArchiveLocation::S3 {
+                bucket: bucket.to_string(),
+                prefix: prefix.trim_matches('/').to_string(),
+            });
+        }
+        if s.contains("://") && !s.starts_with("file://") {
+            return Err(format!("unsupported scheme in {s:?}: expected a path, file:// or s3://"));
+        }
+        let path = PathBuf::from(s.strip_prefix("file://").unwrap_or(s));
+        let abs = if path.is_absolute() {
+            path
+        } else {
+            std::env::current_dir()
+                .map_err(|e| format!("cannot resolve relative path {s:?}: {e}"))?
+                .join(path)
+        };
+        Ok(ArchiveLocation::Local(abs))
+    }
+}
+
+impl fmt::Display for ArchiveLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ArchiveLocation::Local(p) => write!(f, "{}", p.display()),
+            ArchiveLocation::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            ArchiveLocation::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
+
+/// Where each effective value came from, for error messages.
+#[derive(Debug, Default, Clone)]
+struct Provenance(BTreeMap<String, String>);
+
+impl Provenance {
+    fn source_of(&self, key: &str) -> String {
+        // Longest recorded prefix of the key wins (e.g. `streams` for `streams[0].name`).
+        let mut k = key.to_string();
+        loop {
+            if let Some(s) = self.0.get(&k) {
+                return s.clone();
+            }
+            match k.rfind(['.', '[']) {
+                Some(i) => k.truncate(i),
+                None => return DEFAULTS_NAME.to_string(),
+            }
+        }
+    }
+}
+
+/// Inputs to [`load`] besides the built-in defaults.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    /// The user's file (`--config` / `FLUXCAP_CONFIG`).
+    pub file: Option<PathBuf>,
+    /// Environment variables to consider (normally `std::env::vars()`).
+    pub env: Vec<(String, String)>,
+    /// `key=value` overrides from command-line flags, applied last.
+    pub overrides: Vec<(String, String)>,
+}
+
+impl Sources {
+    /// The user's file plus the process environment.
+    pub fn from_env(file: Option<PathBuf>) -> Self {
+        Sources {
+            file,
+            env: std::env::vars().filter(|(k, _)| k.starts_with("FLUXCAP_")).collect(),
+            overrides: Vec::new(),
+        }
+    }
+}
+
+/// Load the effective configuration from the defaults and `sources`.
+pub fn load(sources: &Sources) -> Result<Config> {
+    let defaults: toml::Table = toml::from_str(DEFAULTS_TOML).map_err(|e| Error::ConfigFile {
+        file: DEFAULTS_NAME.into(),
+        message: e.to_string(),
+    })?;
+    let mut merged = defaults.clone();
+    let mut prov = Provenance::default();
+
+    if let Some(path) = &sources.file {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigFile {
+            file: file.clone(),
+            message: e.to_string(),
+        })?;
+        let user: toml::Table = toml::from_str(&text).map_err(|e| Error::ConfigFile {
+            file: file.clone(),
+            message: e.to_string(),
+        })?;
+        check_known_keys(&user, &defaults, "", &file)?;
+        merge(&mut merged, user, "", &file, &mut prov);
+    }
+
+    for (var, value) in &sources.env {
+        if var == "FLUXCAP_STREAMS" {
+            let streams = parse_streams_list(value).map_err(|message| Error::Config {
+                file: "environment variable FLUXCAP_STREAMS".into(),
+                key: "streams".into(),
+                message,
+            })?;
+            merged.insert("streams".into(), streams);
+            prov.0.insert("streams".into(), "environment variable FLUXCAP_STREAMS".into());
+            continue;
+        }
+        if NON_KEY_ENV.contains(&var.as_str()) {
+            continue;
+        }
+        let Some(key) = env_to_key(var, &defaults) else {
+            tracing::warn!("ignoring unknown environment variable {var}");
+            continue;
+        };
+        let src = format!("environment variable {var}");
+        set_key(&mut merged, &defaults, &key, value, &src, &mut prov)?;
+    }
+
+    for (key, value) in &sources.overrides {
+        let src = format!("command-line flag for `{key}`");
+        if !all_keys(&defaults).contains(key) {
+            return Err(Error::Config {
+                file: src,
+                key: key.clone(),
+                message: "unknown key".into(),
+            });
+        }
+        set_key(&mut merged, &defaults, key, value, &src, &mut prov)?;
+    }
+
+    let de = toml::Value::Table(merged);
+    let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        Error::Config {
+            file: prov.source_of(&key),
+            message: e.into_inner().to_string(),
+            key,
+        }
+    })?;
+    validate(&cfg, &prov)?;
+    Ok(cfg)
+}
+
+fn parse_streams_list(s: &str) -> std::result::Result<toml::Value, String> {
+    let mut out = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+        let (name, format) = item.split_once(':').unwrap_or((item, "json"));
+        let mut t = toml::Table::new();
+        t.insert("name".into(), toml::Value::String(name.into()));
+        t.insert("format".into(), toml::Value::String(format.into()));
+        out.push(toml::Value::Table(t));
+    }
+    if out.is_empty() {
+        return Err("expected a comma-separated list of name[:json|binary]".into());
+    }
+    Ok(toml::Value::Array(out))
+}
+
+/// Every dotted key the configuration accepts (streams excluded).
+fn all_keys(defaults: &toml::Table) -> Vec<String> {
+    fn walk(t: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+        for (k, v) in t {
+            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            match v {
+                toml::Value::Table(sub) => walk(sub, &key, out),
+                _ => out.push(key),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(defaults, "", &mut out);
+    out.extend(OPTIONAL_KEYS.iter().map(|s| s.to_string()));
+    out
+}
+
+fn env_to_key(var: &str, defaults: &toml::Table) -> Option<String> {
+    let rest = var.strip_prefix("FLUXCAP_")?;
+    all_keys(defaults)
+        .into_iter()
+        .find(|k| k.replace('.', "_").eq_ignore_ascii_case(rest))
+}
+
+fn lookup<'a>(t: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
+    let mut cur = t;
+    let mut parts = key.split('.').peekable();
+    while let Some(p) = parts.next() {
+        let v = cur.get(p)?;
+        if parts.peek().is_none() {
+            return Some(v);
+        }
+        cur = v.as_table()?;
+    }
+    None
+}
+
+fn set_key(
+    merged: &mut toml::Table,
+    defaults: &toml::Table,
+    key: &str,
+    raw: &str,
+    src: &str,
+    prov: &mut Provenance,
+) -> Result<()> {
+    // The default's type decides how the text is read: strings stay strings,
+    // everything else is parsed as a TOML value.
+    let value = match lookup(defaults, key) {
+        None | Some(toml::Value::String(_)) => toml::Value::String(raw.to_string()),
+        Some(_) => {
+            let doc = format!("v = {raw}");
+            match toml::from_str::<toml::Table>(&doc) {
+                Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.to_string())),
+                Err(_) => toml::Value::String(raw.to_string()),
+            }
+        }
+    };
+    let mut cur = merged;
+    let parts: Vec<&str> = key.split('.').collect();
+    for p in &parts[..parts.len() - 1] {
+        let entry = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry.as_table_mut().ok_or_else(|| Error::Config {
+            file: src.to_string(),
+            key: key.to_string(),
+            message: "not a table".into(),
+        })?;
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    prov.0.insert(key.to_string(), src.to_string());
+    Ok(())
+}
+
+fn check_known_keys(user: &toml::Table, defaults: &toml::Table, prefix: &str, file: &str) -> Result<()> {
+    for (k, v) in user {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        if key == "streams" {
+            check_streams(v, file)?;
+            continue;
+        }
+        match defaults.get(k) {
+            Some(toml::Value::Table(dsub)) => match v {
+                toml::Value::Table(usub) => check_known_keys(usub, dsub, &key, file)?,
+                _ => {
+                    return Err(Error::Config {
+                        file: file.into(),
+                        key,
+                        message: "expected a table (a [section])".into(),
+                    });
+                }
+            },
+            Some(_) => {}
+            None if OPTIONAL_KEYS.contains(&key.as_str()) => {}
+            None => {
+                let mut expected: Vec<String> = defaults.keys().cloned().collect();
+                expected.extend(
+                    OPTIONAL_KEYS
+                        .iter()
+                        .filter_map(|o| o.strip_prefix(&format!("{prefix}.")))
+                        .filter(|o| !o.contains('.'))
+                        .map(str::to_string),
+                );
+                if prefix.is_empty() {
+                    expected.push("streams".into());
+                }
+                expected.sort();
+                return Err(Error::Config {
+                    file: file.into(),
+                    key,
+                    message: format!("unknown key; expected one of: {}", expected.join(", ")),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_streams(v: &toml::Value, file: &str) -> Result<()> {
+    let arr = v.as_array().ok_or_else(|| Error::Config {
+        file: file.into(),
+        key: "streams".into(),
+        message: "expected an array of tables ([[streams]] entries)".into(),
+    })?;
+    for (i, s) in arr.iter().enumerate() {
+        let t = s.as_table().ok_or_else(|| Error::Config {
+            file: file.into(),
+            key: format!("streams[{i}]"),
+            message: "expected a table with `name` and `format`".into(),
+        })?;
+        for k in t.keys() {
+            if !STREAM_KEYS.iter().any(|(n, _)| n == k) {
+                return Err(Error::Config {
+                    file: file.into(),
+                    key: format!("streams[{i}].{k}"),
+                    message: "unknown key; expected one of: name, format".into(),
+                });
+            }
+        }
+        for (n, required) in STREAM_KEYS {
+            if *required && !t.contains_key(*n) {
+                return Err(Error::Config {
+                    file: file.into(),
+                    key: format!("streams[{i}].{n}"),
+                    message: "missing required key".into(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table, prefix: &str, src: &str, prov: &mut Provenance) {
+    for (k, v) in over {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o, &key, src, prov),
+            (_, v) => {
+                prov.0.insert(key, src.to_string());
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
+    let bad = |key: &str, message: String| Error::Config {
+        file: prov.source_of(key),
+        key: key.to_string(),
+        message,
+    };
+    if cfg.aws.region.trim().is_empty() {
+        return Err(bad("aws.region", "expected a region such as \"us-east-1\"".into()));
+    }
+    for (key, ep) in [
+        ("aws.kinesis_endpoint", &cfg.aws.kinesis_endpoint),
+        ("aws.s3_endpoint", &cfg.aws.s3_endpoint),
+    ] {
+        if let Some(ep) = ep {
+            let u = url::Url::parse(ep).map_err(|e| bad(key, format!("expected an http(s) URL, got {ep:?}: {e}")))?;
+            if !matches!(u.scheme(), "http" | "https") {
+                return Err(bad(key, format!("expected an http(s) URL, got {ep:?}")));
+            }
+        }
+    }
+    ArchiveLocation::parse(&cfg.archive.location).map_err(|m| bad("archive.location", m))?;
+    if !(1..=22).contains(&cfg.archive.zstd_level) {
+        return Err(bad(
+            "archive.zstd_level",
+            format!("expected an integer from 1 to 22, got {}", cfg.archive.zstd_level),
+        ));
+    }
+    if cfg.archive.row_group_rows == 0 {
+        return Err(bad("archive.row_group_rows", "expected a positive number of rows".into()));
+    }
+    if cfg.archive.data_page_size.0 < 1024 {
+        return Err(bad("archive.data_page_size", "expected at least 1KiB".into()));
+    }
+    let f = &cfg.archive.flush;
+    if f.memory_budget.0 < (1 << 20) {
+        return Err(bad("archive.flush.memory_budget", "expected at least 1MiB".into()));
+    }
+    if f.max_bytes.0 == 0 {
+        return Err(bad("archive.flush.max_bytes", "expected a positive size".into()));
+    }
+    if f.max_age.0.is_zero() {
+        return Err(bad("archive.flush.max_age", "expected a positive duration".into()));
+    }
+    let a = &cfg.archiver;
+    if !(1..=10_000).contains(&a.max_records_per_call) {
+        return Err(bad(
+            "archiver.max_records_per_call",
+            format!("expected an integer from 1 to 10000, got {}", a.max_records_per_call),
+        ));
+    }
+    if a.lease_ttl.0 < Duration::from_secs(2) {
+        return Err(bad("archiver.lease_ttl", "expected at least 2s".into()));
+    }
+    if !a.metrics_bind.is_empty() {
+        a.metrics_bind.parse::<SocketAddr>().map_err(|_| {
+            bad(
+                "archiver.metrics_bind",
+                format!("expected an address such as \"127.0.0.1:9464\" or \"\", got {:?}", a.metrics_bind),
+            )
+        })?;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, s) in cfg.streams.iter().enumerate() {
+        let ok = !s.name.is_empty()
+            && s.name.len() <= 128
+            && s.name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+            && !s.name.starts_with(['_', '.']);
+        if !ok {
+            return Err(bad(
+                &format!("streams[{i}].name"),
+                format!(
+                    "expected a Kinesis stream name (1-128 of a-z A-Z 0-9 _ . -, not starting with _ or .), got {:?}",
+                    s.name
+                ),
+            ));
+        }
+        if !seen.insert(&s.name) {
+            return Err(bad(&format!("streams[{i}].name"), format!("stream {:?} is listed twice", s.name)));
+        }
+    }
+    Ok(())
+}
+
+impl Config {
+    /// The parsed archive location (validated by [`load`]).
+    pub fn location(&self) -> Result<ArchiveLocation> {
+        ArchiveLocation::parse(&self.archive.location).map_err(|message| Error::Config {
+            file: "effective configuration".into(),
+            key: "archive.location".into(),
+            message,
+        })
+    }
+
+    /// The configured stream called `name`.
+    pub fn stream(&self, name: &str) -> Result<&StreamConfig> {
+        self.streams.iter().find(|s| s.name == name).ok_or_else(|| {
+            let known: Vec<&str> = self.streams.iter().map(|s| s.name.as_str()).collect();
+            Error::Usage(format!(
+                "stream `{name}` is not configured; configured streams: {}",
+                if known.is_empty() { "(none)".to_string() } else { known.join(", ") }
+            ))
+        })
+    }
+
+    /// The streams selected by an optional `--stream` filter; an error when none is configured.
+    pub fn selected_streams(&self, filter: Option<&str>) -> Result<Vec<StreamConfig>> {
+        if let Some(name) = filter {
+            return Ok(vec![self.stream(name)?.clone()]);
+        }
+        if self.streams.is_empty() {
+            return Err(Error::Usage(
+                "no streams configured: add a [[streams]] entry to your configuration file \
+                 (see conf/defaults.toml) or set FLUXCAP_STREAMS=name[:json|binary],..."
+                    .into(),
+            ));
+        }
+        Ok(self.streams.clone())
+    }
+
+    /// The effective configuration as TOML, for `fluxcap config show`.
+    /// Credentials never appear in the configuration; URLs are shown without user info.
+    pub fn to_toml(&self) -> String {
+        let mut shown = self.clone();
+        for ep in [&mut shown.aws.kinesis_endpoint, &mut shown.aws.s3_endpoint] {
+            if let Some(e) = ep
+                && let Ok(mut u) = url::Url::parse(e)
+                && (!u.username().is_empty() || u.password().is_some())
+            {
+                let _ = u.set_username("");
+                let _ = u.set_password(None);
+                *e = u.to_string();
+            }
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+}
+
+/// Path helper: the config file named by `--config` or `FLUXCAP_CONFIG`.
+pub fn resolve_file(flag: Option<&Path>) -> Option<PathBuf> {
+    flag.map(Path::to_path_buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(user: &str) -> Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("user.toml");
+        std::fs::write(&p, user).unwrap();
+        load(&Sources {
+            file: Some(p),
+            env: vec![],
+            overrides: vec![],
+        })
+    }
+
+    #[test]
+    fn defaults_load_and_document_every_key() {
+        let cfg = load(&Sources::default()).unwrap();
+        assert_eq!(cfg.aws.region, "us-east-1");
+        assert_eq!(cfg.archive.location, "./data/archive");
+        assert_eq!(cfg.archive.zstd_level, 3);
+        assert!(cfg.streams.is_empty());
+        for k in OPTIONAL_KEYS {
+            let leaf = k.rsplit('.').next().unwrap();
+            assert!(DEFAULTS_TOML.contains(&format!("# {leaf} = ")), "{k} undocumented");
+        }
+    }
+
+    #[test]
+    fn user_file_overrides_and_streams() {
+        let cfg = load_str(
+            "[aws]\nregion = \"eu-west-1\"\nkinesis_endpoint = \"http://127.0.0.1:4568\"\n\
+             [archive.flush]\nmax_bytes = \"8MiB\"\n[[streams]]\nname = \"orders\"\nformat = \"json\"\n\
+             [[streams]]\nname = \"blobs\"\nformat = \"binary\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.aws.region, "eu-west-1");
+        assert_eq!(cfg.archive.flush.max_bytes, ByteSize(8 << 20));
+        assert_eq!(cfg.archive.flush.max_age, HumanDuration(Duration::from_secs(300)));
+        assert_eq!(cfg.streams.len(), 2);
+        assert_eq!(cfg.streams[1].format, PayloadFormat::Binary);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let err = load_str("[archive]\nlocaton = \"x\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("user.toml"), "{msg}");
+        assert!(msg.contains("archive.locaton"), "{msg}");
+        assert!(msg.contains("location"), "{msg}");
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn invalid_value_names_key_and_expectation() {
+        let msg = load_str("[archive]\nzstd_level = 40\n").unwrap_err().to_string();
+        assert!(msg.contains("archive.zstd_level") && msg.contains("1 to 22") && msg.contains("user.toml"), "{msg}");
+        let msg = load_str("[archive]\nzstd_level = \"high\"\n").unwrap_err().to_string();
+        assert!(msg.contains("archive.zstd_level") && msg.contains("user.toml"), "{msg}");
+        let msg = load_str("[[streams]]\nname = \"o\"\nformat = \"xml\"\n").unwrap_err().to_string();
+        assert!(msg.contains("streams[0].format") && msg.contains("json"), "{msg}");
+        let msg = load_str("[archive.flush]\nmax_age = \"soon\"\n").unwrap_err().to_string();
+        assert!(msg.contains("archive.flush.max_age") && msg.contains("duration"), "{msg}");
+    }
+
+    #[test]
+    fn env_and_flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("u.toml");
+        std::fs::write(&p, "[archive]\nzstd_level = 5\n").unwrap();
+        let cfg = load(&Sources {
+            file: Some(p.clone()),
+            env: vec![
+                ("FLUXCAP_ARCHIVE_ZSTD_LEVEL".into(), "7".into()),
+                ("FLUXCAP_AWS_REGION".into(), "ap-south-1".into()),
+                ("FLUXCAP_STREAMS".into(), "a,b:binary".into()),
+            ],
+            overrides: vec![("archive.location".into(), "s3://bkt/pre/fix/".into())],
+        })
+        .unwrap();
+        assert_eq!(cfg.archive.zstd_level, 7);
+        assert_eq!(cfg.aws.region, "ap-south-1");
+        assert_eq!(cfg.streams[1].format, PayloadFormat::Binary);
+        assert_eq!(
+            cfg.location().unwrap(),
+            ArchiveLocation::S3 { bucket: "bkt".into(), prefix: "pre/fix".into() }
+        );
+        let err = load(&Sources {
+            file: Some(p),
+            env: vec![("FLUXCAP_ARCHIVE_ZSTD_LEVEL".into(), "99".into())],
+            overrides: vec![],
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("FLUXCAP_ARCHIVE_ZSTD_LEVEL"), "{err}");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(ByteSize::parse("128MiB").unwrap(), ByteSize(128 << 20));
+        assert_eq!(ByteSize::parse("1 GB").unwrap(), ByteSize(1_000_000_000));
+        assert!(ByteSize::parse("12 parsecs").is_err());
+        assert_eq!(HumanDuration::parse("1h30m").unwrap().0, Duration::from_secs(5400));
+        assert_eq!(HumanDuration::parse("250ms").unwrap().0, Duration::from_millis(250));
+        assert!(HumanDuration::parse("5").is_err());
+        assert_eq!(HumanDuration(Duration::from_secs(300)).to_string(), "5m");
+    }
+
+    #[test]
+    fn show_round_trips() {
+        let cfg = load_str("[[streams]]\nname = \"orders\"\n").unwrap();
+        let text = cfg.to_toml();
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back.streams, cfg.streams);
+    }
+}

@@ -1,0 +1,184 @@
+//! The library's error type.
+//!
+//! Every variant carries what a user needs to act: which stream, shard, object
+//! or configuration key. `main.rs` turns each variant into one message and an
+//! exit code ([`Error::exit_code`]).
+
+use std::path::PathBuf;
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, by what a caller can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is missing, unreadable or invalid.
+    #[error("configuration error in {file}: key `{key}`: {message}")]
+    Config {
+        /// The file (or environment variable / flag) that set the bad value.
+        file: String,
+        /// Dotted key path, e.g. `archive.zstd_level`.
+        key: String,
+        /// What was expected.
+        message: String,
+    },
+
+    /// A configuration file could not be read or parsed.
+    #[error("cannot read configuration {file}: {message}")]
+    ConfigFile {
+        /// The file.
+        file: String,
+        /// Parser or I/O message, with line and column when known.
+        message: String,
+    },
+
+    /// A command-line argument is invalid (beyond what clap checks).
+    #[error("{0}")]
+    Usage(String),
+
+    /// The stream does not exist (or is not visible with these credentials).
+    #[error("stream `{stream}` not found in Kinesis ({detail})")]
+    StreamNotFound {
+        /// Stream name.
+        stream: String,
+        /// Service message.
+        detail: String,
+    },
+
+    /// A Kinesis call failed and retrying will not help.
+    #[error("kinesis {operation} failed for stream `{stream}`{}: {message}", shard_suffix(.shard))]
+    Kinesis {
+        /// API operation, e.g. `GetRecords`.
+        operation: &'static str,
+        /// Stream name.
+        stream: String,
+        /// Shard id, when the call was about one shard.
+        shard: Option<String>,
+        /// Service or transport message.
+        message: String,
+    },
+
+    /// An object-store operation failed.
+    #[error("archive store error at {location}: {source}")]
+    Store {
+        /// The object or prefix, as a URL-like location.
+        location: String,
+        /// The underlying error.
+        #[source]
+        source: object_store::Error,
+    },
+
+    /// The archive location cannot be used (missing bucket, no permission, bad URL).
+    #[error("archive location {location} is not usable: {message}")]
+    Location {
+        /// The configured location.
+        location: String,
+        /// Why.
+        message: String,
+    },
+
+    /// Another archiver holds the stream's lease.
+    #[error(
+        "stream `{stream}` is being archived by another process ({owner}); its lease expires at {expires}. \
+         Stop it first, or wait for the lease to expire if it died on another host"
+    )]
+    LeaseHeld {
+        /// Stream name.
+        stream: String,
+        /// Description of the holder (host, pid, start time).
+        owner: String,
+        /// RFC 3339 expiry of the holder's lease.
+        expires: String,
+    },
+
+    /// A conditional write lost: another writer changed the state we based our
+    /// work on. The process stops instead of corrupting the archive.
+    #[error("fenced: another archiver wrote {object} concurrently (stream `{stream}`); stopping without committing")]
+    Fenced {
+        /// Stream name.
+        stream: String,
+        /// The object whose conditional write failed.
+        object: String,
+    },
+
+    /// A checkpoint or lease object could not be understood.
+    #[error("corrupt state object {object}: {message}")]
+    CorruptState {
+        /// The object.
+        object: String,
+        /// Why.
+        message: String,
+    },
+
+    /// Parquet encoding or decoding failed.
+    #[error("parquet error in {object}: {source}")]
+    Parquet {
+        /// The object being written or read.
+        object: String,
+        /// The underlying error.
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+
+    /// Arrow error while building or reading record batches.
+    #[error("arrow error: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+
+    /// Local file I/O failed.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// `fluxcap verify` found gaps or duplicates.
+    #[error("verification failed: {problems} problem(s) found")]
+    VerifyFailed {
+        /// Number of problems reported.
+        problems: usize,
+    },
+
+    /// The work was interrupted before it could finish (SIGINT/SIGTERM during a
+    /// step that cannot be resumed in-process).
+    #[error("interrupted")]
+    Interrupted,
+}
+
+fn shard_suffix(shard: &Option<String>) -> String {
+    match shard {
+        Some(s) => format!(", shard `{s}`"),
+        None => String::new(),
+    }
+}
+
+impl Error {
+    /// The process exit code for this error.
+    ///
+    /// | code | meaning |
+    /// |---|---|
+    /// | 1 | runtime failure (network, store, service) |
+    /// | 2 | bad configuration or usage |
+    /// | 3 | verification found gaps or duplicates |
+    /// | 4 | another archiver holds the stream, or fenced this one |
+    /// | 130 | interrupted |
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config { .. } | Error::ConfigFile { .. } | Error::Usage(_) => 2,
+            Error::VerifyFailed { .. } => 3,
+            Error::LeaseHeld { .. } | Error::Fenced { .. } => 4,
+            Error::Interrupted => 130,
+            _ => 1,
+        }
+    }
+
+    /// Build a [`Error::Store`] with the object location.
+    pub fn store(location: impl std::fmt::Display, source: object_store::Error) -> Self {
+        Error::Store {
+            location: location.to_string(),
+            source,
+        }
+    }
+}

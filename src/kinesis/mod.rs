@@ -1,0 +1,150 @@
+//! Kinesis: client set-up, shard discovery and lineage, the shard reader,
+//! KPL de-aggregation, and the retry policy for throttling and transient faults.
+
+pub mod kpl;
+pub mod reader;
+pub mod shards;
+
+use std::time::Duration;
+
+use aws_sdk_kinesis::config::retry::RetryConfig;
+use aws_sdk_kinesis::config::timeout::TimeoutConfig;
+use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
+use rand::Rng;
+
+use crate::config::Config;
+
+pub use aws_sdk_kinesis::Client;
+
+/// A Kinesis client for the configured region, profile and endpoint.
+///
+/// The SDK's own retries are off: [`Backoff`] retries throttling and transient
+/// faults without limit (a record is never skipped), with full jitter.
+pub async fn client(cfg: &Config) -> Client {
+    let sdk = crate::aws::sdk_config(&cfg.aws).await;
+    let mut b = aws_sdk_kinesis::config::Builder::from(&sdk)
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .operation_attempt_timeout(Duration::from_secs(60))
+                .build(),
+        );
+    if let Some(ep) = &cfg.aws.kinesis_endpoint {
+        b = b.endpoint_url(ep);
+    }
+    Client::from_conf(b.build())
+}
+
+/// How a failed call should be handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Throttling, 5xx, timeouts, connection errors: back off and retry.
+    Retry(String),
+    /// The shard iterator expired: get a new one after the last record.
+    ExpiredIterator,
+    /// The stream or shard does not exist.
+    NotFound(String),
+    /// Anything else: give up with this message.
+    Fatal(String),
+}
+
+/// Classify an SDK error.
+pub fn classify<E, R>(err: &SdkError<E, R>) -> Failure
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match err {
+        SdkError::ServiceError(se) => {
+            let e = se.err();
+            let code = e.code().unwrap_or("");
+            let msg = format!("{code}: {}", e.message().unwrap_or(""));
+            match code {
+                "ExpiredIteratorException" => Failure::ExpiredIterator,
+                "ResourceNotFoundException" => Failure::NotFound(msg),
+                "ProvisionedThroughputExceededException"
+                | "KMSThrottlingException"
+                | "LimitExceededException"
+                | "ThrottlingException"
+                | "InternalFailure"
+                | "InternalFailureException"
+                | "ServiceUnavailable"
+                | "ServiceUnavailableException"
+                | "RequestTimeout" => Failure::Retry(msg),
+                _ => {
+                    let status = format!("{:?}", se.raw());
+                    if code.is_empty() || status.contains("StatusCode(5") || status.contains("status: 5") {
+                        Failure::Retry(format!("server error {msg} {}", short(&status)))
+                    } else {
+                        Failure::Fatal(msg)
+                    }
+                }
+            }
+        }
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+            Failure::Retry(format!("{}", aws_sdk_kinesis::error::DisplayErrorContext(err)))
+        }
+        _ => Failure::Fatal(format!("{}", aws_sdk_kinesis::error::DisplayErrorContext(err))),
+    }
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(120).collect()
+}
+
+/// Exponential backoff with full jitter: 100 ms doubling up to `max`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    attempt: u32,
+    base: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// A new backoff capped at `max`.
+    pub fn new(max: Duration) -> Self {
+        Backoff {
+            attempt: 0,
+            base: Duration::from_millis(100),
+            max,
+        }
+    }
+
+    /// The next delay (random in [0, min(max, base·2^attempt)]).
+    pub fn next_delay(&mut self) -> Duration {
+        let cap = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let ms = rand::rng().random_range(0..=cap.as_millis() as u64);
+        Duration::from_millis(ms.max(10))
+    }
+
+    /// Consecutive failures so far.
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Forget past failures after a success.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let mut b = Backoff::new(Duration::from_millis(800));
+        for _ in 0..50 {
+            assert!(b.next_delay() <= Duration::from_millis(800));
+        }
+        assert_eq!(b.attempts(), 50);
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

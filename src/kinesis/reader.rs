@@ -1,0 +1,270 @@
+//! Reads one shard with GetRecords, turning Kinesis records into user records
+//! (KPL aggregates expanded), and surviving throttling, transient faults and
+//! expired iterators without ever skipping or re-reading a record.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use aws_sdk_kinesis::types::ShardIteratorType;
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::kinesis::kpl::deaggregate;
+use crate::kinesis::{Backoff, Client, Failure, classify};
+use crate::record::{Position, Record};
+
+/// Where a reader starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartAt {
+    /// The oldest record in the shard.
+    TrimHorizon,
+    /// Just after the Kinesis record with this sequence number.
+    AfterSequence(String),
+    /// The first record that arrived at or after this time (epoch ms).
+    AtTimestamp(i64),
+}
+
+/// One GetRecords response, de-aggregated.
+#[derive(Debug, Default)]
+pub struct ReadBatch {
+    /// User records, in shard order.
+    pub records: Vec<Record>,
+    /// Kinesis records in the response.
+    pub kinesis_records: usize,
+    /// Payload bytes of the user records.
+    pub bytes: usize,
+    /// How far the reader is behind the tip of the shard.
+    pub millis_behind: Option<i64>,
+    /// The shard is closed and this was its last response.
+    pub end_of_shard: bool,
+}
+
+/// A polling reader of one shard.
+#[derive(Debug)]
+pub struct ShardReader {
+    client: Client,
+    stream: String,
+    shard: Arc<str>,
+    start: StartAt,
+    iterator: Option<String>,
+    /// Sequence number of the last Kinesis record returned; a new iterator
+    /// starts after it.
+    last_sequence: Option<String>,
+    /// Records at or before this position are dropped (resuming inside a KPL aggregate).
+    skip_through: Option<Position>,
+    /// Start at (not after) this Kinesis record when there is no `last_sequence`.
+    start_at_sequence: Option<String>,
+    limit: i32,
+    backoff: Backoff,
+    retries: Arc<AtomicU64>,
+    done: bool,
+}
+
+impl ShardReader {
+    /// A reader of `shard` starting at `start`. `retries` counts retried calls.
+    pub fn new(
+        client: Client,
+        stream: &str,
+        shard: &str,
+        start: StartAt,
+        limit: i32,
+        max_backoff: Duration,
+        retries: Arc<AtomicU64>,
+    ) -> Self {
+        ShardReader {
+            client,
+            stream: stream.into(),
+            shard: shard.into(),
+            start,
+            iterator: None,
+            last_sequence: None,
+            skip_through: None,
+            start_at_sequence: None,
+            limit,
+            backoff: Backoff::new(max_backoff),
+            retries,
+            done: false,
+        }
+    }
+
+    /// Resume after `pos`: start at its Kinesis record and drop user records
+    /// up to and including `pos` (so a position inside a KPL aggregate works).
+    pub fn resume_after(mut self, pos: &Position) -> Self {
+        self.start_at_sequence = Some(pos.sequence_number.clone());
+        self.skip_through = Some(pos.clone());
+        self
+    }
+
+    fn kerr(&self, op: &'static str, message: String) -> Error {
+        Error::Kinesis {
+            operation: op,
+            stream: self.stream.clone(),
+            shard: Some(self.shard.to_string()),
+            message,
+        }
+    }
+
+    /// Sleep for the next backoff delay; false when cancelled.
+    async fn pause(&mut self, cancel: &CancellationToken, why: &str) -> bool {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+        let d = self.backoff.next_delay();
+        tracing::debug!(stream = %self.stream, shard = %self.shard, ?d, "retrying: {why}");
+        if self.backoff.attempts() % 20 == 0 {
+            tracing::warn!(stream = %self.stream, shard = %self.shard, attempts = self.backoff.attempts(), "still retrying: {why}");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+
+    async fn new_iterator(&mut self, cancel: &CancellationToken) -> Result<Option<String>> {
+        loop {
+            let mut req = self
+                .client
+                .get_shard_iterator()
+                .stream_name(&self.stream)
+                .shard_id(self.shard.as_ref());
+            req = if let Some(seq) = &self.last_sequence {
+                req.shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                    .starting_sequence_number(seq)
+            } else if let Some(seq) = &self.start_at_sequence {
+                req.shard_iterator_type(ShardIteratorType::AtSequenceNumber)
+                    .starting_sequence_number(seq)
+            } else {
+                match &self.start {
+                    StartAt::TrimHorizon => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
+                    StartAt::AfterSequence(seq) => req
+                        .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                        .starting_sequence_number(seq),
+                    StartAt::AtTimestamp(ms) => req
+                        .shard_iterator_type(ShardIteratorType::AtTimestamp)
+                        .timestamp(aws_sdk_kinesis::primitives::DateTime::from_millis(*ms)),
+                }
+            };
+            match req.send().await {
+                Ok(r) => {
+                    self.backoff.reset();
+                    return Ok(r.shard_iterator);
+                }
+                Err(e) => match classify(&e) {
+                    Failure::Retry(m) => {
+                        if !self.pause(cancel, &m).await {
+                            return Ok(None);
+                        }
+                    }
+                    Failure::NotFound(m) | Failure::Fatal(m) => return Err(self.kerr("GetShardIterator", m)),
+                    Failure::ExpiredIterator => return Err(self.kerr("GetShardIterator", "expired".into())),
+                },
+            }
+        }
+    }
+
+    /// The next batch; `Ok(None)` when cancelled or after the end of the shard.
+    pub async fn next(&mut self, cancel: &CancellationToken) -> Result<Option<ReadBatch>> {
+        if self.done {
+            return Ok(None);
+        }
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(None);
+            }
+            let it = match self.iterator.take() {
+                Some(it) => it,
+                None => match self.new_iterator(cancel).await? {
+                    Some(it) => it,
+                    None if cancel.is_cancelled() => return Ok(None),
+                    None => {
+                        // No iterator: the shard is closed and fully read.
+                        self.done = true;
+                        return Ok(Some(ReadBatch {
+                            end_of_shard: true,
+                            ..Default::default()
+                        }));
+                    }
+                },
+            };
+            let resp = match self.client.get_records().shard_iterator(&it).limit(self.limit).send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    match classify(&e) {
+                        Failure::ExpiredIterator => {
+                            tracing::info!(stream = %self.stream, shard = %self.shard, "shard iterator expired; getting a new one after the last record");
+                            self.iterator = None;
+                        }
+                        Failure::Retry(m) => {
+                            // Keep the same iterator: it is still valid for 5 minutes,
+                            // and an expired one is replaced above.
+                            self.iterator = Some(it);
+                            if !self.pause(cancel, &m).await {
+                                return Ok(None);
+                            }
+                        }
+                        Failure::NotFound(m) | Failure::Fatal(m) => return Err(self.kerr("GetRecords", m)),
+                    }
+                    continue;
+                }
+            };
+            self.backoff.reset();
+            let mut batch = ReadBatch {
+                millis_behind: resp.millis_behind_latest,
+                kinesis_records: resp.records.len(),
+                ..Default::default()
+            };
+            for r in resp.records {
+                let seq: Arc<str> = r.sequence_number.as_str().into();
+                let arrival_ms = r
+                    .approximate_arrival_timestamp
+                    .and_then(|t| t.to_millis().ok())
+                    .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
+                let data = Bytes::from(r.data.into_inner());
+                self.last_sequence = Some(r.sequence_number.clone());
+                match deaggregate(&data) {
+                    Some(users) => {
+                        for (i, u) in users.into_iter().enumerate() {
+                            batch.bytes += u.data.len();
+                            batch.records.push(Record {
+                                shard_id: self.shard.clone(),
+                                sequence_number: seq.clone(),
+                                subsequence_number: i as i64,
+                                partition_key: u.partition_key,
+                                explicit_hash_key: u.explicit_hash_key,
+                                arrival_ms,
+                                data: u.data,
+                            });
+                        }
+                    }
+                    None => {
+                        batch.bytes += data.len();
+                        batch.records.push(Record {
+                            shard_id: self.shard.clone(),
+                            sequence_number: seq,
+                            subsequence_number: 0,
+                            partition_key: r.partition_key,
+                            explicit_hash_key: None,
+                            arrival_ms,
+                            data,
+                        });
+                    }
+                }
+            }
+            if let Some(skip) = &self.skip_through {
+                batch.records.retain(|r| r.position() > *skip);
+                batch.bytes = batch.records.iter().map(|r| r.data.len()).sum();
+                if self.last_sequence.is_some() {
+                    self.skip_through = None;
+                }
+            }
+            match resp.next_shard_iterator {
+                Some(next) => self.iterator = Some(next),
+                None => {
+                    self.done = true;
+                    batch.end_of_shard = true;
+                }
+            }
+            return Ok(Some(batch));
+        }
+    }
+}

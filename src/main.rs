@@ -1,0 +1,223 @@
+//! The `fluxcap` binary: parse arguments, set up logging, call one library
+//! function per subcommand, map its error to an exit code and one message.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use fluxcap::archive::archiver::{self, ArchiveOptions};
+use fluxcap::config::{self, Sources};
+use fluxcap::{Error, Result};
+
+/// Archive Kinesis streams to zstd Parquet, query them with SQL, replay them.
+#[derive(Debug, Parser)]
+#[command(name = "fluxcap", version, about)]
+struct Cli {
+    /// Configuration file with overrides of conf/defaults.toml.
+    #[arg(long, short = 'c', global = true, env = "FLUXCAP_CONFIG")]
+    config: Option<PathBuf>,
+    /// Override `archive.location` (directory or s3://bucket/prefix).
+    #[arg(long, global = true)]
+    archive: Option<String>,
+    /// Override `aws.region`.
+    #[arg(long, global = true)]
+    region: Option<String>,
+    /// Set any configuration key, e.g. `--set archive.zstd_level=5` (repeatable).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// More log output (-v info, -vv debug). FLUXCAP_LOG takes a full filter.
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show the effective configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Archive every shard of the configured streams (until SIGINT/SIGTERM, or `--once`).
+    Archive {
+        /// Catch every shard up to its tip as of the start, commit, and exit.
+        #[arg(long)]
+        once: bool,
+        /// Only this stream.
+        #[arg(long)]
+        stream: Option<String>,
+    },
+    /// Per-shard archive state, lag and retention risk.
+    Status {
+        /// Only this stream.
+        #[arg(long)]
+        stream: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Check the archive against its checkpoints: every gap or duplicate, per shard.
+    Verify {
+        /// Only this stream.
+        #[arg(long)]
+        stream: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigAction {
+    /// Print the effective configuration (defaults + file + environment + flags) as TOML.
+    Show,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Format {
+    Table,
+    Json,
+}
+
+fn init_tracing(verbose: u8, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "fluxcap=info,warn",
+        (false, 1) => "fluxcap=debug,info",
+        _ => "debug",
+    };
+    let filter = std::env::var("FLUXCAP_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn load_config(cli: &Cli) -> Result<config::Config> {
+    let mut sources = Sources::from_env(cli.config.clone());
+    if let Some(a) = &cli.archive {
+        sources.overrides.push(("archive.location".into(), a.clone()));
+    }
+    if let Some(r) = &cli.region {
+        sources.overrides.push(("aws.region".into(), r.clone()));
+    }
+    for kv in &cli.set {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| Error::Usage(format!("--set expects KEY=VALUE, got {kv:?}")))?;
+        sources.overrides.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    config::load(&sources)
+}
+
+/// Cancelled on the first SIGINT or SIGTERM.
+fn shutdown_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    t.cancel();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down: flushing and committing (press Ctrl-C again to abort)");
+        t.cancel();
+        let _ = tokio::signal::ctrl_c().await;
+        std::process::exit(130);
+    });
+    token
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let cfg = load_config(&cli)?;
+    match cli.command {
+        Command::Config { action: ConfigAction::Show } => {
+            print!("{}", cfg.to_toml());
+            Ok(())
+        }
+        Command::Archive { once, stream } => {
+            let cancel = shutdown_token();
+            let summary = archiver::run(&cfg, ArchiveOptions { once, stream }, cancel).await?;
+            eprintln!(
+                "archived {} records ({:.1} MB of payload) in {} files{}{}",
+                summary.records,
+                summary.bytes as f64 / 1e6,
+                summary.files,
+                if summary.invalid_json > 0 {
+                    format!("; {} payloads were not valid JSON (archived as is)", summary.invalid_json)
+                } else {
+                    String::new()
+                },
+                if summary.retries > 0 {
+                    format!("; {} calls retried", summary.retries)
+                } else {
+                    String::new()
+                },
+            );
+            Ok(())
+        }
+        Command::Status { stream, format } => {
+            let report = fluxcap::archive::status::status(&cfg, stream.as_deref()).await?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default()),
+                Format::Table => print!("{}", report.to_table()),
+            }
+            Ok(())
+        }
+        Command::Verify { stream, format } => {
+            let report = fluxcap::archive::verify::verify(&cfg, stream.as_deref()).await?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default()),
+                Format::Table => print!("{}", report.to_text()),
+            }
+            if report.problems() > 0 {
+                return Err(Error::VerifyFailed {
+                    problems: report.problems(),
+                });
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose, cli.quiet);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Fault injection: a proxy in front of Kinesis and S3 answers a fraction of
+//! requests with throttling errors, 500s and connection resets (before or
+//! after forwarding); the archive still completes with nothing lost or
+//! duplicated.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rand::Rng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::harness::*;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Upstream {
+    Kinesis,
+    S3,
+}
+
+#[derive(Default)]
+struct Injected {
+    throttled: AtomicU64,
+    errors: AtomicU64,
+    resets: AtomicU64,
+    lost_responses: AtomicU64,
+    forwarded: AtomicU64,
+}
+
+struct FaultProxy {
+    port: u16,
+    injected: Arc<Injected>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn start_proxy(upstream_port: u16, kind: Upstream, rate: f64) -> FaultProxy {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let injected = Arc::new(Injected::default());
+    let inj = injected.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else { return };
+            let inj = inj.clone();
+            tokio::spawn(async move {
+                let _ = handle(sock, upstream_port, kind, rate, inj).await;
+            });
+        }
+    });
+    FaultProxy { port, injected, task }
+}
+
+/// Read one HTTP/1.1 request (head + Content-Length body).
+async fn read_request(sock: &mut TcpStream) -> std::io::Result<Option<(String, Vec<u8>)>> {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 16384];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = sock.read(&mut tmp).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < len {
+        let n = sock.read(&mut tmp).await?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&tmp[..n]);
+    }
+    Ok(Some((head, body)))
+}
+
+fn canned(kind: Upstream, throttle: bool) -> Vec<u8> {
+    let (status, ctype, body) = match (kind, throttle) {
+        (Upstream::Kinesis, true) => (
+            "400 Bad Request",
+            "application/x-amz-json-1.1",
+            r#"{"__type":"ProvisionedThroughputExceededException","message":"Rate exceeded for shard (injected)"}"#.to_string(),
+        ),
+        (Upstream::Kinesis, false) => (
+            "500 Internal Server Error",
+            "application/x-amz-json-1.1",
+            r#"{"__type":"InternalFailure","message":"injected"}"#.to_string(),
+        ),
+        (Upstream::S3, true) => (
+            "503 Slow Down",
+            "application/xml",
+            "<?xml version=\"1.0\"?><Error><Code>SlowDown</Code><Message>injected</Message></Error>".to_string(),
+        ),
+        (Upstream::S3, false) => (
+            "500 Internal Server Error",
+            "application/xml",
+            "<?xml version=\"1.0\"?><Error><Code>InternalError</Code><Message>injected</Message></Error>".to_string(),
+        ),
+    };
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn reset(sock: TcpStream) {
+    let _ = sock.set_linger(Some(std::time::Duration::ZERO));
+    drop(sock); // RST
+}
+
+async fn handle(mut sock: TcpStream, upstream: u16, kind: Upstream, rate: f64, inj: Arc<Injected>) -> std::io::Result<()> {
+    let Some((head, body)) = read_request(&mut sock).await? else { return Ok(()) };
+    let roll: f64 = rand::rng().random();
+    if roll < rate * 0.35 {
+        inj.throttled.fetch_add(1, Ordering::Relaxed);
+        sock.write_all(&canned(kind, true)).await?;
+        return Ok(());
+    }
+    if roll < rate * 0.6 {
+        inj.errors.fetch_add(1, Ordering::Relaxed);
+        sock.write_all(&canned(kind, false)).await?;
+        return Ok(());
+    }
+    if roll < rate * 0.8 {
+        inj.resets.fetch_add(1, Ordering::Relaxed);
+        reset(sock);
+        return Ok(());
+    }
+    // Forward, one request per connection.
+    let mut up = TcpStream::connect(("127.0.0.1", upstream)).await?;
+    let mut new_head = String::new();
+    for line in head.split("\r\n") {
+        if line.to_ascii_lowercase().starts_with("connection:") || line.is_empty() {
+            continue;
+        }
+        new_head.push_str(line);
+        new_head.push_str("\r\n");
+    }
+    new_head.push_str("connection: close\r\n\r\n");
+    up.write_all(new_head.as_bytes()).await?;
+    up.write_all(&body).await?;
+    let mut resp = Vec::new();
+    up.read_to_end(&mut resp).await?;
+    if roll < rate {
+        // The upstream applied the request but the response is lost.
+        inj.lost_responses.fetch_add(1, Ordering::Relaxed);
+        reset(sock);
+        return Ok(());
+    }
+    inj.forwarded.fetch_add(1, Ordering::Relaxed);
+    sock.write_all(&resp).await?;
+    sock.shutdown().await?;
+    Ok(())
+}
+
+#[test]
+fn archive_survives_throttling_500s_and_resets() {
+    let k = kinesis();
+    let s3 = s3();
+    let stream = unique("faulty");
+    let bucket = unique("faulty");
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    let puts = rt.block_on(async {
+        create_stream(&c, &stream, 2).await;
+        put_records(&c, &stream, &orders(400, 5)).await
+    });
+    let out = std::process::Command::new(python())
+        .args(["-c", &format!(
+            "import boto3; boto3.client('s3', endpoint_url='{}', region_name='us-east-1', aws_access_key_id='test', aws_secret_access_key='test').create_bucket(Bucket='{bucket}')",
+            s3.endpoint()
+        )])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+
+    let (kp, sp) = rt.block_on(async {
+        (start_proxy(k.port, Upstream::Kinesis, 0.25).await, start_proxy(s3.port, Upstream::S3, 0.2).await)
+    });
+    let loc = format!("s3://{bucket}/a");
+    let ws = Workspace::new(
+        &format!("http://127.0.0.1:{}", kp.port),
+        Some(&loc),
+        Some(&format!("http://127.0.0.1:{}", sp.port)),
+        // Small limits: many GetRecords calls and many flushes (many S3 writes).
+        "[archive.flush]\nmax_bytes = \"8KiB\"\n[archiver]\nmax_records_per_call = 25\nmax_backoff = \"200ms\"",
+        &[(&stream, "json")],
+    );
+    // The proxies run on `rt`'s worker threads while the binary runs.
+    let out = ws.run(&["archive", "--once"]);
+    assert!(out.status.success(), "archive under faults failed: {}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("calls retried"), "{err}");
+    for (name, p) in [("kinesis", &kp), ("s3", &sp)] {
+        let i = &p.injected;
+        let faults = i.throttled.load(Ordering::Relaxed) + i.errors.load(Ordering::Relaxed) + i.resets.load(Ordering::Relaxed);
+        assert!(faults >= 5, "{name}: only {faults} faults injected");
+    }
+    assert!(sp.injected.lost_responses.load(Ordering::Relaxed) + kp.injected.lost_responses.load(Ordering::Relaxed) > 0);
+
+    // Read the result directly from the S3 server (no proxy).
+    let got = read_archive("duckdb", &["--s3-endpoint", &s3.endpoint(), "--bucket", &bucket, "--prefix", &format!("a/{stream}")]);
+    assert_same(&puts_multiset(&puts), &archived_multiset(&got), "archive under faults");
+    let direct = Workspace::new(&k.endpoint(), Some(&loc), Some(&s3.endpoint()), "", &[(&stream, "json")]);
+    direct.ok(&["verify"]);
+}

@@ -1,0 +1,370 @@
+//! Shared test harness: starts real local servers (kinesis-mock, the moto S3
+//! server) on free loopback ports, gives each test its own stream/bucket and
+//! temp directory, runs the real `fluxcap` binary, and reads archives back
+//! with independent readers (pyarrow, DuckDB) through scripts/py.
+//!
+//! Servers are child processes killed on drop. `scripts/setup` must have
+//! installed them (scripts/test does).
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::Client;
+use aws_sdk_kinesis::primitives::Blob;
+use base64::Engine as _;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn python() -> PathBuf {
+    let p = root().join(".local/venv/bin/python");
+    assert!(p.exists(), "missing {}: run scripts/setup first", p.display());
+    p
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Wait until a TCP connect to the port succeeds (the server is listening).
+fn wait_listening(port: u16, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("{what} exited before listening: {st}");
+        }
+        assert!(Instant::now() < deadline, "{what} did not listen on {port} within 60s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A server child process, killed on drop.
+pub struct Server {
+    child: Child,
+    pub port: u16,
+}
+
+impl Server {
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(script: &str, what: &str) -> Server {
+    let port = free_port();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let (_, logpath) = log.keep().unwrap();
+    let mut child = Command::new(root().join("scripts").join(script))
+        .arg(port.to_string())
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&logpath).unwrap())
+        .stderr(std::fs::File::create(logpath.with_extension("err")).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what} (run scripts/setup): {e}"));
+    wait_listening(port, &mut child, what);
+    Server { child, port }
+}
+
+/// A fresh kinesis-mock server.
+pub fn kinesis() -> Server {
+    start("kinesis-mock", "kinesis-mock")
+}
+
+/// A fresh moto S3 server.
+pub fn s3() -> Server {
+    start("s3-server", "moto S3 server")
+}
+
+/// A unique name for a test's stream or bucket.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+pub fn kinesis_client(endpoint: &str) -> Client {
+    let creds = aws_sdk_kinesis::config::Credentials::new("test", "test", None, None, "test");
+    let conf = aws_sdk_kinesis::Config::builder()
+        .behavior_version_latest()
+        .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
+        .credentials_provider(creds)
+        .endpoint_url(endpoint)
+        .build();
+    Client::from_conf(conf)
+}
+
+pub async fn create_stream(c: &Client, name: &str, shards: i32) {
+    c.create_stream().stream_name(name).shard_count(shards).send().await.unwrap();
+    wait_active(c, name).await;
+}
+
+pub async fn wait_active(c: &Client, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = c.describe_stream_summary().stream_name(name).send().await.unwrap();
+        let st = d.stream_description_summary().unwrap().stream_status().clone();
+        if st == aws_sdk_kinesis::types::StreamStatus::Active {
+            return;
+        }
+        assert!(Instant::now() < deadline, "stream {name} not ACTIVE: {st:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A record as put, with where Kinesis placed it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Put {
+    pub shard_id: String,
+    pub sequence_number: String,
+    pub subsequence_number: i64,
+    pub partition_key: String,
+    pub data: Vec<u8>,
+}
+
+/// Put records (partition key, data) in batches of up to 500, retrying failed entries in order.
+pub async fn put_records(c: &Client, stream: &str, recs: &[(String, Vec<u8>)]) -> Vec<Put> {
+    let mut out = Vec::with_capacity(recs.len());
+    for chunk in recs.chunks(250) {
+        let mut pending: Vec<usize> = (0..chunk.len()).collect();
+        while !pending.is_empty() {
+            let entries: Vec<_> = pending
+                .iter()
+                .map(|&i| {
+                    aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
+                        .partition_key(&chunk[i].0)
+                        .data(Blob::new(chunk[i].1.clone()))
+                        .build()
+                        .unwrap()
+                })
+                .collect();
+            let resp = c
+                .put_records()
+                .stream_name(stream)
+                .set_records(Some(entries))
+                .send()
+                .await
+                .unwrap();
+            let mut retry = Vec::new();
+            for (k, r) in resp.records().iter().enumerate() {
+                let i = pending[k];
+                match (r.shard_id(), r.sequence_number()) {
+                    (Some(s), Some(q)) if r.error_code().is_none() => out.push(Put {
+                        shard_id: s.into(),
+                        sequence_number: q.into(),
+                        subsequence_number: 0,
+                        partition_key: chunk[i].0.clone(),
+                        data: chunk[i].1.clone(),
+                    }),
+                    _ => retry.push(i),
+                }
+            }
+            pending = retry;
+        }
+    }
+    out
+}
+
+/// Realistic JSON order events.
+pub fn orders(n: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let id = seed * 1_000_000 + i as u64;
+            let key = format!("customer-{}", id % 37);
+            let body = format!(
+                r#"{{"order_id":"o-{id}","customer":"{key}","type":"{}","amount":{}.{:02},"items":[{{"sku":"sku-{}","qty":{}}}],"ts":"2026-11-25T12:00:00Z"}}"#,
+                ["created", "paid", "shipped", "cancelled"][i % 4],
+                (id * 7) % 500,
+                id % 100,
+                id % 91,
+                1 + id % 4
+            );
+            (key, body.into_bytes())
+        })
+        .collect()
+}
+
+/// A test workspace: temp dir + config file for the `fluxcap` binary.
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub archive: PathBuf,
+}
+
+impl Workspace {
+    /// Config with the given Kinesis endpoint, an archive location (None: a local
+    /// directory inside the workspace), extra TOML, and streams.
+    pub fn new(kinesis: &str, location: Option<&str>, s3: Option<&str>, extra: &str, streams: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("archive");
+        let loc = location.map(str::to_string).unwrap_or_else(|| archive.display().to_string());
+        let mut t = format!(
+            "[aws]\nregion = \"us-east-1\"\nkinesis_endpoint = \"{kinesis}\"\n{}\n[archive]\nlocation = \"{loc}\"\n{extra}\n",
+            s3.map(|e| format!("s3_endpoint = \"{e}\"")).unwrap_or_default()
+        );
+        for (name, format) in streams {
+            t.push_str(&format!("\n[[streams]]\nname = \"{name}\"\nformat = \"{format}\"\n"));
+        }
+        let config = dir.path().join("fluxcap.toml");
+        std::fs::write(&config, t).unwrap();
+        Workspace { dir, config, archive }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fluxcap"));
+        c.arg("--config")
+            .arg(&self.config)
+            .current_dir(self.dir.path())
+            .env_remove("FLUXCAP_CONFIG")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", "/nonexistent")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+            .env("FLUXCAP_LOG", "fluxcap=info,warn")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Run `fluxcap <args>` to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().unwrap()
+    }
+
+    /// Run and require success.
+    pub fn ok(&self, args: &[&str]) -> Output {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "fluxcap {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+}
+
+/// A record read back from an archive by an independent reader.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Archived {
+    pub shard_id: String,
+    pub sequence_number: String,
+    pub subsequence_number: i64,
+    pub partition_key: String,
+    pub explicit_hash_key: Option<String>,
+    pub arrival_ms: i64,
+    pub data: Vec<u8>,
+    pub dt: String,
+    pub hr: String,
+}
+
+/// Read `<dir>` (one stream's table directory) with pyarrow or duckdb.
+pub fn read_archive(engine: &str, args: &[&str]) -> Vec<Archived> {
+    let out = Command::new(python())
+        .arg(root().join("scripts/py/read_archive.py"))
+        .arg("--engine")
+        .arg(engine)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "read_archive.py {engine} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            Archived {
+                shard_id: v["shard_id"].as_str().unwrap().into(),
+                sequence_number: v["sequence_number"].as_str().unwrap().into(),
+                subsequence_number: v["subsequence_number"].as_i64().unwrap(),
+                partition_key: v["partition_key"].as_str().unwrap().into(),
+                explicit_hash_key: v["explicit_hash_key"].as_str().map(str::to_string),
+                arrival_ms: v["approximate_arrival_timestamp"].as_i64().unwrap(),
+                data: base64::engine::general_purpose::STANDARD
+                    .decode(v["data_b64"].as_str().unwrap())
+                    .unwrap(),
+                dt: v["dt"].as_str().unwrap().into(),
+                hr: v["hr"].as_str().unwrap().into(),
+            }
+        })
+        .collect()
+}
+
+pub fn read_local(engine: &str, dir: &Path) -> Vec<Archived> {
+    read_archive(engine, &[dir.to_str().unwrap()])
+}
+
+/// Multiset of identities+payloads, for exactly-once comparisons.
+pub fn multiset<I: IntoIterator<Item = (String, String, i64, Vec<u8>)>>(it: I) -> BTreeMap<(String, String, i64, Vec<u8>), usize> {
+    let mut m = BTreeMap::new();
+    for k in it {
+        *m.entry(k).or_insert(0) += 1;
+    }
+    m
+}
+
+pub fn puts_multiset(p: &[Put]) -> BTreeMap<(String, String, i64, Vec<u8>), usize> {
+    multiset(p.iter().map(|p| (p.shard_id.clone(), p.sequence_number.clone(), p.subsequence_number, p.data.clone())))
+}
+
+pub fn archived_multiset(a: &[Archived]) -> BTreeMap<(String, String, i64, Vec<u8>), usize> {
+    multiset(a.iter().map(|p| (p.shard_id.clone(), p.sequence_number.clone(), p.subsequence_number, p.data.clone())))
+}
+
+/// Compare multisets and explain the first differences.
+pub fn assert_same(expected: &BTreeMap<(String, String, i64, Vec<u8>), usize>, got: &BTreeMap<(String, String, i64, Vec<u8>), usize>, what: &str) {
+    if expected == got {
+        return;
+    }
+    let mut msg = String::new();
+    let mut n = 0;
+    for (k, v) in expected {
+        let g = got.get(k).copied().unwrap_or(0);
+        if g != *v && n < 10 {
+            n += 1;
+            msg.push_str(&format!("  {}:{}:{} expected {v}, got {g}\n", k.0, k.1, k.2));
+        }
+    }
+    for (k, v) in got {
+        if !expected.contains_key(k) && n < 20 {
+            n += 1;
+            msg.push_str(&format!("  {}:{}:{} unexpected ×{v}\n", k.0, k.1, k.2));
+        }
+    }
+    let total_e: usize = expected.values().sum();
+    let total_g: usize = got.values().sum();
+    panic!("{what}: expected {total_e} records, got {total_g}\n{msg}");
+}
+
+pub fn write_file(path: &Path, text: &str) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}

@@ -1,0 +1,13 @@
+//! The one integration-test binary (fast linking): every test talks to real
+//! local servers started by the harness and runs the real `fluxcap` binary.
+
+mod harness;
+
+mod archive_basic;
+mod config_cli;
+mod crash;
+mod faults;
+mod fencing;
+mod kpl;
+mod resharding;
+mod writer_interop;
