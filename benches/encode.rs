@@ -30,7 +30,7 @@ fn batch(n: usize) -> (arrow::array::RecordBatch, u64) {
             subsequence_number: 0,
             partition_key: format!("customer-{:04}", i % 300),
             explicit_hash_key: None,
-            arrival_ms: 1_764_075_600_000 + i as i64,
+            arrival_ms: 1_795_611_600_000 + i as i64,
             data: Bytes::from(data),
         });
     }

@@ -26,7 +26,7 @@ def generate(path, n):
     types = ["created", "paid", "shipped", "cancelled"]
     countries = ["DE", "FR", "US", "BR", "JP", "IN", "NG", "GB"]
     words = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor".split()
-    base_ms = 1764075600000
+    base_ms = 1795611600000
     with pa.OSFile(path, "wb") as f, pa.ipc.new_file(f, SCHEMA) as w:
         for start in range(0, n, 100_000):
             m = min(100_000, n - start)

@@ -42,7 +42,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::Utc;
 use object_store::path::Path;
-use object_store::{PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::archive::layout::parse_generation;

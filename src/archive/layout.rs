@@ -156,17 +156,17 @@ mod tests {
     #[test]
     fn partitions_are_utc_hours() {
         // 2026-11-25T13:59:59.999Z
-        let t = 1_764_079_199_999;
+        let t = 1_795_615_199_999;
         assert_eq!(partition_of(t), ("2026-11-25".into(), "13".into()));
         assert_eq!(partition_of(t + 1), ("2026-11-25".into(), "14".into()));
-        assert_eq!(hour_key(t), 1_764_075_600_000);
+        assert_eq!(hour_key(t), 1_795_611_600_000);
     }
 
     #[test]
     fn names_are_deterministic_and_parse_back() {
         let l = Layout::new("pre/fix");
         let p = Position::new("49590338271490256608559692538361571095921575989136588898", 3);
-        let path = l.data_file("orders", 1_764_079_199_999, "shardId-000000000001", &p, 42);
+        let path = l.data_file("orders", 1_795_615_199_999, "shardId-000000000001", &p, 42);
         assert_eq!(
             path.as_ref(),
             "pre/fix/orders/dt=2026-11-25/hr=13/shardId-000000000001_49590338271490256608559692538361571095921575989136588898_3_42.parquet"

@@ -9,11 +9,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use futures::TryStreamExt;
-use object_store::ObjectMeta;
-use parquet::arrow::ParquetRecordBatchStreamBuilder;
+use object_store::{ObjectMeta, ObjectStoreExt};
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::async_reader::ParquetObjectReader;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::Serialize;
 
 use arrow::array::{Array, AsArray};
@@ -314,8 +312,15 @@ async fn read_file(archive: &Archive, o: &ObjectMeta) -> Result<FileInfo> {
         object: name.clone(),
         source,
     };
-    let reader = ParquetObjectReader::new(archive.store.clone(), o.location.clone()).with_file_size(o.size);
-    let builder = ParquetRecordBatchStreamBuilder::new(reader).await.map_err(perr)?;
+    let bytes = archive
+        .store
+        .get(&o.location)
+        .await
+        .map_err(|e| Error::store(&name, e))?
+        .bytes()
+        .await
+        .map_err(|e| Error::store(&name, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(perr)?;
     let kv: HashMap<String, String> = builder
         .metadata()
         .file_metadata()
@@ -334,9 +339,10 @@ async fn read_file(archive: &Archive, o: &ObjectMeta) -> Result<FileInfo> {
         });
     }
     let mask = ProjectionMask::leaves(schema, idx);
-    let mut stream = builder.with_projection(mask).build().map_err(perr)?;
+    let reader = builder.with_projection(mask).build().map_err(perr)?;
     let mut positions = Vec::new();
-    while let Some(batch) = stream.try_next().await.map_err(perr)? {
+    for batch in reader {
+        let batch = batch?;
         let seq = batch.column(0).as_string::<i32>();
         let sub = batch.column(1).as_primitive::<Int64Type>();
         for i in 0..batch.num_rows() {

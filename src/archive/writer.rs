@@ -11,7 +11,7 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use bytes::Bytes;
 use object_store::path::Path;
-use object_store::{ObjectStore, PutPayload, WriteMultipart};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
@@ -91,7 +91,7 @@ impl ParquetSettings {
                 b = b
                     .set_column_bloom_filter_enabled(c.clone(), true)
                     .set_column_bloom_filter_fpp(c.clone(), 0.01)
-                    .set_column_bloom_filter_ndv(c, ndv);
+                    .set_column_bloom_filter_max_ndv(c, ndv);
             }
         }
         Ok(b.build())
@@ -152,7 +152,7 @@ mod tests {
                 subsequence_number: 0,
                 partition_key: format!("key-{}", i % 17),
                 explicit_hash_key: (i % 5 == 0).then(|| "123".to_string()),
-                arrival_ms: 1_764_079_000_000 + i as i64,
+                arrival_ms: 1_795_611_600_000 + i as i64,
                 data: Bytes::from(format!("{{\"i\":{i}}}")),
             });
         }
@@ -183,7 +183,7 @@ mod tests {
                 }
                 "subsequence_number" => {
                     assert_eq!(c.physical_type(), PhysicalType::INT64);
-                    assert!(!matches!(bt.logical_type_ref(), Some(LogicalType::Integer { is_signed: false, .. })));
+                    assert!(!matches!(bt.logical_type_ref(), Some(LogicalType::Integer(t)) if !t.is_signed));
                 }
                 "approximate_arrival_timestamp" => {
                     assert_eq!(c.physical_type(), PhysicalType::INT64);

@@ -29,7 +29,7 @@ fn archive_once_local_exactly_once_across_runs() {
     let out = ws.ok(&["archive", "--once"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("archived {} records", puts.len())), "{err}");
-    assert!(err.contains("2 payloads were not valid JSON"), "{err}");
+    assert!(err.contains("3 payloads were not valid JSON"), "{err}");
     let table = ws.archive.join(&stream);
     for engine in ["duckdb", "pyarrow"] {
         assert_same(&puts_multiset(&puts), &archived_multiset(&read_local(engine, &table)), engine);

@@ -37,8 +37,11 @@ fn bad_configuration_exits_2_naming_file_and_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("streams[0].format") && err.contains("fluxcap.toml"), "{err}");
 
-    let ws = Workspace::new("http://127.0.0.1:1", None, None, "", &[]);
-    let out = ws.cmd().args(["--config", "/no/such/file.toml", "config", "show"]).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fluxcap"))
+        .args(["config", "show"])
+        .env("FLUXCAP_CONFIG", "/no/such/file.toml")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/file.toml"));
 }

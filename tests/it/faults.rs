@@ -120,7 +120,7 @@ fn canned(kind: Upstream, throttle: bool) -> Vec<u8> {
 }
 
 fn reset(sock: TcpStream) {
-    let _ = sock.set_linger(Some(std::time::Duration::ZERO));
+    let _ = sock.set_zero_linger();
     drop(sock); // RST
 }
 

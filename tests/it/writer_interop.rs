@@ -7,13 +7,13 @@ use bytes::Bytes;
 use fluxcap::archive::layout::{Layout, hour_key};
 use fluxcap::archive::writer::{ParquetSettings, put_object};
 use fluxcap::record::{Position, Record, RecordBatchBuilder};
-use object_store::ObjectStore;
+use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::local::LocalFileSystem;
 
 use crate::harness::*;
 
 fn records() -> Vec<Record> {
-    let base = 1_764_075_600_000i64; // 2026-11-25T13:00:00Z
+    let base = 1_795_611_600_000i64; // 2026-11-25T13:00:00Z
     let mut out = Vec::new();
     for i in 0..500i64 {
         let data: Vec<u8> = match i % 5 {
