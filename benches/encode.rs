@@ -26,7 +26,8 @@ fn batch(n: usize) -> (arrow::array::RecordBatch, u64) {
         bytes += data.len() as u64;
         b.push(&Record {
             shard_id: format!("shardId-{:012}", i % 4).into(),
-            sequence_number: format!("49590338271490256608559692538361571095921575989{:09}", i).into(),
+            sequence_number: format!("49590338271490256608559692538361571095921575989{:09}", i)
+                .into(),
             subsequence_number: 0,
             partition_key: format!("customer-{:04}", i % 300),
             explicit_hash_key: None,
@@ -48,7 +49,10 @@ fn bench(c: &mut Criterion) {
             ..Default::default()
         };
         g.bench_function(format!("zstd{level}_50k_records"), |bench| {
-            bench.iter(|| s.encode(std::slice::from_ref(&b), vec![], "bench").expect("encode"))
+            bench.iter(|| {
+                s.encode(std::slice::from_ref(&b), vec![], "bench")
+                    .expect("encode")
+            })
         });
     }
     g.finish();

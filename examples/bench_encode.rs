@@ -24,7 +24,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let payload: usize = batches
         .iter()
         .map(|b| {
-            let d = b.column_by_name("data").map(|c| c.as_binary::<i32>().values().len());
+            let d = b
+                .column_by_name("data")
+                .map(|c| c.as_binary::<i32>().values().len());
             d.unwrap_or(0)
         })
         .sum();

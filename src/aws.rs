@@ -28,7 +28,8 @@ pub struct SdkCredentials {
 impl SdkCredentials {
     /// The bridge for `sdk`, or `None` when the SDK found no credential chain.
     pub fn from_sdk(sdk: &SdkConfig) -> Option<Arc<Self>> {
-        sdk.credentials_provider().map(|provider| Arc::new(SdkCredentials { provider }))
+        sdk.credentials_provider()
+            .map(|provider| Arc::new(SdkCredentials { provider }))
     }
 }
 
@@ -37,14 +38,12 @@ impl object_store::CredentialProvider for SdkCredentials {
     type Credential = object_store::aws::AwsCredential;
 
     async fn get_credential(&self) -> object_store::Result<Arc<Self::Credential>> {
-        let c = self
-            .provider
-            .provide_credentials()
-            .await
-            .map_err(|e| object_store::Error::Generic {
+        let c = self.provider.provide_credentials().await.map_err(|e| {
+            object_store::Error::Generic {
                 store: "S3",
                 source: format!("no AWS credentials from the default chain: {e}").into(),
-            })?;
+            }
+        })?;
         Ok(Arc::new(object_store::aws::AwsCredential {
             key_id: c.access_key_id().to_string(),
             secret_key: c.secret_access_key().to_string(),

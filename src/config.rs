@@ -28,7 +28,12 @@ pub const OPTIONAL_KEYS: &[&str] = &["aws.profile", "aws.kinesis_endpoint", "aws
 const STREAM_KEYS: &[(&str, bool)] = &[("name", true), ("format", false)];
 
 /// Environment variables starting with `FLUXCAP_` that are not configuration keys.
-const NON_KEY_ENV: &[&str] = &["FLUXCAP_CONFIG", "FLUXCAP_LOG", "FLUXCAP_STREAMS", "FLUXCAP_SERVER_TOKEN"];
+const NON_KEY_ENV: &[&str] = &[
+    "FLUXCAP_CONFIG",
+    "FLUXCAP_LOG",
+    "FLUXCAP_STREAMS",
+    "FLUXCAP_SERVER_TOKEN",
+];
 
 /// The effective configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -182,7 +187,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
         for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if b >= size && b % size == 0 {
+            if b >= size && b.is_multiple_of(size) {
                 return write!(f, "{}{unit}", b / size);
             }
         }
@@ -205,7 +210,9 @@ impl<'de> Deserialize<'de> for ByteSize {
             Str(String),
         }
         match Raw::deserialize(d).map_err(|_| {
-            serde::de::Error::custom("expected a size: an integer number of bytes or a string such as \"128MiB\"")
+            serde::de::Error::custom(
+                "expected a size: an integer number of bytes or a string such as \"128MiB\"",
+            )
         })? {
             Raw::Int(n) => Ok(ByteSize(n)),
             Raw::Str(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
@@ -220,7 +227,11 @@ pub struct HumanDuration(pub Duration);
 impl HumanDuration {
     /// Parse `"500ms"`, `"90s"`, `"5m"`, `"1h30m"`, `"2d"`.
     pub fn parse(s: &str) -> std::result::Result<Self, String> {
-        let err = || format!("expected a duration such as \"500ms\", \"90s\", \"5m\", \"2h\" or \"7d\", got {s:?}");
+        let err = || {
+            format!(
+                "expected a duration such as \"500ms\", \"90s\", \"5m\", \"2h\" or \"7d\", got {s:?}"
+            )
+        };
         let t = s.trim();
         if t.is_empty() {
             return Err(err());
@@ -228,13 +239,17 @@ impl HumanDuration {
         let mut total = Duration::ZERO;
         let mut rest = t;
         while !rest.is_empty() {
-            let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
             if digits == 0 {
                 return Err(err());
             }
             let n: u64 = rest[..digits].parse().map_err(|_| err())?;
             rest = &rest[digits..];
-            let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+            let unit_len = rest
+                .find(|c: char| c.is_ascii_digit())
+                .unwrap_or(rest.len());
             let unit = &rest[..unit_len];
             rest = &rest[unit_len..];
             total += match unit.trim() {
@@ -256,8 +271,13 @@ impl fmt::Display for HumanDuration {
         if ms == 0 {
             return write!(f, "0s");
         }
-        for (unit, size) in [("d", 86_400_000u64), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
-            if ms % size == 0 {
+        for (unit, size) in [
+            ("d", 86_400_000u64),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1000),
+        ] {
+            if ms.is_multiple_of(size) {
                 return write!(f, "{}{unit}", ms / size);
             }
         }
@@ -273,8 +293,9 @@ impl Serialize for HumanDuration {
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let s = String::deserialize(d)
-            .map_err(|_| serde::de::Error::custom("expected a duration string such as \"90s\" or \"5m\""))?;
+        let s = String::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a duration string such as \"90s\" or \"5m\"")
+        })?;
         HumanDuration::parse(&s).map_err(serde::de::Error::custom)
     }
 }
@@ -303,7 +324,9 @@ impl ArchiveLocation {
         if let Some(rest) = s.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
-                return Err(format!("expected s3://bucket/prefix, got {s:?} (no bucket)"));
+                return Err(format!(
+                    "expected s3://bucket/prefix, got {s:?} (no bucket)"
+                ));
             }
             return Ok(ArchiveLocation::S3 {
                 bucket: bucket.to_string(),
@@ -311,7 +334,9 @@ impl ArchiveLocation {
             });
         }
         if s.contains("://") && !s.starts_with("file://") {
-            return Err(format!("unsupported scheme in {s:?}: expected a path, file:// or s3://"));
+            return Err(format!(
+                "unsupported scheme in {s:?}: expected a path, file:// or s3://"
+            ));
         }
         let path = PathBuf::from(s.strip_prefix("file://").unwrap_or(s));
         let abs = if path.is_absolute() {
@@ -329,7 +354,9 @@ impl fmt::Display for ArchiveLocation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ArchiveLocation::Local(p) => write!(f, "{}", p.display()),
-            ArchiveLocation::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            ArchiveLocation::S3 { bucket, prefix } if prefix.is_empty() => {
+                write!(f, "s3://{bucket}")
+            }
             ArchiveLocation::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
         }
     }
@@ -371,7 +398,9 @@ impl Sources {
     pub fn from_env(file: Option<PathBuf>) -> Self {
         Sources {
             file,
-            env: std::env::vars().filter(|(k, _)| k.starts_with("FLUXCAP_")).collect(),
+            env: std::env::vars()
+                .filter(|(k, _)| k.starts_with("FLUXCAP_"))
+                .collect(),
             overrides: Vec::new(),
         }
     }
@@ -408,7 +437,10 @@ pub fn load(sources: &Sources) -> Result<Config> {
                 message,
             })?;
             merged.insert("streams".into(), streams);
-            prov.0.insert("streams".into(), "environment variable FLUXCAP_STREAMS".into());
+            prov.0.insert(
+                "streams".into(),
+                "environment variable FLUXCAP_STREAMS".into(),
+            );
             continue;
         }
         if NON_KEY_ENV.contains(&var.as_str()) {
@@ -466,7 +498,11 @@ fn parse_streams_list(s: &str) -> std::result::Result<toml::Value, String> {
 fn all_keys(defaults: &toml::Table) -> Vec<String> {
     fn walk(t: &toml::Table, prefix: &str, out: &mut Vec<String>) {
         for (k, v) in t {
-            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
             match v {
                 toml::Value::Table(sub) => walk(sub, &key, out),
                 _ => out.push(key),
@@ -514,7 +550,9 @@ fn set_key(
         Some(_) => {
             let doc = format!("v = {raw}");
             match toml::from_str::<toml::Table>(&doc) {
-                Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.to_string())),
+                Ok(mut t) => t
+                    .remove("v")
+                    .unwrap_or(toml::Value::String(raw.to_string())),
                 Err(_) => toml::Value::String(raw.to_string()),
             }
         }
@@ -536,9 +574,18 @@ fn set_key(
     Ok(())
 }
 
-fn check_known_keys(user: &toml::Table, defaults: &toml::Table, prefix: &str, file: &str) -> Result<()> {
+fn check_known_keys(
+    user: &toml::Table,
+    defaults: &toml::Table,
+    prefix: &str,
+    file: &str,
+) -> Result<()> {
     for (k, v) in user {
-        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
         if key == "streams" {
             check_streams(v, file)?;
             continue;
@@ -614,9 +661,19 @@ fn check_streams(v: &toml::Value, file: &str) -> Result<()> {
     Ok(())
 }
 
-fn merge(base: &mut toml::Table, over: toml::Table, prefix: &str, src: &str, prov: &mut Provenance) {
+fn merge(
+    base: &mut toml::Table,
+    over: toml::Table,
+    prefix: &str,
+    src: &str,
+    prov: &mut Provenance,
+) {
     for (k, v) in over {
-        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
         match (base.get_mut(&k), v) {
             (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o, &key, src, prov),
             (_, v) => {
@@ -634,14 +691,18 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
         message,
     };
     if cfg.aws.region.trim().is_empty() {
-        return Err(bad("aws.region", "expected a region such as \"us-east-1\"".into()));
+        return Err(bad(
+            "aws.region",
+            "expected a region such as \"us-east-1\"".into(),
+        ));
     }
     for (key, ep) in [
         ("aws.kinesis_endpoint", &cfg.aws.kinesis_endpoint),
         ("aws.s3_endpoint", &cfg.aws.s3_endpoint),
     ] {
         if let Some(ep) = ep {
-            let u = url::Url::parse(ep).map_err(|e| bad(key, format!("expected an http(s) URL, got {ep:?}: {e}")))?;
+            let u = url::Url::parse(ep)
+                .map_err(|e| bad(key, format!("expected an http(s) URL, got {ep:?}: {e}")))?;
             if !matches!(u.scheme(), "http" | "https") {
                 return Err(bad(key, format!("expected an http(s) URL, got {ep:?}")));
             }
@@ -651,30 +712,51 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
     if !(1..=22).contains(&cfg.archive.zstd_level) {
         return Err(bad(
             "archive.zstd_level",
-            format!("expected an integer from 1 to 22, got {}", cfg.archive.zstd_level),
+            format!(
+                "expected an integer from 1 to 22, got {}",
+                cfg.archive.zstd_level
+            ),
         ));
     }
     if cfg.archive.row_group_rows == 0 {
-        return Err(bad("archive.row_group_rows", "expected a positive number of rows".into()));
+        return Err(bad(
+            "archive.row_group_rows",
+            "expected a positive number of rows".into(),
+        ));
     }
     if cfg.archive.data_page_size.0 < 1024 {
-        return Err(bad("archive.data_page_size", "expected at least 1KiB".into()));
+        return Err(bad(
+            "archive.data_page_size",
+            "expected at least 1KiB".into(),
+        ));
     }
     let f = &cfg.archive.flush;
     if f.memory_budget.0 < (1 << 20) {
-        return Err(bad("archive.flush.memory_budget", "expected at least 1MiB".into()));
+        return Err(bad(
+            "archive.flush.memory_budget",
+            "expected at least 1MiB".into(),
+        ));
     }
     if f.max_bytes.0 == 0 {
-        return Err(bad("archive.flush.max_bytes", "expected a positive size".into()));
+        return Err(bad(
+            "archive.flush.max_bytes",
+            "expected a positive size".into(),
+        ));
     }
     if f.max_age.0.is_zero() {
-        return Err(bad("archive.flush.max_age", "expected a positive duration".into()));
+        return Err(bad(
+            "archive.flush.max_age",
+            "expected a positive duration".into(),
+        ));
     }
     let a = &cfg.archiver;
     if !(1..=10_000).contains(&a.max_records_per_call) {
         return Err(bad(
             "archiver.max_records_per_call",
-            format!("expected an integer from 1 to 10000, got {}", a.max_records_per_call),
+            format!(
+                "expected an integer from 1 to 10000, got {}",
+                a.max_records_per_call
+            ),
         ));
     }
     if a.lease_ttl.0 < Duration::from_secs(2) {
@@ -684,7 +766,10 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
         a.metrics_bind.parse::<SocketAddr>().map_err(|_| {
             bad(
                 "archiver.metrics_bind",
-                format!("expected an address such as \"127.0.0.1:9464\" or \"\", got {:?}", a.metrics_bind),
+                format!(
+                    "expected an address such as \"127.0.0.1:9464\" or \"\", got {:?}",
+                    a.metrics_bind
+                ),
             )
         })?;
     }
@@ -692,7 +777,9 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
     for (i, s) in cfg.streams.iter().enumerate() {
         let ok = !s.name.is_empty()
             && s.name.len() <= 128
-            && s.name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+            && s.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
             && !s.name.starts_with(['_', '.']);
         if !ok {
             return Err(bad(
@@ -704,7 +791,10 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
             ));
         }
         if !seen.insert(&s.name) {
-            return Err(bad(&format!("streams[{i}].name"), format!("stream {:?} is listed twice", s.name)));
+            return Err(bad(
+                &format!("streams[{i}].name"),
+                format!("stream {:?} is listed twice", s.name),
+            ));
         }
     }
     Ok(())
@@ -726,7 +816,11 @@ impl Config {
             let known: Vec<&str> = self.streams.iter().map(|s| s.name.as_str()).collect();
             Error::Usage(format!(
                 "stream `{name}` is not configured; configured streams: {}",
-                if known.is_empty() { "(none)".to_string() } else { known.join(", ") }
+                if known.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    known.join(", ")
+                }
             ))
         })
     }
@@ -760,7 +854,8 @@ impl Config {
                 *e = u.to_string();
             }
         }
-        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+        toml::to_string_pretty(&shown)
+            .unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
 }
 
@@ -793,7 +888,10 @@ mod tests {
         assert!(cfg.streams.is_empty());
         for k in OPTIONAL_KEYS {
             let leaf = k.rsplit('.').next().unwrap();
-            assert!(DEFAULTS_TOML.contains(&format!("# {leaf} = ")), "{k} undocumented");
+            assert!(
+                DEFAULTS_TOML.contains(&format!("# {leaf} = ")),
+                "{k} undocumented"
+            );
         }
     }
 
@@ -807,7 +905,10 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.aws.region, "eu-west-1");
         assert_eq!(cfg.archive.flush.max_bytes, ByteSize(8 << 20));
-        assert_eq!(cfg.archive.flush.max_age, HumanDuration(Duration::from_secs(300)));
+        assert_eq!(
+            cfg.archive.flush.max_age,
+            HumanDuration(Duration::from_secs(300))
+        );
         assert_eq!(cfg.streams.len(), 2);
         assert_eq!(cfg.streams[1].format, PayloadFormat::Binary);
     }
@@ -824,14 +925,36 @@ mod tests {
 
     #[test]
     fn invalid_value_names_key_and_expectation() {
-        let msg = load_str("[archive]\nzstd_level = 40\n").unwrap_err().to_string();
-        assert!(msg.contains("archive.zstd_level") && msg.contains("1 to 22") && msg.contains("user.toml"), "{msg}");
-        let msg = load_str("[archive]\nzstd_level = \"high\"\n").unwrap_err().to_string();
-        assert!(msg.contains("archive.zstd_level") && msg.contains("user.toml"), "{msg}");
-        let msg = load_str("[[streams]]\nname = \"o\"\nformat = \"xml\"\n").unwrap_err().to_string();
-        assert!(msg.contains("streams[0].format") && msg.contains("json"), "{msg}");
-        let msg = load_str("[archive.flush]\nmax_age = \"soon\"\n").unwrap_err().to_string();
-        assert!(msg.contains("archive.flush.max_age") && msg.contains("duration"), "{msg}");
+        let msg = load_str("[archive]\nzstd_level = 40\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("archive.zstd_level")
+                && msg.contains("1 to 22")
+                && msg.contains("user.toml"),
+            "{msg}"
+        );
+        let msg = load_str("[archive]\nzstd_level = \"high\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("archive.zstd_level") && msg.contains("user.toml"),
+            "{msg}"
+        );
+        let msg = load_str("[[streams]]\nname = \"o\"\nformat = \"xml\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("streams[0].format") && msg.contains("json"),
+            "{msg}"
+        );
+        let msg = load_str("[archive.flush]\nmax_age = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("archive.flush.max_age") && msg.contains("duration"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -854,7 +977,10 @@ mod tests {
         assert_eq!(cfg.streams[1].format, PayloadFormat::Binary);
         assert_eq!(
             cfg.location().unwrap(),
-            ArchiveLocation::S3 { bucket: "bkt".into(), prefix: "pre/fix".into() }
+            ArchiveLocation::S3 {
+                bucket: "bkt".into(),
+                prefix: "pre/fix".into()
+            }
         );
         let err = load(&Sources {
             file: Some(p),
@@ -871,8 +997,14 @@ mod tests {
         assert_eq!(ByteSize::parse("128MiB").unwrap(), ByteSize(128 << 20));
         assert_eq!(ByteSize::parse("1 GB").unwrap(), ByteSize(1_000_000_000));
         assert!(ByteSize::parse("12 parsecs").is_err());
-        assert_eq!(HumanDuration::parse("1h30m").unwrap().0, Duration::from_secs(5400));
-        assert_eq!(HumanDuration::parse("250ms").unwrap().0, Duration::from_millis(250));
+        assert_eq!(
+            HumanDuration::parse("1h30m").unwrap().0,
+            Duration::from_secs(5400)
+        );
+        assert_eq!(
+            HumanDuration::parse("250ms").unwrap().0,
+            Duration::from_millis(250)
+        );
         assert!(HumanDuration::parse("5").is_err());
         assert_eq!(HumanDuration(Duration::from_secs(300)).to_string(), "5m");
     }

@@ -93,7 +93,9 @@ pub enum Error {
 
     /// A conditional write lost: another writer changed the state we based our
     /// work on. The process stops instead of corrupting the archive.
-    #[error("fenced: another archiver wrote {object} concurrently (stream `{stream}`); stopping without committing")]
+    #[error(
+        "fenced: another archiver wrote {object} concurrently (stream `{stream}`); stopping without committing"
+    )]
     Fenced {
         /// Stream name.
         stream: String,

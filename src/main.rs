@@ -108,7 +108,9 @@ fn init_tracing(verbose: u8, quiet: bool) {
 fn load_config(cli: &Cli) -> Result<config::Config> {
     let mut sources = Sources::from_env(cli.config.clone());
     if let Some(a) = &cli.archive {
-        sources.overrides.push(("archive.location".into(), a.clone()));
+        sources
+            .overrides
+            .push(("archive.location".into(), a.clone()));
     }
     if let Some(r) = &cli.region {
         sources.overrides.push(("aws.region".into(), r.clone()));
@@ -117,7 +119,9 @@ fn load_config(cli: &Cli) -> Result<config::Config> {
         let (k, v) = kv
             .split_once('=')
             .ok_or_else(|| Error::Usage(format!("--set expects KEY=VALUE, got {kv:?}")))?;
-        sources.overrides.push((k.trim().to_string(), v.trim().to_string()));
+        sources
+            .overrides
+            .push((k.trim().to_string(), v.trim().to_string()));
     }
     config::load(&sources)
 }
@@ -129,14 +133,15 @@ fn shutdown_token() -> CancellationToken {
     tokio::spawn(async move {
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    t.cancel();
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                        t.cancel();
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
@@ -155,7 +160,9 @@ fn shutdown_token() -> CancellationToken {
 async fn run(cli: Cli) -> Result<()> {
     let cfg = load_config(&cli)?;
     match cli.command {
-        Command::Config { action: ConfigAction::Show } => {
+        Command::Config {
+            action: ConfigAction::Show,
+        } => {
             print!("{}", cfg.to_toml());
             Ok(())
         }
@@ -168,7 +175,10 @@ async fn run(cli: Cli) -> Result<()> {
                 summary.bytes as f64 / 1e6,
                 summary.files,
                 if summary.invalid_json > 0 {
-                    format!("; {} payloads were not valid JSON (archived as is)", summary.invalid_json)
+                    format!(
+                        "; {} payloads were not valid JSON (archived as is)",
+                        summary.invalid_json
+                    )
                 } else {
                     String::new()
                 },
@@ -183,7 +193,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Status { stream, format } => {
             let report = fluxcap::archive::status::status(&cfg, stream.as_deref()).await?;
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default()),
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                ),
                 Format::Table => print!("{}", report.to_table()),
             }
             Ok(())
@@ -191,7 +204,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Verify { stream, format } => {
             let report = fluxcap::archive::verify::verify(&cfg, stream.as_deref()).await?;
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default()),
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                ),
                 Format::Table => print!("{}", report.to_text()),
             }
             if report.problems() > 0 {
@@ -207,7 +223,10 @@ async fn run(cli: Cli) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose, cli.quiet);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -42,7 +42,7 @@ pub struct Stats {
     /// Flushes committed.
     pub flushes: AtomicU64,
     /// Retried calls (throttling, faults).
-    pub retries: AtomicU64,
+    pub retries: Arc<AtomicU64>,
     /// Errors that stopped a task.
     pub errors: AtomicU64,
     /// Payloads of `json` streams that are not valid JSON (archived anyway).
@@ -76,24 +76,98 @@ impl Stats {
         let g = |o: &mut String, name: &str, kind: &str, help: &str, v: u64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
-        g(&mut o, "fluxcap_records_read_total", "counter", "User records read from Kinesis.", self.records_read.load(Ordering::Relaxed));
-        g(&mut o, "fluxcap_records_archived_total", "counter", "Records committed to the archive.", self.records_archived.load(Ordering::Relaxed));
-        g(&mut o, "fluxcap_bytes_archived_total", "counter", "Payload bytes committed to the archive.", self.bytes_archived.load(Ordering::Relaxed));
-        g(&mut o, "fluxcap_parquet_bytes_written_total", "counter", "Parquet bytes written.", self.bytes_written.load(Ordering::Relaxed));
-        g(&mut o, "fluxcap_files_total", "counter", "Data files committed.", self.files.load(Ordering::Relaxed));
-        g(&mut o, "fluxcap_flushes_total", "counter", "Flushes committed.", self.flushes.load(Ordering::Relaxed));
-        g(&mut o, "fluxcap_retries_total", "counter", "Calls retried after throttling or a transient fault.", self.retries.load(Ordering::Relaxed));
-        g(&mut o, "fluxcap_errors_total", "counter", "Errors that stopped a task.", self.errors.load(Ordering::Relaxed));
-        g(&mut o, "fluxcap_invalid_json_total", "counter", "Payloads of json streams that are not valid JSON (archived as is).", self.invalid_json.load(Ordering::Relaxed));
-        g(&mut o, "fluxcap_buffered_bytes", "gauge", "Bytes buffered in memory.", self.buffered_bytes.load(Ordering::Relaxed).max(0) as u64);
+        g(
+            &mut o,
+            "fluxcap_records_read_total",
+            "counter",
+            "User records read from Kinesis.",
+            self.records_read.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "fluxcap_records_archived_total",
+            "counter",
+            "Records committed to the archive.",
+            self.records_archived.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "fluxcap_bytes_archived_total",
+            "counter",
+            "Payload bytes committed to the archive.",
+            self.bytes_archived.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "fluxcap_parquet_bytes_written_total",
+            "counter",
+            "Parquet bytes written.",
+            self.bytes_written.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "fluxcap_files_total",
+            "counter",
+            "Data files committed.",
+            self.files.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "fluxcap_flushes_total",
+            "counter",
+            "Flushes committed.",
+            self.flushes.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "fluxcap_retries_total",
+            "counter",
+            "Calls retried after throttling or a transient fault.",
+            self.retries.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "fluxcap_errors_total",
+            "counter",
+            "Errors that stopped a task.",
+            self.errors.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "fluxcap_invalid_json_total",
+            "counter",
+            "Payloads of json streams that are not valid JSON (archived as is).",
+            self.invalid_json.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "fluxcap_buffered_bytes",
+            "gauge",
+            "Bytes buffered in memory.",
+            self.buffered_bytes.load(Ordering::Relaxed).max(0) as u64,
+        );
         let shards = self.snapshot();
-        let _ = writeln!(o, "# HELP fluxcap_shard_millis_behind_latest MillisBehindLatest of the last read.\n# TYPE fluxcap_shard_millis_behind_latest gauge");
+        let _ = writeln!(
+            o,
+            "# HELP fluxcap_shard_millis_behind_latest MillisBehindLatest of the last read.\n# TYPE fluxcap_shard_millis_behind_latest gauge"
+        );
         for ((stream, shard), s) in &shards {
-            let _ = writeln!(o, "fluxcap_shard_millis_behind_latest{{stream=\"{stream}\",shard=\"{shard}\"}} {}", s.millis_behind.load(Ordering::Relaxed));
+            let _ = writeln!(
+                o,
+                "fluxcap_shard_millis_behind_latest{{stream=\"{stream}\",shard=\"{shard}\"}} {}",
+                s.millis_behind.load(Ordering::Relaxed)
+            );
         }
-        let _ = writeln!(o, "# HELP fluxcap_shard_records_archived_total Records committed per shard.\n# TYPE fluxcap_shard_records_archived_total counter");
+        let _ = writeln!(
+            o,
+            "# HELP fluxcap_shard_records_archived_total Records committed per shard.\n# TYPE fluxcap_shard_records_archived_total counter"
+        );
         for ((stream, shard), s) in &shards {
-            let _ = writeln!(o, "fluxcap_shard_records_archived_total{{stream=\"{stream}\",shard=\"{shard}\"}} {}", s.records.load(Ordering::Relaxed));
+            let _ = writeln!(
+                o,
+                "fluxcap_shard_records_archived_total{{stream=\"{stream}\",shard=\"{shard}\"}} {}",
+                s.records.load(Ordering::Relaxed)
+            );
         }
         o
     }
@@ -105,7 +179,10 @@ impl Stats {
             .map(|(_, s)| s.millis_behind.load(Ordering::Relaxed))
             .max()
             .unwrap_or(-1);
-        let done = shards.iter().filter(|(_, s)| s.state.load(Ordering::Relaxed) == 2).count();
+        let done = shards
+            .iter()
+            .filter(|(_, s)| s.state.load(Ordering::Relaxed) == 2)
+            .count();
         let recs = self.records_archived.load(Ordering::Relaxed);
         let secs = started.elapsed().as_secs_f64().max(0.001);
         format!(
@@ -117,13 +194,21 @@ impl Stats {
             recs as f64 / secs,
             shards.len(),
             done,
-            if max_lag < 0 { "?".to_string() } else { format!("{:.1}s", max_lag as f64 / 1000.0) },
+            if max_lag < 0 {
+                "?".to_string()
+            } else {
+                format!("{:.1}s", max_lag as f64 / 1000.0)
+            },
         )
     }
 }
 
 /// Show progress until `cancel`: a live line on a terminal, log lines otherwise.
-pub fn spawn_progress(stats: Arc<Stats>, every: Duration, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+pub fn spawn_progress(
+    stats: Arc<Stats>,
+    every: Duration,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let started = Instant::now();
         if std::io::stderr().is_terminal() {
@@ -153,11 +238,17 @@ pub fn spawn_progress(stats: Arc<Stats>, every: Duration, cancel: CancellationTo
 }
 
 /// Serve `GET /metrics` on `addr` until `cancel`. Returns the bound address.
-pub async fn serve(stats: Arc<Stats>, addr: SocketAddr, cancel: CancellationToken) -> Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Io {
-        path: format!("metrics endpoint {addr}").into(),
-        source,
-    })?;
+pub async fn serve(
+    stats: Arc<Stats>,
+    addr: SocketAddr,
+    cancel: CancellationToken,
+) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Io {
+            path: format!("metrics endpoint {addr}").into(),
+            source,
+        })?;
     let local = listener.local_addr().map_err(|source| Error::Io {
         path: format!("metrics endpoint {addr}").into(),
         source,
@@ -168,7 +259,10 @@ pub async fn serve(stats: Arc<Stats>, addr: SocketAddr, cancel: CancellationToke
             let stats = stats.clone();
             async move {
                 (
-                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
                     stats.render_prometheus(),
                 )
             }

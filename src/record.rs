@@ -172,7 +172,8 @@ impl RecordBatchBuilder {
         self.sequence_number.append_value(&r.sequence_number);
         self.subsequence_number.append_value(r.subsequence_number);
         self.partition_key.append_value(&r.partition_key);
-        self.explicit_hash_key.append_option(r.explicit_hash_key.as_deref());
+        self.explicit_hash_key
+            .append_option(r.explicit_hash_key.as_deref());
         self.arrival.append_value(r.arrival_ms);
         self.data.append_value(&r.data);
         self.rows += 1;
@@ -208,7 +209,8 @@ impl RecordBatchBuilder {
         self.rows = 0;
         self.mem = 0;
         // The columns match the schema by construction.
-        RecordBatch::try_new(schema(), cols).unwrap_or_else(|e| unreachable!("schema mismatch: {e}"))
+        RecordBatch::try_new(schema(), cols)
+            .unwrap_or_else(|e| unreachable!("schema mismatch: {e}"))
     }
 }
 

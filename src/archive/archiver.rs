@@ -110,7 +110,11 @@ impl MemoryBudget {
 }
 
 /// Run the archiver until done (`once`) or cancelled.
-pub async fn run(cfg: &Config, opts: ArchiveOptions, cancel: CancellationToken) -> Result<ArchiveSummary> {
+pub async fn run(
+    cfg: &Config,
+    opts: ArchiveOptions,
+    cancel: CancellationToken,
+) -> Result<ArchiveSummary> {
     let streams = cfg.selected_streams(opts.stream.as_deref())?;
     let archive = Archive::open(cfg).await?;
     archive.check_writable().await?;
@@ -120,13 +124,18 @@ pub async fn run(cfg: &Config, opts: ArchiveOptions, cancel: CancellationToken) 
     let budget = MemoryBudget::new(cfg.archive.flush.memory_budget.0);
 
     let work = cancel.child_token();
-    let progress = crate::metrics::spawn_progress(stats.clone(), cfg.archiver.progress_interval.0, work.child_token());
+    let progress = crate::metrics::spawn_progress(
+        stats.clone(),
+        cfg.archiver.progress_interval.0,
+        work.child_token(),
+    );
     if !opts.once && !cfg.archiver.metrics_bind.is_empty() {
-        let addr = cfg
-            .archiver
-            .metrics_bind
-            .parse()
-            .map_err(|_| Error::Usage(format!("bad archiver.metrics_bind {:?}", cfg.archiver.metrics_bind)))?;
+        let addr = cfg.archiver.metrics_bind.parse().map_err(|_| {
+            Error::Usage(format!(
+                "bad archiver.metrics_bind {:?}",
+                cfg.archiver.metrics_bind
+            ))
+        })?;
         let bound = crate::metrics::serve(stats.clone(), addr, work.child_token()).await?;
         tracing::info!("metrics on http://{bound}/metrics");
     }
@@ -150,7 +159,11 @@ pub async fn run(cfg: &Config, opts: ArchiveOptions, cancel: CancellationToken) 
     }
     let mut first_err = None;
     while let Some(res) = tasks.join_next().await {
-        let res = res.unwrap_or_else(|e| Err(Error::Usage(format!("internal error: stream task failed: {e}"))));
+        let res = res.unwrap_or_else(|e| {
+            Err(Error::Usage(format!(
+                "internal error: stream task failed: {e}"
+            )))
+        });
         if let Err(e) = res {
             stats.errors.fetch_add(1, Ordering::Relaxed);
             if first_err.is_none() {
@@ -246,9 +259,11 @@ async fn archive_stream(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Resul
     let result = supervise(ctx.clone(), shards.clone()).await;
     shards.cancel();
     renew_stop.cancel();
-    let lease_res = renewer
-        .await
-        .unwrap_or_else(|e| Err(Error::Usage(format!("internal error: lease task failed: {e}"))));
+    let lease_res = renewer.await.unwrap_or_else(|e| {
+        Err(Error::Usage(format!(
+            "internal error: lease task failed: {e}"
+        )))
+    });
     match (result, lease_res) {
         (Err(e), _) => Err(e),
         (Ok(()), Err(e)) => Err(e),
@@ -278,7 +293,12 @@ async fn supervise(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Result<()>
                 .collect();
             let ckpts = load_all(&ctx.archive, &name).await?;
             let checkpointed: HashSet<String> = ckpts.iter().map(|c| c.shard_id.clone()).collect();
-            finished.extend(ckpts.iter().filter(|c| c.finished).map(|c| c.shard_id.clone()));
+            finished.extend(
+                ckpts
+                    .iter()
+                    .filter(|c| c.finished)
+                    .map(|c| c.shard_id.clone()),
+            );
             let initial = initial.get_or_insert_with(|| listed.keys().cloned().collect());
             for (id, info) in &listed {
                 if finished.contains(id) || running.contains_key(id) || caught_up.contains(id) {
@@ -365,11 +385,14 @@ impl ShardBuffer {
     }
 
     fn push(&mut self, r: &Record) {
-        let g = self.groups.entry(hour_key(r.arrival_ms)).or_insert_with(|| Group {
-            builder: RecordBatchBuilder::with_capacity(1024, 1 << 20),
-            first: r.position(),
-            count: 0,
-        });
+        let g = self
+            .groups
+            .entry(hour_key(r.arrival_ms))
+            .or_insert_with(|| Group {
+                builder: RecordBatchBuilder::with_capacity(1024, 1 << 20),
+                first: r.position(),
+                count: 0,
+            });
         g.builder.push(r);
         g.count += 1;
         self.mem += r.mem_size();
@@ -390,11 +413,22 @@ impl ShardBuffer {
     }
 }
 
-async fn archive_shard(ctx: Arc<StreamCtx>, info: ShardInfo, cancel: CancellationToken) -> Result<ShardOutcome> {
+async fn archive_shard(
+    ctx: Arc<StreamCtx>,
+    info: ShardInfo,
+    cancel: CancellationToken,
+) -> Result<ShardOutcome> {
     let stream = ctx.stream.name.clone();
     let shard = info.shard_id.clone();
     let stats = ctx.stats.shard(&stream, &shard);
-    let mut ck = ShardCheckpoint::open(&ctx.archive, &stream, &shard, info.parents.clone(), &ctx.owner).await?;
+    let mut ck = ShardCheckpoint::open(
+        &ctx.archive,
+        &stream,
+        &shard,
+        info.parents.clone(),
+        &ctx.owner,
+    )
+    .await?;
     if ck.state().finished {
         stats.state.store(2, Ordering::Relaxed);
         return Ok(ShardOutcome::Finished);
@@ -407,7 +441,7 @@ async fn archive_shard(ctx: Arc<StreamCtx>, info: ShardInfo, cancel: Cancellatio
         StartAt::TrimHorizon,
         a.max_records_per_call,
         a.max_backoff.0,
-        Arc::new(Default::default()),
+        ctx.stats.retries.clone(),
     );
     if let Some(pos) = &ck.state().position {
         reader = reader.resume_after(pos);
@@ -417,8 +451,6 @@ async fn archive_shard(ctx: Arc<StreamCtx>, info: ShardInfo, cancel: Cancellatio
     let flush_cfg = &ctx.cfg.archive.flush;
     let mut buf = ShardBuffer::new();
     let mut last_call = Instant::now() - Duration::from_secs(1);
-    let retries_before = ctx.stats.retries.load(Ordering::Relaxed);
-    let _ = retries_before;
 
     loop {
         // Kinesis allows 5 GetRecords per second per shard.
@@ -446,7 +478,15 @@ async fn archive_shard(ctx: Arc<StreamCtx>, info: ShardInfo, cancel: Cancellatio
             stats.millis_behind.store(ms, Ordering::Relaxed);
         }
         if !batch.records.is_empty() {
-            reserve(&ctx, &mut ck, &mut buf, &stats, batch.bytes + batch.records.len() * 64, &cancel).await?;
+            reserve(
+                &ctx,
+                &mut ck,
+                &mut buf,
+                &stats,
+                batch.bytes + batch.records.len() * 64,
+                &cancel,
+            )
+            .await?;
             let mut invalid = 0u64;
             for r in &batch.records {
                 if ctx.stream.format == PayloadFormat::Json
@@ -456,8 +496,12 @@ async fn archive_shard(ctx: Arc<StreamCtx>, info: ShardInfo, cancel: Cancellatio
                 }
                 buf.push(r);
             }
-            ctx.stats.records_read.fetch_add(batch.records.len() as u64, Ordering::Relaxed);
-            ctx.stats.buffered_bytes.fetch_add(batch.bytes as i64, Ordering::Relaxed);
+            ctx.stats
+                .records_read
+                .fetch_add(batch.records.len() as u64, Ordering::Relaxed);
+            ctx.stats
+                .buffered_bytes
+                .fetch_add(batch.bytes as i64, Ordering::Relaxed);
             if invalid > 0 {
                 ctx.stats.invalid_json.fetch_add(invalid, Ordering::Relaxed);
                 tracing::debug!(%stream, %shard, invalid, "payloads that are not valid JSON (archived as is)");
@@ -469,14 +513,19 @@ async fn archive_shard(ctx: Arc<StreamCtx>, info: ShardInfo, cancel: Cancellatio
             return Ok(ShardOutcome::Finished);
         }
         let too_big = buf.mem as u64 >= flush_cfg.max_bytes.0;
-        let too_old = buf.oldest.is_some_and(|t| t.elapsed() >= flush_cfg.max_age.0);
+        let too_old = buf
+            .oldest
+            .is_some_and(|t| t.elapsed() >= flush_cfg.max_age.0);
         if too_big || too_old {
             flush(&ctx, &mut ck, &mut buf, &stats, false).await?;
         }
         if ctx.once {
             let at_tip = batch.kinesis_records == 0 && batch.millis_behind.unwrap_or(0) == 0;
             let past_start = buf.last.as_ref().is_some_and(|(_, t)| *t >= started_ms)
-                || batch.records.last().is_some_and(|r| r.arrival_ms >= started_ms);
+                || batch
+                    .records
+                    .last()
+                    .is_some_and(|r| r.arrival_ms >= started_ms);
             if at_tip || past_start {
                 flush(&ctx, &mut ck, &mut buf, &stats, false).await?;
                 stats.state.store(3, Ordering::Relaxed);
@@ -564,7 +613,10 @@ async fn flush(
     let prev = ck.state().position.clone();
     let mut files: Vec<(object_store::path::Path, RecordBatch)> = Vec::with_capacity(groups.len());
     for (hour, mut g) in groups {
-        let path = ctx.archive.layout.data_file(stream, hour, &shard, &g.first, g.count);
+        let path = ctx
+            .archive
+            .layout
+            .data_file(stream, hour, &shard, &g.first, g.count);
         files.push((path, g.builder.finish()));
     }
     let paths: Vec<_> = files.iter().map(|(p, _)| p.clone()).collect();
@@ -576,7 +628,10 @@ async fn flush(
     for (path, batch) in files {
         let metadata = vec![
             kv(meta::FLUSH_PREV, encode_position(prev.as_ref())),
-            kv(meta::FLUSH_LAST, encode_position(last.as_ref().map(|(p, _)| p))),
+            kv(
+                meta::FLUSH_LAST,
+                encode_position(last.as_ref().map(|(p, _)| p)),
+            ),
             kv(meta::FLUSH_RECORDS, records.to_string()),
             kv(meta::SHARD, shard.clone()),
         ];
@@ -592,15 +647,19 @@ async fn flush(
         Some((p, t)) => (Some(p), Some(t)),
         None => (None, None),
     };
-    ck.commit(pos, arrival, records as u64, paths.len() as u64, finished).await?;
+    ck.commit(pos, arrival, records as u64, paths.len() as u64, finished)
+        .await?;
     buf.records = 0;
     buf.mem = 0;
     buf.oldest = None;
     buf.permits = None; // returns the memory to the budget
     let s = &ctx.stats;
-    s.buffered_bytes.fetch_sub(payload as i64, Ordering::Relaxed);
-    s.records_archived.fetch_add(records as u64, Ordering::Relaxed);
-    s.bytes_archived.fetch_add(payload as u64, Ordering::Relaxed);
+    s.buffered_bytes
+        .fetch_sub(payload as i64, Ordering::Relaxed);
+    s.records_archived
+        .fetch_add(records as u64, Ordering::Relaxed);
+    s.bytes_archived
+        .fetch_add(payload as u64, Ordering::Relaxed);
     s.bytes_written.fetch_add(written, Ordering::Relaxed);
     s.files.fetch_add(paths.len() as u64, Ordering::Relaxed);
     s.flushes.fetch_add(1, Ordering::Relaxed);
@@ -610,12 +669,22 @@ async fn flush(
     Ok(())
 }
 
-async fn put_with_retry(ctx: &StreamCtx, path: &object_store::path::Path, bytes: Vec<u8>) -> Result<()> {
+async fn put_with_retry(
+    ctx: &StreamCtx,
+    path: &object_store::path::Path,
+    bytes: Vec<u8>,
+) -> Result<()> {
     let mut backoff = kinesis::Backoff::new(ctx.cfg.archiver.max_backoff.0);
     loop {
         match put_object(&ctx.archive.store, path, bytes.clone()).await {
             Ok(()) => return Ok(()),
-            Err(e) if backoff.attempts() < 8 && matches!(ctx.archive.location, crate::config::ArchiveLocation::S3 { .. }) => {
+            Err(e)
+                if backoff.attempts() < 8
+                    && matches!(
+                        ctx.archive.location,
+                        crate::config::ArchiveLocation::S3 { .. }
+                    ) =>
+            {
                 ctx.stats.retries.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("retrying upload: {e}");
                 tokio::time::sleep(backoff.next_delay()).await;

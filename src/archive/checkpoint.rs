@@ -105,7 +105,11 @@ impl Checkpoint {
 }
 
 /// Read the latest generation of a shard's checkpoint, if any.
-pub async fn load_latest(archive: &Archive, stream: &str, shard: &str) -> Result<Option<Checkpoint>> {
+pub async fn load_latest(
+    archive: &Archive,
+    stream: &str,
+    shard: &str,
+) -> Result<Option<Checkpoint>> {
     let dir = archive.layout.checkpoint_dir(stream, shard);
     let objects = archive.list(&dir).await?;
     let Some(latest) = objects
@@ -129,7 +133,9 @@ pub async fn load_all(archive: &Archive, stream: &str) -> Result<Vec<Checkpoint>
         if n < 2 {
             continue;
         }
-        let Some(g) = parse_generation(parts[n - 1].as_ref()) else { continue };
+        let Some(g) = parse_generation(parts[n - 1].as_ref()) else {
+            continue;
+        };
         let shard = parts[n - 2].as_ref().to_string();
         let e = latest.entry(shard).or_insert((g, o.location.clone()));
         if g >= e.0 {
@@ -169,7 +175,13 @@ pub struct ShardCheckpoint {
 impl ShardCheckpoint {
     /// Open a shard's chain: read the latest generation and recover an
     /// interrupted flush (delete its files, write a clean generation).
-    pub async fn open(archive: &Archive, stream: &str, shard: &str, parents: Vec<String>, owner: &str) -> Result<Self> {
+    pub async fn open(
+        archive: &Archive,
+        stream: &str,
+        shard: &str,
+        parents: Vec<String>,
+        owner: &str,
+    ) -> Result<Self> {
         let current = match load_latest(archive, stream, shard).await? {
             Some(c) => c,
             None => Checkpoint::initial(stream, shard, parents, owner),
@@ -245,7 +257,11 @@ impl ShardCheckpoint {
         self.current = next;
         // Keep the previous generation for inspection; drop older ones.
         if old >= 2 {
-            let stale = self.archive.layout.checkpoint(&self.current.stream, &self.current.shard_id, old - 1);
+            let stale = self.archive.layout.checkpoint(
+                &self.current.stream,
+                &self.current.shard_id,
+                old - 1,
+            );
             if let Err(e) = self.archive.store.delete(&stale).await
                 && !matches!(e, object_store::Error::NotFound { .. })
             {
@@ -264,9 +280,14 @@ async fn create_object(archive: &Archive, path: &Path, body: Vec<u8>, stream: &s
     };
     let mut attempt = 0u32;
     loop {
-        match archive.store.put_opts(path, PutPayload::from(body.clone()), opts.clone()).await {
+        match archive
+            .store
+            .put_opts(path, PutPayload::from(body.clone()), opts.clone())
+            .await
+        {
             Ok(_) => return Ok(()),
-            Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => {
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => {
                 // A retried request whose first attempt succeeded (the response
                 // was lost) also lands here: the object is ours if it holds
                 // exactly our bytes (they include our owner id and a timestamp).
@@ -312,7 +333,10 @@ pub struct LeaseRecord {
 
 impl LeaseRecord {
     fn describe(&self) -> String {
-        format!("host {}, pid {}, since {}", self.host, self.pid, self.started_at)
+        format!(
+            "host {}, pid {}, since {}",
+            self.host, self.pid, self.started_at
+        )
     }
 
     fn abandoned(&self, now_ms: i64) -> bool {
@@ -358,12 +382,22 @@ pub struct Lease {
 
 impl Lease {
     /// Acquire the lease of `stream`, or fail with [`Error::LeaseHeld`].
-    pub async fn acquire(archive: &Archive, stream: &str, owner: &str, ttl: Duration) -> Result<Self> {
+    pub async fn acquire(
+        archive: &Archive,
+        stream: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Self> {
         let dir = archive.layout.lease_dir(stream);
         let objects = archive.list(&dir).await?;
         let mut epochs: Vec<(u64, Path)> = objects
             .iter()
-            .filter_map(|o| Some((parse_generation(o.location.filename()?)?, o.location.clone())))
+            .filter_map(|o| {
+                Some((
+                    parse_generation(o.location.filename()?)?,
+                    o.location.clone(),
+                ))
+            })
             .collect();
         epochs.sort();
         let now = Utc::now().timestamp_millis();
@@ -397,14 +431,16 @@ impl Lease {
             object: archive.describe(&path),
             message: e.to_string(),
         })?;
-        create_object(archive, &path, body, stream).await.map_err(|e| match e {
-            Error::Fenced { .. } => Error::LeaseHeld {
-                stream: stream.into(),
-                owner: "another archiver that started at the same moment".into(),
-                expires: "(unknown)".into(),
-            },
-            other => other,
-        })?;
+        create_object(archive, &path, body, stream)
+            .await
+            .map_err(|e| match e {
+                Error::Fenced { .. } => Error::LeaseHeld {
+                    stream: stream.into(),
+                    owner: "another archiver that started at the same moment".into(),
+                    expires: "(unknown)".into(),
+                },
+                other => other,
+            })?;
         for (_, p) in epochs {
             let _ = archive.store.delete(&p).await;
         }
@@ -447,7 +483,8 @@ impl Lease {
         }
         self.record.expires_at_ms = Utc::now().timestamp_millis() + self.ttl.as_millis() as i64;
         self.write().await?;
-        self.expires.store(self.record.expires_at_ms, Ordering::Release);
+        self.expires
+            .store(self.record.expires_at_ms, Ordering::Release);
         Ok(())
     }
 

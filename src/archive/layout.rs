@@ -22,7 +22,8 @@ pub const STATE_DIR: &str = "_fluxcap";
 
 /// Hive partition of an arrival time: (`YYYY-MM-DD`, `HH`).
 pub fn partition_of(arrival_ms: i64) -> (String, String) {
-    let t = DateTime::<Utc>::from_timestamp_millis(arrival_ms).unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
+    let t =
+        DateTime::<Utc>::from_timestamp_millis(arrival_ms).unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
     (
         format!("{:04}-{:02}-{:02}", t.year(), t.month(), t.day()),
         format!("{:02}", t.hour()),
@@ -60,17 +61,30 @@ impl Layout {
     /// `<root>/<stream>/dt=…/hr=…`.
     pub fn partition_dir(&self, stream: &str, hour_ms: i64) -> Path {
         let (dt, hr) = partition_of(hour_ms);
-        self.stream_dir(stream).join(format!("dt={dt}")).join(format!("hr={hr}"))
+        self.stream_dir(stream)
+            .join(format!("dt={dt}"))
+            .join(format!("hr={hr}"))
     }
 
     /// The data file for `count` consecutive records of `shard` starting at `first`.
-    pub fn data_file(&self, stream: &str, hour_ms: i64, shard: &str, first: &Position, count: usize) -> Path {
-        self.partition_dir(stream, hour_ms).join(data_file_name(shard, first, count))
+    pub fn data_file(
+        &self,
+        stream: &str,
+        hour_ms: i64,
+        shard: &str,
+        first: &Position,
+        count: usize,
+    ) -> Path {
+        self.partition_dir(stream, hour_ms)
+            .join(data_file_name(shard, first, count))
     }
 
     /// `<root>/<stream>/_fluxcap/checkpoints/<shard>/`.
     pub fn checkpoint_dir(&self, stream: &str, shard: &str) -> Path {
-        self.stream_dir(stream).join(STATE_DIR).join("checkpoints").join(shard)
+        self.stream_dir(stream)
+            .join(STATE_DIR)
+            .join("checkpoints")
+            .join(shard)
     }
 
     /// `<root>/<stream>/_fluxcap/checkpoints/`.
@@ -80,7 +94,8 @@ impl Layout {
 
     /// One checkpoint generation object.
     pub fn checkpoint(&self, stream: &str, shard: &str, generation: u64) -> Path {
-        self.checkpoint_dir(stream, shard).join(format!("{generation:020}.json"))
+        self.checkpoint_dir(stream, shard)
+            .join(format!("{generation:020}.json"))
     }
 
     /// `<root>/<stream>/_fluxcap/lease/`.
@@ -165,7 +180,10 @@ mod tests {
     #[test]
     fn names_are_deterministic_and_parse_back() {
         let l = Layout::new("pre/fix");
-        let p = Position::new("49590338271490256608559692538361571095921575989136588898", 3);
+        let p = Position::new(
+            "49590338271490256608559692538361571095921575989136588898",
+            3,
+        );
         let path = l.data_file("orders", 1_795_615_199_999, "shardId-000000000001", &p, 42);
         assert_eq!(
             path.as_ref(),

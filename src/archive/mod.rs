@@ -2,9 +2,9 @@
 //! archiver loop, and the read-side checks (`status`, `verify`).
 
 pub mod archiver;
-pub mod status;
-pub mod verify;
 pub mod checkpoint;
 pub mod layout;
+pub mod status;
 pub mod store;
+pub mod verify;
 pub mod writer;

@@ -73,7 +73,12 @@ pub async fn status(cfg: &Config, stream: Option<&str>) -> Result<StatusReport> 
     Ok(StatusReport { streams })
 }
 
-async fn stream_status(cfg: &Config, archive: &Archive, client: &Client, stream: &str) -> Result<StreamStatus> {
+async fn stream_status(
+    cfg: &Config,
+    archive: &Archive,
+    client: &Client,
+    stream: &str,
+) -> Result<StreamStatus> {
     let summary = client
         .describe_stream_summary()
         .stream_name(stream)
@@ -120,8 +125,10 @@ async fn stream_status(cfg: &Config, archive: &Archive, client: &Client, stream:
             shard_id: info.shard_id.clone(),
             state: state.into(),
             parents: info.parents.clone(),
-            checkpoint_sequence: ck.and_then(|c| c.position.as_ref().map(|p| p.sequence_number.clone())),
-            checkpoint_subsequence: ck.and_then(|c| c.position.as_ref().map(|p| p.subsequence_number)),
+            checkpoint_sequence: ck
+                .and_then(|c| c.position.as_ref().map(|p| p.sequence_number.clone())),
+            checkpoint_subsequence: ck
+                .and_then(|c| c.position.as_ref().map(|p| p.subsequence_number)),
             records_archived: ck.map_or(0, |c| c.records),
             last_archived_arrival: ck
                 .and_then(|c| c.last_arrival_ms)
@@ -134,7 +141,10 @@ async fn stream_status(cfg: &Config, archive: &Archive, client: &Client, stream:
         };
         if !finished {
             // Peek at the first record after the checkpoint.
-            let mut req = client.get_shard_iterator().stream_name(stream).shard_id(&info.shard_id);
+            let mut req = client
+                .get_shard_iterator()
+                .stream_name(stream)
+                .shard_id(&info.shard_id);
             req = match ck.and_then(|c| c.position.as_ref()) {
                 Some(p) => req
                     .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
@@ -143,7 +153,13 @@ async fn stream_status(cfg: &Config, archive: &Archive, client: &Client, stream:
             };
             let peek = async {
                 let it = req.send().await.ok()?.shard_iterator?;
-                client.get_records().shard_iterator(it).limit(1).send().await.ok()
+                client
+                    .get_records()
+                    .shard_iterator(it)
+                    .limit(1)
+                    .send()
+                    .await
+                    .ok()
             }
             .await;
             match peek {
@@ -151,7 +167,9 @@ async fn stream_status(cfg: &Config, archive: &Archive, client: &Client, stream:
                     st.lag_ms = resp.millis_behind_latest;
                     st.lag_source = Some("MillisBehindLatest".into());
                     if let Some(r) = resp.records.first()
-                        && let Some(t) = r.approximate_arrival_timestamp.and_then(|t| t.to_millis().ok())
+                        && let Some(t) = r
+                            .approximate_arrival_timestamp
+                            .and_then(|t| t.to_millis().ok())
                     {
                         let expires = (t + i64::from(retention_hours) * 3_600_000 - now) / 1000;
                         st.expires_in_secs = Some(expires);
@@ -181,7 +199,11 @@ async fn stream_status(cfg: &Config, archive: &Archive, client: &Client, stream:
         if !listed.iter().any(|l| &l.shard_id == id) {
             shards.push(ShardStatus {
                 shard_id: id.clone(),
-                state: if c.finished { "finished".into() } else { "expired".into() },
+                state: if c.finished {
+                    "finished".into()
+                } else {
+                    "expired".into()
+                },
                 parents: c.parents.clone(),
                 checkpoint_sequence: c.position.as_ref().map(|p| p.sequence_number.clone()),
                 checkpoint_subsequence: c.position.as_ref().map(|p| p.subsequence_number),
@@ -211,7 +233,11 @@ fn fmt_secs(s: i64) -> String {
         return "no time (already falling off)".into();
     }
     let (h, m) = (s / 3600, (s % 3600) / 60);
-    if h > 0 { format!("{h}h{m:02}m") } else { format!("{m}m{:02}s", s % 60) }
+    if h > 0 {
+        format!("{h}h{m:02}m")
+    } else {
+        format!("{m}m{:02}s", s % 60)
+    }
 }
 
 impl StatusReport {
@@ -219,7 +245,10 @@ impl StatusReport {
     pub fn to_table(&self) -> String {
         let mut o = String::new();
         for s in &self.streams {
-            o.push_str(&format!("stream {} (retention {}h)\n", s.stream, s.retention_hours));
+            o.push_str(&format!(
+                "stream {} (retention {}h)\n",
+                s.stream, s.retention_hours
+            ));
             o.push_str(&format!(
                 "  {:<24} {:<9} {:<22} {:>10} {:>10} {:>12}\n",
                 "SHARD", "STATE", "CHECKPOINT", "RECORDS", "LAG", "EXPIRES IN"
@@ -232,7 +261,9 @@ impl StatusReport {
                     }
                     _ => "-".into(),
                 };
-                let lag = sh.lag_ms.map_or("-".into(), |l| format!("{:.1}s", l as f64 / 1000.0));
+                let lag = sh
+                    .lag_ms
+                    .map_or("-".into(), |l| format!("{:.1}s", l as f64 / 1000.0));
                 let exp = sh.expires_in_secs.map_or("-".into(), fmt_secs);
                 o.push_str(&format!(
                     "  {:<24} {:<9} {:<22} {:>10} {:>10} {:>12}{}\n",

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use futures::TryStreamExt;
-use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::archive::layout::Layout;
 use crate::config::{ArchiveLocation, Config};
@@ -75,15 +75,20 @@ impl Archive {
     /// Check that the archive can be listed and written, with a message naming
     /// the location and the likely cause (missing bucket, credentials, permissions).
     pub async fn check_writable(&self) -> Result<()> {
-        let probe = self
-            .layout
-            .global_state_dir()
-            .join(format!("probe-{}-{}", std::process::id(), chrono::Utc::now().timestamp_millis()));
+        let probe = self.layout.global_state_dir().join(format!(
+            "probe-{}-{}",
+            std::process::id(),
+            chrono::Utc::now().timestamp_millis()
+        ));
         let explain = |e: object_store::Error| {
             let text = e.to_string();
             let hint = if text.contains("NoSuchBucket") || text.contains("bucket does not exist") {
                 "the bucket does not exist"
-            } else if text.contains("403") || text.contains("AccessDenied") || text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") {
+            } else if text.contains("403")
+                || text.contains("AccessDenied")
+                || text.contains("InvalidAccessKeyId")
+                || text.contains("SignatureDoesNotMatch")
+            {
                 "access denied: check the AWS credentials and the bucket policy"
             } else if text.contains("Permission denied") {
                 "permission denied"

@@ -76,12 +76,21 @@ impl VerifyReport {
         let mut o = String::new();
         for s in &self.streams {
             let recs: u64 = s.shards.iter().map(|x| x.records).sum();
-            o.push_str(&format!("stream {}: {} shards, {} records\n", s.stream, s.shards.len(), recs));
+            o.push_str(&format!(
+                "stream {}: {} shards, {} records\n",
+                s.stream,
+                s.shards.len(),
+                recs
+            ));
             for p in &s.problems {
                 o.push_str(&format!("  PROBLEM: {p}\n"));
             }
             for sh in &s.shards {
-                let status = if sh.problems.is_empty() { "ok" } else { "PROBLEMS" };
+                let status = if sh.problems.is_empty() {
+                    "ok"
+                } else {
+                    "PROBLEMS"
+                };
                 o.push_str(&format!(
                     "  {:<24} {:>10} records {:>6} files  {}{}\n",
                     sh.shard_id,
@@ -91,7 +100,9 @@ impl VerifyReport {
                     if sh.finished { " (finished)" } else { "" }
                 ));
                 for u in &sh.uncommitted_files {
-                    o.push_str(&format!("    note: uncommitted file (flush in progress or interrupted): {u}\n"));
+                    o.push_str(&format!(
+                        "    note: uncommitted file (flush in progress or interrupted): {u}\n"
+                    ));
                 }
                 for p in &sh.problems {
                     o.push_str(&format!("    PROBLEM: {p}\n"));
@@ -144,7 +155,11 @@ pub async fn verify_stream(archive: &Archive, stream: &str) -> Result<StreamRepo
     let mut uncommitted: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let pending: HashMap<String, String> = ckpts
         .values()
-        .flat_map(|c| c.pending.iter().map(move |p| (p.clone(), c.shard_id.clone())))
+        .flat_map(|c| {
+            c.pending
+                .iter()
+                .map(move |p| (p.clone(), c.shard_id.clone()))
+        })
         .collect();
     for o in &objects {
         let rel = o.location.prefix_match(&dir).map(|p| p.collect::<Vec<_>>());
@@ -158,11 +173,17 @@ pub async fn verify_stream(archive: &Archive, stream: &str) -> Result<StreamRepo
         }
         let name = o.location.filename().unwrap_or_default();
         let Some(parsed) = parse_data_file_name(name) else {
-            problems.push(format!("stray object in the table directory: {}", archive.describe(&o.location)));
+            problems.push(format!(
+                "stray object in the table directory: {}",
+                archive.describe(&o.location)
+            ));
             continue;
         };
         if let Some(shard) = pending.get(o.location.as_ref()) {
-            uncommitted.entry(shard.clone()).or_default().push(archive.describe(&o.location));
+            uncommitted
+                .entry(shard.clone())
+                .or_default()
+                .push(archive.describe(&o.location));
             continue;
         }
         let info = read_file(archive, o).await?;
@@ -207,7 +228,9 @@ pub async fn verify_stream(archive: &Archive, stream: &str) -> Result<StreamRepo
         shards.push(rep);
     }
     for (shard, files) in uncommitted {
-        problems.push(format!("shard {shard}: uncommitted files without a checkpoint: {files:?}"));
+        problems.push(format!(
+            "shard {shard}: uncommitted files without a checkpoint: {files:?}"
+        ));
     }
     Ok(StreamReport {
         stream: stream.to_string(),
@@ -224,7 +247,10 @@ fn check_shard(
     problems: &mut Vec<String>,
 ) {
     let Some(ck) = ck else {
-        problems.push(format!("{} file(s) but no checkpoint (written by no committed flush)", files.len()));
+        problems.push(format!(
+            "{} file(s) but no checkpoint (written by no committed flush)",
+            files.len()
+        ));
         return;
     };
     // Duplicates.
@@ -246,19 +272,34 @@ fn check_shard(
         problems.push(format!("… {} duplicates in all", dups));
     }
     // Flush chain: group files by flush, check each flush is complete, then chain them.
-    let mut flushes: BTreeMap<Option<Position>, (Option<Position>, u64, u64, Vec<&str>)> = BTreeMap::new();
+    let mut flushes: BTreeMap<Option<Position>, FlushFiles> = BTreeMap::new();
     for f in files {
-        let e = flushes
-            .entry(f.last.clone())
-            .or_insert((f.prev.clone(), f.flush_records, 0, vec![]));
-        e.2 += f.positions.len() as u64;
-        e.3.push(&f.path);
-        if e.0 != f.prev {
-            problems.push(format!("files of one flush disagree on its start: {:?}", e.3));
+        let e = flushes.entry(f.last.clone()).or_insert_with(|| FlushFiles {
+            prev: f.prev.clone(),
+            announced: f.flush_records,
+            found: 0,
+            paths: vec![],
+        });
+        e.found += f.positions.len() as u64;
+        e.paths.push(&f.path);
+        if e.prev != f.prev {
+            problems.push(format!(
+                "files of one flush disagree on its start: {:?}",
+                e.paths
+            ));
         }
     }
     let mut expected_prev: Option<Position> = None;
-    for (last, (prev, announced, found, paths)) in &flushes {
+    for (
+        last,
+        FlushFiles {
+            prev,
+            announced,
+            found,
+            paths,
+        },
+    ) in &flushes
+    {
         if found != announced {
             problems.push(format!(
                 "flush ending at {} holds {found} records in its files but announced {announced} (missing or extra file among {paths:?})",
@@ -284,7 +325,10 @@ fn check_shard(
     }
     let found: u64 = files.iter().map(|f| f.positions.len() as u64).sum();
     if found != ck.records {
-        problems.push(format!("{found} records in files, checkpoint counts {}", ck.records));
+        problems.push(format!(
+            "{found} records in files, checkpoint counts {}",
+            ck.records
+        ));
     }
     // Lineage: records of a child only after every parent is finished.
     if found > 0 {
@@ -292,11 +336,21 @@ fn check_shard(
             if let Some(pc) = all.get(p)
                 && !pc.finished
             {
-                problems.push(format!("lineage: holds records although parent {p} is not finished"));
+                problems.push(format!(
+                    "lineage: holds records although parent {p} is not finished"
+                ));
             }
         }
     }
     let _ = id;
+}
+
+/// The files of one flush, as found.
+struct FlushFiles<'a> {
+    prev: Option<Position>,
+    announced: u64,
+    found: u64,
+    paths: Vec<&'a str>,
 }
 
 fn fmt_pos(p: Option<&Position>) -> String {
@@ -325,7 +379,11 @@ async fn read_file(archive: &Archive, o: &ObjectMeta) -> Result<FileInfo> {
         .metadata()
         .file_metadata()
         .key_value_metadata()
-        .map(|v| v.iter().filter_map(|k| Some((k.key.clone(), k.value.clone()?))).collect())
+        .map(|v| {
+            v.iter()
+                .filter_map(|k| Some((k.key.clone(), k.value.clone()?)))
+                .collect()
+        })
         .unwrap_or_default();
     let schema = builder.parquet_schema();
     let idx: Vec<usize> = ["sequence_number", "subsequence_number"]
@@ -346,14 +404,20 @@ async fn read_file(archive: &Archive, o: &ObjectMeta) -> Result<FileInfo> {
         let seq = batch.column(0).as_string::<i32>();
         let sub = batch.column(1).as_primitive::<Int64Type>();
         for i in 0..batch.num_rows() {
-            positions.push(Position::new(seq.value(i), if sub.is_null(i) { 0 } else { sub.value(i) }));
+            positions.push(Position::new(
+                seq.value(i),
+                if sub.is_null(i) { 0 } else { sub.value(i) },
+            ));
         }
     }
     Ok(FileInfo {
         path: name,
         prev: kv.get(meta::FLUSH_PREV).and_then(|s| decode_position(s)),
         last: kv.get(meta::FLUSH_LAST).and_then(|s| decode_position(s)),
-        flush_records: kv.get(meta::FLUSH_RECORDS).and_then(|s| s.parse().ok()).unwrap_or(0),
+        flush_records: kv
+            .get(meta::FLUSH_RECORDS)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
         positions,
     })
 }

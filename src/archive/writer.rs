@@ -63,7 +63,11 @@ impl From<&ArchiveConfig> for ParquetSettings {
 
 impl ParquetSettings {
     /// Writer properties for a file of about `rows` rows with extra footer metadata.
-    pub fn writer_properties(&self, rows: usize, metadata: Vec<KeyValue>) -> Result<WriterProperties> {
+    pub fn writer_properties(
+        &self,
+        rows: usize,
+        metadata: Vec<KeyValue>,
+    ) -> Result<WriterProperties> {
         let level = ZstdLevel::try_new(self.zstd_level).map_err(|source| Error::Parquet {
             object: "(writer settings)".into(),
             source,
@@ -98,7 +102,12 @@ impl ParquetSettings {
     }
 
     /// Encode batches (all of [`schema`]) into one Parquet file in memory.
-    pub fn encode(&self, batches: &[RecordBatch], metadata: Vec<KeyValue>, object: &str) -> Result<Vec<u8>> {
+    pub fn encode(
+        &self,
+        batches: &[RecordBatch],
+        metadata: Vec<KeyValue>,
+        object: &str,
+    ) -> Result<Vec<u8>> {
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
         let bytes: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
         let props = self.writer_properties(rows, metadata)?;
@@ -122,7 +131,10 @@ impl ParquetSettings {
 pub async fn put_object(store: &Arc<dyn ObjectStore>, path: &Path, bytes: Vec<u8>) -> Result<()> {
     let serr = |e| Error::store(path, e);
     if bytes.len() <= MULTIPART_THRESHOLD {
-        store.put(path, PutPayload::from(bytes)).await.map_err(serr)?;
+        store
+            .put(path, PutPayload::from(bytes))
+            .await
+            .map_err(serr)?;
         return Ok(());
     }
     let upload = store.put_multipart(path).await.map_err(serr)?;
@@ -148,7 +160,10 @@ mod tests {
         for i in 0..n {
             b.push(&Record {
                 shard_id: "shardId-000000000000".into(),
-                sequence_number: format!("4959033827149025660855969253836157109592157598913658{i:04}").into(),
+                sequence_number: format!(
+                    "4959033827149025660855969253836157109592157598913658{i:04}"
+                )
+                .into(),
                 subsequence_number: 0,
                 partition_key: format!("key-{}", i % 17),
                 explicit_hash_key: (i % 5 == 0).then(|| "123".to_string()),
@@ -165,17 +180,30 @@ mod tests {
     fn files_follow_the_reader_rules() {
         let s = ParquetSettings::default();
         let bytes = s
-            .encode(&[sample(1000)], vec![KeyValue::new("fluxcap.test".into(), "1".to_string())], "mem")
+            .encode(
+                &[sample(1000)],
+                vec![KeyValue::new("fluxcap.test".into(), "1".to_string())],
+                "mem",
+            )
             .unwrap();
         let r = SerializedFileReader::new(Bytes::from(bytes)).unwrap();
         let md = r.metadata();
         let fm = md.file_metadata();
         assert_eq!(fm.version(), 1, "PARQUET_1_0");
-        assert!(fm.key_value_metadata().unwrap().iter().any(|kv| kv.key == "fluxcap.test"));
+        assert!(
+            fm.key_value_metadata()
+                .unwrap()
+                .iter()
+                .any(|kv| kv.key == "fluxcap.test")
+        );
         let sd = fm.schema_descr();
         for c in sd.columns() {
             let bt = c.self_type().get_basic_info();
-            assert!(c.max_rep_level() == 0 && c.max_def_level() <= 1, "flat schema: {}", c.name());
+            assert!(
+                c.max_rep_level() == 0 && c.max_def_level() <= 1,
+                "flat schema: {}",
+                c.name()
+            );
             match c.name() {
                 "shard_id" | "sequence_number" | "partition_key" | "explicit_hash_key" => {
                     assert_eq!(c.physical_type(), PhysicalType::BYTE_ARRAY);
@@ -183,7 +211,9 @@ mod tests {
                 }
                 "subsequence_number" => {
                     assert_eq!(c.physical_type(), PhysicalType::INT64);
-                    assert!(!matches!(bt.logical_type_ref(), Some(LogicalType::Integer(t)) if !t.is_signed));
+                    assert!(
+                        !matches!(bt.logical_type_ref(), Some(LogicalType::Integer(t)) if !t.is_signed)
+                    );
                 }
                 "approximate_arrival_timestamp" => {
                     assert_eq!(c.physical_type(), PhysicalType::INT64);
@@ -202,10 +232,22 @@ mod tests {
         }
         let names: Vec<_> = sd.columns().iter().map(|c| c.name().to_string()).collect();
         let idx = |n: &str| names.iter().position(|x| x == n).unwrap();
-        assert!(rg.column(idx("partition_key")).bloom_filter_offset().is_some());
-        assert!(rg.column(idx("sequence_number")).bloom_filter_offset().is_some());
+        assert!(
+            rg.column(idx("partition_key"))
+                .bloom_filter_offset()
+                .is_some()
+        );
+        assert!(
+            rg.column(idx("sequence_number"))
+                .bloom_filter_offset()
+                .is_some()
+        );
         assert!(rg.column(idx("data")).bloom_filter_offset().is_none());
-        assert!(md.column_index().is_some() || md.offset_index().is_some() || rg.column(0).column_index_offset().is_some());
+        assert!(
+            md.column_index().is_some()
+                || md.offset_index().is_some()
+                || rg.column(0).column_index_offset().is_some()
+        );
     }
 
     #[test]

@@ -80,9 +80,15 @@ pub fn deaggregate(data: &Bytes) -> Option<Vec<UserRecord>> {
     let agg = AggregatedRecord::decode(body).ok()?;
     let mut out = Vec::with_capacity(agg.records.len());
     for r in agg.records {
-        let pk = agg.partition_key_table.get(usize::try_from(r.partition_key_index).ok()?)?;
+        let pk = agg
+            .partition_key_table
+            .get(usize::try_from(r.partition_key_index).ok()?)?;
         let ehk = match r.explicit_hash_key_index {
-            Some(i) => Some(agg.explicit_hash_key_table.get(usize::try_from(i).ok()?)?.clone()),
+            Some(i) => Some(
+                agg.explicit_hash_key_table
+                    .get(usize::try_from(i).ok()?)?
+                    .clone(),
+            ),
             None => None,
         };
         out.push(UserRecord {
@@ -98,7 +104,11 @@ pub fn deaggregate(data: &Bytes) -> Option<Vec<UserRecord>> {
 pub fn aggregate(records: &[UserRecord]) -> Vec<u8> {
     let mut agg = AggregatedRecord::default();
     for r in records {
-        let pk = match agg.partition_key_table.iter().position(|k| *k == r.partition_key) {
+        let pk = match agg
+            .partition_key_table
+            .iter()
+            .position(|k| *k == r.partition_key)
+        {
             Some(i) => i,
             None => {
                 agg.partition_key_table.push(r.partition_key.clone());
@@ -143,7 +153,11 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let recs = vec![ur("a", None, "1"), ur("b", Some("999"), "2"), ur("a", None, "3")];
+        let recs = vec![
+            ur("a", None, "1"),
+            ur("b", Some("999"), "2"),
+            ur("a", None, "3"),
+        ];
         let bytes = Bytes::from(aggregate(&recs));
         assert_eq!(deaggregate(&bytes).unwrap(), recs);
     }

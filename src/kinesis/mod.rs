@@ -74,7 +74,10 @@ where
                 | "RequestTimeout" => Failure::Retry(msg),
                 _ => {
                     let status = format!("{:?}", se.raw());
-                    if code.is_empty() || status.contains("StatusCode(5") || status.contains("status: 5") {
+                    if code.is_empty()
+                        || status.contains("StatusCode(5")
+                        || status.contains("status: 5")
+                    {
                         Failure::Retry(format!("server error {msg} {}", short(&status)))
                     } else {
                         Failure::Fatal(msg)
@@ -83,9 +86,15 @@ where
             }
         }
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
-            Failure::Retry(format!("{}", aws_sdk_kinesis::error::DisplayErrorContext(err)))
+            Failure::Retry(format!(
+                "{}",
+                aws_sdk_kinesis::error::DisplayErrorContext(err)
+            ))
         }
-        _ => Failure::Fatal(format!("{}", aws_sdk_kinesis::error::DisplayErrorContext(err))),
+        _ => Failure::Fatal(format!(
+            "{}",
+            aws_sdk_kinesis::error::DisplayErrorContext(err)
+        )),
     }
 }
 

@@ -111,7 +111,7 @@ impl ShardReader {
         self.retries.fetch_add(1, Ordering::Relaxed);
         let d = self.backoff.next_delay();
         tracing::debug!(stream = %self.stream, shard = %self.shard, ?d, "retrying: {why}");
-        if self.backoff.attempts() % 20 == 0 {
+        if self.backoff.attempts().is_multiple_of(20) {
             tracing::warn!(stream = %self.stream, shard = %self.shard, attempts = self.backoff.attempts(), "still retrying: {why}");
         }
         tokio::select! {
@@ -155,8 +155,12 @@ impl ShardReader {
                             return Ok(None);
                         }
                     }
-                    Failure::NotFound(m) | Failure::Fatal(m) => return Err(self.kerr("GetShardIterator", m)),
-                    Failure::ExpiredIterator => return Err(self.kerr("GetShardIterator", "expired".into())),
+                    Failure::NotFound(m) | Failure::Fatal(m) => {
+                        return Err(self.kerr("GetShardIterator", m));
+                    }
+                    Failure::ExpiredIterator => {
+                        return Err(self.kerr("GetShardIterator", "expired".into()));
+                    }
                 },
             }
         }
@@ -186,7 +190,14 @@ impl ShardReader {
                     }
                 },
             };
-            let resp = match self.client.get_records().shard_iterator(&it).limit(self.limit).send().await {
+            let resp = match self
+                .client
+                .get_records()
+                .shard_iterator(&it)
+                .limit(self.limit)
+                .send()
+                .await
+            {
                 Ok(r) => r,
                 Err(e) => {
                     match classify(&e) {
@@ -202,7 +213,9 @@ impl ShardReader {
                                 return Ok(None);
                             }
                         }
-                        Failure::NotFound(m) | Failure::Fatal(m) => return Err(self.kerr("GetRecords", m)),
+                        Failure::NotFound(m) | Failure::Fatal(m) => {
+                            return Err(self.kerr("GetRecords", m));
+                        }
                     }
                     continue;
                 }

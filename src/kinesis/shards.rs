@@ -25,7 +25,11 @@ pub struct ShardInfo {
 }
 
 /// All shards of `stream`, following pagination.
-pub async fn list_shards(client: &Client, stream: &str, max_backoff: std::time::Duration) -> Result<Vec<ShardInfo>> {
+pub async fn list_shards(
+    client: &Client,
+    stream: &str,
+    max_backoff: std::time::Duration,
+) -> Result<Vec<ShardInfo>> {
     let mut out = Vec::new();
     let mut token: Option<String> = None;
     let mut backoff = Backoff::new(max_backoff);
@@ -77,8 +81,12 @@ pub async fn list_shards(client: &Client, stream: &str, max_backoff: std::time::
                     .sequence_number_range()
                     .and_then(|r| r.ending_sequence_number())
                     .is_some(),
-                hash_start: range.map(|r| r.starting_hash_key().to_string()).unwrap_or_default(),
-                hash_end: range.map(|r| r.ending_hash_key().to_string()).unwrap_or_default(),
+                hash_start: range
+                    .map(|r| r.starting_hash_key().to_string())
+                    .unwrap_or_default(),
+                hash_end: range
+                    .map(|r| r.ending_hash_key().to_string())
+                    .unwrap_or_default(),
             });
         }
         match resp.next_token() {
@@ -136,6 +144,11 @@ mod tests {
         assert!(parents_done(child, &listed, &fin, &HashSet::new()));
         // A parent gone from the stream and never archived has expired.
         let orphan = s("d", &["gone"]);
-        assert!(parents_done(&orphan, &listed, &HashSet::new(), &HashSet::new()));
+        assert!(parents_done(
+            &orphan,
+            &listed,
+            &HashSet::new(),
+            &HashSet::new()
+        ));
     }
 }

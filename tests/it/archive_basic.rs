@@ -22,17 +22,33 @@ fn archive_once_local_exactly_once_across_runs() {
         create_stream(&c, &stream, 3).await;
         let mut recs = mixed_records(300, 1);
         // A large record (900 KiB, under the default 1 MiB limit).
-        recs.push(("big".into(), (0..900 * 1024).map(|i| (i % 241) as u8).collect()));
+        recs.push((
+            "big".into(),
+            (0..900 * 1024).map(|i| (i % 241) as u8).collect(),
+        ));
         put_records(&c, &stream, &recs).await
     });
-    let ws = Workspace::new(&k.endpoint(), None, None, "[archive.flush]\nmax_bytes = \"64KiB\"", &[(&stream, "json")]);
+    let ws = Workspace::new(
+        &k.endpoint(),
+        None,
+        None,
+        "[archive.flush]\nmax_bytes = \"64KiB\"",
+        &[(&stream, "json")],
+    );
     let out = ws.ok(&["archive", "--once"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("archived {} records", puts.len())), "{err}");
+    assert!(
+        err.contains(&format!("archived {} records", puts.len())),
+        "{err}"
+    );
     assert!(err.contains("3 payloads were not valid JSON"), "{err}");
     let table = ws.archive.join(&stream);
     for engine in ["duckdb", "pyarrow"] {
-        assert_same(&puts_multiset(&puts), &archived_multiset(&read_local(engine, &table)), engine);
+        assert_same(
+            &puts_multiset(&puts),
+            &archived_multiset(&read_local(engine, &table)),
+            engine,
+        );
     }
 
     // A second run with nothing new adds nothing.
@@ -43,7 +59,11 @@ fn archive_once_local_exactly_once_across_runs() {
     puts.extend(rt.block_on(put_records(&c, &stream, &mixed_records(120, 2))));
     ws.ok(&["archive", "--once"]);
     let got = read_local("duckdb", &table);
-    assert_same(&puts_multiset(&puts), &archived_multiset(&got), "after second batch");
+    assert_same(
+        &puts_multiset(&puts),
+        &archived_multiset(&got),
+        "after second batch",
+    );
     // Hive partitions follow the arrival time (UTC).
     for a in &got {
         let (dt, hr) = fluxcap::archive::layout::partition_of(a.arrival_ms);
@@ -57,7 +77,10 @@ fn archive_once_local_exactly_once_across_runs() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let shards = v["streams"][0]["shards"].as_array().unwrap();
     assert_eq!(shards.len(), 3);
-    let archived: u64 = shards.iter().map(|s| s["records_archived"].as_u64().unwrap()).sum();
+    let archived: u64 = shards
+        .iter()
+        .map(|s| s["records_archived"].as_u64().unwrap())
+        .sum();
     assert_eq!(archived as usize, puts.len());
     for s in shards {
         assert_eq!(s["state"], "open");
@@ -81,7 +104,10 @@ fn verify_detects_a_deleted_file_and_a_duplicate() {
         ws.ok(&["archive", "--once"]);
     }
     ws.ok(&["verify"]);
-    let mut files: Vec<_> = walk(&ws.archive.join(&stream)).into_iter().filter(|p| p.extension().is_some_and(|e| e == "parquet")).collect();
+    let mut files: Vec<_> = walk(&ws.archive.join(&stream))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
     files.sort();
     assert_eq!(files.len(), 3, "{files:?}");
     // Duplicate: the same file copied into another partition.
@@ -96,7 +122,11 @@ fn verify_detects_a_deleted_file_and_a_duplicate() {
     ws.ok(&["verify"]);
     // Gap: remove the middle file.
     let mut by_seq = files.clone();
-    by_seq.sort_by_key(|p| fluxcap::archive::layout::parse_data_file_name(p.file_name().unwrap().to_str().unwrap()).unwrap().first);
+    by_seq.sort_by_key(|p| {
+        fluxcap::archive::layout::parse_data_file_name(p.file_name().unwrap().to_str().unwrap())
+            .unwrap()
+            .first
+    });
     std::fs::remove_file(&by_seq[1]).unwrap();
     let out = ws.run(&["verify"]);
     assert_eq!(out.status.code(), Some(3));
@@ -132,12 +162,21 @@ fn archive_once_to_s3() {
         put_records(&c, &stream, &mixed_records(200, 3)).await
     });
     let loc = format!("s3://{bucket}/archive/v1");
-    let ws = Workspace::new(&k.endpoint(), Some(&loc), Some(&s3.endpoint()), "", &[(&stream, "json")]);
+    let ws = Workspace::new(
+        &k.endpoint(),
+        Some(&loc),
+        Some(&s3.endpoint()),
+        "",
+        &[(&stream, "json")],
+    );
     // Missing bucket: a clear error naming the location.
     let out = ws.run(&["archive", "--once"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&loc) && err.contains("bucket does not exist"), "{err}");
+    assert!(
+        err.contains(&loc) && err.contains("bucket does not exist"),
+        "{err}"
+    );
 
     let py = std::process::Command::new(python())
         .args(["-c", &format!(
@@ -146,10 +185,28 @@ fn archive_once_to_s3() {
         )])
         .output()
         .unwrap();
-    assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
     ws.ok(&["archive", "--once"]);
     ws.ok(&["verify"]);
     let ep = s3.endpoint();
-    let got = read_archive("duckdb", &["--s3-endpoint", &ep, "--bucket", &bucket, "--prefix", &format!("archive/v1/{stream}")]);
-    assert_same(&puts_multiset(&puts), &archived_multiset(&got), "s3 archive");
+    let got = read_archive(
+        "duckdb",
+        &[
+            "--s3-endpoint",
+            &ep,
+            "--bucket",
+            &bucket,
+            "--prefix",
+            &format!("archive/v1/{stream}"),
+        ],
+    );
+    assert_same(
+        &puts_multiset(&puts),
+        &archived_multiset(&got),
+        "s3 archive",
+    );
 }

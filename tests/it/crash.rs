@@ -32,7 +32,10 @@ fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     let producer = {
         let (puts, stop, c, stream) = (puts.clone(), stop.clone(), c.clone(), stream.clone());
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             let mut seed = 100;
             while !stop.load(Ordering::Relaxed) {
                 let p = rt.block_on(put_records(&c, &stream, &orders(25, seed)));
@@ -45,7 +48,13 @@ fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     let mut rng = rand::rng();
     let kills = 22;
     for _ in 0..kills {
-        let mut child = ws.cmd().arg("archive").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let mut child = ws
+            .cmd()
+            .arg("archive")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         // The kill moment is random by design (not a wait for anything).
         std::thread::sleep(Duration::from_millis(rng.random_range(150..1800)));
         child.kill().unwrap(); // SIGKILL
@@ -54,12 +63,20 @@ fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     stop.store(true, Ordering::Relaxed);
     producer.join().unwrap();
     let puts = puts.lock().unwrap().clone();
-    assert!(puts.len() > 200, "traffic kept arriving ({} records)", puts.len());
+    assert!(
+        puts.len() > 200,
+        "traffic kept arriving ({} records)",
+        puts.len()
+    );
 
     // Catch up after the last crash.
     ws.ok(&["archive", "--once"]);
     let got = read_local("pyarrow", &ws.archive.join(&stream));
-    assert_same(&puts_multiset(&puts), &archived_multiset(&got), "after 22 kill -9");
+    assert_same(
+        &puts_multiset(&puts),
+        &archived_multiset(&got),
+        "after 22 kill -9",
+    );
     let out = ws.ok(&["verify"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("no gaps, no duplicates"));
 }

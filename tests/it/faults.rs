@@ -46,14 +46,20 @@ async fn start_proxy(upstream_port: u16, kind: Upstream, rate: f64) -> FaultProx
     let inj = injected.clone();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((sock, _)) = listener.accept().await else { return };
+            let Ok((sock, _)) = listener.accept().await else {
+                return;
+            };
             let inj = inj.clone();
             tokio::spawn(async move {
                 let _ = handle(sock, upstream_port, kind, rate, inj).await;
             });
         }
     });
-    FaultProxy { port, injected, task }
+    FaultProxy {
+        port,
+        injected,
+        task,
+    }
 }
 
 /// Read one HTTP/1.1 request (head + Content-Length body).
@@ -75,7 +81,9 @@ async fn read_request(sock: &mut TcpStream) -> std::io::Result<Option<(String, V
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+            k.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
         })
         .unwrap_or(0);
     let mut body = buf[head_end..].to_vec();
@@ -124,8 +132,16 @@ fn reset(sock: TcpStream) {
     drop(sock); // RST
 }
 
-async fn handle(mut sock: TcpStream, upstream: u16, kind: Upstream, rate: f64, inj: Arc<Injected>) -> std::io::Result<()> {
-    let Some((head, body)) = read_request(&mut sock).await? else { return Ok(()) };
+async fn handle(
+    mut sock: TcpStream,
+    upstream: u16,
+    kind: Upstream,
+    rate: f64,
+    inj: Arc<Injected>,
+) -> std::io::Result<()> {
+    let Some((head, body)) = read_request(&mut sock).await? else {
+        return Ok(());
+    };
     let roll: f64 = rand::rng().random();
     if roll < rate * 0.35 {
         inj.throttled.fetch_add(1, Ordering::Relaxed);
@@ -179,7 +195,7 @@ fn archive_survives_throttling_500s_and_resets() {
     let rt = rt();
     let puts = rt.block_on(async {
         create_stream(&c, &stream, 2).await;
-        put_records(&c, &stream, &orders(400, 5)).await
+        put_records(&c, &stream, &orders(800, 5)).await
     });
     let out = std::process::Command::new(python())
         .args(["-c", &format!(
@@ -191,7 +207,10 @@ fn archive_survives_throttling_500s_and_resets() {
     assert!(out.status.success());
 
     let (kp, sp) = rt.block_on(async {
-        (start_proxy(k.port, Upstream::Kinesis, 0.25).await, start_proxy(s3.port, Upstream::S3, 0.2).await)
+        (
+            start_proxy(k.port, Upstream::Kinesis, 0.25).await,
+            start_proxy(s3.port, Upstream::S3, 0.2).await,
+        )
     });
     let loc = format!("s3://{bucket}/a");
     let ws = Workspace::new(
@@ -199,24 +218,54 @@ fn archive_survives_throttling_500s_and_resets() {
         Some(&loc),
         Some(&format!("http://127.0.0.1:{}", sp.port)),
         // Small limits: many GetRecords calls and many flushes (many S3 writes).
-        "[archive.flush]\nmax_bytes = \"8KiB\"\n[archiver]\nmax_records_per_call = 25\nmax_backoff = \"200ms\"",
+        "[archive.flush]\nmax_bytes = \"8KiB\"\n[archiver]\nmax_records_per_call = 10\nmax_backoff = \"200ms\"",
         &[(&stream, "json")],
     );
     // The proxies run on `rt`'s worker threads while the binary runs.
     let out = ws.run(&["archive", "--once"]);
-    assert!(out.status.success(), "archive under faults failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "archive under faults failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("calls retried"), "{err}");
     for (name, p) in [("kinesis", &kp), ("s3", &sp)] {
         let i = &p.injected;
-        let faults = i.throttled.load(Ordering::Relaxed) + i.errors.load(Ordering::Relaxed) + i.resets.load(Ordering::Relaxed);
+        let faults = i.throttled.load(Ordering::Relaxed)
+            + i.errors.load(Ordering::Relaxed)
+            + i.resets.load(Ordering::Relaxed);
         assert!(faults >= 5, "{name}: only {faults} faults injected");
     }
-    assert!(sp.injected.lost_responses.load(Ordering::Relaxed) + kp.injected.lost_responses.load(Ordering::Relaxed) > 0);
+    assert!(
+        sp.injected.lost_responses.load(Ordering::Relaxed)
+            + kp.injected.lost_responses.load(Ordering::Relaxed)
+            > 0
+    );
 
     // Read the result directly from the S3 server (no proxy).
-    let got = read_archive("duckdb", &["--s3-endpoint", &s3.endpoint(), "--bucket", &bucket, "--prefix", &format!("a/{stream}")]);
-    assert_same(&puts_multiset(&puts), &archived_multiset(&got), "archive under faults");
-    let direct = Workspace::new(&k.endpoint(), Some(&loc), Some(&s3.endpoint()), "", &[(&stream, "json")]);
+    let got = read_archive(
+        "duckdb",
+        &[
+            "--s3-endpoint",
+            &s3.endpoint(),
+            "--bucket",
+            &bucket,
+            "--prefix",
+            &format!("a/{stream}"),
+        ],
+    );
+    assert_same(
+        &puts_multiset(&puts),
+        &archived_multiset(&got),
+        "archive under faults",
+    );
+    let direct = Workspace::new(
+        &k.endpoint(),
+        Some(&loc),
+        Some(&s3.endpoint()),
+        "",
+        &[(&stream, "json")],
+    );
     direct.ok(&["verify"]);
 }

@@ -25,12 +25,20 @@ pub fn root() -> PathBuf {
 
 pub fn python() -> PathBuf {
     let p = root().join(".local/venv/bin/python");
-    assert!(p.exists(), "missing {}: run scripts/setup first", p.display());
+    assert!(
+        p.exists(),
+        "missing {}: run scripts/setup first",
+        p.display()
+    );
     p
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Wait until a TCP connect to the port succeeds (the server is listening).
@@ -43,7 +51,10 @@ fn wait_listening(port: u16, child: &mut Child, what: &str) {
         if let Ok(Some(st)) = child.try_wait() {
             panic!("{what} exited before listening: {st}");
         }
-        assert!(Instant::now() < deadline, "{what} did not listen on {port} within 60s");
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on {port} within 60s"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -117,19 +128,36 @@ pub fn kinesis_client(endpoint: &str) -> Client {
 }
 
 pub async fn create_stream(c: &Client, name: &str, shards: i32) {
-    c.create_stream().stream_name(name).shard_count(shards).send().await.unwrap();
+    c.create_stream()
+        .stream_name(name)
+        .shard_count(shards)
+        .send()
+        .await
+        .unwrap();
     wait_active(c, name).await;
 }
 
 pub async fn wait_active(c: &Client, name: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let d = c.describe_stream_summary().stream_name(name).send().await.unwrap();
-        let st = d.stream_description_summary().unwrap().stream_status().clone();
+        let d = c
+            .describe_stream_summary()
+            .stream_name(name)
+            .send()
+            .await
+            .unwrap();
+        let st = d
+            .stream_description_summary()
+            .unwrap()
+            .stream_status()
+            .clone();
         if st == aws_sdk_kinesis::types::StreamStatus::Active {
             return;
         }
-        assert!(Instant::now() < deadline, "stream {name} not ACTIVE: {st:?}");
+        assert!(
+            Instant::now() < deadline,
+            "stream {name} not ACTIVE: {st:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -216,20 +244,35 @@ pub struct Workspace {
 impl Workspace {
     /// Config with the given Kinesis endpoint, an archive location (None: a local
     /// directory inside the workspace), extra TOML, and streams.
-    pub fn new(kinesis: &str, location: Option<&str>, s3: Option<&str>, extra: &str, streams: &[(&str, &str)]) -> Self {
+    pub fn new(
+        kinesis: &str,
+        location: Option<&str>,
+        s3: Option<&str>,
+        extra: &str,
+        streams: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("archive");
-        let loc = location.map(str::to_string).unwrap_or_else(|| archive.display().to_string());
+        let loc = location
+            .map(str::to_string)
+            .unwrap_or_else(|| archive.display().to_string());
         let mut t = format!(
             "[aws]\nregion = \"us-east-1\"\nkinesis_endpoint = \"{kinesis}\"\n{}\n[archive]\nlocation = \"{loc}\"\n{extra}\n",
-            s3.map(|e| format!("s3_endpoint = \"{e}\"")).unwrap_or_default()
+            s3.map(|e| format!("s3_endpoint = \"{e}\""))
+                .unwrap_or_default()
         );
         for (name, format) in streams {
-            t.push_str(&format!("\n[[streams]]\nname = \"{name}\"\nformat = \"{format}\"\n"));
+            t.push_str(&format!(
+                "\n[[streams]]\nname = \"{name}\"\nformat = \"{format}\"\n"
+            ));
         }
         let config = dir.path().join("fluxcap.toml");
         std::fs::write(&config, t).unwrap();
-        Workspace { dir, config, archive }
+        Workspace {
+            dir,
+            config,
+            archive,
+        }
     }
 
     pub fn cmd(&self) -> Command {
@@ -323,7 +366,9 @@ pub fn read_local(engine: &str, dir: &Path) -> Vec<Archived> {
 }
 
 /// Multiset of identities+payloads, for exactly-once comparisons.
-pub fn multiset<I: IntoIterator<Item = (String, String, i64, Vec<u8>)>>(it: I) -> BTreeMap<(String, String, i64, Vec<u8>), usize> {
+pub fn multiset<I: IntoIterator<Item = (String, String, i64, Vec<u8>)>>(
+    it: I,
+) -> BTreeMap<(String, String, i64, Vec<u8>), usize> {
     let mut m = BTreeMap::new();
     for k in it {
         *m.entry(k).or_insert(0) += 1;
@@ -332,15 +377,33 @@ pub fn multiset<I: IntoIterator<Item = (String, String, i64, Vec<u8>)>>(it: I) -
 }
 
 pub fn puts_multiset(p: &[Put]) -> BTreeMap<(String, String, i64, Vec<u8>), usize> {
-    multiset(p.iter().map(|p| (p.shard_id.clone(), p.sequence_number.clone(), p.subsequence_number, p.data.clone())))
+    multiset(p.iter().map(|p| {
+        (
+            p.shard_id.clone(),
+            p.sequence_number.clone(),
+            p.subsequence_number,
+            p.data.clone(),
+        )
+    }))
 }
 
 pub fn archived_multiset(a: &[Archived]) -> BTreeMap<(String, String, i64, Vec<u8>), usize> {
-    multiset(a.iter().map(|p| (p.shard_id.clone(), p.sequence_number.clone(), p.subsequence_number, p.data.clone())))
+    multiset(a.iter().map(|p| {
+        (
+            p.shard_id.clone(),
+            p.sequence_number.clone(),
+            p.subsequence_number,
+            p.data.clone(),
+        )
+    }))
 }
 
 /// Compare multisets and explain the first differences.
-pub fn assert_same(expected: &BTreeMap<(String, String, i64, Vec<u8>), usize>, got: &BTreeMap<(String, String, i64, Vec<u8>), usize>, what: &str) {
+pub fn assert_same(
+    expected: &BTreeMap<(String, String, i64, Vec<u8>), usize>,
+    got: &BTreeMap<(String, String, i64, Vec<u8>), usize>,
+    what: &str,
+) {
     if expected == got {
         return;
     }
@@ -350,7 +413,10 @@ pub fn assert_same(expected: &BTreeMap<(String, String, i64, Vec<u8>), usize>, g
         let g = got.get(k).copied().unwrap_or(0);
         if g != *v && n < 10 {
             n += 1;
-            msg.push_str(&format!("  {}:{}:{} expected {v}, got {g}\n", k.0, k.1, k.2));
+            msg.push_str(&format!(
+                "  {}:{}:{} expected {v}, got {g}\n",
+                k.0, k.1, k.2
+            ));
         }
     }
     for (k, v) in got {

@@ -16,7 +16,10 @@ struct UserRec {
     data: Vec<u8>,
 }
 
-fn encode_with_python(users: &[UserRec], per_aggregate: usize) -> Vec<(String, Vec<u8>, Vec<usize>)> {
+fn encode_with_python(
+    users: &[UserRec],
+    per_aggregate: usize,
+) -> Vec<(String, Vec<u8>, Vec<usize>)> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut child = Command::new(python())
         .arg(root().join("scripts/py/kpl_encode.py"))
@@ -34,7 +37,11 @@ fn encode_with_python(users: &[UserRec], per_aggregate: usize) -> Vec<(String, V
         }
     }
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "kpl_encode.py: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kpl_encode.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -43,7 +50,12 @@ fn encode_with_python(users: &[UserRec], per_aggregate: usize) -> Vec<(String, V
             (
                 v["partition_key"].as_str().unwrap().to_string(),
                 b64.decode(v["data_b64"].as_str().unwrap()).unwrap(),
-                v["user_records"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect(),
+                v["user_records"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as usize)
+                    .collect(),
             )
         })
         .collect()
@@ -59,8 +71,15 @@ fn kpl_aggregates_are_deaggregated() {
         })
         .collect();
     let aggs = encode_with_python(&users, 8);
-    assert!(aggs.len() >= 8, "the encoder made {} aggregates", aggs.len());
-    assert!(aggs.iter().all(|(_, d, _)| d.starts_with(&[0xF3, 0x89, 0x9A, 0xC2])));
+    assert!(
+        aggs.len() >= 8,
+        "the encoder made {} aggregates",
+        aggs.len()
+    );
+    assert!(
+        aggs.iter()
+            .all(|(_, d, _)| d.starts_with(&[0xF3, 0x89, 0x9A, 0xC2]))
+    );
 
     // Something that looks aggregated but fails the MD5: archived as is.
     let mut fake = aggs[0].1.clone();
@@ -74,7 +93,10 @@ fn kpl_aggregates_are_deaggregated() {
     let mut to_put: Vec<(String, Vec<u8>)> = Vec::new();
     for (i, (pk, data, _)) in aggs.iter().enumerate() {
         to_put.push((pk.clone(), data.clone()));
-        to_put.push((format!("plain-{i}"), format!(r#"{{"plain":{i}}}"#).into_bytes()));
+        to_put.push((
+            format!("plain-{i}"),
+            format!(r#"{{"plain":{i}}}"#).into_bytes(),
+        ));
     }
     to_put.push(("fake".into(), fake.clone()));
     let puts = rt.block_on(async {
@@ -87,7 +109,14 @@ fn kpl_aggregates_are_deaggregated() {
     let mut agg_iter = aggs.iter();
     for p in &puts {
         if p.partition_key.starts_with("plain-") || p.partition_key == "fake" {
-            expected.push((p.shard_id.clone(), p.sequence_number.clone(), 0i64, p.partition_key.clone(), None, p.data.clone()));
+            expected.push((
+                p.shard_id.clone(),
+                p.sequence_number.clone(),
+                0i64,
+                p.partition_key.clone(),
+                None,
+                p.data.clone(),
+            ));
             continue;
         }
         let (_, data, idx) = agg_iter.next().unwrap();
@@ -110,7 +139,16 @@ fn kpl_aggregates_are_deaggregated() {
     for engine in ["pyarrow", "duckdb"] {
         let mut got: Vec<_> = read_local(engine, &ws.archive.join(&stream))
             .into_iter()
-            .map(|a| (a.shard_id, a.sequence_number, a.subsequence_number, a.partition_key, a.explicit_hash_key, a.data))
+            .map(|a| {
+                (
+                    a.shard_id,
+                    a.sequence_number,
+                    a.subsequence_number,
+                    a.partition_key,
+                    a.explicit_hash_key,
+                    a.data,
+                )
+            })
             .collect();
         got.sort();
         assert_eq!(got.len(), 60 + aggs.len() + 1, "{engine}");

@@ -26,7 +26,10 @@ pub fn archived_count(ws: &Workspace, rt: &tokio::runtime::Runtime, stream: &str
 }
 
 pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
-    let st = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(st.success());
     child.wait().unwrap()
 }
@@ -45,13 +48,22 @@ fn split_and_merge_while_archiving() {
         "[archive.flush]\nmax_age = \"500ms\"\n[archiver]\nshard_discovery_interval = \"1s\"\npoll_interval = \"200ms\"\nmetrics_bind = \"127.0.0.1:0\"",
         &[(&stream, "json")],
     );
-    let mut child = ws.cmd().arg("archive").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = ws
+        .cmd()
+        .arg("archive")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
 
     let mut puts = Vec::new();
     let verify_lineage = |ws: &Workspace| {
         let out = ws.run(&["verify"]);
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(!text.contains("lineage"), "lineage violated while running:\n{text}");
+        assert!(
+            !text.contains("lineage"),
+            "lineage violated while running:\n{text}"
+        );
     };
     puts.extend(rt.block_on(put_records(&c, &stream, &orders(150, 1))));
     verify_lineage(&ws);
@@ -79,7 +91,13 @@ fn split_and_merge_while_archiving() {
         let open: Vec<_> = shards
             .shards()
             .iter()
-            .filter(|s| s.sequence_number_range().unwrap().ending_sequence_number().is_none() && s.parent_shard_id().is_some())
+            .filter(|s| {
+                s.sequence_number_range()
+                    .unwrap()
+                    .ending_sequence_number()
+                    .is_none()
+                    && s.parent_shard_id().is_some()
+            })
             .collect();
         assert_eq!(open.len(), 2, "two children after the split");
         c.merge_shards()
@@ -105,7 +123,11 @@ fn split_and_merge_while_archiving() {
     ws.ok(&["verify"]);
 
     let got = read_local("duckdb", &ws.archive.join(&stream));
-    assert_same(&puts_multiset(&puts), &archived_multiset(&got), "resharded archive");
+    assert_same(
+        &puts_multiset(&puts),
+        &archived_multiset(&got),
+        "resharded archive",
+    );
 
     // Per-key order: archive order by (lineage depth, sequence) equals put order.
     let shards = rt.block_on(async { c.list_shards().stream_name(&stream).send().await.unwrap() });
@@ -113,27 +135,45 @@ fn split_and_merge_while_archiving() {
         .shards()
         .iter()
         .map(|s| {
-            let mut p: Vec<String> = s.parent_shard_id().into_iter().map(str::to_string).collect();
+            let mut p: Vec<String> = s
+                .parent_shard_id()
+                .into_iter()
+                .map(str::to_string)
+                .collect();
             p.extend(s.adjacent_parent_shard_id().map(str::to_string));
             (s.shard_id().to_string(), p)
         })
         .collect();
     fn depth(id: &str, parents: &HashMap<String, Vec<String>>) -> usize {
-        parents.get(id).map_or(0, |ps| ps.iter().map(|p| 1 + depth(p, parents)).max().unwrap_or(0))
+        parents.get(id).map_or(0, |ps| {
+            ps.iter().map(|p| 1 + depth(p, parents)).max().unwrap_or(0)
+        })
     }
     assert!(parents.values().any(|p| p.len() == 2), "a merge happened");
     let mut arch = got.clone();
     arch.sort_by(|a, b| {
-        (depth(&a.shard_id, &parents), fluxcap::record::Position::new(a.sequence_number.clone(), 0))
-            .cmp(&(depth(&b.shard_id, &parents), fluxcap::record::Position::new(b.sequence_number.clone(), 0)))
+        (
+            depth(&a.shard_id, &parents),
+            fluxcap::record::Position::new(a.sequence_number.clone(), 0),
+        )
+            .cmp(&(
+                depth(&b.shard_id, &parents),
+                fluxcap::record::Position::new(b.sequence_number.clone(), 0),
+            ))
     });
     let mut by_key_put: BTreeMap<&str, Vec<&[u8]>> = BTreeMap::new();
     for p in &puts {
-        by_key_put.entry(&p.partition_key).or_default().push(&p.data);
+        by_key_put
+            .entry(&p.partition_key)
+            .or_default()
+            .push(&p.data);
     }
     let mut by_key_arch: BTreeMap<&str, Vec<&[u8]>> = BTreeMap::new();
     for a in &arch {
-        by_key_arch.entry(&a.partition_key).or_default().push(&a.data);
+        by_key_arch
+            .entry(&a.partition_key)
+            .or_default()
+            .push(&a.data);
     }
     assert_eq!(by_key_put, by_key_arch, "per-key order");
 }

@@ -7,8 +7,8 @@ use bytes::Bytes;
 use fluxcap::archive::layout::{Layout, hour_key};
 use fluxcap::archive::writer::{ParquetSettings, put_object};
 use fluxcap::record::{Position, Record, RecordBatchBuilder};
-use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::local::LocalFileSystem;
+use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::harness::*;
 
@@ -23,7 +23,8 @@ fn records() -> Vec<Record> {
         };
         out.push(Record {
             shard_id: "shardId-000000000007".into(),
-            sequence_number: format!("4959033827149025660855969253836157109592157598913{:07}", i).into(),
+            sequence_number: format!("4959033827149025660855969253836157109592157598913{:07}", i)
+                .into(),
             subsequence_number: i % 3,
             partition_key: format!("pk-{}", i % 11),
             explicit_hash_key: (i % 4 == 0).then(|| format!("{}", 1u128 << (i % 100))),
@@ -48,7 +49,8 @@ fn records() -> Vec<Record> {
 #[test]
 fn pyarrow_and_duckdb_read_the_writers_files() {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+    let store: Arc<dyn ObjectStore> =
+        Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
     let layout = Layout::new("");
     let recs = records();
     let settings = ParquetSettings::default();
@@ -65,16 +67,24 @@ fn pyarrow_and_duckdb_read_the_writers_files() {
             }
             let first: Position = rs[0].position();
             let path = layout.data_file("orders", *hour, "shardId-000000000007", &first, rs.len());
-            let bytes = settings.encode(&[b.finish()], vec![], path.as_ref()).unwrap();
+            let bytes = settings
+                .encode(&[b.finish()], vec![], path.as_ref())
+                .unwrap();
             put_object(&store, &path, bytes).await.unwrap();
         }
         // Non-data state beside the table must be ignored by every engine.
         store
-            .put(&"orders/_fluxcap/checkpoints/x/1.json".into(), Bytes::from_static(b"{}").into())
+            .put(
+                &"orders/_fluxcap/checkpoints/x/1.json".into(),
+                Bytes::from_static(b"{}").into(),
+            )
             .await
             .unwrap();
     });
-    let hours: Vec<_> = std::fs::read_dir(dir.path().join("orders/dt=2026-11-25")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let hours: Vec<_> = std::fs::read_dir(dir.path().join("orders/dt=2026-11-25"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(hours.len(), by_hour.len(), "{hours:?}");
 
     let mut expected: Vec<_> = recs
