@@ -338,7 +338,10 @@ impl ArchiveLocation {
                 "unsupported scheme in {s:?}: expected a path, file:// or s3://"
             ));
         }
-        let path = PathBuf::from(s.strip_prefix("file://").unwrap_or(s));
+        let path: PathBuf = PathBuf::from(s.strip_prefix("file://").unwrap_or(s))
+            .components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .collect();
         let abs = if path.is_absolute() {
             path
         } else {

@@ -9,6 +9,9 @@ Usage:
       CPU, max RSS), check both archives with DuckDB, write the figures to FILE.json.
   bench_archive.py report FILE.json...
       print one table per case, the CPU/GB ratio and fluxcap's peak RSS vs budget.
+  bench_archive.py exec-measure --json OUT --timeout SECONDS -- CMD...
+      (internal) run CMD as a forked child of this small process and write its wall time,
+      user/sys CPU and max RSS (os.wait4) to OUT.
 
 Exits 1 (loudly, on stderr) when a step fails or an archive does not hold every record once.
 """
@@ -132,32 +135,57 @@ def fill(endpoint, stream, shards, n, threads):
 # ---------------------------------------------------------------- measure
 
 def measure(cmd, log_path, timeout, env):
-    """Run cmd as a child; return wall, user+sys CPU and max RSS of that child (os.wait4)."""
+    """Run cmd as a measured child; return its wall time, user+sys CPU and max RSS.
+
+    The measuring is done by `exec-measure` in a fresh, small interpreter that fork()s the
+    command: on Linux a child's ru_maxrss starts from the RSS of the process image it was
+    exec'ed from, so a command spawned directly from this (large) process would inherit our
+    RSS as its peak. The floor is now the small wrapper's RSS (~10 MiB)."""
+    res_path = log_path + ".rusage.json"
     with open(log_path, "wb") as lf:
-        t0 = time.monotonic()
-        p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        deadline = t0 + timeout
-        timed_out = False
-        while True:
-            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
-            if pid == p.pid:
-                break
-            if time.monotonic() > deadline and not timed_out:
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "exec-measure", "--json", res_path,
+                            "--timeout", str(timeout), "--", *cmd],
+                           stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    if p.returncode != 0 or not os.path.exists(res_path):
+        die(f"measuring wrapper failed (exit code {p.returncode}); see {log_path}")
+    with open(res_path) as fh:
+        return json.load(fh)
+
+
+def exec_measure(a):
+    """fork + exec the command, wait4 for it (killing it after the timeout), write the figures."""
+    cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
+    t0 = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.execvp(cmd[0], cmd)
+        finally:
+            os._exit(127)
+    deadline, timed_out = t0 + a.timeout, False
+    while True:
+        wpid, status, ru = os.wait4(pid, os.WNOHANG)
+        if wpid == pid:
+            break
+        now = time.monotonic()
+        if now > deadline:
+            if not timed_out:
                 timed_out = True
-                log(f"TIMEOUT after {timeout} s: killing {cmd[0]} (pid {p.pid})")
-                p.send_signal(signal.SIGTERM)
-                deadline = time.monotonic() + 10
-            elif timed_out and time.monotonic() > deadline:
-                p.kill()
+                log(f"TIMEOUT after {a.timeout:.0f} s: sending SIGTERM to {cmd[0]} (pid {pid})")
+                os.kill(pid, signal.SIGTERM)
+                deadline = now + 10
+            else:
+                os.kill(pid, signal.SIGKILL)
                 deadline = float("inf")
-            time.sleep(0.02)
-        wall = time.monotonic() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from waiting again
-    return {
-        "rc": p.returncode, "timed_out": timed_out, "wall_s": wall,
+        time.sleep(0.01)
+    wall = time.monotonic() - t0
+    res = {
+        "rc": os.waitstatus_to_exitcode(status), "timed_out": timed_out, "wall_s": wall,
         "user_s": ru.ru_utime, "sys_s": ru.ru_stime, "cpu_s": ru.ru_utime + ru.ru_stime,
         "maxrss_bytes": ru.ru_maxrss * 1024,  # Linux: KiB
     }
+    with open(a.json, "w") as fh:
+        json.dump(res, fh)
 
 
 # ---------------------------------------------------------------- verify
@@ -306,9 +334,15 @@ def main():
     c.add_argument("--fill-threads", type=int, default=2)
     r = sub.add_parser("report")
     r.add_argument("results", nargs="+")
+    m = sub.add_parser("exec-measure")
+    m.add_argument("--json", required=True)
+    m.add_argument("--timeout", type=float, required=True)
+    m.add_argument("cmd", nargs=argparse.REMAINDER)
     a = ap.parse_args()
     if a.cmd == "case":
         case(a)
+    elif a.cmd == "exec-measure":
+        exec_measure(a)
     else:
         report(a.results)
 

@@ -359,6 +359,8 @@ async fn supervise(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Result<()>
 struct ShardBuffer {
     groups: BTreeMap<i64, Group>,
     mem: usize,
+    /// Payload bytes buffered.
+    payload: usize,
     records: usize,
     oldest: Option<Instant>,
     permits: Option<OwnedSemaphorePermit>,
@@ -377,6 +379,7 @@ impl ShardBuffer {
         ShardBuffer {
             groups: BTreeMap::new(),
             mem: 0,
+            payload: 0,
             records: 0,
             oldest: None,
             permits: None,
@@ -396,6 +399,7 @@ impl ShardBuffer {
         g.builder.push(r);
         g.count += 1;
         self.mem += r.mem_size();
+        self.payload += r.data.len();
         self.records += 1;
         self.oldest.get_or_insert_with(Instant::now);
         self.last = Some((r.position(), r.arrival_ms));
@@ -608,7 +612,7 @@ async fn flush(
     }
     let groups = std::mem::take(&mut buf.groups);
     let records = buf.records;
-    let payload = buf.mem;
+    let payload = buf.payload;
     let last = buf.last.take();
     let prev = ck.state().position.clone();
     let mut files: Vec<(object_store::path::Path, RecordBatch)> = Vec::with_capacity(groups.len());
@@ -651,6 +655,7 @@ async fn flush(
         .await?;
     buf.records = 0;
     buf.mem = 0;
+    buf.payload = 0;
     buf.oldest = None;
     buf.permits = None; // returns the memory to the budget
     let s = &ctx.stats;
