@@ -185,8 +185,27 @@ impl Stats {
             .count();
         let recs = self.records_archived.load(Ordering::Relaxed);
         let secs = started.elapsed().as_secs_f64().max(0.001);
+        // Per-shard lag: every shard when few, the three furthest behind otherwise.
+        let mut lags: Vec<(String, i64)> = shards
+            .iter()
+            .filter(|(_, s)| s.state.load(Ordering::Relaxed) == 0)
+            .map(|((_, shard), s)| (shard.clone(), s.millis_behind.load(Ordering::Relaxed)))
+            .filter(|(_, l)| *l >= 0)
+            .collect();
+        lags.sort_by_key(|(_, l)| -*l);
+        let lag_list: Vec<String> = lags
+            .iter()
+            .take(if lags.len() <= 6 { 6 } else { 3 })
+            .map(|(s, l)| {
+                format!(
+                    "{}={:.1}s",
+                    s.trim_start_matches("shardId-"),
+                    *l as f64 / 1000.0
+                )
+            })
+            .collect();
         format!(
-            "read {} · archived {} records ({:.1} MB) in {} files · {:.0} rec/s · shards {} ({} finished) · max lag {}",
+            "read {} · archived {} records ({:.1} MB) in {} files · {:.0} rec/s · shards {} ({} finished) · max lag {}{}",
             self.records_read.load(Ordering::Relaxed),
             recs,
             self.bytes_archived.load(Ordering::Relaxed) as f64 / 1e6,
@@ -198,6 +217,11 @@ impl Stats {
                 "?".to_string()
             } else {
                 format!("{:.1}s", max_lag as f64 / 1000.0)
+            },
+            if lag_list.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", lag_list.join(" "))
             },
         )
     }

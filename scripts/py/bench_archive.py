@@ -154,7 +154,9 @@ def measure(cmd, log_path, timeout, env):
 
 def exec_measure(a):
     """fork + exec the command, wait4 for it (killing it after the timeout), write the figures."""
-    cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
+    cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
+    if not cmd:
+        die("exec-measure: no command given")
     t0 = time.monotonic()
     pid = os.fork()
     if pid == 0:
@@ -337,7 +339,7 @@ def main():
     m = sub.add_parser("exec-measure")
     m.add_argument("--json", required=True)
     m.add_argument("--timeout", type=float, required=True)
-    m.add_argument("cmd", nargs=argparse.REMAINDER)
+    m.add_argument("command", nargs=argparse.REMAINDER)
     a = ap.parse_args()
     if a.cmd == "case":
         case(a)

@@ -47,6 +47,7 @@ impl Archive {
             }
             ArchiveLocation::S3 { bucket, prefix } => {
                 let sdk = crate::aws::sdk_config(&cfg.aws).await;
+                check_bucket(&sdk, cfg.aws.s3_endpoint.as_deref(), bucket, &location).await?;
                 let mut b = AmazonS3Builder::new()
                     .with_bucket_name(bucket)
                     .with_region(&cfg.aws.region);
@@ -150,5 +151,42 @@ impl Archive {
             }
         }
         Ok(())
+    }
+}
+
+/// HeadBucket, so that a missing bucket or missing permission is reported as
+/// such (naming the location) before any work starts.
+async fn check_bucket(
+    sdk: &aws_config::SdkConfig,
+    endpoint: Option<&str>,
+    bucket: &str,
+    location: &ArchiveLocation,
+) -> Result<()> {
+    let mut b = aws_sdk_s3::config::Builder::from(sdk);
+    if let Some(ep) = endpoint {
+        b = b.endpoint_url(ep).force_path_style(true);
+    }
+    let client = aws_sdk_s3::Client::from_conf(b.build());
+    let fail = |message: String| Error::Location {
+        location: location.to_string(),
+        message,
+    };
+    match client.head_bucket().bucket(bucket).send().await {
+        Ok(_) => Ok(()),
+        Err(e) => match e.raw_response().map(|r| r.status().as_u16()) {
+            Some(404) => Err(fail(format!(
+                "the bucket does not exist (bucket `{bucket}`)"
+            ))),
+            Some(403) => Err(fail(format!(
+                "access denied to bucket `{bucket}`: check the AWS credentials and the bucket policy"
+            ))),
+            Some(301) => Err(fail(format!(
+                "bucket `{bucket}` is in another region than aws.region"
+            ))),
+            _ => Err(fail(format!(
+                "cannot reach the bucket: {}",
+                aws_sdk_s3::error::DisplayErrorContext(&e)
+            ))),
+        },
     }
 }

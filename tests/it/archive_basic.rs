@@ -32,9 +32,14 @@ fn archive_once_local_exactly_once_across_runs() {
         &k.endpoint(),
         None,
         None,
-        "[archive.flush]\nmax_bytes = \"64KiB\"",
+        "[archive.flush]\nmax_bytes = \"64KiB\"\n[status]\nretention_warning = \"30h\"",
         &[(&stream, "json")],
     );
+    // Nothing archived yet: with a 30h threshold on a 24h stream, every shard warns.
+    let out = ws.ok(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("WARNING: stream").count(), 3, "{text}");
+    assert!(text.contains("retention"), "{text}");
     let out = ws.ok(&["archive", "--once"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -85,6 +90,7 @@ fn archive_once_local_exactly_once_across_runs() {
     for s in shards {
         assert_eq!(s["state"], "open");
         assert!(s["checkpoint_sequence"].is_string());
+        assert_eq!(s["warning"], false, "caught up: no retention risk");
     }
 }
 

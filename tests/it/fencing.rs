@@ -16,8 +16,24 @@ use object_store::aws::AmazonS3Builder;
 use crate::harness::*;
 use crate::resharding::terminate;
 
+/// GET /metrics from the archiver and return the value of one sample.
+fn metric(port: u16, name: &str) -> Option<u64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+}
+
 #[test]
-fn second_archiver_is_refused_while_the_first_runs() {
+fn second_archiver_is_refused_and_sigterm_commits_the_buffer() {
     let k = kinesis();
     let stream = unique("lease");
     let c = kinesis_client(&k.endpoint());
@@ -26,11 +42,15 @@ fn second_archiver_is_refused_while_the_first_runs() {
         create_stream(&c, &stream, 1).await;
         put_records(&c, &stream, &orders(40, 9)).await
     });
+    let port = free_port();
+    // Files close only at shutdown: max_age and max_bytes are far away.
     let ws = Workspace::new(
         &k.endpoint(),
         None,
         None,
-        "[archiver]\nmetrics_bind = \"\"",
+        &format!(
+            "[archive.flush]\nmax_age = \"1h\"\n[archiver]\nmetrics_bind = \"127.0.0.1:{port}\""
+        ),
         &[(&stream, "json")],
     );
     let mut first = ws
@@ -40,15 +60,22 @@ fn second_archiver_is_refused_while_the_first_runs() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let lease_dir = ws.archive.join(&stream).join("_fluxcap/lease");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !lease_dir.exists() || std::fs::read_dir(&lease_dir).unwrap().count() == 0 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(port, "fluxcap_records_read_total") != Some(puts.len() as u64) {
         assert!(
             Instant::now() < deadline,
-            "first archiver never took the lease"
+            "first archiver never read the records"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        assert!(first.try_wait().unwrap().is_none(), "first archiver exited");
+        std::thread::sleep(Duration::from_millis(100));
     }
+    assert_eq!(
+        metric(port, "fluxcap_records_archived_total"),
+        Some(0),
+        "nothing flushed yet"
+    );
+    assert!(read_local("duckdb", &ws.archive.join(&stream)).is_empty());
+
     let out = ws.run(&["archive", "--once"]);
     assert_eq!(
         out.status.code(),
@@ -63,15 +90,17 @@ fn second_archiver_is_refused_while_the_first_runs() {
         "{err}"
     );
 
+    // SIGTERM: the buffer is flushed and committed before exit.
     assert!(terminate(&mut first).success());
-    // The lease was released: the next run starts at once and adds nothing twice.
-    ws.ok(&["archive", "--once"]);
     let got = read_local("duckdb", &ws.archive.join(&stream));
     assert_same(
         &puts_multiset(&puts),
         &archived_multiset(&got),
-        "after two archivers",
+        "committed at shutdown",
     );
+    // The lease was released: the next run starts at once and adds nothing twice.
+    let out = ws.ok(&["archive", "--once"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("archived 0 records"));
 }
 
 async fn race(a: &Archive) {
