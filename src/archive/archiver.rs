@@ -15,7 +15,7 @@
 //! its own buffer and signals the others to flush theirs, so memory stays
 //! bounded whatever the number of shards.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -217,21 +217,7 @@ async fn archive_stream(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Resul
     let name = ctx.stream.name.clone();
     let ttl = ctx.cfg.archiver.lease_ttl.0;
     let mut lease = Lease::acquire(&ctx.archive, &name, &ctx.owner, ttl).await?;
-    let expiry = lease.expiry();
-    ctx.lease_expiry
-        .store(expiry.load(Ordering::Acquire), Ordering::Release);
-    let ctx = Arc::new(StreamCtx {
-        lease_expiry: expiry,
-        cfg: ctx.cfg.clone(),
-        stream: ctx.stream.clone(),
-        archive: ctx.archive.clone(),
-        client: ctx.client.clone(),
-        stats: ctx.stats.clone(),
-        owner: ctx.owner.clone(),
-        budget: ctx.budget.clone(),
-        settings: ctx.settings.clone(),
-        once: ctx.once,
-    });
+    lease.share_expiry(ctx.lease_expiry.clone());
     tracing::info!(stream = %name, "lease acquired; archiving into {}", ctx.archive.describe(&ctx.archive.layout.stream_dir(&name)));
 
     // Shard tasks stop on `shards` (cancel or lease loss), the renewer on `renew_stop`.
@@ -277,31 +263,36 @@ async fn archive_stream(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Resul
 async fn supervise(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Result<()> {
     let name = ctx.stream.name.clone();
     let max_backoff = ctx.cfg.archiver.max_backoff.0;
+    // We hold the lease: checkpoints change only through our own tasks, so
+    // they are read once; task results keep `finished` current.
+    let ckpts = load_all(&ctx.archive, &name).await?;
+    let checkpointed: HashSet<String> = ckpts.iter().map(|c| c.shard_id.clone()).collect();
+    let mut finished: HashSet<String> = ckpts
+        .iter()
+        .filter(|c| c.finished)
+        .map(|c| c.shard_id.clone())
+        .collect();
     let mut initial: Option<HashSet<String>> = None;
-    let mut finished: HashSet<String> = HashSet::new();
-    let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+    let mut listed: BTreeMap<String, ShardInfo> = BTreeMap::new();
+    let mut relist = true;
+    let mut running: HashSet<String> = HashSet::new();
     let mut tasks: JoinSet<(String, Result<ShardOutcome>)> = JoinSet::new();
     let mut first_err: Option<Error> = None;
     let mut caught_up: HashSet<String> = HashSet::new();
 
     loop {
         if !cancel.is_cancelled() && first_err.is_none() {
-            let listed: BTreeMap<String, ShardInfo> = list_shards(&ctx.client, &name, max_backoff)
-                .await?
-                .into_iter()
-                .map(|s| (s.shard_id.clone(), s))
-                .collect();
-            let ckpts = load_all(&ctx.archive, &name).await?;
-            let checkpointed: HashSet<String> = ckpts.iter().map(|c| c.shard_id.clone()).collect();
-            finished.extend(
-                ckpts
-                    .iter()
-                    .filter(|c| c.finished)
-                    .map(|c| c.shard_id.clone()),
-            );
+            if relist {
+                listed = list_shards(&ctx.client, &name, max_backoff)
+                    .await?
+                    .into_iter()
+                    .map(|s| (s.shard_id.clone(), s))
+                    .collect();
+                relist = false;
+            }
             let initial = initial.get_or_insert_with(|| listed.keys().cloned().collect());
             for (id, info) in &listed {
-                if finished.contains(id) || running.contains_key(id) || caught_up.contains(id) {
+                if finished.contains(id) || running.contains(id) || caught_up.contains(id) {
                     continue;
                 }
                 // `--once` archives what existed at the start; later shards only hold later records.
@@ -312,12 +303,12 @@ async fn supervise(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Result<()>
                     continue;
                 }
                 let (c, i, t) = (ctx.clone(), info.clone(), cancel.clone());
-                let h = tasks.spawn(async move {
+                tasks.spawn(async move {
                     let id = i.shard_id.clone();
                     let r = archive_shard(c, i, t).await;
                     (id, r)
                 });
-                running.insert(id.clone(), h);
+                running.insert(id.clone());
             }
         }
         if running.is_empty() && (ctx.once || cancel.is_cancelled() || first_err.is_some()) {
@@ -333,6 +324,8 @@ async fn supervise(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Result<()>
                     Ok(ShardOutcome::Finished) => {
                         tracing::info!(stream = %name, shard = %id, "shard finished");
                         finished.insert(id);
+                        // Its children may be listed (or be new) and can start now.
+                        relist = true;
                     }
                     Ok(ShardOutcome::CaughtUp) => {
                         caught_up.insert(id);
@@ -346,7 +339,9 @@ async fn supervise(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Result<()>
                 }
             }
             _ = cancel.cancelled(), if !cancel.is_cancelled() => {}
-            _ = tokio::time::sleep(discovery), if !ctx.once && !cancel.is_cancelled() => {}
+            _ = tokio::time::sleep(discovery), if !ctx.once && !cancel.is_cancelled() => {
+                relist = true;
+            }
         }
     }
     match first_err {

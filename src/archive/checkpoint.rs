@@ -150,14 +150,7 @@ pub async fn load_all(archive: &Archive, stream: &str) -> Result<Vec<Checkpoint>
 }
 
 async fn read_json<T: for<'de> Deserialize<'de>>(archive: &Archive, path: &Path) -> Result<T> {
-    let bytes = archive
-        .store
-        .get(path)
-        .await
-        .map_err(|e| Error::store(archive.describe(path), e))?
-        .bytes()
-        .await
-        .map_err(|e| Error::store(archive.describe(path), e))?;
+    let bytes = archive.get_bytes(path).await?;
     serde_json::from_slice(&bytes).map_err(|e| Error::CorruptState {
         object: archive.describe(path),
         message: e.to_string(),
@@ -291,8 +284,7 @@ async fn create_object(archive: &Archive, path: &Path, body: Vec<u8>, stream: &s
                 // A retried request whose first attempt succeeded (the response
                 // was lost) also lands here: the object is ours if it holds
                 // exactly our bytes (they include our owner id and a timestamp).
-                if let Ok(got) = archive.store.get(path).await
-                    && let Ok(b) = got.bytes().await
+                if let Ok(b) = archive.get_bytes(path).await
                     && b.as_ref() == body.as_slice()
                 {
                     return Ok(());
@@ -453,9 +445,11 @@ impl Lease {
         })
     }
 
-    /// Shared view of the lease end, for tasks that must not write after it.
-    pub fn expiry(&self) -> Arc<AtomicI64> {
-        self.expires.clone()
+    /// Publish the lease end into `target` from now on (tasks that must not
+    /// write after it read it).
+    pub fn share_expiry(&mut self, target: Arc<AtomicI64>) {
+        target.store(self.expires.load(Ordering::Acquire), Ordering::Release);
+        self.expires = target;
     }
 
     /// True while the lease is valid for at least `margin` more.
@@ -501,11 +495,6 @@ impl Lease {
             object: self.archive.describe(&path),
             message: e.to_string(),
         })?;
-        self.archive
-            .store
-            .put(&path, PutPayload::from(Bytes::from(body)))
-            .await
-            .map_err(|e| Error::store(self.archive.describe(&path), e))?;
-        Ok(())
+        self.archive.put_bytes(&path, Bytes::from(body)).await
     }
 }

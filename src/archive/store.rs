@@ -101,11 +101,16 @@ impl Archive {
                 message: format!("{hint} ({text})"),
             }
         };
-        self.store
-            .put(&probe, bytes::Bytes::from_static(b"probe").into())
+        let what = self.describe(&probe);
+        with_retry(&what, || {
+            self.store
+                .put(&probe, bytes::Bytes::from_static(b"probe").into())
+        })
+        .await
+        .map_err(explain)?;
+        with_retry(&what, || self.store.delete(&probe))
             .await
             .map_err(explain)?;
-        self.store.delete(&probe).await.map_err(explain)?;
         Ok(())
     }
 
@@ -119,18 +124,37 @@ impl Archive {
 
     /// List every object under `prefix` (recursively).
     pub async fn list(&self, prefix: &Path) -> Result<Vec<object_store::ObjectMeta>> {
-        self.store
-            .list(Some(prefix))
-            .try_collect()
-            .await
-            .map_err(|e| Error::store(self.describe(prefix), e))
+        with_retry(&self.describe(prefix), || {
+            self.store.list(Some(prefix)).try_collect()
+        })
+        .await
+        .map_err(|e| Error::store(self.describe(prefix), e))
+    }
+
+    /// Read a whole object.
+    pub async fn get_bytes(&self, path: &Path) -> Result<bytes::Bytes> {
+        with_retry(&self.describe(path), || async {
+            self.store.get(path).await?.bytes().await
+        })
+        .await
+        .map_err(|e| Error::store(self.describe(path), e))
+    }
+
+    /// Write a whole object (overwriting).
+    pub async fn put_bytes(&self, path: &Path, body: bytes::Bytes) -> Result<()> {
+        with_retry(&self.describe(path), || {
+            self.store.put(path, body.clone().into())
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| Error::store(self.describe(path), e))
     }
 
     /// Delete an object; a missing object is not an error. On a local
     /// directory, also removes upload leftovers (`<name>#<n>` staging files of a
     /// process killed mid-write), which the object store does not list.
     pub async fn delete_with_leftovers(&self, path: &Path) -> Result<()> {
-        match self.store.delete(path).await {
+        match with_retry(&self.describe(path), || self.store.delete(path)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(Error::store(self.describe(path), e)),
         }
@@ -188,5 +212,29 @@ async fn check_bucket(
                 aws_sdk_s3::error::DisplayErrorContext(&e)
             ))),
         },
+    }
+}
+
+/// Run a store operation, retrying transient failures (connection errors,
+/// 5xx answers that the client's own retries did not absorb, e.g. on
+/// non-idempotent requests) with exponential backoff and jitter.
+pub async fn with_retry<T, F, Fut>(
+    what: &str,
+    mut op: F,
+) -> std::result::Result<T, object_store::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, object_store::Error>>,
+{
+    let mut backoff = crate::kinesis::Backoff::new(std::time::Duration::from_secs(5));
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e @ object_store::Error::Generic { .. }) if backoff.attempts() < 8 => {
+                tracing::warn!("retrying {what}: {e}");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
