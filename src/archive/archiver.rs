@@ -122,6 +122,9 @@ pub async fn run(
     let stats = Arc::new(Stats::default());
     let owner = format!("{:016x}", rand::random::<u64>());
     let budget = MemoryBudget::new(cfg.archive.flush.memory_budget.0);
+    // Encoding is CPU-bound and copies a buffer: at most one per core at a time.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let encoders = Arc::new(Semaphore::new(cores));
 
     let work = cancel.child_token();
     let progress = crate::metrics::spawn_progress(
@@ -150,6 +153,7 @@ pub async fn run(
             stats: stats.clone(),
             owner: owner.clone(),
             budget: budget.clone(),
+            encoders: encoders.clone(),
             settings: ParquetSettings::from(&cfg.archive),
             once: opts.once,
             lease_expiry: Arc::new(AtomicI64::new(0)),
@@ -196,6 +200,8 @@ struct StreamCtx {
     stats: Arc<Stats>,
     owner: String,
     budget: MemoryBudget,
+    /// Permits to encode (bounds concurrent encoders and their copies).
+    encoders: Arc<Semaphore>,
     settings: ParquetSettings,
     once: bool,
     /// Lease end (epoch ms); no flush starts when it is too close.
@@ -622,6 +628,11 @@ async fn flush(
     if !files.is_empty() {
         ck.begin(&paths).await?;
     }
+    let _encoding = ctx
+        .encoders
+        .acquire()
+        .await
+        .map_err(|_| Error::Interrupted)?;
     let kv = |k: &str, v: String| KeyValue::new(k.to_string(), v);
     let mut written = 0u64;
     for (path, batch) in files {
