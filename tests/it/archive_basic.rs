@@ -184,18 +184,7 @@ fn archive_once_to_s3() {
         "{err}"
     );
 
-    let py = std::process::Command::new(python())
-        .args(["-c", &format!(
-            "import boto3; boto3.client('s3', endpoint_url='{}', region_name='us-east-1', aws_access_key_id='test', aws_secret_access_key='test').create_bucket(Bucket='{bucket}')",
-            s3.endpoint()
-        )])
-        .output()
-        .unwrap();
-    assert!(
-        py.status.success(),
-        "{}",
-        String::from_utf8_lossy(&py.stderr)
-    );
+    create_bucket(&s3, &bucket);
     ws.ok(&["archive", "--once"]);
     ws.ok(&["verify"]);
     let ep = s3.endpoint();

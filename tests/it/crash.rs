@@ -2,7 +2,6 @@
 //! while traffic keeps arriving, re-run each time; the archive read from the
 //! raw directory by pyarrow must equal every record put, exactly once.
 
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,13 +47,7 @@ fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     let mut rng = rand::rng();
     let kills = 22;
     for _ in 0..kills {
-        let mut child = ws
-            .cmd()
-            .arg("archive")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = ws.spawn_archiver();
         // The kill moment is random by design (not a wait for anything).
         std::thread::sleep(Duration::from_millis(rng.random_range(150..1800)));
         child.kill().unwrap(); // SIGKILL

@@ -197,14 +197,7 @@ fn archive_survives_throttling_500s_and_resets() {
         create_stream(&c, &stream, 2).await;
         put_records(&c, &stream, &orders(800, 5)).await
     });
-    let out = std::process::Command::new(python())
-        .args(["-c", &format!(
-            "import boto3; boto3.client('s3', endpoint_url='{}', region_name='us-east-1', aws_access_key_id='test', aws_secret_access_key='test').create_bucket(Bucket='{bucket}')",
-            s3.endpoint()
-        )])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    create_bucket(&s3, &bucket);
 
     let (kp, sp) = rt.block_on(async {
         (

@@ -2,7 +2,6 @@
 //! fence a writer that lost a race (checked on the moto S3 server, whose
 //! conditional writes are atomic, and on the local directory).
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,13 +52,7 @@ fn second_archiver_is_refused_and_sigterm_commits_the_buffer() {
         ),
         &[(&stream, "json")],
     );
-    let mut first = ws
-        .cmd()
-        .arg("archive")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = ws.spawn_archiver();
     let deadline = Instant::now() + Duration::from_secs(60);
     while metric(port, "fluxcap_records_read_total") != Some(puts.len() as u64) {
         assert!(
@@ -125,14 +118,7 @@ async fn race(a: &Archive) {
 fn checkpoint_writers_are_fenced_on_s3_and_local() {
     let s3 = s3();
     let bucket = unique("fence");
-    let out = std::process::Command::new(python())
-        .args(["-c", &format!(
-            "import boto3; boto3.client('s3', endpoint_url='{}', region_name='us-east-1', aws_access_key_id='test', aws_secret_access_key='test').create_bucket(Bucket='{bucket}')",
-            s3.endpoint()
-        )])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    create_bucket(&s3, &bucket);
     let store = AmazonS3Builder::new()
         .with_bucket_name(&bucket)
         .with_region("us-east-1")

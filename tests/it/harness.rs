@@ -291,6 +291,16 @@ impl Workspace {
         c
     }
 
+    /// Start `fluxcap archive` (continuous) in the background, output discarded.
+    pub fn spawn_archiver(&self) -> Child {
+        self.cmd()
+            .arg("archive")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     /// Run `fluxcap <args>` to completion.
     pub fn run(&self, args: &[&str]) -> Output {
         self.cmd().args(args).output().unwrap()
@@ -433,4 +443,24 @@ pub fn assert_same(
 pub fn write_file(path: &Path, text: &str) {
     let mut f = std::fs::File::create(path).unwrap();
     f.write_all(text.as_bytes()).unwrap();
+}
+
+/// Create a bucket on the S3 server with an independent client (boto3).
+pub fn create_bucket(s3: &Server, bucket: &str) {
+    let out = Command::new(python())
+        .args([
+            "-c",
+            &format!(
+                "import boto3; boto3.client('s3', endpoint_url='{}', region_name='us-east-1', \
+                 aws_access_key_id='test', aws_secret_access_key='test').create_bucket(Bucket='{bucket}')",
+                s3.endpoint()
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "create_bucket: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -3,7 +3,6 @@
 //! order intact.
 
 use std::collections::{BTreeMap, HashMap};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
@@ -48,13 +47,7 @@ fn split_and_merge_while_archiving() {
         "[archive.flush]\nmax_age = \"500ms\"\n[archiver]\nshard_discovery_interval = \"1s\"\npoll_interval = \"200ms\"\nmetrics_bind = \"127.0.0.1:0\"",
         &[(&stream, "json")],
     );
-    let mut child = ws
-        .cmd()
-        .arg("archive")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = ws.spawn_archiver();
 
     let mut puts = Vec::new();
     let verify_lineage = |ws: &Workspace| {
