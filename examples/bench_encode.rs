@@ -33,6 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     let s = ParquetSettings {
         zstd_level: args[3].parse()?,
+        bloom_filters: std::env::var("BENCH_NO_BLOOM").is_err(),
         ..Default::default()
     };
     let t = Instant::now();

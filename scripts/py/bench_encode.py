@@ -38,7 +38,7 @@ def generate(path, n):
                     "customer_id": cust, "country": rnd.choice(countries), "amount": round(rnd.uniform(3, 400), 2),
                     "currency": "EUR",
                     "items": [{"sku": f"sku-{rnd.randrange(10000):05d}", "qty": rnd.randint(1, 4)} for _ in range(rnd.randint(1, 3))],
-                    "note": " ".join(rnd.choice(words) for _ in range(rnd.randint(3, 12))),
+                    "note": " ".join(rnd.choice(words) for _ in range(rnd.randint(10, 22))),
                     "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime((base_ms + j * 3) / 1000)),
                 }
                 shard.append(f"shardId-{j % 4:012d}")
