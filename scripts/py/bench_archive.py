@@ -261,7 +261,7 @@ format = "json"
     if fm["rc"] != 0:
         sys.stderr.write(f"----- fluxcap output (exit code {fm['rc']}) -----\n{ftext[-8000:]}\n-----\n")
         die(f"fluxcap archive --once failed with exit code {fm['rc']}" + (" (timed out)" if fm["timed_out"] else ""))
-    m = re.search(r"archived (\d+) records", ftext)
+    m = re.search(r"^archived (\d+) records", ftext, re.M)  # the summary line, not progress lines
     if not m or int(m.group(1)) != a.records:
         sys.stderr.write(f"----- fluxcap output -----\n{ftext[-8000:]}\n-----\n")
         die(f"fluxcap did not report 'archived {a.records} records'"
