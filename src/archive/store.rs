@@ -186,7 +186,9 @@ async fn check_bucket(
     bucket: &str,
     location: &ArchiveLocation,
 ) -> Result<()> {
-    let mut b = aws_sdk_s3::config::Builder::from(sdk);
+    // A bucket check must not fail on a transient fault: retry like every other store call.
+    let mut b = aws_sdk_s3::config::Builder::from(sdk)
+        .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(10));
     if let Some(ep) = endpoint {
         b = b.endpoint_url(ep).force_path_style(true);
     }
