@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -860,11 +860,6 @@ impl Config {
         toml::to_string_pretty(&shown)
             .unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
-}
-
-/// Path helper: the config file named by `--config` or `FLUXCAP_CONFIG`.
-pub fn resolve_file(flag: Option<&Path>) -> Option<PathBuf> {
-    flag.map(Path::to_path_buf)
 }
 
 #[cfg(test)]

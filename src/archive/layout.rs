@@ -156,11 +156,14 @@ pub fn parse_generation(name: &str) -> Option<u64> {
     name.strip_suffix(".json")?.parse().ok()
 }
 
-/// True when any path segment after `base` starts with `_` or `.` (not table data).
-pub fn is_hidden(path: &Path) -> bool {
-    path.parts().any(|p| {
-        let s = p.as_ref();
-        s.starts_with('_') || s.starts_with('.')
+/// True when a segment of `path` below `base` starts with `_` or `.`: not
+/// table data for any engine (the archive root itself may have any name).
+pub fn is_hidden_below(base: &Path, path: &Path) -> bool {
+    path.prefix_match(base).is_some_and(|mut parts| {
+        parts.any(|p| {
+            let s = p.as_ref();
+            s.starts_with('_') || s.starts_with('.')
+        })
     })
 }
 
@@ -194,7 +197,13 @@ mod tests {
         assert_eq!(parsed.first, p);
         assert_eq!(parsed.count, 42);
         assert!(parse_data_file_name("_x.json").is_none());
-        assert!(is_hidden(&l.checkpoint("orders", "s", 1)));
-        assert!(!is_hidden(&path));
+        let table = l.stream_dir("orders");
+        assert!(is_hidden_below(&table, &l.checkpoint("orders", "s", 1)));
+        assert!(!is_hidden_below(&table, &path));
+        let under_underscore_root = Layout::new("_root");
+        assert!(!is_hidden_below(
+            &under_underscore_root.stream_dir("orders"),
+            &under_underscore_root.data_file("orders", 0, "s", &p, 1)
+        ));
     }
 }

@@ -19,7 +19,7 @@ use arrow::datatypes::Int64Type;
 
 use crate::archive::archiver::{decode_position, meta};
 use crate::archive::checkpoint::{Checkpoint, load_all};
-use crate::archive::layout::parse_data_file_name;
+use crate::archive::layout::{is_hidden_below, parse_data_file_name};
 use crate::archive::store::Archive;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -162,13 +162,7 @@ pub async fn verify_stream(archive: &Archive, stream: &str) -> Result<StreamRepo
         })
         .collect();
     for o in &objects {
-        let rel = o.location.prefix_match(&dir).map(|p| p.collect::<Vec<_>>());
-        let hidden = rel.is_some_and(|parts| {
-            parts
-                .iter()
-                .any(|p| p.as_ref().starts_with('_') || p.as_ref().starts_with('.'))
-        });
-        if hidden {
+        if is_hidden_below(&dir, &o.location) {
             continue;
         }
         let name = o.location.filename().unwrap_or_default();
