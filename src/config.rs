@@ -47,6 +47,8 @@ pub struct Config {
     pub archiver: ArchiverConfig,
     /// `fluxcap status` settings.
     pub status: StatusConfig,
+    /// SQL engine settings (`fluxcap sql`, replay, the HTTP API).
+    pub query: QueryConfig,
     /// The streams this tool works on.
     #[serde(default)]
     pub streams: Vec<StreamConfig>,
@@ -125,6 +127,18 @@ pub struct ArchiverConfig {
 pub struct StatusConfig {
     /// Warn when the oldest unarchived record is this close to expiring.
     pub retention_warning: HumanDuration,
+}
+
+/// `[query]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryConfig {
+    /// Partitions a query runs on; 0 means one per CPU core.
+    pub target_partitions: usize,
+    /// Memory the engine may hold before spilling to disk; 0 means no limit.
+    pub memory_limit: ByteSize,
+    /// Consecutive failed Kinesis calls after which a live read fails the query.
+    pub live_retry_attempts: u32,
 }
 
 /// One `[[streams]]` entry.

@@ -145,6 +145,17 @@ pub enum Error {
 
     /// The work was interrupted before it could finish (SIGINT/SIGTERM during a
     /// step that cannot be resumed in-process).
+    #[error("SQL error: {message}")]
+    Sql { message: String },
+
+    #[error(
+        "read-only: `{statement}…` is not allowed ({message}); results can be written with -o FILE"
+    )]
+    ReadOnly { statement: String, message: String },
+
+    #[error("query failed: {message}")]
+    Query { message: String },
+
     #[error("interrupted")]
     Interrupted,
 }
@@ -168,7 +179,11 @@ impl Error {
     /// | 130 | interrupted |
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Config { .. } | Error::ConfigFile { .. } | Error::Usage(_) => 2,
+            Error::Config { .. }
+            | Error::ConfigFile { .. }
+            | Error::Usage(_)
+            | Error::Sql { .. }
+            | Error::ReadOnly { .. } => 2,
             Error::VerifyFailed { .. } => 3,
             Error::LeaseHeld { .. } | Error::Fenced { .. } => 4,
             Error::Interrupted => 130,

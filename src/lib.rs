@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod kinesis;
 pub mod metrics;
+pub mod query;
 pub mod record;
 
 pub use error::{Error, Result};

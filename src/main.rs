@@ -63,6 +63,23 @@ enum Command {
         format: Format,
     },
     /// Check the archive against its checkpoints: every gap or duplicate, per shard.
+    /// Run SQL over archived and live records (`archive.S`, `live.S`, `S`).
+    ///
+    /// Without a query or -f, starts an interactive prompt on a terminal,
+    /// or reads SQL from standard input.
+    Sql {
+        /// The SQL to run (one or more statements separated by `;`).
+        query: Option<String>,
+        /// Read SQL from this file (`-` for standard input).
+        #[arg(long, short = 'f', value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Output format [default: table on a terminal, else json; or from -o's extension].
+        #[arg(long, value_enum)]
+        format: Option<fluxcap::query::output::Format>,
+        /// Write the result to FILE (format from its extension: .json/.jsonl, .csv, .parquet).
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     Verify {
         /// Only this stream.
         #[arg(long)]
@@ -200,6 +217,23 @@ async fn run(cli: Cli) -> Result<()> {
                 Format::Table => print!("{}", report.to_table()),
             }
             Ok(())
+        }
+        Command::Sql {
+            query,
+            file,
+            format,
+            output,
+        } => {
+            fluxcap::query::cli::run(
+                &cfg,
+                fluxcap::query::cli::SqlArgs {
+                    query,
+                    file,
+                    format,
+                    output,
+                },
+            )
+            .await
         }
         Command::Verify { stream, format } => {
             let report = fluxcap::archive::verify::verify(&cfg, stream.as_deref()).await?;

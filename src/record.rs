@@ -29,6 +29,10 @@ pub mod col {
     pub const ARRIVAL: &str = "approximate_arrival_timestamp";
     /// Payload bytes exactly as received.
     pub const DATA: &str = "data";
+    /// Partition column: arrival date, `YYYY-MM-DD` (UTC). Only in paths and SQL tables.
+    pub const DT: &str = "dt";
+    /// Partition column: arrival hour, `HH` (UTC). Only in paths and SQL tables.
+    pub const HR: &str = "hr";
 }
 
 static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
@@ -50,6 +54,40 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 /// The archive's Arrow schema (partition columns `dt`/`hr` live only in paths).
 pub fn schema() -> SchemaRef {
     SCHEMA.clone()
+}
+
+static TABLE_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut fields: Vec<Field> = SCHEMA.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(col::DT, DataType::Utf8, false));
+    fields.push(Field::new(col::HR, DataType::Utf8, false));
+    Arc::new(Schema::new(fields))
+});
+
+/// The schema of the SQL tables: the record columns, then the partition
+/// columns `dt` and `hr` derived from the arrival time.
+pub fn table_schema() -> SchemaRef {
+    TABLE_SCHEMA.clone()
+}
+
+/// Add the `dt`/`hr` columns (from the arrival time) to a batch of [`schema()`].
+pub fn with_partition_columns(
+    batch: &RecordBatch,
+) -> Result<RecordBatch, arrow::error::ArrowError> {
+    use arrow::array::AsArray;
+    let arrival = batch
+        .column(5)
+        .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+    let mut dt = StringBuilder::with_capacity(arrival.len(), arrival.len() * 10);
+    let mut hr = StringBuilder::with_capacity(arrival.len(), arrival.len() * 2);
+    for ms in arrival.values().iter() {
+        let (d, h) = crate::archive::layout::partition_of(*ms);
+        dt.append_value(d);
+        hr.append_value(h);
+    }
+    let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+    cols.push(Arc::new(dt.finish()));
+    cols.push(Arc::new(hr.finish()));
+    RecordBatch::try_new(table_schema(), cols)
 }
 
 /// One Kinesis user record (a KPL aggregate is several of these).

@@ -56,6 +56,23 @@ pub fn encode_position(p: Option<&Position>) -> String {
         .unwrap_or_default()
 }
 
+/// The footer metadata of every file of one flush of `shard`: the position
+/// before it, its last record and its record count (all files together).
+pub fn flush_metadata(
+    prev: Option<&Position>,
+    last: Option<&Position>,
+    records: u64,
+    shard: &str,
+) -> Vec<KeyValue> {
+    let kv = |k: &str, v: String| KeyValue::new(k.to_string(), v);
+    vec![
+        kv(meta::FLUSH_PREV, encode_position(prev)),
+        kv(meta::FLUSH_LAST, encode_position(last)),
+        kv(meta::FLUSH_RECORDS, records.to_string()),
+        kv(meta::SHARD, shard.to_string()),
+    ]
+}
+
 /// Decode [`encode_position`].
 pub fn decode_position(s: &str) -> Option<Position> {
     let (seq, sub) = s.split_once(':')?;
@@ -633,18 +650,14 @@ async fn flush(
         .acquire()
         .await
         .map_err(|_| Error::Interrupted)?;
-    let kv = |k: &str, v: String| KeyValue::new(k.to_string(), v);
     let mut written = 0u64;
     for (path, batch) in files {
-        let metadata = vec![
-            kv(meta::FLUSH_PREV, encode_position(prev.as_ref())),
-            kv(
-                meta::FLUSH_LAST,
-                encode_position(last.as_ref().map(|(p, _)| p)),
-            ),
-            kv(meta::FLUSH_RECORDS, records.to_string()),
-            kv(meta::SHARD, shard.clone()),
-        ];
+        let metadata = flush_metadata(
+            prev.as_ref(),
+            last.as_ref().map(|(p, _)| p),
+            records as u64,
+            &shard,
+        );
         let settings = ctx.settings.clone();
         let name = ctx.archive.describe(&path);
         let bytes = tokio::task::spawn_blocking(move || settings.encode(&[batch], metadata, &name))

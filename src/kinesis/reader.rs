@@ -59,6 +59,9 @@ pub struct ShardReader {
     limit: i32,
     backoff: Backoff,
     retries: Arc<AtomicU64>,
+    /// Give up after this many consecutive failed calls (`None`: never, as the
+    /// archiver does; a query prefers an error to waiting for ever).
+    max_attempts: Option<u32>,
     done: bool,
 }
 
@@ -85,8 +88,15 @@ impl ShardReader {
             limit,
             backoff: Backoff::new(max_backoff),
             retries,
+            max_attempts: None,
             done: false,
         }
+    }
+
+    /// Fail instead of retrying once `attempts` consecutive calls have failed.
+    pub fn give_up_after(mut self, attempts: u32) -> Self {
+        self.max_attempts = Some(attempts);
+        self
     }
 
     /// Resume after `pos`: start at its Kinesis record and drop user records
@@ -106,18 +116,24 @@ impl ShardReader {
         }
     }
 
-    /// Sleep for the next backoff delay; false when cancelled.
-    async fn pause(&mut self, cancel: &CancellationToken, why: &str) -> bool {
+    /// Sleep for the next backoff delay; false when cancelled, an error once
+    /// the attempts allowed by [`Self::give_up_after`] are used up.
+    async fn pause(&mut self, cancel: &CancellationToken, why: &str) -> Result<bool> {
+        if let Some(max) = self.max_attempts
+            && self.backoff.attempts() >= max
+        {
+            return Err(self.kerr("GetRecords", format!("gave up after {max} attempts: {why}")));
+        }
         self.retries.fetch_add(1, Ordering::Relaxed);
         let d = self.backoff.next_delay();
         tracing::debug!(stream = %self.stream, shard = %self.shard, ?d, "retrying: {why}");
         if self.backoff.attempts().is_multiple_of(20) {
             tracing::warn!(stream = %self.stream, shard = %self.shard, attempts = self.backoff.attempts(), "still retrying: {why}");
         }
-        tokio::select! {
+        Ok(tokio::select! {
             _ = cancel.cancelled() => false,
             _ = tokio::time::sleep(d) => true,
-        }
+        })
     }
 
     async fn new_iterator(&mut self, cancel: &CancellationToken) -> Result<Option<String>> {
@@ -151,7 +167,7 @@ impl ShardReader {
                 }
                 Err(e) => match classify(&e) {
                     Failure::Retry(m) => {
-                        if !self.pause(cancel, &m).await {
+                        if !self.pause(cancel, &m).await? {
                             return Ok(None);
                         }
                     }
@@ -209,7 +225,7 @@ impl ShardReader {
                             // Keep the same iterator: it is still valid for 5 minutes,
                             // and an expired one is replaced above.
                             self.iterator = Some(it);
-                            if !self.pause(cancel, &m).await {
+                            if !self.pause(cancel, &m).await? {
                                 return Ok(None);
                             }
                         }

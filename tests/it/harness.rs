@@ -464,3 +464,104 @@ pub fn create_bucket(s3: &Server, bucket: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A stream name as SQL must write it (test names contain `-`).
+pub fn q(name: &str) -> String {
+    format!("\"{name}\"")
+}
+
+impl Workspace {
+    /// Run `fluxcap sql --format json <sql>` and parse the JSON lines.
+    pub fn sql(&self, sql: &str) -> Vec<serde_json::Value> {
+        let out = self.ok(&["sql", "--format", "json", sql]);
+        parse_json_lines(&out.stdout)
+    }
+
+    /// One integer cell of a one-row result.
+    pub fn sql_count(&self, sql: &str) -> i64 {
+        let rows = self.sql(sql);
+        assert_eq!(rows.len(), 1, "{sql}: {rows:?}");
+        let obj = rows[0].as_object().unwrap();
+        assert_eq!(obj.len(), 1, "{sql}: {rows:?}");
+        obj.values().next().unwrap().as_i64().unwrap()
+    }
+}
+
+pub fn parse_json_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
+}
+
+/// Rows of `sql` run by DuckDB over one stream's archive directory (view `t`).
+pub fn duckdb(dir: &Path, sql: &str) -> Vec<serde_json::Value> {
+    let out = Command::new(python())
+        .arg(root().join("scripts/py/duckdb_query.py"))
+        .arg(dir)
+        .arg(sql)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "duckdb_query.py failed on {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_json_lines(&out.stdout)
+}
+
+/// Write `per_hour` JSON order events per shard into each of `hours` (epoch
+/// ms of hour starts, ascending) through the library's commit protocol, one
+/// flush per shard. Returns the records written.
+pub fn ingest_hours(
+    dir: &Path,
+    stream: &str,
+    shards: usize,
+    hours: &[i64],
+    per_hour: usize,
+) -> Vec<fluxcap::record::Record> {
+    use fluxcap::archive::layout::Layout;
+    use fluxcap::archive::store::Archive;
+    let archive = Archive {
+        store: std::sync::Arc::new(
+            object_store::local::LocalFileSystem::new_with_prefix({
+                std::fs::create_dir_all(dir).unwrap();
+                dir
+            })
+            .unwrap(),
+        ),
+        location: fluxcap::config::ArchiveLocation::Local(dir.to_path_buf()),
+        layout: Layout::new(object_store::path::Path::default()),
+    };
+    let settings = fluxcap::archive::writer::ParquetSettings::default();
+    let mut all = Vec::new();
+    rt().block_on(async {
+        for s in 0..shards {
+            let shard: std::sync::Arc<str> = format!("shardId-{s:012}").into();
+            let events = orders(hours.len() * per_hour, s as u64 + 1);
+            let recs: Vec<fluxcap::record::Record> = events
+                .into_iter()
+                .enumerate()
+                .map(|(i, (key, data))| {
+                    let hour = hours[i / per_hour];
+                    let within = (i % per_hour) as i64 * (3_600_000 / per_hour as i64);
+                    fluxcap::record::Record {
+                        shard_id: shard.clone(),
+                        sequence_number: format!("4960{s:02}{:050}", i + 1).into(),
+                        subsequence_number: 0,
+                        partition_key: key,
+                        explicit_hash_key: None,
+                        arrival_ms: hour + within,
+                        data: data.into(),
+                    }
+                })
+                .collect();
+            fluxcap::archive::ingest::write_flush(&archive, &settings, stream, &shard, &recs)
+                .await
+                .unwrap();
+            all.extend(recs);
+        }
+    });
+    all
+}

@@ -10,4 +10,5 @@ mod faults;
 mod fencing;
 mod kpl;
 mod resharding;
+mod sql;
 mod writer_interop;

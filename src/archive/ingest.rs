@@ -1,0 +1,75 @@
+//! Write records that were not read by the archiver — generated for a
+//! benchmark or a test, or imported — as one committed flush of a shard,
+//! through the same commit protocol (intent, files, commit) and with the same
+//! file names and footers, so that `verify`, `status` and SQL treat the result
+//! exactly like an archiver's output.
+
+use std::collections::BTreeMap;
+
+use object_store::path::Path;
+
+use crate::archive::archiver::flush_metadata;
+use crate::archive::checkpoint::ShardCheckpoint;
+use crate::archive::layout::hour_key;
+use crate::archive::store::Archive;
+use crate::archive::writer::{ParquetSettings, put_object};
+use crate::error::{Error, Result};
+use crate::record::{Record, RecordBatchBuilder};
+
+/// Append `records` (all of `shard`, in shard order, after anything already
+/// committed for it) to the archive of `stream` as one flush. Returns the
+/// files written.
+pub async fn write_flush(
+    archive: &Archive,
+    settings: &ParquetSettings,
+    stream: &str,
+    shard: &str,
+    records: &[Record],
+) -> Result<Vec<Path>> {
+    let (Some(first), Some(last)) = (records.first(), records.last()) else {
+        return Ok(vec![]);
+    };
+    let mut ck = ShardCheckpoint::open(archive, stream, shard, vec![], "fluxcap-ingest").await?;
+    let prev = ck.state().position.clone();
+    if prev.as_ref().is_some_and(|p| first.position() <= *p) {
+        return Err(Error::Usage(format!(
+            "records for shard {shard} of stream {stream} must come after its committed position"
+        )));
+    }
+    let mut by_hour: BTreeMap<i64, Vec<&Record>> = BTreeMap::new();
+    for r in records {
+        by_hour.entry(hour_key(r.arrival_ms)).or_default().push(r);
+    }
+    let files: Vec<(Path, Vec<&Record>)> = by_hour
+        .into_iter()
+        .map(|(hour, recs)| {
+            let path =
+                archive
+                    .layout
+                    .data_file(stream, hour, shard, &recs[0].position(), recs.len());
+            (path, recs)
+        })
+        .collect();
+    let paths: Vec<Path> = files.iter().map(|(p, _)| p.clone()).collect();
+    ck.begin(&paths).await?;
+    let last_pos = last.position();
+    for (path, recs) in files {
+        let mut b =
+            RecordBatchBuilder::with_capacity(recs.len(), recs.iter().map(|r| r.data.len()).sum());
+        for r in &recs {
+            b.push(r);
+        }
+        let metadata = flush_metadata(prev.as_ref(), Some(&last_pos), records.len() as u64, shard);
+        let bytes = settings.encode(&[b.finish()], metadata, &archive.describe(&path))?;
+        put_object(&archive.store, &path, bytes).await?;
+    }
+    ck.commit(
+        Some(last_pos),
+        Some(last.arrival_ms),
+        records.len() as u64,
+        paths.len() as u64,
+        false,
+    )
+    .await?;
+    Ok(paths)
+}

@@ -1,0 +1,376 @@
+//! `archive.<stream>`: the committed Parquet files of one stream as a
+//! Hive-partitioned table (`dt`, `hr`), listed straight from the layout.
+//!
+//! Listing is driven by what the filters allow: a bounded arrival-time range
+//! of at most a week lists only the hour prefixes it covers; otherwise the
+//! day prefixes are listed first and pruned. Predicates on `dt`/`hr` are
+//! evaluated against each candidate partition before its files are listed,
+//! and files of uncommitted flushes are left out ([`Snapshot::is_committed`]).
+//! Row groups and pages are then pruned by the Parquet reader from the same
+//! filters (statistics, bloom filters on `partition_key`/`sequence_number`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, BooleanArray, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use async_trait::async_trait;
+use chrono::NaiveDate;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::{DFSchema, Result as DfResult, ScalarValue};
+use datafusion::datasource::file_format::FileFormat;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
+use datafusion::datasource::table_schema::TableSchema;
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::logical_expr::utils::expr_to_columns;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::empty::EmptyExec;
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectMeta;
+use object_store::path::Path;
+
+use crate::archive::layout::{is_hidden_below, parse_data_file_name};
+use crate::archive::store::{Archive, with_retry};
+use crate::error::Error;
+use crate::query::bounds::{HOUR_MS, TimeRange};
+use crate::query::snapshot::Snapshot;
+use crate::record::{self, col};
+
+/// Widest bounded range (in hours) listed hour by hour instead of by day.
+const MAX_HOUR_PREFIXES: i64 = 7 * 24;
+/// Concurrent LIST requests.
+const LIST_CONCURRENCY: usize = 16;
+
+/// `archive.<stream>`.
+#[derive(Debug)]
+pub struct ArchiveTable {
+    archive: Archive,
+    stream: String,
+    /// The URL the archive's store is registered under in the session.
+    store_url: ObjectStoreUrl,
+}
+
+/// One data file selected for a scan.
+#[derive(Debug, Clone)]
+pub struct SelectedFile {
+    /// The object.
+    pub meta: ObjectMeta,
+    /// Its `dt` partition value.
+    pub dt: String,
+    /// Its `hr` partition value.
+    pub hr: String,
+}
+
+fn df_err(e: Error) -> datafusion::error::DataFusionError {
+    datafusion::error::DataFusionError::External(Box::new(e))
+}
+
+impl ArchiveTable {
+    /// The archive table of `stream`; `store_url` is where the session has
+    /// the archive's store registered.
+    pub fn new(archive: Archive, stream: &str, store_url: ObjectStoreUrl) -> Self {
+        ArchiveTable {
+            archive,
+            stream: stream.to_string(),
+            store_url,
+        }
+    }
+
+    /// The committed files that `filters` may need, as of `snapshot`.
+    pub async fn select_files(
+        &self,
+        state: &dyn Session,
+        filters: &[Expr],
+        snapshot: &Snapshot,
+    ) -> DfResult<Vec<SelectedFile>> {
+        let range = TimeRange::from_filters(filters);
+        if range.is_empty() {
+            return Ok(vec![]);
+        }
+        let parts = PartitionFilter::new(state, filters)?;
+        // Candidate partitions (dt, hr, prefix to list recursively).
+        let mut prefixes: Vec<(String, Option<String>, Path)> = Vec::new();
+        match range.hours() {
+            Some((first, last)) if (last - first) / HOUR_MS < MAX_HOUR_PREFIXES => {
+                let hours: Vec<i64> = (0..=(last - first) / HOUR_MS)
+                    .map(|i| first + i * HOUR_MS)
+                    .collect();
+                let keys: Vec<(String, String)> = hours
+                    .iter()
+                    .map(|h| crate::archive::layout::partition_of(*h))
+                    .collect();
+                let keep = parts.eval(&keys)?;
+                for ((h, (dt, hr)), keep) in hours.iter().zip(keys).zip(keep) {
+                    if keep {
+                        let prefix = self.archive.layout.partition_dir(&self.stream, *h);
+                        prefixes.push((dt, Some(hr), prefix));
+                    }
+                }
+            }
+            _ => {
+                let dir = self.archive.layout.stream_dir(&self.stream);
+                let listed = with_retry(&self.archive.describe(&dir), || {
+                    self.archive.store.list_with_delimiter(Some(&dir))
+                })
+                .await
+                .map_err(|e| df_err(Error::store(self.archive.describe(&dir), e)))?;
+                let mut days = Vec::new();
+                for p in listed.common_prefixes {
+                    let Some(dt) = p.filename().and_then(|n| n.strip_prefix("dt=")) else {
+                        continue;
+                    };
+                    let Ok(day) = NaiveDate::parse_from_str(dt, "%Y-%m-%d") else {
+                        continue;
+                    };
+                    let from = day
+                        .and_hms_opt(0, 0, 0)
+                        .map(|t| t.and_utc().timestamp_millis());
+                    let Some(from) = from else { continue };
+                    if range.overlaps(from, from + 24 * HOUR_MS - 1) {
+                        days.push((dt.to_string(), p.clone()));
+                    }
+                }
+                let keep =
+                    parts.eval_days(&days.iter().map(|d| d.0.clone()).collect::<Vec<_>>())?;
+                for ((dt, p), keep) in days.into_iter().zip(keep) {
+                    if keep {
+                        prefixes.push((dt, None, p));
+                    }
+                }
+            }
+        }
+        let listings: Vec<(String, Option<String>, Vec<ObjectMeta>)> =
+            futures::stream::iter(prefixes.into_iter().map(|(dt, hr, prefix)| async move {
+                let objects = self.archive.list(&prefix).await.map_err(df_err)?;
+                Ok::<_, datafusion::error::DataFusionError>((dt, hr, objects))
+            }))
+            .buffer_unordered(LIST_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let base = self.archive.layout.stream_dir(&self.stream);
+        // Files grouped by their (dt, hr) partition, for the hour-level check.
+        let mut by_partition: BTreeMap<(String, String), Vec<ObjectMeta>> = BTreeMap::new();
+        for (dt, hr, objects) in listings {
+            for o in objects {
+                if is_hidden_below(&base, &o.location) {
+                    continue;
+                }
+                let Some(name) = o.location.filename() else {
+                    continue;
+                };
+                let Some(parsed) = name
+                    .strip_suffix(".parquet")
+                    .and_then(|_| parse_data_file_name(name))
+                else {
+                    continue;
+                };
+                if !snapshot.is_committed(&parsed.shard_id, &parsed.first) {
+                    continue;
+                }
+                let hr = match &hr {
+                    Some(h) => h.clone(),
+                    None => {
+                        let parts: Vec<_> = o.location.parts().collect();
+                        let Some(h) = parts
+                            .iter()
+                            .rev()
+                            .nth(1)
+                            .and_then(|p| p.as_ref().strip_prefix("hr=").map(str::to_string))
+                        else {
+                            continue;
+                        };
+                        h
+                    }
+                };
+                by_partition.entry((dt.clone(), hr)).or_default().push(o);
+            }
+        }
+        let keys: Vec<(String, String)> = by_partition.keys().cloned().collect();
+        let keep = parts.eval(&keys)?;
+        let mut out = Vec::new();
+        for (((dt, hr), objects), keep) in by_partition.into_iter().zip(keep) {
+            let hour_ok = NaiveDate::parse_from_str(&dt, "%Y-%m-%d")
+                .ok()
+                .zip(hr.parse::<u32>().ok())
+                .and_then(|(d, h)| d.and_hms_opt(h, 0, 0))
+                .is_some_and(|t| range.overlaps_hour(t.and_utc().timestamp_millis()));
+            if keep && hour_ok {
+                out.extend(objects.into_iter().map(|meta| SelectedFile {
+                    meta,
+                    dt: dt.clone(),
+                    hr: hr.clone(),
+                }));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The scan plan as of `snapshot`.
+    pub async fn scan_at(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+        snapshot: &Snapshot,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let files = self.select_files(state, filters, snapshot).await?;
+        if files.is_empty() {
+            let schema = match projection {
+                Some(p) => Arc::new(record::table_schema().project(p)?),
+                None => record::table_schema(),
+            };
+            return Ok(Arc::new(EmptyExec::new(schema)));
+        }
+        let groups = balance(files, state.config().target_partitions().max(1));
+        let table_schema = TableSchema::builder(record::schema())
+            .with_table_partition_cols(vec![
+                Arc::new(Field::new(col::DT, DataType::Utf8, false)),
+                Arc::new(Field::new(col::HR, DataType::Utf8, false)),
+            ])
+            .build();
+        let format = ParquetFormat::default().with_options(state.table_options().parquet.clone());
+        let source = format.file_source(table_schema);
+        let config = FileScanConfigBuilder::new(self.store_url.clone(), source)
+            .with_file_groups(groups)
+            .with_projection_indices(projection.cloned())?
+            .with_limit(limit)
+            .build();
+        format.create_physical_plan(state, config).await
+    }
+}
+
+/// Spread files over `n` groups of similar total size (largest first).
+fn balance(mut files: Vec<SelectedFile>, n: usize) -> Vec<FileGroup> {
+    files.sort_by(|a, b| b.meta.size.cmp(&a.meta.size));
+    let n = n.min(files.len()).max(1);
+    let mut groups: Vec<(u64, Vec<PartitionedFile>)> = (0..n).map(|_| (0, Vec::new())).collect();
+    for f in files {
+        let Some(g) = groups.iter_mut().min_by_key(|g| g.0) else {
+            break;
+        };
+        g.0 += f.meta.size;
+        g.1.push(
+            PartitionedFile::new_from_meta(f.meta).with_partition_values(vec![
+                ScalarValue::Utf8(Some(f.dt)),
+                ScalarValue::Utf8(Some(f.hr)),
+            ]),
+        );
+    }
+    groups.into_iter().map(|(_, g)| FileGroup::new(g)).collect()
+}
+
+/// The filters that use only partition columns, evaluated on candidate
+/// partitions.
+struct PartitionFilter {
+    exprs: Vec<Arc<dyn datafusion::physical_plan::PhysicalExpr>>,
+    day_exprs: Vec<Arc<dyn datafusion::physical_plan::PhysicalExpr>>,
+    schema: SchemaRef,
+}
+
+impl PartitionFilter {
+    fn new(state: &dyn Session, filters: &[Expr]) -> DfResult<Self> {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(col::DT, DataType::Utf8, false),
+            Field::new(col::HR, DataType::Utf8, false),
+        ]));
+        let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
+        let mut exprs = Vec::new();
+        let mut day_exprs = Vec::new();
+        for f in filters {
+            let mut cols = std::collections::HashSet::new();
+            expr_to_columns(f, &mut cols)?;
+            if cols.is_empty() || !cols.iter().all(|c| c.name == col::DT || c.name == col::HR) {
+                continue;
+            }
+            let p = state.create_physical_expr(f.clone(), &df_schema)?;
+            if cols.iter().all(|c| c.name == col::DT) {
+                day_exprs.push(p.clone());
+            }
+            exprs.push(p);
+        }
+        Ok(PartitionFilter {
+            exprs,
+            day_exprs,
+            schema,
+        })
+    }
+
+    fn run(
+        &self,
+        exprs: &[Arc<dyn datafusion::physical_plan::PhysicalExpr>],
+        keys: &[(String, String)],
+    ) -> DfResult<Vec<bool>> {
+        let mut keep = vec![true; keys.len()];
+        if exprs.is_empty() || keys.is_empty() {
+            return Ok(keep);
+        }
+        let batch = RecordBatch::try_new(
+            self.schema.clone(),
+            vec![
+                Arc::new(StringArray::from_iter_values(
+                    keys.iter().map(|k| k.0.as_str()),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    keys.iter().map(|k| k.1.as_str()),
+                )),
+            ],
+        )?;
+        for e in exprs {
+            let v = e.evaluate(&batch)?.into_array(keys.len())?;
+            let Some(b) = v.as_any().downcast_ref::<BooleanArray>() else {
+                continue;
+            };
+            for (i, k) in keep.iter_mut().enumerate() {
+                *k &= b.is_valid(i) && b.value(i);
+            }
+        }
+        Ok(keep)
+    }
+
+    /// Which (dt, hr) partitions pass.
+    fn eval(&self, keys: &[(String, String)]) -> DfResult<Vec<bool>> {
+        self.run(&self.exprs, keys)
+    }
+
+    /// Which days pass the filters that use `dt` alone.
+    fn eval_days(&self, days: &[String]) -> DfResult<Vec<bool>> {
+        let keys: Vec<(String, String)> = days.iter().map(|d| (d.clone(), String::new())).collect();
+        self.run(&self.day_exprs, &keys)
+    }
+}
+
+#[async_trait]
+impl TableProvider for ArchiveTable {
+    fn schema(&self) -> SchemaRef {
+        record::table_schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let snapshot = Snapshot::load(&self.archive, &self.stream)
+            .await
+            .map_err(df_err)?;
+        self.scan_at(state, projection, filters, limit, &snapshot)
+            .await
+    }
+}

@@ -1,0 +1,323 @@
+//! SQL over archived and live records, on an embedded DataFusion.
+//!
+//! For each configured stream `S` the session has three tables, all with the
+//! record columns plus the partition columns `dt` and `hr`:
+//!
+//! * `archive.S` — the committed Parquet files ([`archive_table`]);
+//! * `live.S` — the records in Kinesis that are not archived yet ([`live`]);
+//! * `S` — both, as one table with every record exactly once.
+//!
+//! ## Why `S` has no duplicates and no gaps
+//!
+//! Each scan of `S` reads the stream's checkpoints once ([`Snapshot`]) and
+//! splits every shard's sequence space at its committed position `P`:
+//!
+//! ```text
+//!   shard records:  r1 r2 … rP │ rP+1 … tip
+//!                   ───────────┼──────────────
+//!   archive.S:      files whose first record ≤ P (committed flushes only)
+//!   live.S:                    │ GetRecords from just after P to the tip
+//! ```
+//!
+//! An archiver committing a flush `P → Q` during the query writes files whose
+//! first record is after `P`, so the archive side ignores them and the live
+//! side reads those records from Kinesis instead: a record is de-duplicated on
+//! its (shard_id, sequence_number, subsequence_number) by construction, with
+//! no second copy of any data and no hash table over the result. Files of a
+//! crashed, unrecovered flush also start after `P` and are ignored the same way.
+//!
+//! The session is read-only: DDL, DML (`INSERT`, `COPY`), and statements such
+//! as `SET` are refused before planning anything.
+
+pub mod archive_table;
+pub mod bounds;
+pub mod cli;
+pub mod json;
+pub mod live;
+pub mod output;
+pub mod snapshot;
+
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use datafusion::catalog::{MemorySchemaProvider, SchemaProvider, Session, TableProvider};
+use datafusion::common::Result as DfResult;
+use datafusion::error::DataFusionError;
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::{Expr, LogicalPlan, TableProviderFilterPushDown, TableType};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::union::UnionExec;
+use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
+use datafusion::sql::parser::{DFParser, Statement};
+use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+
+use crate::archive::store::Archive;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::query::archive_table::ArchiveTable;
+use crate::query::live::{LiveSettings, LiveTable};
+use crate::record;
+
+pub use snapshot::Snapshot;
+
+/// The URL the archive's object store is registered under.
+const STORE_URL: &str = "fluxcap://archive";
+
+/// A SQL session over the configured streams.
+pub struct QuerySession {
+    /// The DataFusion context (catalog, functions, object store).
+    pub ctx: SessionContext,
+    /// Every table, qualified as SQL names it (`archive.orders`, `live.orders`, `orders`).
+    pub tables: Vec<String>,
+    /// The archive the tables read.
+    pub archive: Archive,
+}
+
+/// Build the session and catalog for `cfg`: the one place the CLI, replay and
+/// the HTTP server get their SQL engine from.
+pub async fn session(cfg: &Config) -> Result<QuerySession> {
+    let archive = Archive::open(cfg).await?;
+    let client = crate::kinesis::client(cfg).await;
+    let streams = cfg.selected_streams(None)?;
+    let q = &cfg.query;
+    let partitions = if q.target_partitions == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        q.target_partitions
+    };
+    let mut config = SessionConfig::new()
+        .with_target_partitions(partitions)
+        .with_information_schema(true);
+    let opts = config.options_mut();
+    opts.execution.parquet.pushdown_filters = true;
+    opts.execution.parquet.reorder_filters = true;
+    opts.execution.parquet.bloom_filter_on_read = true;
+    let mut runtime = RuntimeEnvBuilder::new();
+    if q.memory_limit.0 > 0 {
+        runtime = runtime.with_memory_limit(q.memory_limit.0 as usize, 1.0);
+    }
+    let runtime = runtime.build_arc().map_err(|e| Error::Query {
+        message: e.to_string(),
+    })?;
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    let url = ObjectStoreUrl::parse(STORE_URL).map_err(|e| Error::Query {
+        message: e.to_string(),
+    })?;
+    ctx.register_object_store(url.as_ref(), archive.store.clone());
+    json::register(&ctx).map_err(|e| Error::Query {
+        message: format!("registering JSON functions: {e}"),
+    })?;
+
+    let settings = LiveSettings {
+        limit: cfg.archiver.max_records_per_call,
+        max_backoff: cfg.archiver.max_backoff.0,
+        attempts: q.live_retry_attempts,
+    };
+    let archive_schema = Arc::new(MemorySchemaProvider::new());
+    let live_schema = Arc::new(MemorySchemaProvider::new());
+    let mut tables = Vec::new();
+    let register = |schema: &dyn SchemaProvider, name: &str, t: Arc<dyn TableProvider>| {
+        schema
+            .register_table(name.to_string(), t)
+            .map(|_| ())
+            .map_err(|e| Error::Query {
+                message: format!("registering table {name}: {e}"),
+            })
+    };
+    for s in &streams {
+        let a = Arc::new(ArchiveTable::new(archive.clone(), &s.name, url.clone()));
+        let l = Arc::new(LiveTable::new(
+            client.clone(),
+            archive.clone(),
+            &s.name,
+            settings.clone(),
+        ));
+        register(archive_schema.as_ref(), &s.name, a.clone())?;
+        register(live_schema.as_ref(), &s.name, l.clone())?;
+        ctx.register_table(
+            s.name.as_str(),
+            Arc::new(UnifiedTable {
+                archive: archive.clone(),
+                stream: s.name.clone(),
+                archived: a,
+                live: l,
+            }),
+        )
+        .map_err(|e| Error::Query {
+            message: format!("registering table {}: {e}", s.name),
+        })?;
+        tables.push(format!("archive.{}", quote(&s.name)));
+        tables.push(format!("live.{}", quote(&s.name)));
+        tables.push(quote(&s.name));
+    }
+    let catalog = ctx.catalog("datafusion").ok_or_else(|| Error::Query {
+        message: "the default catalog is missing".into(),
+    })?;
+    for (name, schema) in [("archive", archive_schema), ("live", live_schema)] {
+        catalog
+            .register_schema(name, schema)
+            .map_err(|e| Error::Query {
+                message: format!("registering schema {name}: {e}"),
+            })?;
+    }
+    Ok(QuerySession {
+        ctx,
+        tables,
+        archive,
+    })
+}
+
+/// A name as SQL must write it (quoted unless it is a plain lower-case identifier).
+fn quote(name: &str) -> String {
+    let plain = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        name.to_string()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
+}
+
+/// What the session refuses.
+fn read_only() -> SQLOptions {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
+impl QuerySession {
+    /// Split `sql` into statements (errors carry the parser's line and column).
+    /// The PostgreSQL dialect gives `->`/`->>` their usual precedence over `=`.
+    pub fn parse(&self, sql: &str) -> Result<Vec<Statement>> {
+        DFParser::parse_sql_with_dialect(sql, &PostgreSqlDialect {})
+            .map(|v| v.into_iter().collect())
+            .map_err(|e| self.error(e))
+    }
+
+    /// Plan one statement, refusing anything that is not a read.
+    pub async fn plan(&self, statement: Statement) -> Result<DataFrame> {
+        let text = statement.to_string();
+        let plan = self
+            .ctx
+            .state()
+            .statement_to_plan(statement)
+            .await
+            .map_err(|e| self.error(e))?;
+        if let Err(e) = read_only().verify_plan(&plan) {
+            return Err(Error::ReadOnly {
+                statement: first_words(&text),
+                message: e.strip_backtrace(),
+            });
+        }
+        if matches!(plan, LogicalPlan::Statement(_)) {
+            return Err(Error::ReadOnly {
+                statement: first_words(&text),
+                message: "statements that change the session are not allowed".into(),
+            });
+        }
+        self.ctx
+            .execute_logical_plan(plan)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// One SQL statement to a DataFrame.
+    pub async fn sql(&self, sql: &str) -> Result<DataFrame> {
+        let mut statements = self.parse(sql)?;
+        if statements.len() != 1 {
+            return Err(Error::Sql {
+                message: format!("expected one SQL statement, got {}", statements.len()),
+            });
+        }
+        let s = statements.remove(0);
+        self.plan(s).await
+    }
+
+    /// Turn an engine error into ours: syntax and planning errors are the
+    /// user's to fix (an unknown table lists the tables that exist);
+    /// failures while running keep the engine's message.
+    pub fn error(&self, e: DataFusionError) -> Error {
+        query_error(e, &self.tables)
+    }
+}
+
+/// See [`QuerySession::error`].
+pub fn query_error(e: DataFusionError, tables: &[String]) -> Error {
+    let root = e.find_root();
+    if let DataFusionError::External(inner) = root
+        && let Some(ours) = inner.downcast_ref::<Error>()
+    {
+        return Error::Query {
+            message: ours.to_string(),
+        };
+    }
+    let message = e.strip_backtrace();
+    match root {
+        DataFusionError::SQL(..) => Error::Sql { message },
+        DataFusionError::Plan(m) if m.contains("not found") && m.contains("table") => Error::Sql {
+            message: format!("{message}\navailable tables: {}", tables.join(", ")),
+        },
+        DataFusionError::Plan(_) | DataFusionError::SchemaError(..) => Error::Sql { message },
+        _ => Error::Query { message },
+    }
+}
+
+fn first_words(s: &str) -> String {
+    s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+/// `S`: the archive and the live tail of one stream, split at one snapshot.
+#[derive(Debug)]
+struct UnifiedTable {
+    archive: Archive,
+    stream: String,
+    archived: Arc<ArchiveTable>,
+    live: Arc<LiveTable>,
+}
+
+#[async_trait]
+impl TableProvider for UnifiedTable {
+    fn schema(&self) -> SchemaRef {
+        record::table_schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let snapshot = Snapshot::load(&self.archive, &self.stream)
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let a = self
+            .archived
+            .scan_at(state, projection, filters, limit, &snapshot)
+            .await?;
+        let l = self
+            .live
+            .scan_at(projection, filters, limit, &snapshot)
+            .await?;
+        UnionExec::try_new(vec![a, l])
+    }
+}

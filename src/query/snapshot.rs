@@ -1,0 +1,61 @@
+//! A point-in-time view of a stream's checkpoints, taken once per scan.
+//!
+//! It is what makes `archive.<s>` show only committed files and makes
+//! `archive.<s> ∪ live.<s>` free of duplicates and gaps — see the module
+//! documentation of [`crate::query`].
+
+use std::collections::HashMap;
+
+use crate::archive::checkpoint::{self, Checkpoint};
+use crate::archive::store::Archive;
+use crate::error::{Error, Result};
+use crate::record::Position;
+
+/// The latest checkpoint of every shard of one stream, read at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Checkpoint per shard id.
+    pub shards: HashMap<String, Checkpoint>,
+}
+
+impl Snapshot {
+    /// Read the checkpoints of `stream`. A generation that disappears between
+    /// the listing and the read (an archiver committing two flushes meanwhile)
+    /// makes it list again.
+    pub async fn load(archive: &Archive, stream: &str) -> Result<Self> {
+        let mut attempt = 0;
+        loop {
+            match checkpoint::load_all(archive, stream).await {
+                Ok(all) => {
+                    return Ok(Snapshot {
+                        shards: all.into_iter().map(|c| (c.shard_id.clone(), c)).collect(),
+                    });
+                }
+                Err(Error::Store {
+                    source: object_store::Error::NotFound { .. },
+                    ..
+                }) if attempt < 5 => attempt += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The committed position of `shard`: records up to it are archived.
+    pub fn committed(&self, shard: &str) -> Option<&Position> {
+        self.shards.get(shard).and_then(|c| c.position.as_ref())
+    }
+
+    /// Whether a data file of `shard` whose first record is `first` belongs to
+    /// a committed flush. Flushes of a shard are sequential, so a file is
+    /// committed exactly when it starts at or before the committed position;
+    /// files of a flush in progress (or of a crashed one, not yet cleaned up)
+    /// start after it.
+    pub fn is_committed(&self, shard: &str, first: &Position) -> bool {
+        self.committed(shard).is_some_and(|p| first <= p)
+    }
+
+    /// Whether `shard` is closed and completely archived.
+    pub fn finished(&self, shard: &str) -> bool {
+        self.shards.get(shard).is_some_and(|c| c.finished)
+    }
+}
