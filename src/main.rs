@@ -106,7 +106,8 @@ fn init_tracing(verbose: u8, quiet: bool) {
     use tracing_subscriber::EnvFilter;
     let default = match (quiet, verbose) {
         (true, _) => "error",
-        (false, 0) => "fluxcap=info,warn",
+        // The AWS SDK warns on every failed credential lookup; our own error says it once.
+        (false, 0) => "fluxcap=info,warn,aws_config=error",
         (false, 1) => "fluxcap=debug,info",
         _ => "debug",
     };

@@ -86,10 +86,17 @@ where
             }
         }
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
-            Failure::Retry(format!(
-                "{}",
-                aws_sdk_kinesis::error::DisplayErrorContext(err)
-            ))
+            let text = format!("{}", aws_sdk_kinesis::error::DisplayErrorContext(err));
+            if text.contains("loading credentials") || text.contains("no credentials") {
+                // Retrying cannot conjure credentials: say so at once.
+                Failure::Fatal(format!(
+                    "no usable AWS credentials (set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
+                     or aws.profile in the configuration): {}",
+                    text.chars().take(160).collect::<String>()
+                ))
+            } else {
+                Failure::Retry(text)
+            }
         }
         _ => Failure::Fatal(format!(
             "{}",

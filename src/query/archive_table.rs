@@ -245,7 +245,7 @@ impl ArchiveTable {
 
 /// Spread files over `n` groups of similar total size (largest first).
 fn balance(mut files: Vec<SelectedFile>, n: usize) -> Vec<FileGroup> {
-    files.sort_by(|a, b| b.meta.size.cmp(&a.meta.size));
+    files.sort_by_key(|f| std::cmp::Reverse(f.meta.size));
     let n = n.min(files.len()).max(1);
     let mut groups: Vec<(u64, Vec<PartitionedFile>)> = (0..n).map(|_| (0, Vec::new())).collect();
     for f in files {

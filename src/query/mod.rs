@@ -255,8 +255,15 @@ pub fn query_error(e: DataFusionError, tables: &[String]) -> Error {
     if let DataFusionError::External(inner) = root
         && let Some(ours) = inner.downcast_ref::<Error>()
     {
+        let hint = match ours {
+            Error::Kinesis { stream, .. } => format!(
+                " (live records could not be read; archive.{} has the archived ones alone)",
+                quote(stream)
+            ),
+            _ => String::new(),
+        };
         return Error::Query {
-            message: ours.to_string(),
+            message: format!("{ours}{hint}"),
         };
     }
     let message = e.strip_backtrace();

@@ -128,7 +128,7 @@ impl Sink {
 
 enum TextWriter {
     Json(arrow::json::Writer<Box<dyn Write + Send>, arrow::json::writer::LineDelimited>),
-    Csv(arrow::csv::Writer<Box<dyn Write + Send>>),
+    Csv(Box<arrow::csv::Writer<Box<dyn Write + Send>>>),
 }
 
 /// Write every batch of `stream` to `sink` in `format`; returns the row count.
@@ -172,7 +172,9 @@ pub async fn write(
                         .build::<_, arrow::json::writer::LineDelimited>(w),
                 )
             } else {
-                TextWriter::Csv(arrow::csv::WriterBuilder::new().with_header(true).build(w))
+                TextWriter::Csv(Box::new(
+                    arrow::csv::WriterBuilder::new().with_header(true).build(w),
+                ))
             };
             while let Some(b) = stream.next().await {
                 let b = b.map_err(&on_error)?;

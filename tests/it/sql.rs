@@ -475,3 +475,48 @@ fn same_answers_as_duckdb() {
         assert_eq!(a, b, "fluxcap and DuckDB differ on {ours}");
     }
 }
+
+#[test]
+fn sql_over_an_s3_archive() {
+    let k = kinesis();
+    let s3 = s3();
+    let stream = unique("s3sql");
+    let bucket = unique("bkt");
+    create_bucket(&s3, &bucket);
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    let mut puts = rt.block_on(async {
+        create_stream(&c, &stream, 2).await;
+        put_records(&c, &stream, &orders(120, 4)).await
+    });
+    let ws = Workspace::new(
+        &k.endpoint(),
+        Some(&format!("s3://{bucket}/archive/v1")),
+        Some(&s3.endpoint()),
+        "",
+        &[(&stream, "json")],
+    );
+    ws.ok(&["archive", "--once"]);
+    puts.extend(rt.block_on(put_records(&c, &stream, &orders(30, 5))));
+    let t = q(&stream);
+    let all = ws.sql(&format!(
+        "SELECT shard_id, sequence_number, subsequence_number, data FROM {t}"
+    ));
+    assert_same(
+        &puts_multiset(&puts),
+        &rows_multiset(&all),
+        "unified view on S3",
+    );
+    assert_eq!(
+        ws.sql_count(&format!("SELECT count(*) AS n FROM archive.{t}")),
+        120
+    );
+    // A time filter in the past opens no archive file at all.
+    let plan = hours_in_plan(
+        &ws,
+        &format!(
+            "SELECT * FROM archive.{t} WHERE approximate_arrival_timestamp < '2001-01-01T00:00:00Z'"
+        ),
+    );
+    assert!(plan.is_empty(), "{plan:?}");
+}
