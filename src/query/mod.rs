@@ -268,7 +268,15 @@ pub fn query_error(e: DataFusionError, tables: &[String]) -> Error {
     }
     let message = e.strip_backtrace();
     match root {
-        DataFusionError::SQL(..) => Error::Sql { message },
+        DataFusionError::SQL(parse, _) => {
+            use datafusion::sql::sqlparser::parser::ParserError;
+            Error::Sql {
+                message: match parse.as_ref() {
+                    ParserError::ParserError(m) | ParserError::TokenizerError(m) => m.clone(),
+                    other => other.to_string(),
+                },
+            }
+        }
         DataFusionError::Plan(m) if m.contains("not found") && m.contains("table") => Error::Sql {
             message: format!("{message}\navailable tables: {}", tables.join(", ")),
         },

@@ -520,3 +520,48 @@ fn sql_over_an_s3_archive() {
     );
     assert!(plan.is_empty(), "{plan:?}");
 }
+
+#[test]
+fn interactive_prompt_runs_multi_line_statements_and_keeps_history() {
+    let ws = Workspace::new("http://127.0.0.1:9", None, None, "", &[("ev", "json")]);
+    ingest_hours(&ws.archive, "ev", 1, &[T0], 25);
+    let steps = serde_json::json!([
+        ["expect", "fluxcap> "],
+        ["send", "SELECT count(*)\r"],
+        ["expect", "      -> "],
+        ["send", "  AS n FROM archive.ev;\r"],
+        ["expect", "| 25 |"],
+        ["expect", "fluxcap> "],
+        ["send", "SELECT * FROM nope;\r"],
+        ["expect", "available tables: archive.ev"],
+        ["expect", "fluxcap> "],
+        ["send", "\\q\r"],
+    ]);
+    let cmd = ws.cmd();
+    let mut c = std::process::Command::new(python());
+    c.arg(root().join("scripts/py/pty_session.py"))
+        .arg(steps.to_string())
+        .arg("--")
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .arg("sql")
+        .current_dir(ws.dir.path())
+        .env("HOME", ws.dir.path())
+        .env_remove("XDG_STATE_HOME");
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    let out = c.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let history =
+        std::fs::read_to_string(ws.dir.path().join(".local/state/fluxcap/sql_history")).unwrap();
+    assert!(history.contains("AS n FROM archive.ev;"), "{history}");
+}
