@@ -565,3 +565,58 @@ fn interactive_prompt_runs_multi_line_statements_and_keeps_history() {
         std::fs::read_to_string(ws.dir.path().join(".local/state/fluxcap/sql_history")).unwrap();
     assert!(history.contains("AS n FROM archive.ev;"), "{history}");
 }
+
+#[test]
+fn unified_view_across_a_split() {
+    let k = kinesis();
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    let stream = unique("split");
+    let mut puts = rt.block_on(async {
+        create_stream(&c, &stream, 1).await;
+        put_records(&c, &stream, &orders(80, 1)).await
+    });
+    let ws = Workspace::new(&k.endpoint(), None, None, "", &[(&stream, "json")]);
+    ws.ok(&["archive", "--once"]);
+    // Records after the archive run, then a split, then records on the children.
+    puts.extend(rt.block_on(put_records(&c, &stream, &orders(30, 2))));
+    rt.block_on(async {
+        let shards = c.list_shards().stream_name(&stream).send().await.unwrap();
+        let s0 = &shards.shards()[0];
+        let r = s0.hash_key_range().unwrap();
+        let start: u128 = r.starting_hash_key().parse().unwrap();
+        let end: u128 = r.ending_hash_key().parse().unwrap();
+        c.split_shard()
+            .stream_name(&stream)
+            .shard_to_split(s0.shard_id())
+            .new_starting_hash_key(((start + end) / 2).to_string())
+            .send()
+            .await
+            .unwrap();
+        wait_active(&c, &stream).await;
+    });
+    puts.extend(rt.block_on(put_records(&c, &stream, &orders(60, 3))));
+    let t = q(&stream);
+    let all = ws.sql(&format!(
+        "SELECT shard_id, sequence_number, subsequence_number, data FROM {t}"
+    ));
+    assert_same(
+        &puts_multiset(&puts),
+        &rows_multiset(&all),
+        "across a split",
+    );
+    let shards: BTreeSet<String> = ws
+        .sql(&format!("SELECT DISTINCT shard_id FROM live.{t}"))
+        .iter()
+        .map(|r| r["shard_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        shards.len(),
+        3,
+        "parent remainder and both children: {shards:?}"
+    );
+    assert_eq!(
+        ws.sql_count(&format!("SELECT count(*) AS n FROM live.{t}")),
+        90
+    );
+}
