@@ -171,6 +171,18 @@ impl ShardReader {
                             return Ok(None);
                         }
                     }
+                    Failure::NotFound(m)
+                        if self.last_sequence.is_some() || self.start_at_sequence.is_some() =>
+                    {
+                        return Err(self.kerr(
+                            "GetShardIterator",
+                            format!(
+                                "{m} — the checkpointed record is not in the stream: was the \
+                                 stream deleted and re-created under the same name? (then \
+                                 archive it to a new location)"
+                            ),
+                        ));
+                    }
                     Failure::NotFound(m) | Failure::Fatal(m) => {
                         return Err(self.kerr("GetShardIterator", m));
                     }
