@@ -56,20 +56,51 @@ pub fn schema() -> SchemaRef {
     SCHEMA.clone()
 }
 
+/// The in-memory type of a record column in the SQL engine: strings and bytes
+/// as Arrow view types, which the Parquet reader fills without copying values
+/// (the files keep plain `BINARY`/`UTF8`).
+fn view_type(t: &DataType) -> DataType {
+    match t {
+        DataType::Utf8 => DataType::Utf8View,
+        DataType::Binary => DataType::BinaryView,
+        other => other.clone(),
+    }
+}
+
+static QUERY_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(
+        SCHEMA
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_data_type(view_type(f.data_type())))
+            .collect::<Vec<_>>(),
+    ))
+});
+
 static TABLE_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    let mut fields: Vec<Field> = SCHEMA.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut fields: Vec<Field> = QUERY_SCHEMA
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
     fields.push(Field::new(col::DT, DataType::Utf8, false));
     fields.push(Field::new(col::HR, DataType::Utf8, false));
     Arc::new(Schema::new(fields))
 });
 
-/// The schema of the SQL tables: the record columns, then the partition
-/// columns `dt` and `hr` derived from the arrival time.
+/// The record columns as the SQL engine reads them from the files (view types).
+pub fn query_file_schema() -> SchemaRef {
+    QUERY_SCHEMA.clone()
+}
+
+/// The schema of the SQL tables: the record columns (view types), then the
+/// partition columns `dt` and `hr` derived from the arrival time.
 pub fn table_schema() -> SchemaRef {
     TABLE_SCHEMA.clone()
 }
 
-/// Add the `dt`/`hr` columns (from the arrival time) to a batch of [`schema()`].
+/// A batch of [`schema()`] as a batch of [`table_schema()`]: view types, plus
+/// the `dt`/`hr` columns computed from the arrival time.
 pub fn with_partition_columns(
     batch: &RecordBatch,
 ) -> Result<RecordBatch, arrow::error::ArrowError> {
@@ -84,7 +115,10 @@ pub fn with_partition_columns(
         dt.append_value(d);
         hr.append_value(h);
     }
-    let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+    let mut cols: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns() + 2);
+    for (c, f) in batch.columns().iter().zip(QUERY_SCHEMA.fields()) {
+        cols.push(arrow::compute::cast(c, f.data_type())?);
+    }
     cols.push(Arc::new(dt.finish()));
     cols.push(Arc::new(hr.finish()));
     RecordBatch::try_new(table_schema(), cols)

@@ -226,7 +226,7 @@ impl ArchiveTable {
             return Ok(Arc::new(EmptyExec::new(schema)));
         }
         let groups = balance(files, state.config().target_partitions().max(1));
-        let table_schema = TableSchema::builder(record::schema())
+        let table_schema = TableSchema::builder(record::query_file_schema())
             .with_table_partition_cols(vec![
                 Arc::new(Field::new(col::DT, DataType::Utf8, false)),
                 Arc::new(Field::new(col::HR, DataType::Utf8, false)),

@@ -87,13 +87,9 @@ pub async fn session(cfg: &Config) -> Result<QuerySession> {
     } else {
         q.target_partitions
     };
-    let mut config = SessionConfig::new()
+    let config = SessionConfig::from(engine_options()?)
         .with_target_partitions(partitions)
         .with_information_schema(true);
-    let opts = config.options_mut();
-    opts.execution.parquet.pushdown_filters = true;
-    opts.execution.parquet.reorder_filters = true;
-    opts.execution.parquet.bloom_filter_on_read = true;
     let mut runtime = RuntimeEnvBuilder::new();
     if q.memory_limit.0 > 0 {
         runtime = runtime.with_memory_limit(q.memory_limit.0 as usize, 1.0);
@@ -167,6 +163,31 @@ pub async fn session(cfg: &Config) -> Result<QuerySession> {
         tables,
         archive,
     })
+}
+
+/// DataFusion settings that differ from its defaults. Any engine setting can
+/// still be changed from the environment (`DATAFUSION_EXECUTION_BATCH_SIZE`
+/// for `datafusion.execution.batch_size`), which wins over these.
+const ENGINE_DEFAULTS: &[(&str, &str)] = &[
+    // Evaluate filters while decoding, so columns are decoded only for rows
+    // that pass (point lookups by partition_key do not decode payloads).
+    ("datafusion.execution.parquet.pushdown_filters", "true"),
+    ("datafusion.execution.parquet.reorder_filters", "true"),
+];
+
+fn engine_options() -> Result<datafusion::config::ConfigOptions> {
+    let bad = |e: DataFusionError| Error::Config {
+        file: "environment (DATAFUSION_*)".into(),
+        key: "datafusion".into(),
+        message: e.strip_backtrace(),
+    };
+    let mut opts = datafusion::config::ConfigOptions::from_env().map_err(bad)?;
+    for (key, value) in ENGINE_DEFAULTS {
+        if std::env::var_os(key.to_uppercase().replace('.', "_")).is_none() {
+            opts.set(key, value).map_err(bad)?;
+        }
+    }
+    Ok(opts)
 }
 
 /// A name as SQL must write it (quoted unless it is a plain lower-case identifier).

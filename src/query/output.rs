@@ -86,6 +86,24 @@ fn binary_to_string(batch: &RecordBatch, how: BinaryAs) -> Result<RecordBatch> {
     Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
 }
 
+/// `schema` with view types replaced by their plain equivalents.
+fn plain_schema(schema: &SchemaRef) -> SchemaRef {
+    Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| {
+                let t = match f.data_type() {
+                    DataType::Utf8View => DataType::Utf8,
+                    DataType::BinaryView => DataType::Binary,
+                    other => other.clone(),
+                };
+                f.as_ref().clone().with_data_type(t)
+            })
+            .collect::<Vec<_>>(),
+    ))
+}
+
 fn is_binary(t: &DataType) -> bool {
     matches!(
         t,
@@ -208,22 +226,30 @@ pub async fn write(
                     "Parquet output needs a file: use -o FILE.parquet".into(),
                 ));
             };
+            // View types are an in-memory detail: files get plain BINARY/UTF8
+            // columns (and embedded Arrow types) that every reader knows.
+            let schema = plain_schema(&schema);
             let file = std::fs::File::create(path).map_err(|e| io_err(&name, e))?;
             let props = parquet::file::properties::WriterProperties::builder()
                 .set_compression(parquet::basic::Compression::ZSTD(
                     parquet::basic::ZstdLevel::default(),
                 ))
                 .build();
-            let mut w =
-                parquet::arrow::ArrowWriter::try_new(file, schema, Some(props)).map_err(|e| {
-                    Error::Parquet {
-                        object: name.clone(),
-                        source: e,
-                    }
+            let mut w = parquet::arrow::ArrowWriter::try_new(file, schema.clone(), Some(props))
+                .map_err(|e| Error::Parquet {
+                    object: name.clone(),
+                    source: e,
                 })?;
             while let Some(b) = stream.next().await {
                 let b = b.map_err(&on_error)?;
                 rows += b.num_rows() as u64;
+                let cols = b
+                    .columns()
+                    .iter()
+                    .zip(schema.fields())
+                    .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let b = RecordBatch::try_new(schema.clone(), cols)?;
                 w.write(&b).map_err(|e| Error::Parquet {
                     object: name.clone(),
                     source: e,
