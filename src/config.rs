@@ -133,7 +133,7 @@ pub struct StatusConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueryConfig {
-    /// Partitions a query runs on; 0 means one per CPU core.
+    /// Partitions a query is split into; 0 means four per CPU core.
     pub target_partitions: usize,
     /// Memory the engine may hold before spilling to disk; 0 means no limit.
     pub memory_limit: ByteSize,

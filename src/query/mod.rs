@@ -82,8 +82,12 @@ pub async fn session(cfg: &Config) -> Result<QuerySession> {
     let client = crate::kinesis::client(cfg).await;
     let streams = cfg.selected_streams(None)?;
     let q = &cfg.query;
+    // Four partitions per core by default: archives are many small files, and
+    // while one partition opens a file and reads its footer another decodes
+    // (measured: 2 partitions on 2 cores are ~1.3x slower than 8 on the
+    // scripts/bench-query archive).
     let partitions = if q.target_partitions == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
+        4 * std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {
         q.target_partitions
     };
