@@ -36,6 +36,7 @@ use crate::archive::layout::{is_hidden_below, parse_data_file_name};
 use crate::archive::store::{Archive, with_retry};
 use crate::error::Error;
 use crate::query::bounds::{HOUR_MS, TimeRange};
+use crate::query::df_err;
 use crate::query::snapshot::Snapshot;
 use crate::record::{self, col};
 
@@ -62,10 +63,6 @@ pub struct SelectedFile {
     pub dt: String,
     /// Its `hr` partition value.
     pub hr: String,
-}
-
-fn df_err(e: Error) -> datafusion::error::DataFusionError {
-    datafusion::error::DataFusionError::External(Box::new(e))
 }
 
 impl ArchiveTable {

@@ -18,7 +18,7 @@ use arrow::compute::CastOptions;
 use arrow::datatypes::{DataType, FieldRef};
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{DFSchema, Result as DfResult, ScalarValue, exec_err, plan_err};
+use datafusion::common::{DFSchema, Result as DfResult, ScalarValue, plan_err};
 use datafusion::execution::FunctionRegistry;
 use datafusion::logical_expr::expr::ScalarFunction;
 use datafusion::logical_expr::expr_rewriter::FunctionRewrite;
@@ -59,8 +59,9 @@ pub fn register(ctx: &SessionContext) -> DfResult<()> {
             udfs: wrapped.clone(),
         }))?;
     }
-    state.register_udf(Arc::new(ScalarUDF::new_from_impl(Text::new())))?;
-    state.register_udf(Arc::new(ScalarUDF::new_from_impl(OctetLength::new())))?;
+    for f in [BytesFn::text(), BytesFn::octet_length()] {
+        state.register_udf(Arc::new(ScalarUDF::new_from_impl(f)))?;
+    }
     Ok(())
 }
 
@@ -247,15 +248,51 @@ impl ScalarUDFImpl for BinaryJson {
     }
 }
 
-/// `text(bytes)`: a payload as text; invalid UTF-8 sequences become U+FFFD.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct Text {
+/// A one-argument function over binary or string values: `text()` and
+/// `octet_length()`.
+#[derive(Debug)]
+struct BytesFn {
+    name: &'static str,
+    output: DataType,
+    apply: fn(&dyn Array) -> DfResult<ArrayRef>,
     signature: Signature,
 }
 
-impl Text {
-    fn new() -> Self {
-        Text {
+impl PartialEq for BytesFn {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for BytesFn {}
+
+impl std::hash::Hash for BytesFn {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name.hash(state)
+    }
+}
+
+impl BytesFn {
+    /// `text(bytes)`: a payload as text; invalid UTF-8 sequences become U+FFFD.
+    fn text() -> Self {
+        Self::new("text", DataType::Utf8, lossy_text)
+    }
+
+    /// `octet_length(x)`: bytes in a binary or string value (the built-in
+    /// one only takes strings).
+    fn octet_length() -> Self {
+        Self::new("octet_length", DataType::Int64, octet_length)
+    }
+
+    fn new(
+        name: &'static str,
+        output: DataType,
+        apply: fn(&dyn Array) -> DfResult<ArrayRef>,
+    ) -> Self {
+        BytesFn {
+            name,
+            output,
+            apply,
             signature: Signature::any(1, Volatility::Immutable),
         }
     }
@@ -276,16 +313,21 @@ fn lossy_text(a: &dyn Array) -> DfResult<ArrayRef> {
         DataType::Binary => build(a.len(), a.as_binary::<i32>().iter()),
         DataType::LargeBinary => build(a.len(), a.as_binary::<i64>().iter()),
         DataType::BinaryView => build(a.len(), a.as_binary_view().iter()),
-        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Null => {
-            arrow::compute::cast(a, &DataType::Utf8)?
-        }
-        other => return exec_err!("text() expects binary or string, got {other}"),
+        _ => arrow::compute::cast(a, &DataType::Utf8)?,
     })
 }
 
-impl ScalarUDFImpl for Text {
+fn octet_length(a: &dyn Array) -> DfResult<ArrayRef> {
+    if a.data_type() == &DataType::Null {
+        return Ok(arrow::array::new_null_array(&DataType::Int64, a.len()));
+    }
+    let n = arrow::compute::kernels::length::length(a)?;
+    Ok(arrow::compute::cast(&n, &DataType::Int64)?)
+}
+
+impl ScalarUDFImpl for BytesFn {
     fn name(&self) -> &str {
-        "text"
+        self.name
     }
     fn signature(&self) -> &Signature {
         &self.signature
@@ -300,71 +342,16 @@ impl ScalarUDFImpl for Text {
                 | DataType::LargeUtf8
                 | DataType::Utf8View
                 | DataType::Null,
-            ) => Ok(DataType::Utf8),
-            Some(other) => plan_err!("text() expects binary or string, got {other}"),
-            None => plan_err!("text() takes one argument"),
+            ) => Ok(self.output.clone()),
+            Some(other) => plan_err!("{}() expects binary or string, got {other}", self.name),
+            None => plan_err!("{}() takes one argument", self.name),
         }
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
         match &args.args[0] {
-            ColumnarValue::Array(a) => Ok(ColumnarValue::Array(lossy_text(a.as_ref())?)),
+            ColumnarValue::Array(a) => Ok(ColumnarValue::Array((self.apply)(a.as_ref())?)),
             ColumnarValue::Scalar(s) => {
-                let a = lossy_text(s.to_array()?.as_ref())?;
-                Ok(ColumnarValue::Scalar(ScalarValue::try_from_array(&a, 0)?))
-            }
-        }
-    }
-}
-
-/// `octet_length(x)`: bytes in a binary or string value (the built-in one
-/// only takes strings).
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct OctetLength {
-    signature: Signature,
-}
-
-impl OctetLength {
-    fn new() -> Self {
-        OctetLength {
-            signature: Signature::any(1, Volatility::Immutable),
-        }
-    }
-}
-
-impl ScalarUDFImpl for OctetLength {
-    fn name(&self) -> &str {
-        "octet_length"
-    }
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-    fn return_type(&self, arg_types: &[DataType]) -> DfResult<DataType> {
-        match arg_types.first() {
-            Some(
-                DataType::Binary
-                | DataType::LargeBinary
-                | DataType::BinaryView
-                | DataType::Utf8
-                | DataType::LargeUtf8
-                | DataType::Utf8View
-                | DataType::Null,
-            ) => Ok(DataType::Int64),
-            Some(other) => plan_err!("octet_length() expects binary or string, got {other}"),
-            None => plan_err!("octet_length() takes one argument"),
-        }
-    }
-    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
-        let len = |a: &dyn Array| -> DfResult<ArrayRef> {
-            if a.data_type() == &DataType::Null {
-                return Ok(arrow::array::new_null_array(&DataType::Int64, a.len()));
-            }
-            let n = arrow::compute::kernels::length::length(a)?;
-            Ok(arrow::compute::cast(&n, &DataType::Int64)?)
-        };
-        match &args.args[0] {
-            ColumnarValue::Array(a) => Ok(ColumnarValue::Array(len(a.as_ref())?)),
-            ColumnarValue::Scalar(s) => {
-                let a = len(s.to_array()?.as_ref())?;
+                let a = (self.apply)(s.to_array()?.as_ref())?;
                 Ok(ColumnarValue::Scalar(ScalarValue::try_from_array(&a, 0)?))
             }
         }

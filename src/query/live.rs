@@ -31,16 +31,13 @@ use crate::error::Error;
 use crate::kinesis::reader::{ShardReader, StartAt};
 use crate::kinesis::shards::list_shards;
 use crate::query::bounds::TimeRange;
+use crate::query::df_err;
 use crate::query::snapshot::Snapshot;
 use crate::record::{self, Position, RecordBatchBuilder};
 
 /// A record arriving this long after the upper time bound ends a shard's read
 /// (arrival times within a shard are close to monotonic, not exactly).
 const PAST_END_SLACK_MS: i64 = 5 * 60 * 1000;
-
-fn df_err(e: Error) -> datafusion::error::DataFusionError {
-    datafusion::error::DataFusionError::External(Box::new(e))
-}
 
 /// How the live side reads Kinesis.
 #[derive(Debug, Clone)]

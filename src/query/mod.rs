@@ -274,6 +274,11 @@ impl QuerySession {
     }
 }
 
+/// Our error inside the engine's (the table providers return these).
+pub(crate) fn df_err(e: Error) -> DataFusionError {
+    DataFusionError::External(Box::new(e))
+}
+
 /// See [`QuerySession::error`].
 pub fn query_error(e: DataFusionError, tables: &[String]) -> Error {
     let root = e.find_root();
@@ -349,7 +354,7 @@ impl TableProvider for UnifiedTable {
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let snapshot = Snapshot::load(&self.archive, &self.stream)
             .await
-            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+            .map_err(df_err)?;
         let a = self
             .archived
             .scan_at(state, projection, filters, limit, &snapshot)

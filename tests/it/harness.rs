@@ -162,6 +162,24 @@ pub async fn wait_active(c: &Client, name: &str) {
     }
 }
 
+/// Split the first listed shard of `stream` in the middle of its hash range
+/// and wait until the stream is active again.
+pub async fn split_first_shard(c: &Client, stream: &str) {
+    let shards = c.list_shards().stream_name(stream).send().await.unwrap();
+    let s0 = &shards.shards()[0];
+    let r = s0.hash_key_range().unwrap();
+    let start: u128 = r.starting_hash_key().parse().unwrap();
+    let end: u128 = r.ending_hash_key().parse().unwrap();
+    c.split_shard()
+        .stream_name(stream)
+        .shard_to_split(s0.shard_id())
+        .new_starting_hash_key(((start + end) / 2).to_string())
+        .send()
+        .await
+        .unwrap();
+    wait_active(c, stream).await;
+}
+
 /// A record as put, with where Kinesis placed it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Put {

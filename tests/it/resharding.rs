@@ -61,21 +61,7 @@ fn split_and_merge_while_archiving() {
     puts.extend(rt.block_on(put_records(&c, &stream, &orders(150, 1))));
     verify_lineage(&ws);
     // Split shard 0 in the middle of its hash range.
-    rt.block_on(async {
-        let shards = c.list_shards().stream_name(&stream).send().await.unwrap();
-        let s0 = &shards.shards()[0];
-        let r = s0.hash_key_range().unwrap();
-        let start: u128 = r.starting_hash_key().parse().unwrap();
-        let end: u128 = r.ending_hash_key().parse().unwrap();
-        c.split_shard()
-            .stream_name(&stream)
-            .shard_to_split(s0.shard_id())
-            .new_starting_hash_key(((start + end) / 2).to_string())
-            .send()
-            .await
-            .unwrap();
-        wait_active(&c, &stream).await;
-    });
+    rt.block_on(split_first_shard(&c, &stream));
     puts.extend(rt.block_on(put_records(&c, &stream, &orders(150, 2))));
     verify_lineage(&ws);
     // Merge the two children back.

@@ -580,21 +580,7 @@ fn unified_view_across_a_split() {
     ws.ok(&["archive", "--once"]);
     // Records after the archive run, then a split, then records on the children.
     puts.extend(rt.block_on(put_records(&c, &stream, &orders(30, 2))));
-    rt.block_on(async {
-        let shards = c.list_shards().stream_name(&stream).send().await.unwrap();
-        let s0 = &shards.shards()[0];
-        let r = s0.hash_key_range().unwrap();
-        let start: u128 = r.starting_hash_key().parse().unwrap();
-        let end: u128 = r.ending_hash_key().parse().unwrap();
-        c.split_shard()
-            .stream_name(&stream)
-            .shard_to_split(s0.shard_id())
-            .new_starting_hash_key(((start + end) / 2).to_string())
-            .send()
-            .await
-            .unwrap();
-        wait_active(&c, &stream).await;
-    });
+    rt.block_on(split_first_shard(&c, &stream));
     puts.extend(rt.block_on(put_records(&c, &stream, &orders(60, 3))));
     let t = q(&stream);
     let all = ws.sql(&format!(
