@@ -92,7 +92,10 @@ impl LiveTable {
             Ok(Arc::new(EmptyExec::new(s)))
         };
         let range = TimeRange::from_filters(filters);
-        if range.is_empty() {
+        let started_ms = chrono::Utc::now().timestamp_millis();
+        // Records arriving after the scan starts are past the horizon (and
+        // Kinesis refuses AT_TIMESTAMP in the future).
+        if range.is_empty() || range.start_ms.is_some_and(|t| t > started_ms) {
             return empty();
         }
         let shards = match list_shards(&self.client, &self.stream, self.settings.max_backoff).await
@@ -108,7 +111,6 @@ impl LiveTable {
             }
             Err(e) => return Err(df_err(e)),
         };
-        let started_ms = chrono::Utc::now().timestamp_millis();
         let mut partitions: Vec<Arc<dyn PartitionStream>> = Vec::new();
         for s in shards {
             if snapshot.finished(&s.shard_id) {

@@ -83,6 +83,33 @@ fn unified_view_is_archive_plus_live_exactly_once() {
         150
     );
 
+    // A lower time bound on the live side (read from AT_TIMESTAMP when that
+    // skips records) keeps exactly the records at or after it.
+    let first_live = ws.sql(&format!(
+        "SELECT min(CAST(approximate_arrival_timestamp AS BIGINT)) AS m FROM live.{t}"
+    ))[0]["m"]
+        .as_i64()
+        .unwrap();
+    let iso = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    };
+    assert_eq!(
+        ws.sql_count(&format!(
+            "SELECT count(*) AS n FROM live.{t} WHERE approximate_arrival_timestamp >= '{}'",
+            iso(first_live)
+        )),
+        150
+    );
+    assert_eq!(
+        ws.sql_count(&format!(
+            "SELECT count(*) AS n FROM {t} WHERE approximate_arrival_timestamp > '{}'",
+            iso(chrono::Utc::now().timestamp_millis() + 3_600_000)
+        )),
+        0
+    );
+
     // Live rows carry dt/hr derived from their arrival time, like the archive.
     for r in ws.sql(&format!(
         "SELECT dt, hr, CAST(approximate_arrival_timestamp AS BIGINT) AS ms FROM live.{t}"
