@@ -96,9 +96,11 @@ async fn run_one(
     sink: &Sink,
 ) -> Result<u64> {
     let started = Instant::now();
+    let progress = output::Progress::new(format, sink);
     let df = session.plan(statement).await?;
     let stream = df.execute_stream().await.map_err(|e| session.error(e))?;
-    let rows = output::write(stream, format, sink, |e| session.error(e)).await?;
+    let rows = output::write(stream, format, sink, &progress, |e| session.error(e)).await?;
+    progress.clear();
     eprintln!(
         "{rows} row{} in {:.3} s",
         if rows == 1 { "" } else { "s" },

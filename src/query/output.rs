@@ -144,6 +144,49 @@ impl Sink {
     }
 }
 
+/// A spinner on stderr while a query runs (elapsed time, rows so far), shown
+/// only when stderr is a terminal and results do not stream to that terminal.
+pub struct Progress(Option<indicatif::ProgressBar>);
+
+impl Progress {
+    /// A spinner if it would not interleave with results on the terminal.
+    pub fn new(format: Format, sink: &Sink) -> Self {
+        use std::io::IsTerminal;
+        let results_on_terminal = matches!(sink, Sink::Stdout)
+            && format != Format::Table
+            && std::io::stdout().is_terminal();
+        if !std::io::stderr().is_terminal() || results_on_terminal {
+            return Progress(None);
+        }
+        let bar = indicatif::ProgressBar::new_spinner();
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}") {
+            bar.set_style(style);
+        }
+        bar.set_message("running");
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        Progress(Some(bar))
+    }
+
+    fn rows(&self, n: u64) {
+        if let Some(b) = &self.0 {
+            b.set_message(format!("{n} rows"));
+        }
+    }
+
+    /// Remove the spinner (before results or the summary line are printed).
+    pub fn clear(&self) {
+        if let Some(b) = &self.0 {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
 enum TextWriter {
     Json(arrow::json::Writer<Box<dyn Write + Send>, arrow::json::writer::LineDelimited>),
     Csv(Box<arrow::csv::Writer<Box<dyn Write + Send>>>),
@@ -155,6 +198,7 @@ pub async fn write(
     mut stream: SendableRecordBatchStream,
     format: Format,
     sink: &Sink,
+    progress: &Progress,
     on_error: impl Fn(datafusion::error::DataFusionError) -> Error,
 ) -> Result<u64> {
     let schema: SchemaRef = stream.schema();
@@ -167,6 +211,7 @@ pub async fn write(
             while let Some(b) = stream.next().await {
                 let b = b.map_err(&on_error)?;
                 rows += b.num_rows() as u64;
+                progress.rows(rows);
                 batches.push(binary_to_string(&b, BinaryAs::Text)?);
             }
             if batches.is_empty() {
@@ -174,6 +219,7 @@ pub async fn write(
                 batches.push(binary_to_string(&empty, BinaryAs::Text)?);
             }
             let text = arrow::util::pretty::pretty_format_batches(&batches)?;
+            progress.clear();
             let mut w = sink.open()?;
             if let Err(e) = writeln!(w, "{text}").and_then(|_| w.flush())
                 && !broken(&e)
@@ -197,6 +243,7 @@ pub async fn write(
             while let Some(b) = stream.next().await {
                 let b = b.map_err(&on_error)?;
                 rows += b.num_rows() as u64;
+                progress.rows(rows);
                 let b = binary_to_string(&b, BinaryAs::Base64)?;
                 let r = match &mut out {
                     TextWriter::Json(j) => j.write(&b),
@@ -243,6 +290,7 @@ pub async fn write(
             while let Some(b) = stream.next().await {
                 let b = b.map_err(&on_error)?;
                 rows += b.num_rows() as u64;
+                progress.rows(rows);
                 let cols = b
                     .columns()
                     .iter()
