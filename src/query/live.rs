@@ -8,7 +8,8 @@
 //! that are completely archived are not read at all. A shard's read ends at
 //! the first response that shows the tip (no records, nothing behind), at the
 //! end of a closed shard, or at the first record that arrived after the scan
-//! started.
+//! started; records that arrived after the scan started are left out, so a
+//! query sees the stream as of its start (by Kinesis arrival time).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -165,6 +166,7 @@ struct LiveShard {
     start: StartAt,
     /// Records at or before this position are archived.
     after: Option<Position>,
+    /// When the scan started: the horizon of the read.
     started_ms: i64,
     range: TimeRange,
     settings: LiveSettings,
@@ -221,7 +223,8 @@ impl PartitionStream for LiveShard {
                     let mut b = RecordBatchBuilder::with_capacity(batch.records.len(), batch.bytes);
                     for r in &batch.records {
                         let archived = me.after.as_ref().is_some_and(|a| r.position() <= *a);
-                        if !archived && me.range.contains(r.arrival_ms) {
+                        let before_horizon = r.arrival_ms <= me.started_ms;
+                        if !archived && before_horizon && me.range.contains(r.arrival_ms) {
                             b.push(r);
                         }
                     }
