@@ -17,6 +17,7 @@
 //!                   ───────────┼──────────────
 //!   archive.S:      files whose first record ≤ P (committed flushes only)
 //!   live.S:                    │ GetRecords from just after P to the tip
+//!                              │ (records that arrived before the query started)
 //! ```
 //!
 //! An archiver committing a flush `P → Q` during the query writes files whose
@@ -27,7 +28,7 @@
 //! crashed, unrecovered flush also start after `P` and are ignored the same way.
 //!
 //! The session is read-only: DDL, DML (`INSERT`, `COPY`), and statements such
-//! as `SET` are refused before planning anything.
+//! as `SET` are refused after parsing and planning, before anything runs.
 
 pub mod archive_table;
 pub mod bounds;
