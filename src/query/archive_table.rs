@@ -4,8 +4,10 @@
 //! Listing is driven by what the filters allow: a bounded arrival-time range
 //! of at most a week lists only the hour prefixes it covers; otherwise the
 //! day prefixes are listed first and pruned. Predicates on `dt`/`hr` are
-//! evaluated against each candidate partition before its files are listed,
-//! and files of uncommitted flushes are left out ([`Snapshot::is_committed`]).
+//! evaluated against the candidate partitions (hour prefixes and days before
+//! they are listed, the hours found in a listed day before their files are
+//! used), and files of uncommitted flushes are left out
+//! ([`Snapshot::is_committed`]).
 //! Row groups and pages are then pruned by the Parquet reader from the same
 //! filters (statistics, bloom filters on `partition_key`/`sequence_number`).
 
@@ -14,9 +16,8 @@ use std::sync::Arc;
 
 use arrow::array::{Array, BooleanArray, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use async_trait::async_trait;
 use chrono::NaiveDate;
-use datafusion::catalog::{Session, TableProvider};
+use datafusion::catalog::Session;
 use datafusion::common::{DFSchema, Result as DfResult, ScalarValue};
 use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
@@ -24,8 +25,8 @@ use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
 use datafusion::datasource::table_schema::TableSchema;
 use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::logical_expr::Expr;
 use datafusion::logical_expr::utils::expr_to_columns;
-use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
 use futures::{StreamExt, TryStreamExt};
@@ -337,37 +338,5 @@ impl PartitionFilter {
     fn eval_days(&self, days: &[String]) -> DfResult<Vec<bool>> {
         let keys: Vec<(String, String)> = days.iter().map(|d| (d.clone(), String::new())).collect();
         self.run(&self.day_exprs, &keys)
-    }
-}
-
-#[async_trait]
-impl TableProvider for ArchiveTable {
-    fn schema(&self) -> SchemaRef {
-        record::table_schema()
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::Base
-    }
-
-    fn supports_filters_pushdown(
-        &self,
-        filters: &[&Expr],
-    ) -> DfResult<Vec<TableProviderFilterPushDown>> {
-        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
-    }
-
-    async fn scan(
-        &self,
-        state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        limit: Option<usize>,
-    ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let snapshot = Snapshot::load(&self.archive, &self.stream)
-            .await
-            .map_err(df_err)?;
-        self.scan_at(state, projection, filters, limit, &snapshot)
-            .await
     }
 }

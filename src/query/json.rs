@@ -298,6 +298,7 @@ impl BytesFn {
     }
 }
 
+/// Binary values as text, invalid UTF-8 shown as U+FFFD (strings pass through).
 fn lossy_text(a: &dyn Array) -> DfResult<ArrayRef> {
     fn build<'a>(n: usize, it: impl Iterator<Item = Option<&'a [u8]>>) -> ArrayRef {
         let mut b = StringBuilder::with_capacity(n, 0);

@@ -16,18 +16,15 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
-use async_trait::async_trait;
-use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::Result as DfResult;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::store::Archive;
 use crate::error::Error;
 use crate::kinesis::reader::{ShardReader, StartAt};
 use crate::kinesis::shards::list_shards;
@@ -55,22 +52,15 @@ pub struct LiveSettings {
 #[derive(Debug)]
 pub struct LiveTable {
     client: crate::kinesis::Client,
-    archive: Archive,
     stream: String,
     settings: LiveSettings,
 }
 
 impl LiveTable {
     /// The live table of `stream`.
-    pub fn new(
-        client: crate::kinesis::Client,
-        archive: Archive,
-        stream: &str,
-        settings: LiveSettings,
-    ) -> Self {
+    pub fn new(client: crate::kinesis::Client, stream: &str, settings: LiveSettings) -> Self {
         LiveTable {
             client,
-            archive,
             stream: stream.to_string(),
             settings,
         }
@@ -240,36 +230,5 @@ impl PartitionStream for LiveShard {
                 }
             });
         Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream))
-    }
-}
-
-#[async_trait]
-impl TableProvider for LiveTable {
-    fn schema(&self) -> SchemaRef {
-        record::table_schema()
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::Base
-    }
-
-    fn supports_filters_pushdown(
-        &self,
-        filters: &[&Expr],
-    ) -> DfResult<Vec<TableProviderFilterPushDown>> {
-        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
-    }
-
-    async fn scan(
-        &self,
-        _state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        limit: Option<usize>,
-    ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let snapshot = Snapshot::load(&self.archive, &self.stream)
-            .await
-            .map_err(df_err)?;
-        self.scan_at(projection, filters, limit, &snapshot).await
     }
 }

@@ -72,8 +72,6 @@ pub struct QuerySession {
     pub ctx: SessionContext,
     /// Every table, qualified as SQL names it (`archive.orders`, `live.orders`, `orders`).
     pub tables: Vec<String>,
-    /// The archive the tables read.
-    pub archive: Archive,
 }
 
 /// Build the session and catalog for `cfg`: the one place the CLI, replay and
@@ -128,27 +126,23 @@ pub async fn session(cfg: &Config) -> Result<QuerySession> {
             })
     };
     for s in &streams {
-        let a = Arc::new(ArchiveTable::new(archive.clone(), &s.name, url.clone()));
-        let l = Arc::new(LiveTable::new(
-            client.clone(),
-            archive.clone(),
-            &s.name,
-            settings.clone(),
-        ));
-        register(archive_schema.as_ref(), &s.name, a.clone())?;
-        register(live_schema.as_ref(), &s.name, l.clone())?;
-        ctx.register_table(
-            s.name.as_str(),
-            Arc::new(UnifiedTable {
+        let archived = Arc::new(ArchiveTable::new(archive.clone(), &s.name, url.clone()));
+        let live = Arc::new(LiveTable::new(client.clone(), &s.name, settings.clone()));
+        let table = |side| -> Arc<dyn TableProvider> {
+            Arc::new(StreamTable {
                 archive: archive.clone(),
                 stream: s.name.clone(),
-                archived: a,
-                live: l,
-            }),
-        )
-        .map_err(|e| Error::Query {
-            message: format!("registering table {}: {e}", s.name),
-        })?;
+                side,
+                archived: archived.clone(),
+                live: live.clone(),
+            })
+        };
+        register(archive_schema.as_ref(), &s.name, table(Side::Archive))?;
+        register(live_schema.as_ref(), &s.name, table(Side::Live))?;
+        ctx.register_table(s.name.as_str(), table(Side::Both))
+            .map_err(|e| Error::Query {
+                message: format!("registering table {}: {e}", s.name),
+            })?;
         tables.push(format!("archive.{}", quote(&s.name)));
         tables.push(format!("live.{}", quote(&s.name)));
         tables.push(quote(&s.name));
@@ -163,11 +157,7 @@ pub async fn session(cfg: &Config) -> Result<QuerySession> {
                 message: format!("registering schema {name}: {e}"),
             })?;
     }
-    Ok(QuerySession {
-        ctx,
-        tables,
-        archive,
-    })
+    Ok(QuerySession { ctx, tables })
 }
 
 /// DataFusion settings that differ from its defaults. Any engine setting can
@@ -320,23 +310,39 @@ fn first_words(s: &str) -> String {
     s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
 
-/// `S`: the archive and the live tail of one stream, split at one snapshot.
+/// Which part of a stream a table shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// `archive.S`
+    Archive,
+    /// `live.S`
+    Live,
+    /// `S`: both, split at one snapshot.
+    Both,
+}
+
+/// The table provider of `archive.S`, `live.S` and `S`: each scan reads the
+/// stream's checkpoints once and plans the chosen side(s) against them.
 #[derive(Debug)]
-struct UnifiedTable {
+struct StreamTable {
     archive: Archive,
     stream: String,
+    side: Side,
     archived: Arc<ArchiveTable>,
     live: Arc<LiveTable>,
 }
 
 #[async_trait]
-impl TableProvider for UnifiedTable {
+impl TableProvider for StreamTable {
     fn schema(&self) -> SchemaRef {
         record::table_schema()
     }
 
     fn table_type(&self) -> TableType {
-        TableType::View
+        match self.side {
+            Side::Both => TableType::View,
+            Side::Archive | Side::Live => TableType::Base,
+        }
     }
 
     fn supports_filters_pushdown(
@@ -356,14 +362,21 @@ impl TableProvider for UnifiedTable {
         let snapshot = Snapshot::load(&self.archive, &self.stream)
             .await
             .map_err(df_err)?;
-        let a = self
-            .archived
-            .scan_at(state, projection, filters, limit, &snapshot)
-            .await?;
-        let l = self
-            .live
-            .scan_at(projection, filters, limit, &snapshot)
-            .await?;
-        UnionExec::try_new(vec![a, l])
+        let mut plans = Vec::with_capacity(2);
+        if self.side != Side::Live {
+            plans.push(
+                self.archived
+                    .scan_at(state, projection, filters, limit, &snapshot)
+                    .await?,
+            );
+        }
+        if self.side != Side::Archive {
+            plans.push(
+                self.live
+                    .scan_at(projection, filters, limit, &snapshot)
+                    .await?,
+            );
+        }
+        UnionExec::try_new(plans)
     }
 }

@@ -19,6 +19,14 @@ fn b64(v: &serde_json::Value) -> Vec<u8> {
         .unwrap()
 }
 
+/// Every record of table `t` (identity and payload) equals what was put, exactly once.
+fn assert_table_holds(ws: &Workspace, t: &str, puts: &[Put], what: &str) {
+    let all = ws.sql(&format!(
+        "SELECT shard_id, sequence_number, subsequence_number, data FROM {t}"
+    ));
+    assert_same(&puts_multiset(puts), &rows_multiset(&all), what);
+}
+
 fn rows_multiset(rows: &[serde_json::Value]) -> BTreeMap<(String, String, i64, Vec<u8>), usize> {
     multiset(rows.iter().map(|r| {
         (
@@ -70,10 +78,7 @@ fn unified_view_is_archive_plus_live_exactly_once() {
     puts.extend(later);
     let t = q(&orders_s);
 
-    let all = ws.sql(&format!(
-        "SELECT shard_id, sequence_number, subsequence_number, data FROM {t}"
-    ));
-    assert_same(&puts_multiset(&puts), &rows_multiset(&all), "unified view");
+    assert_table_holds(&ws, &t, &puts, "unified view");
     assert_eq!(
         ws.sql_count(&format!("SELECT count(*) AS n FROM archive.{t}")),
         archived
@@ -526,14 +531,7 @@ fn sql_over_an_s3_archive() {
     ws.ok(&["archive", "--once"]);
     puts.extend(rt.block_on(put_records(&c, &stream, &orders(30, 5))));
     let t = q(&stream);
-    let all = ws.sql(&format!(
-        "SELECT shard_id, sequence_number, subsequence_number, data FROM {t}"
-    ));
-    assert_same(
-        &puts_multiset(&puts),
-        &rows_multiset(&all),
-        "unified view on S3",
-    );
+    assert_table_holds(&ws, &t, &puts, "unified view on S3");
     assert_eq!(
         ws.sql_count(&format!("SELECT count(*) AS n FROM archive.{t}")),
         120
@@ -610,14 +608,7 @@ fn unified_view_across_a_split() {
     rt.block_on(split_first_shard(&c, &stream));
     puts.extend(rt.block_on(put_records(&c, &stream, &orders(60, 3))));
     let t = q(&stream);
-    let all = ws.sql(&format!(
-        "SELECT shard_id, sequence_number, subsequence_number, data FROM {t}"
-    ));
-    assert_same(
-        &puts_multiset(&puts),
-        &rows_multiset(&all),
-        "across a split",
-    );
+    assert_table_holds(&ws, &t, &puts, "across a split");
     let shards: BTreeSet<String> = ws
         .sql(&format!("SELECT DISTINCT shard_id FROM live.{t}"))
         .iter()
