@@ -22,7 +22,14 @@ pub const DEFAULTS_TOML: &str = include_str!("../conf/defaults.toml");
 const DEFAULTS_NAME: &str = "conf/defaults.toml (built in)";
 
 /// Keys that are valid but have no default (commented out in the defaults).
-pub const OPTIONAL_KEYS: &[&str] = &["aws.profile", "aws.kinesis_endpoint", "aws.s3_endpoint"];
+pub const OPTIONAL_KEYS: &[&str] = &[
+    "aws.profile",
+    "aws.kinesis_endpoint",
+    "aws.s3_endpoint",
+    "replay.target_region",
+    "replay.target_profile",
+    "replay.target_endpoint",
+];
 
 /// Keys of one `[[streams]]` entry, and whether each is required.
 const STREAM_KEYS: &[(&str, bool)] = &[("name", true), ("format", false)];
@@ -49,6 +56,8 @@ pub struct Config {
     pub status: StatusConfig,
     /// SQL engine settings (`fluxcap sql`, replay, the HTTP API).
     pub query: QueryConfig,
+    /// `fluxcap replay` settings.
+    pub replay: ReplayConfig,
     /// The streams this tool works on.
     #[serde(default)]
     pub streams: Vec<StreamConfig>,
@@ -139,6 +148,35 @@ pub struct QueryConfig {
     pub memory_limit: ByteSize,
     /// Consecutive failed Kinesis calls after which a live read fails the query.
     pub live_retry_attempts: u32,
+}
+
+/// `[replay]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayConfig {
+    /// JSON field added to replayed JSON payloads.
+    pub annotation_field: String,
+    /// Save progress after this many acknowledged records.
+    pub checkpoint_records: u64,
+    /// Save progress at least this often.
+    pub checkpoint_interval: HumanDuration,
+    /// The target's write limit per shard, records per second (0: no pacing).
+    pub shard_records_per_second: u32,
+    /// The target's write limit per shard, bytes per second (0: no pacing).
+    pub shard_bytes_per_second: ByteSize,
+    /// Largest record the target accepts (payload + partition key).
+    pub max_record_size: ByteSize,
+    /// Consecutive failed PutRecords attempts before a replay stops.
+    pub retry_attempts: u32,
+    /// Region of `kinesis://` targets (default: `aws.region`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_region: Option<String>,
+    /// Credentials profile for `kinesis://` targets (another account).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_profile: Option<String>,
+    /// Endpoint of `kinesis://` targets (default: `aws.kinesis_endpoint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_endpoint: Option<String>,
 }
 
 /// One `[[streams]]` entry.
@@ -726,6 +764,33 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
         }
     }
     ArchiveLocation::parse(&cfg.archive.location).map_err(|m| bad("archive.location", m))?;
+    let r = &cfg.replay;
+    if r.annotation_field.is_empty() {
+        return Err(bad(
+            "replay.annotation_field",
+            "expected a JSON field name".into(),
+        ));
+    }
+    if r.checkpoint_records == 0 {
+        return Err(bad(
+            "replay.checkpoint_records",
+            "expected a positive number of records".into(),
+        ));
+    }
+    if r.max_record_size.0 == 0 {
+        return Err(bad(
+            "replay.max_record_size",
+            "expected a positive size".into(),
+        ));
+    }
+    if let Some(ep) = &r.target_endpoint
+        && !(ep.starts_with("http://") || ep.starts_with("https://"))
+    {
+        return Err(bad(
+            "replay.target_endpoint",
+            format!("expected an http(s) URL, got {ep:?}"),
+        ));
+    }
     if !(1..=22).contains(&cfg.archive.zstd_level) {
         return Err(bad(
             "archive.zstd_level",

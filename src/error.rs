@@ -143,19 +143,46 @@ pub enum Error {
         problems: usize,
     },
 
-    /// The work was interrupted before it could finish (SIGINT/SIGTERM during a
-    /// step that cannot be resumed in-process).
+    /// SQL that does not parse or plan (syntax, unknown table or column).
     #[error("SQL error: {message}")]
-    Sql { message: String },
+    Sql {
+        /// The engine's message, with line and column when known.
+        message: String,
+    },
 
+    /// A statement that would change something; the session is read-only.
     #[error(
         "read-only: `{statement}…` is not allowed ({message}); results can be written with -o FILE"
     )]
-    ReadOnly { statement: String, message: String },
+    ReadOnly {
+        /// The statement's first words.
+        statement: String,
+        /// Why it was refused.
+        message: String,
+    },
 
+    /// A query failed while running.
     #[error("query failed: {message}")]
-    Query { message: String },
+    Query {
+        /// The engine's message.
+        message: String,
+    },
 
+    /// A replay finished, but some records could not be sent because the
+    /// target cannot take them (larger than its maximum record size).
+    #[error(
+        "replay {id}: {count} record(s) larger than the target's maximum record size were not sent; they are listed in {list}"
+    )]
+    Rejected {
+        /// Replay id.
+        id: String,
+        /// Records not sent.
+        count: u64,
+        /// Where they are listed.
+        list: String,
+    },
+
+    /// The work was interrupted before it could finish (SIGINT/SIGTERM).
     #[error("interrupted")]
     Interrupted,
 }
@@ -174,7 +201,7 @@ impl Error {
     /// |---|---|
     /// | 1 | runtime failure (network, store, service) |
     /// | 2 | bad configuration or usage |
-    /// | 3 | verification found gaps or duplicates |
+    /// | 3 | verification found gaps or duplicates; a replay could not send some records |
     /// | 4 | another archiver holds the stream, or fenced this one |
     /// | 130 | interrupted |
     pub fn exit_code(&self) -> u8 {
@@ -184,7 +211,7 @@ impl Error {
             | Error::Usage(_)
             | Error::Sql { .. }
             | Error::ReadOnly { .. } => 2,
-            Error::VerifyFailed { .. } => 3,
+            Error::VerifyFailed { .. } | Error::Rejected { .. } => 3,
             Error::LeaseHeld { .. } | Error::Fenced { .. } => 4,
             Error::Interrupted => 130,
             _ => 1,

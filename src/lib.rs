@@ -8,10 +8,12 @@
 pub mod archive;
 pub mod aws;
 pub mod config;
+pub mod consistency;
 pub mod error;
 pub mod kinesis;
 pub mod metrics;
 pub mod query;
 pub mod record;
+pub mod replay;
 
 pub use error::{Error, Result};

@@ -62,7 +62,6 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
-    /// Check the archive against its checkpoints: every gap or duplicate, per shard.
     /// Run SQL over archived and live records (`archive.S`, `live.S`, `S`).
     ///
     /// Without a query or -f, starts an interactive prompt on a terminal,
@@ -80,6 +79,10 @@ enum Command {
         #[arg(long, short = 'o', value_name = "FILE")]
         output: Option<PathBuf>,
     },
+    /// Replay records into a Kinesis stream or a file: bounded, filtered,
+    /// compacted, annotated, paced and resumable.
+    Replay(Box<ReplayArgs>),
+    /// Check the archive against its checkpoints: every gap or duplicate, per shard.
     Verify {
         /// Only this stream.
         #[arg(long)]
@@ -88,6 +91,72 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+}
+
+/// `fluxcap replay` arguments.
+#[derive(Debug, clap::Args)]
+struct ReplayArgs {
+    /// The stream whose records (archived and live) are replayed; with
+    /// --from-parquet, only the name annotations carry.
+    #[arg(long)]
+    stream: Option<String>,
+    /// Where to: kinesis://<stream>, file://<path.jsonl>, or - (JSON lines on standard output).
+    #[arg(long, value_name = "TARGET")]
+    to: Option<String>,
+    /// Only records that arrived at or after this time (RFC 3339, a date, or a duration ago such as 2h).
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Only records that arrived before this time (same forms as --since).
+    #[arg(long, value_name = "TIME")]
+    until: Option<String>,
+    /// Only records of SHARD at or after sequence number SEQ (repeatable).
+    #[arg(long, value_name = "SHARD=SEQ")]
+    from_sequence: Vec<String>,
+    /// Only records of SHARD at or before sequence number SEQ (repeatable).
+    #[arg(long, value_name = "SHARD=SEQ")]
+    to_sequence: Vec<String>,
+    /// Only records matching this SQL predicate (record columns and JSON functions).
+    #[arg(long = "where", value_name = "PREDICATE")]
+    predicate: Option<String>,
+    /// Keep only the last record per key (the partition key, or --key).
+    #[arg(long)]
+    compact: bool,
+    /// The compaction key, a SQL expression such as json_get_str(data,'order_id').
+    #[arg(long, value_name = "EXPR")]
+    key: Option<String>,
+    /// Records matching this predicate delete their key: a key whose last record matches is not replayed.
+    #[arg(long, value_name = "PREDICATE")]
+    tombstone: Option<String>,
+    /// Add KEY=VALUE to every record's annotation (repeatable).
+    #[arg(long, value_name = "KEY=VALUE")]
+    annotate: Vec<String>,
+    /// Send the original bytes, without annotation.
+    #[arg(long)]
+    no_annotate: bool,
+    /// Wrap every record in the envelope, even JSON objects.
+    #[arg(long)]
+    envelope: bool,
+    /// Set force_overwrite in the annotation (see docs/replay-consistency.md).
+    #[arg(long)]
+    force_overwrite: bool,
+    /// At most this many records per second overall.
+    #[arg(long, value_name = "RECORDS_PER_SEC")]
+    rate: Option<f64>,
+    /// Count records and bytes per target shard and estimate the duration; send nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Continue an interrupted replay.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["list", "dry_run"])]
+    resume: Option<String>,
+    /// Show the replays in the archive store and their state.
+    #[arg(long)]
+    list: bool,
+    /// Replay the records of Parquet files with the record columns (a directory, file or s3:// prefix).
+    #[arg(long, value_name = "LOCATION")]
+    from_parquet: Option<String>,
+    /// Print --list, --dry-run and the summary as JSON on standard output.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -235,6 +304,32 @@ async fn run(cli: Cli) -> Result<()> {
                 },
             )
             .await
+        }
+        Command::Replay(a) => {
+            let a = *a;
+            let opts = fluxcap::replay::ReplayOptions {
+                stream: a.stream,
+                to: a.to,
+                since: a.since,
+                until: a.until,
+                from_sequence: a.from_sequence,
+                to_sequence: a.to_sequence,
+                predicate: a.predicate,
+                compact: a.compact,
+                key: a.key,
+                tombstone: a.tombstone,
+                annotate: a.annotate,
+                no_annotate: a.no_annotate,
+                envelope: a.envelope,
+                force_overwrite: a.force_overwrite,
+                rate: a.rate,
+                dry_run: a.dry_run,
+                resume: a.resume,
+                list: a.list,
+                from_parquet: a.from_parquet,
+                json: a.json,
+            };
+            fluxcap::replay::run(&cfg, opts, shutdown_token()).await
         }
         Command::Verify { stream, format } => {
             let report = fluxcap::archive::verify::verify(&cfg, stream.as_deref()).await?;

@@ -1,9 +1,11 @@
 //! Kinesis: client set-up, shard discovery and lineage, the shard reader,
-//! KPL de-aggregation, and the retry policy for throttling and transient faults.
+//! KPL de-aggregation, the PutRecords writer (replay), and the retry policy for
+//! throttling and transient faults.
 
 pub mod kpl;
 pub mod reader;
 pub mod shards;
+pub mod writer;
 
 use std::time::Duration;
 

@@ -46,6 +46,9 @@ pub struct LiveSettings {
     pub max_backoff: Duration,
     /// Consecutive failed calls before the query fails.
     pub attempts: u32,
+    /// The horizon: records that arrived after this time (epoch ms) are not
+    /// read. `None`: each scan's start.
+    pub as_of_ms: Option<i64>,
 }
 
 /// `live.<stream>`.
@@ -83,7 +86,8 @@ impl LiveTable {
             Ok(Arc::new(EmptyExec::new(s)))
         };
         let range = TimeRange::from_filters(filters);
-        let started_ms = chrono::Utc::now().timestamp_millis();
+        let now = chrono::Utc::now().timestamp_millis();
+        let started_ms = self.settings.as_of_ms.map_or(now, |t| t.min(now));
         // Records arriving after the scan starts are past the horizon (and
         // Kinesis refuses AT_TIMESTAMP in the future).
         if range.is_empty() || range.start_ms.is_some_and(|t| t > started_ms) {

@@ -77,9 +77,29 @@ pub struct QuerySession {
 /// Build the session and catalog for `cfg`: the one place the CLI, replay and
 /// the HTTP server get their SQL engine from.
 pub async fn session(cfg: &Config) -> Result<QuerySession> {
+    session_with(cfg, &SessionOptions::default()).await
+}
+
+/// What differs between sessions of the same configuration.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    /// Read live records as of this time (epoch ms) instead of each scan's
+    /// start: a replay fixes it once so that a resumed run selects the same
+    /// records.
+    pub as_of_ms: Option<i64>,
+    /// Build a session even when no stream is configured (replay of Parquet files).
+    pub streams_optional: bool,
+}
+
+/// [`session`] with options.
+pub async fn session_with(cfg: &Config, opts: &SessionOptions) -> Result<QuerySession> {
     let archive = Archive::open(cfg).await?;
     let client = crate::kinesis::client(cfg).await;
-    let streams = cfg.selected_streams(None)?;
+    let streams = if opts.streams_optional && cfg.streams.is_empty() {
+        Vec::new()
+    } else {
+        cfg.selected_streams(None)?
+    };
     let q = &cfg.query;
     // Four partitions per core by default: archives are many small files, and
     // while one partition opens a file and reads its footer another decodes
@@ -113,6 +133,7 @@ pub async fn session(cfg: &Config) -> Result<QuerySession> {
         limit: cfg.archiver.max_records_per_call,
         max_backoff: cfg.archiver.max_backoff.0,
         attempts: q.live_retry_attempts,
+        as_of_ms: opts.as_of_ms,
     };
     let archive_schema = Arc::new(MemorySchemaProvider::new());
     let live_schema = Arc::new(MemorySchemaProvider::new());
@@ -186,7 +207,7 @@ fn engine_options() -> Result<datafusion::config::ConfigOptions> {
 }
 
 /// A name as SQL must write it (quoted unless it is a plain lower-case identifier).
-fn quote(name: &str) -> String {
+pub fn quote(name: &str) -> String {
     let plain = name
         .chars()
         .next()

@@ -583,3 +583,32 @@ pub fn ingest_hours(
     });
     all
 }
+
+/// Like `start`, with extra environment variables for the script.
+fn start_with_env(script: &str, what: &str, env: &[(&str, &str)]) -> Server {
+    let port = free_port();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let (_, logpath) = log.keep().unwrap();
+    let mut child = Command::new(root().join("scripts").join(script))
+        .arg(port.to_string())
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&logpath).unwrap())
+        .stderr(std::fs::File::create(logpath.with_extension("err")).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what} (run scripts/setup): {e}"));
+    wait_listening(port, &mut child, what);
+    Server { child, port }
+}
+
+/// A fresh ferrokinesis server (scripts/ferrokinesis). With `enforce_limits` it
+/// throttles writes like real Kinesis (1 MiB/s and 1000 records/s per shard,
+/// ProvisionedThroughputExceededException beyond); kinesis-mock never does.
+pub fn ferrokinesis(enforce_limits: bool) -> Server {
+    let enforce = if enforce_limits { "true" } else { "false" };
+    start_with_env(
+        "ferrokinesis",
+        "ferrokinesis",
+        &[("FERROKINESIS_ENFORCE_LIMITS", enforce)],
+    )
+}

@@ -1,0 +1,377 @@
+//! Which records a replay sends, and in which order: one SQL query over the
+//! unified view `S` (archive ∪ live) or over a Parquet result set.
+//!
+//! ```text
+//!   S ─▶ bounds (arrival, per-shard sequence) ─▶ horizon ─▶ [compact: last per key, drop tombstoned keys]
+//!     ─▶ --where ─▶ ORDER BY position ─▶ OFFSET <records already sent>
+//! ```
+//!
+//! The order is the lineage-aware position — arrival time, then lineage
+//! depth, shard, sequence and sub-sequence — a total order, so a resumed
+//! replay re-runs the same query and skips exactly what was sent. Records of
+//! one partition key stay in their original order: within a shard arrival
+//! times follow sequence numbers, and a child shard's records come after its
+//! parents' (greater depth).
+//!
+//! With `--compact`, `--where` filters the compacted state (each key's last
+//! record), so a key whose last record fails the predicate is not replayed
+//! with an older value; records whose key is NULL are not compacted.
+//! Sorting and the compaction window spill to disk under the configured
+//! `query.memory_limit`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, BooleanBuilder, Int32Builder};
+use arrow::datatypes::DataType;
+use datafusion::common::{Result as DfResult, exec_err};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+use datafusion::prelude::SessionContext;
+
+use crate::error::{Error, Result};
+use crate::record::{cmp_sequence, col};
+use crate::replay::state::Selection;
+
+/// Name of the horizon function registered in a replay's session.
+pub const HORIZON_FN: &str = "fluxcap_in_horizon";
+/// Name of the lineage-depth function registered in a replay's session.
+pub const DEPTH_FN: &str = "fluxcap_lineage_depth";
+
+/// Parse `--since`/`--until`: RFC 3339 (`2026-11-26T01:00:00Z`), a date
+/// (`2026-11-26`, midnight UTC), or a duration before `now_ms` (`90s`, `15m`, `2h`, `7d`).
+pub fn parse_time(s: &str, now_ms: i64) -> Result<i64> {
+    let s = s.trim();
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_millis());
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        && let Some(t) = d.and_hms_opt(0, 0, 0)
+    {
+        return Ok(t.and_utc().timestamp_millis());
+    }
+    let unit = s.chars().last().unwrap_or(' ');
+    let mult: i64 = match unit {
+        's' => 1_000,
+        'm' => 60_000,
+        'h' => 3_600_000,
+        'd' => 86_400_000,
+        'w' => 7 * 86_400_000,
+        _ => 0,
+    };
+    if mult > 0
+        && let Ok(n) = s[..s.len() - 1].trim().parse::<f64>()
+        && n >= 0.0
+    {
+        return Ok(now_ms - (n * mult as f64) as i64);
+    }
+    Err(Error::Usage(format!(
+        "expected a time such as 2026-11-26T01:00:00Z, 2026-11-26, or a duration ago such as 2h or 30m; got {s:?}"
+    )))
+}
+
+/// A SQL string literal.
+pub fn lit(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// `sequence_number <op> 'seq'`, numerically (decimal strings of any length).
+fn seq_cmp(op: &str, seq: &str) -> String {
+    let len = seq.len();
+    let strict = if op == ">=" { ">" } else { "<" };
+    format!(
+        "(octet_length({c}) {strict} {len} OR (octet_length({c}) = {len} AND {c} {op} {l}))",
+        c = col::SEQUENCE_NUMBER,
+        l = lit(seq)
+    )
+}
+
+fn ts(ms: i64) -> String {
+    let t = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::UNIX_EPOCH);
+    format!("TIMESTAMP '{}'", t.format("%Y-%m-%dT%H:%M:%S%.3fZ"))
+}
+
+/// The order of a replay: the lineage-aware position.
+fn order(desc: bool) -> String {
+    let d = if desc { " DESC" } else { "" };
+    [
+        col::ARRIVAL.to_string(),
+        "__depth".into(),
+        col::SHARD_ID.into(),
+        format!("octet_length({})", col::SEQUENCE_NUMBER),
+        col::SEQUENCE_NUMBER.into(),
+        col::SUBSEQUENCE_NUMBER.into(),
+    ]
+    .iter()
+    .map(|c| format!("{c}{d}"))
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
+/// The columns a replay reads, in this order.
+pub const COLUMNS: &[&str] = &[
+    col::SHARD_ID,
+    col::SEQUENCE_NUMBER,
+    col::SUBSEQUENCE_NUMBER,
+    col::PARTITION_KEY,
+    col::EXPLICIT_HASH_KEY,
+    col::ARRIVAL,
+    col::DATA,
+    "__depth",
+];
+
+/// The selection query over `table` (already quoted). `horizon`: apply the
+/// registered horizon function. Without `ordered`, the query is for counting.
+pub fn sql(table: &str, sel: &Selection, horizon: bool, ordered: bool, offset: u64) -> String {
+    let mut conds = vec!["TRUE".to_string()];
+    if let Some(t) = sel.since_ms {
+        conds.push(format!("{} >= {}", col::ARRIVAL, ts(t)));
+    }
+    if let Some(t) = sel.until_ms {
+        conds.push(format!("{} < {}", col::ARRIVAL, ts(t)));
+    }
+    for (shard, seq) in &sel.from_sequence {
+        conds.push(format!(
+            "({} <> {} OR {})",
+            col::SHARD_ID,
+            lit(shard),
+            seq_cmp(">=", seq)
+        ));
+    }
+    for (shard, seq) in &sel.to_sequence {
+        conds.push(format!(
+            "({} <> {} OR {})",
+            col::SHARD_ID,
+            lit(shard),
+            seq_cmp("<=", seq)
+        ));
+    }
+    if horizon {
+        conds.push(format!(
+            "{HORIZON_FN}({}, {})",
+            col::SHARD_ID,
+            col::SEQUENCE_NUMBER
+        ));
+    }
+    let base = [
+        col::SHARD_ID,
+        col::SEQUENCE_NUMBER,
+        col::SUBSEQUENCE_NUMBER,
+        col::PARTITION_KEY,
+        col::EXPLICIT_HASH_KEY,
+        col::ARRIVAL,
+        col::DATA,
+    ]
+    .join(", ");
+    let predicate = sel
+        .predicate
+        .as_deref()
+        .map(|p| format!("({p})"))
+        .unwrap_or_else(|| "TRUE".into());
+    let inner = if sel.compact {
+        let key = sel
+            .key
+            .as_deref()
+            .map(|k| format!("({k})"))
+            .unwrap_or_else(|| col::PARTITION_KEY.to_string());
+        let tomb = sel
+            .tombstone
+            .as_deref()
+            .map(|t| format!("coalesce(({t}), FALSE)"))
+            .unwrap_or_else(|| "FALSE".into());
+        format!(
+            "SELECT {base}, __depth FROM (\
+               SELECT *, row_number() OVER (PARTITION BY __key ORDER BY {desc}) AS __rn FROM (\
+                 SELECT {base}, {DEPTH_FN}({shard}) AS __depth, {key} AS __key, {tomb} AS __tomb \
+                 FROM {table} WHERE {conds}\
+               ) AS __sel\
+             ) AS __ranked \
+             WHERE (__rn = 1 OR __key IS NULL) AND NOT __tomb AND {predicate}",
+            desc = order(true),
+            shard = col::SHARD_ID,
+            conds = conds.join(" AND "),
+        )
+    } else {
+        format!(
+            "SELECT {base}, {DEPTH_FN}({shard}) AS __depth FROM {table} WHERE {conds} AND {predicate}",
+            shard = col::SHARD_ID,
+            conds = conds.join(" AND "),
+        )
+    };
+    if ordered {
+        let mut q = format!("SELECT * FROM ({inner}) AS __r ORDER BY {}", order(false));
+        if offset > 0 {
+            q.push_str(&format!(" OFFSET {offset}"));
+        }
+        q
+    } else {
+        format!(
+            "SELECT count(*) AS n, sum(octet_length(data) + octet_length(partition_key)) AS b FROM ({inner}) AS __r"
+        )
+    }
+}
+
+/// Register the horizon and lineage functions for one replay.
+pub fn register(
+    ctx: &SessionContext,
+    horizon: Option<&BTreeMap<String, Option<String>>>,
+    lineage: &BTreeMap<String, u32>,
+) {
+    if let Some(h) = horizon {
+        ctx.register_udf(ScalarUDF::new_from_impl(HorizonFn {
+            horizon: h.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            signature: Signature::any(2, Volatility::Immutable),
+        }));
+    }
+    ctx.register_udf(ScalarUDF::new_from_impl(DepthFn {
+        depth: lineage
+            .iter()
+            .map(|(k, v)| (k.clone(), *v as i32))
+            .collect(),
+        signature: Signature::any(1, Volatility::Immutable),
+    }));
+}
+
+fn strings(a: &ArrayRef) -> DfResult<ArrayRef> {
+    Ok(arrow::compute::cast(a, &DataType::Utf8View)?)
+}
+
+/// `fluxcap_in_horizon(shard_id, sequence_number)`: true when the record is
+/// at or before its shard's horizon.
+#[derive(Debug)]
+struct HorizonFn {
+    horizon: HashMap<String, Option<String>>,
+    signature: Signature,
+}
+
+impl PartialEq for HorizonFn {
+    fn eq(&self, other: &Self) -> bool {
+        self.horizon == other.horizon
+    }
+}
+impl Eq for HorizonFn {}
+impl std::hash::Hash for HorizonFn {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        HORIZON_FN.hash(state);
+        self.horizon.len().hash(state);
+    }
+}
+
+impl ScalarUDFImpl for HorizonFn {
+    fn name(&self) -> &str {
+        HORIZON_FN
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _arg_types: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Boolean)
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let n = args.number_rows;
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let [shard, seq] = arrays.as_slice() else {
+            return exec_err!("{HORIZON_FN} takes (shard_id, sequence_number)");
+        };
+        let (shard, seq) = (strings(shard)?, strings(seq)?);
+        let (shard, seq) = (shard.as_string_view(), seq.as_string_view());
+        let mut out = BooleanBuilder::with_capacity(n);
+        let mut last: Option<(&str, Option<&str>)> = None;
+        for i in 0..shard.len() {
+            if shard.is_null(i) || seq.is_null(i) {
+                out.append_value(false);
+                continue;
+            }
+            let s = shard.value(i);
+            let h = match last {
+                Some((ls, h)) if ls == s => h,
+                _ => {
+                    let h = self.horizon.get(s).and_then(|h| h.as_deref());
+                    last = Some((s, h));
+                    h
+                }
+            };
+            out.append_value(h.is_some_and(|h| cmp_sequence(seq.value(i), h).is_le()));
+        }
+        Ok(ColumnarValue::Array(Arc::new(out.finish())))
+    }
+}
+
+/// `fluxcap_lineage_depth(shard_id)`: the shard's lineage depth (0 when unknown).
+#[derive(Debug)]
+struct DepthFn {
+    depth: HashMap<String, i32>,
+    signature: Signature,
+}
+
+impl PartialEq for DepthFn {
+    fn eq(&self, other: &Self) -> bool {
+        self.depth == other.depth
+    }
+}
+impl Eq for DepthFn {}
+impl std::hash::Hash for DepthFn {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        DEPTH_FN.hash(state);
+        self.depth.len().hash(state);
+    }
+}
+
+impl ScalarUDFImpl for DepthFn {
+    fn name(&self) -> &str {
+        DEPTH_FN
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _arg_types: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Int32)
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let Some(shard) = arrays.first() else {
+            return exec_err!("{DEPTH_FN} takes (shard_id)");
+        };
+        let shard = strings(shard)?;
+        let shard = shard.as_string_view();
+        let mut out = Int32Builder::with_capacity(shard.len());
+        for i in 0..shard.len() {
+            if shard.is_null(i) {
+                out.append_value(0);
+            } else {
+                out.append_value(self.depth.get(shard.value(i)).copied().unwrap_or(0));
+            }
+        }
+        Ok(ColumnarValue::Array(Arc::new(out.finish())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times() {
+        let now = 10 * 86_400_000;
+        assert_eq!(parse_time("2h", now).ok(), Some(now - 7_200_000));
+        assert_eq!(parse_time("30m", now).ok(), Some(now - 1_800_000));
+        assert_eq!(parse_time("1970-01-02", now).ok(), Some(86_400_000));
+        assert_eq!(parse_time("1970-01-01T00:00:01.5Z", now).ok(), Some(1_500));
+        assert!(parse_time("yesterday", now).is_err());
+        assert!(parse_time("-2h", now).is_err());
+    }
+
+    #[test]
+    fn sequence_bounds_compare_numerically() {
+        let s = seq_cmp(">=", "100");
+        assert!(s.contains("octet_length(sequence_number) > 3"));
+        assert!(s.contains("sequence_number >= '100'"));
+    }
+
+    #[test]
+    fn literals_are_quoted() {
+        assert_eq!(lit("it's"), "'it''s'");
+    }
+}

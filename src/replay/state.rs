@@ -1,0 +1,272 @@
+//! A replay's state in the archive store: what it was asked to do (the
+//! manifest, written once) and how far it got (progress, overwritten as it
+//! goes). S3 is the only state, as for the archiver:
+//!
+//! ```text
+//! <root>/_fluxcap/replays/<id>/manifest.json   options, source, target, horizon
+//! <root>/_fluxcap/replays/<id>/progress.json   state, records acknowledged in order, counters
+//! <root>/_fluxcap/replays/<id>/rejected.jsonl  records the target cannot take (too large)
+//! ```
+
+use std::collections::BTreeMap;
+
+use object_store::ObjectStoreExt;
+use object_store::path::Path;
+use serde::{Deserialize, Serialize};
+
+use crate::archive::store::Archive;
+use crate::error::{Error, Result};
+use crate::kinesis::writer::ShardStats;
+
+/// Version of the manifest format.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// Where the records come from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Source {
+    /// A configured stream: its archive and live records (`S`).
+    Stream {
+        /// Stream name.
+        stream: String,
+    },
+    /// Parquet files with the record columns (`--from-parquet`).
+    Parquet {
+        /// Directory, file or `s3://bucket/prefix`.
+        location: String,
+        /// The stream named in annotations (`--stream`, if given).
+        stream: Option<String>,
+    },
+}
+
+impl Source {
+    /// The stream name annotations carry.
+    pub fn stream_label(&self) -> String {
+        match self {
+            Source::Stream { stream } => stream.clone(),
+            Source::Parquet { stream, location } => stream
+                .clone()
+                .unwrap_or_else(|| format!("parquet:{location}")),
+        }
+    }
+}
+
+/// Which records, in which form (everything fixed when the replay starts).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Selection {
+    /// Arrival time lower bound, inclusive (epoch ms).
+    pub since_ms: Option<i64>,
+    /// Arrival time upper bound, exclusive (epoch ms).
+    pub until_ms: Option<i64>,
+    /// Per-shard lower bounds on the sequence number, inclusive.
+    pub from_sequence: BTreeMap<String, String>,
+    /// Per-shard upper bounds on the sequence number, inclusive.
+    pub to_sequence: BTreeMap<String, String>,
+    /// SQL predicate over the record columns (`--where`).
+    pub predicate: Option<String>,
+    /// Keep only the last record per key.
+    pub compact: bool,
+    /// The compaction key (SQL expression; the partition key by default).
+    pub key: Option<String>,
+    /// Records matching this predicate delete their key (`--tombstone`).
+    pub tombstone: Option<String>,
+}
+
+/// How records are annotated.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Annotate {
+    /// Annotate at all (`--no-annotate` turns it off).
+    pub enabled: bool,
+    /// Always wrap in the envelope, even JSON objects.
+    pub envelope: bool,
+    /// Records are binary: always the envelope.
+    pub binary: bool,
+    /// Name of the JSON field.
+    pub field: String,
+    /// `--annotate key=value` pairs.
+    pub pairs: BTreeMap<String, String>,
+    /// The `force_overwrite` flag.
+    pub force_overwrite: bool,
+}
+
+/// A replay, as asked for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Format version.
+    pub version: u32,
+    /// Replay id.
+    pub id: String,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+    /// The horizon time: live records that arrived later are never read.
+    pub as_of_ms: i64,
+    /// Where records come from.
+    pub source: Source,
+    /// The target as given (`kinesis://s`, `file://p`, `-`).
+    pub target: String,
+    /// Which records.
+    pub selection: Selection,
+    /// How they are annotated.
+    pub annotate: Annotate,
+    /// Overall records/s cap.
+    pub rate: Option<f64>,
+    /// Per source shard, the last sequence number at the start (`None`: the
+    /// shard was empty). Shards not listed did not exist at the start; both
+    /// are excluded past this point. `None` for Parquet sources.
+    pub horizon: Option<BTreeMap<String, Option<String>>>,
+    /// Lineage depth of each source shard (0 = no known parent).
+    pub lineage: BTreeMap<String, u32>,
+}
+
+/// State of a replay.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Being sent (or the process died: see [`Progress::updated_ms`]).
+    Running,
+    /// Stopped by a signal or an error; `--resume` continues.
+    Interrupted,
+    /// Everything was sent.
+    Done,
+}
+
+/// How far a replay got.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Progress {
+    /// State.
+    pub phase: Phase,
+    /// Records in output order that are all acknowledged: a resumed replay
+    /// starts with record number `sent`.
+    pub sent: u64,
+    /// Records selected in all, when known.
+    pub total: Option<u64>,
+    /// Bytes acknowledged (payload + key) up to `sent`.
+    pub bytes: u64,
+    /// File targets: bytes written up to `sent` (a resume truncates to it).
+    pub file_offset: Option<u64>,
+    /// Records not sent because the target cannot take them.
+    pub rejected: u64,
+    /// Per target shard counters of the last run.
+    #[serde(default)]
+    pub shards: Vec<ShardStats>,
+    /// The last error, when interrupted by one.
+    pub error: Option<String>,
+    /// Last update (epoch ms): a running replay updates it every few seconds.
+    pub updated_ms: i64,
+    /// Host of the process running the replay.
+    #[serde(default)]
+    pub host: String,
+    /// Its process id (a resume refuses while it is alive).
+    #[serde(default)]
+    pub pid: u32,
+}
+
+/// Paths of a replay's objects.
+pub fn dir(archive: &Archive, id: &str) -> Path {
+    archive.layout.global_state_dir().join("replays").join(id)
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(archive: &Archive, p: &Path, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::CorruptState {
+        object: archive.describe(p),
+        message: e.to_string(),
+    })
+}
+
+fn json<T: Serialize>(v: &T) -> bytes::Bytes {
+    // Serialising these plain structs cannot fail.
+    bytes::Bytes::from(serde_json::to_vec_pretty(v).unwrap_or_default())
+}
+
+/// Write the manifest.
+pub async fn save_manifest(archive: &Archive, m: &Manifest) -> Result<()> {
+    let p = dir(archive, &m.id).join("manifest.json");
+    archive.put_bytes(&p, json(m)).await
+}
+
+/// Write the progress.
+pub async fn save_progress(archive: &Archive, id: &str, p: &Progress) -> Result<()> {
+    let path = dir(archive, id).join("progress.json");
+    archive.put_bytes(&path, json(p)).await
+}
+
+/// Append-style write of the rejected records' list (rewritten whole).
+pub async fn save_rejected(archive: &Archive, id: &str, lines: &[String]) -> Result<Path> {
+    let path = dir(archive, id).join("rejected.jsonl");
+    let mut body = lines.join("\n");
+    body.push('\n');
+    archive.put_bytes(&path, body.into()).await?;
+    Ok(path)
+}
+
+/// Read a replay's manifest and progress.
+pub async fn load(archive: &Archive, id: &str) -> Result<(Manifest, Option<Progress>)> {
+    let d = dir(archive, id);
+    let mp = d.clone().join("manifest.json");
+    let bytes = match archive.store.get(&mp).await {
+        Ok(r) => r
+            .bytes()
+            .await
+            .map_err(|e| Error::store(archive.describe(&mp), e))?,
+        Err(object_store::Error::NotFound { .. }) => {
+            return Err(Error::Usage(format!(
+                "no replay `{id}` in {} (see `fluxcap replay --list`)",
+                archive.location
+            )));
+        }
+        Err(e) => return Err(Error::store(archive.describe(&mp), e)),
+    };
+    let m: Manifest = parse(archive, &mp, &bytes)?;
+    let pp = d.join("progress.json");
+    let progress = match archive.store.get(&pp).await {
+        Ok(r) => {
+            let b = r
+                .bytes()
+                .await
+                .map_err(|e| Error::store(archive.describe(&pp), e))?;
+            Some(parse(archive, &pp, &b)?)
+        }
+        Err(object_store::Error::NotFound { .. }) => None,
+        Err(e) => return Err(Error::store(archive.describe(&pp), e)),
+    };
+    Ok((m, progress))
+}
+
+/// Every replay in the store, oldest first.
+pub async fn list(archive: &Archive) -> Result<Vec<(Manifest, Option<Progress>)>> {
+    let prefix = archive.layout.global_state_dir().join("replays");
+    let mut ids: Vec<String> = archive
+        .list(&prefix)
+        .await?
+        .into_iter()
+        .filter(|o| o.location.filename() == Some("manifest.json"))
+        .filter_map(|o| {
+            let parts: Vec<_> = o.location.parts().collect();
+            parts
+                .len()
+                .checked_sub(2)
+                .map(|i| parts[i].as_ref().to_string())
+        })
+        .collect();
+    ids.sort();
+    let mut out = Vec::new();
+    for id in ids {
+        out.push(load(archive, &id).await?);
+    }
+    out.sort_by(|a, b| a.0.created_at.cmp(&b.0.created_at));
+    Ok(out)
+}
+
+/// What `--list` shows for a replay's state: a running replay whose process
+/// is gone died.
+pub fn describe_phase(p: Option<&Progress>, alive: impl Fn(&Progress) -> bool) -> &'static str {
+    match p {
+        None => "starting",
+        Some(p) => match p.phase {
+            Phase::Done => "done",
+            Phase::Interrupted => "interrupted",
+            Phase::Running if !alive(p) => "interrupted (process died)",
+            Phase::Running => "running",
+        },
+    }
+}
