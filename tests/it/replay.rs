@@ -867,3 +867,124 @@ fn replay_keeps_per_key_order_across_a_resharded_source() {
         assert_eq!(vs, &sorted, "key {k} out of order");
     }
 }
+
+/// The example consumer, built by `cargo test` next to the test binary.
+fn consumer_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let debug = exe.parent().unwrap().parent().unwrap();
+    debug.join("examples").join("consistent_consumer")
+}
+
+#[test]
+fn compacted_replay_into_the_live_source_converges_for_a_protocol_consumer() {
+    let k = ferrokinesis(false);
+    let stream = unique("conv");
+    let ws = Workspace::new(&k.endpoint(), None, None, "", &[(&stream, "json")]);
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    let keys = 150;
+    // The source of truth: every write, in write order (one writer).
+    let mut truth: BTreeMap<String, i64> = BTreeMap::new();
+    let mut v = 0i64;
+    let mut write =
+        |n: usize, rt: &tokio::runtime::Runtime, pick: &mut dyn FnMut(usize) -> usize| {
+            let batch: Vec<(String, Vec<u8>)> = (0..n)
+                .map(|i| {
+                    v += 1;
+                    let key = format!("k{}", pick(i));
+                    truth.insert(key.clone(), v);
+                    (
+                        key.clone(),
+                        format!(r#"{{"k":"{key}","v":{v}}}"#).into_bytes(),
+                    )
+                })
+                .collect();
+            rt.block_on(put_records(&c, &stream, &batch));
+        };
+    rt.block_on(create_stream(&c, &stream, 2));
+    for _ in 0..3 {
+        write(keys, &rt, &mut |i| i);
+    }
+    ws.ok(&["archive", "--once"]);
+    write(keys, &rt, &mut |i| i); // live, not archived
+
+    // A slow compacted replay into the same stream.
+    let mut child = ws
+        .cmd()
+        .args([
+            "replay",
+            "--stream",
+            &stream,
+            "--to",
+            &format!("kinesis://{stream}"),
+            "--compact",
+            "--rate",
+            "60",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the replay has fixed its horizon (its manifest exists), every key
+    // gets a newer write; then the writer keeps going until the replay ends.
+    while !walk(&ws.archive)
+        .iter()
+        .any(|p| p.ends_with("manifest.json"))
+    {
+        assert!(child.try_wait().unwrap().is_none(), "replay ended early");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    write(keys, &rt, &mut |i| i);
+    let mut seed = 7usize;
+    while child.try_wait().unwrap().is_none() {
+        write(5, &rt, &mut |_| {
+            seed = seed.wrapping_mul(1103515245).wrapping_add(12345);
+            (seed >> 8) % keys
+        });
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The stream now holds originals and, interleaved, replayed old values.
+    let got = rt.block_on(read_stream(&c, &stream));
+    let decoded = decode_all(&got);
+    let replayed = decoded.iter().filter(|(a, _)| a.is_some()).count();
+    assert_eq!(replayed, keys, "one replayed record per key");
+    // Applying records naively (last one wins) would regress keys.
+    let mut naive: BTreeMap<String, i64> = BTreeMap::new();
+    for (g, (_, payload)) in got.iter().zip(&decoded) {
+        naive.insert(g.partition_key.clone(), v_of(payload));
+    }
+    assert_ne!(
+        naive, truth,
+        "the scenario must make naive consumers diverge"
+    );
+
+    // The protocol consumer converges to the last write per key.
+    let o = std::process::Command::new(consumer_bin())
+        .args([
+            "--stream",
+            &stream,
+            "--idle-ms",
+            "500",
+            "--json",
+            "--config",
+        ])
+        .arg(&ws.config)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let state: BTreeMap<String, String> = serde_json::from_slice(&o.stdout).unwrap();
+    let state: BTreeMap<String, i64> = state
+        .into_iter()
+        .map(|(k, val)| (k, v_of(val.as_bytes())))
+        .collect();
+    assert_eq!(state, truth);
+}
