@@ -801,6 +801,7 @@ impl Run {
     async fn execute(&mut self, cancel: &CancellationToken) -> Result<()> {
         let (session, table) = self.session().await?;
         let m = self.manifest.clone();
+        select::validate(&session, &table, &m.selection).await?;
         let horizon = m.horizon.is_some();
         let terminal = std::io::stderr().is_terminal() && !self.opts.dry_run;
         if terminal && self.progress.total.is_none() {

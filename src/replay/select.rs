@@ -213,6 +213,36 @@ pub fn sql(table: &str, sel: &Selection, horizon: bool, ordered: bool, offset: u
     }
 }
 
+/// Check `--where`, `--key` and `--tombstone` on their own before the
+/// selection runs, so a mistake names the option (and predicates must be
+/// true/false).
+pub async fn validate(
+    session: &crate::query::QuerySession,
+    table: &str,
+    sel: &Selection,
+) -> Result<()> {
+    let checks = [
+        ("--where", sel.predicate.as_deref(), true),
+        ("--key", sel.key.as_deref(), false),
+        ("--tombstone", sel.tombstone.as_deref(), true),
+    ];
+    for (option, expr, boolean) in checks {
+        let Some(expr) = expr else { continue };
+        let bad = |m: String| Error::Usage(format!("{option} {expr:?}: {m}"));
+        let df = session
+            .sql(&format!("SELECT ({expr}) AS __x FROM {table} LIMIT 0"))
+            .await
+            .map_err(|e| bad(e.to_string()))?;
+        let t = df.schema().field(0).data_type().clone();
+        if boolean && !matches!(t, DataType::Boolean | DataType::Null) {
+            return Err(bad(format!(
+                "expected a true/false predicate, got a value of type {t}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Register the horizon and lineage functions for one replay.
 pub fn register(
     ctx: &SessionContext,
