@@ -372,12 +372,16 @@ fn decode_all(got: &[Got]) -> Vec<(Option<consistency::Annotation>, Vec<u8>)> {
 
 #[test]
 fn replay_to_kinesis_annotates_json_and_binary_records() {
+    // Replay state in an S3 archive store (moto).
     let k = ferrokinesis(false);
+    let s3 = s3();
+    let bucket = unique("replays");
+    create_bucket(&s3, &bucket);
     let (json_s, bin_s, target) = (unique("js"), unique("bin"), unique("dst"));
     let ws = Workspace::new(
         &k.endpoint(),
-        None,
-        None,
+        Some(&format!("s3://{bucket}/archive")),
+        Some(&s3.endpoint()),
         "",
         &[(&json_s, "json"), (&bin_s, "binary")],
     );
@@ -491,6 +495,16 @@ fn replay_to_kinesis_annotates_json_and_binary_records() {
         &format!("kinesis://{target3}"),
         "--no-annotate",
     ]);
+    let o = ws.ok(&["replay", "--list", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 3, "{listed}");
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["state"] == "done")
+    );
     let mut have: Vec<Vec<u8>> = rt
         .block_on(read_stream(&c, &target3))
         .into_iter()
@@ -987,4 +1001,72 @@ fn compacted_replay_into_the_live_source_converges_for_a_protocol_consumer() {
         .map(|(k, val)| (k, v_of(val.as_bytes())))
         .collect();
     assert_eq!(state, truth);
+}
+
+#[test]
+fn replay_time_bounds_prune_hour_partitions() {
+    // An archive of a stream that is no longer in Kinesis: three past hours.
+    let k = ferrokinesis(false);
+    let stream = unique("old");
+    let ws = Workspace::new(&k.endpoint(), None, None, "", &[(&stream, "json")]);
+    let h0 = (chrono::Utc::now().timestamp_millis() / 3_600_000 - 50) * 3_600_000;
+    let hours = [h0, h0 + 3_600_000, h0 + 7_200_000];
+    let recs = ingest_hours(&ws.archive, &stream, 2, &hours, 40);
+    let t = |ms: i64| {
+        chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+            .unwrap()
+            .to_rfc3339()
+    };
+    let (since, until) = (t(hours[1]), t(hours[2]));
+    let bounded = [
+        "replay", "--stream", &stream, "--to", "-", "--since", &since, "--until", &until,
+    ];
+    let o = ws.ok(&bounded);
+    let got = parse_json_lines(&o.stdout);
+    let want = recs
+        .iter()
+        .filter(|r| r.arrival_ms >= hours[1] && r.arrival_ms < hours[2])
+        .count();
+    assert_eq!(got.len(), want);
+    assert_eq!(want, 80);
+    // Damage every file of the first hour: a bounded replay never opens
+    // them, an unbounded one fails naming the file.
+    let (dt, hr) = fluxcap::archive::layout::partition_of(hours[0]);
+    let dir = ws
+        .archive
+        .join(&stream)
+        .join(format!("dt={dt}"))
+        .join(format!("hr={hr}"));
+    let files = walk(&dir);
+    assert!(!files.is_empty());
+    for f in &files {
+        std::fs::write(f, b"not parquet").unwrap();
+    }
+    let o = ws.ok(&bounded);
+    assert_eq!(parse_json_lines(&o.stdout).len(), want);
+    let o = ws.run(&["replay", "--stream", &stream, "--to", "-"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("hr={hr}")), "{err}");
+    // Mistakes in an option's SQL name the option, before anything runs.
+    for (opt, expr) in [
+        ("--where", "no_such_column = 1"),
+        ("--where", "octet_length(data)"),
+    ] {
+        let o = ws.run(&["replay", "--stream", &stream, "--to", "-", opt, expr]);
+        assert_eq!(o.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&o.stderr).contains(opt));
+    }
+    let o = ws.run(&[
+        "replay",
+        "--stream",
+        &stream,
+        "--to",
+        "-",
+        "--compact",
+        "--tombstone",
+        "data",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("true/false"));
 }
