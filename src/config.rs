@@ -29,18 +29,14 @@ pub const OPTIONAL_KEYS: &[&str] = &[
     "replay.target_region",
     "replay.target_profile",
     "replay.target_endpoint",
+    "server.token",
 ];
 
 /// Keys of one `[[streams]]` entry, and whether each is required.
 const STREAM_KEYS: &[(&str, bool)] = &[("name", true), ("format", false)];
 
 /// Environment variables starting with `FLUXCAP_` that are not configuration keys.
-const NON_KEY_ENV: &[&str] = &[
-    "FLUXCAP_CONFIG",
-    "FLUXCAP_LOG",
-    "FLUXCAP_STREAMS",
-    "FLUXCAP_SERVER_TOKEN",
-];
+const NON_KEY_ENV: &[&str] = &["FLUXCAP_CONFIG", "FLUXCAP_LOG", "FLUXCAP_STREAMS"];
 
 /// The effective configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,6 +54,8 @@ pub struct Config {
     pub query: QueryConfig,
     /// `fluxcap replay` settings.
     pub replay: ReplayConfig,
+    /// `fluxcap serve` settings.
+    pub server: ServerConfig,
     /// The streams this tool works on.
     #[serde(default)]
     pub streams: Vec<StreamConfig>,
@@ -177,6 +175,21 @@ pub struct ReplayConfig {
     /// Endpoint of `kinesis://` targets (default: `aws.kinesis_endpoint`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_endpoint: Option<String>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address `fluxcap serve` listens on.
+    pub bind: String,
+    /// Bearer token every API call must carry (generated at start when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Most rows `POST /api/sql` returns as JSON (CSV and Arrow downloads are not limited).
+    pub max_rows: usize,
+    /// Largest request body accepted.
+    pub max_request_bytes: ByteSize,
 }
 
 /// One `[[streams]]` entry.
@@ -764,6 +777,26 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
         }
     }
     ArchiveLocation::parse(&cfg.archive.location).map_err(|m| bad("archive.location", m))?;
+    if cfg.server.bind.parse::<std::net::SocketAddr>().is_err() {
+        return Err(bad(
+            "server.bind",
+            format!(
+                "expected an address such as 127.0.0.1:8080, got {:?}",
+                cfg.server.bind
+            ),
+        ));
+    }
+    if let Some(t) = &cfg.server.token
+        && t.len() < 16
+    {
+        return Err(bad(
+            "server.token",
+            "expected at least 16 characters".into(),
+        ));
+    }
+    if cfg.server.max_rows == 0 {
+        return Err(bad("server.max_rows", "expected a positive number".into()));
+    }
     let r = &cfg.replay;
     if r.annotation_field.is_empty() {
         return Err(bad(
@@ -926,6 +959,9 @@ impl Config {
     /// Credentials never appear in the configuration; URLs are shown without user info.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
+        if shown.server.token.is_some() {
+            shown.server.token = Some("(set; not shown)".into());
+        }
         for ep in [&mut shown.aws.kinesis_endpoint, &mut shown.aws.s3_endpoint] {
             if let Some(e) = ep
                 && let Ok(mut u) = url::Url::parse(e)

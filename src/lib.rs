@@ -15,5 +15,6 @@ pub mod metrics;
 pub mod query;
 pub mod record;
 pub mod replay;
+pub mod server;
 
 pub use error::{Error, Result};

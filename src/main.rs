@@ -82,6 +82,12 @@ enum Command {
     /// Replay records into a Kinesis stream or a file: bounded, filtered,
     /// compacted, annotated, paced and resumable.
     Replay(Box<ReplayArgs>),
+    /// Serve the HTTP API and web UI (search, replay, monitoring).
+    Serve {
+        /// Address to listen on [default: server.bind, 127.0.0.1:8080].
+        #[arg(long, value_name = "ADDR")]
+        bind: Option<String>,
+    },
     /// Check the archive against its checkpoints: every gap or duplicate, per shard.
     Verify {
         /// Only this stream.
@@ -328,8 +334,13 @@ async fn run(cli: Cli) -> Result<()> {
                 list: a.list,
                 from_parquet: a.from_parquet,
                 json: a.json,
+                quiet: false,
             };
             fluxcap::replay::run(&cfg, opts, shutdown_token()).await
+        }
+        Command::Serve { bind } => {
+            let cancel = shutdown_token();
+            fluxcap::server::serve(&cfg, fluxcap::server::ServeOptions { bind }, cancel).await
         }
         Command::Verify { stream, format } => {
             let report = fluxcap::archive::verify::verify(&cfg, stream.as_deref()).await?;

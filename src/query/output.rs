@@ -86,6 +86,11 @@ fn binary_to_string(batch: &RecordBatch, how: BinaryAs) -> Result<RecordBatch> {
     Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
 }
 
+/// `batch` with binary columns as base64 text (for JSON and CSV).
+pub fn base64_binary(batch: &RecordBatch) -> Result<RecordBatch> {
+    binary_to_string(batch, BinaryAs::Base64)
+}
+
 /// `schema` with view types replaced by their plain equivalents.
 fn plain_schema(schema: &SchemaRef) -> SchemaRef {
     Arc::new(Schema::new(

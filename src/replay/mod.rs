@@ -41,6 +41,8 @@ pub mod target;
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
@@ -103,6 +105,8 @@ pub struct ReplayOptions {
     pub from_parquet: Option<String>,
     /// `--json`: list, dry-run and summary as JSON on standard output.
     pub json: bool,
+    /// Print nothing and show no progress bar (the HTTP server runs replays).
+    pub quiet: bool,
 }
 
 /// What a replay (or a dry run) did, per target shard.
@@ -132,20 +136,104 @@ pub struct Summary {
     pub estimated_seconds: Option<f64>,
 }
 
-/// Run `fluxcap replay`.
+/// Run `fluxcap replay` (the CLI).
 pub async fn run(cfg: &Config, opts: ReplayOptions, cancel: CancellationToken) -> Result<()> {
-    let archive = Archive::open(cfg).await?;
     if opts.list {
+        let archive = Archive::open(cfg).await?;
         return list(&archive, opts.json).await;
     }
+    prepare(cfg, opts)
+        .await?
+        .run(cancel, None)
+        .await
+        .map(|_| ())
+}
+
+/// Progress a caller can watch while a replay runs (the HTTP server).
+#[derive(Debug)]
+pub struct Observer {
+    /// Records acknowledged in order (including earlier runs).
+    pub sent: AtomicU64,
+    /// Records selected in all; `u64::MAX` while unknown.
+    pub total: AtomicU64,
+    /// Records sent by this run.
+    pub sent_this_run: AtomicU64,
+}
+
+impl Default for Observer {
+    fn default() -> Self {
+        Observer {
+            sent: AtomicU64::new(0),
+            total: AtomicU64::new(u64::MAX),
+            sent_this_run: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A replay whose options are checked and whose manifest is built (or
+/// loaded, to resume), ready to run.
+pub struct Prepared {
+    session: (QuerySession, String),
+    cfg: Config,
+    archive: Archive,
+    manifest: Manifest,
+    progress: Option<Progress>,
+    opts: ReplayOptions,
+    target: Target,
+}
+
+/// Check the options and fix the horizon (or load a replay to resume).
+/// Nothing is written to the store yet.
+pub async fn prepare(cfg: &Config, opts: ReplayOptions) -> Result<Prepared> {
+    let archive = Archive::open(cfg).await?;
     let (manifest, progress) = match &opts.resume {
         Some(id) => resume_manifest(&archive, &opts, id).await?,
         None => (new_manifest(cfg, &archive, &opts).await?, None),
     };
     let target = Target::parse(&manifest.target)?;
-    let mut run = Run::new(cfg, archive, manifest, progress, opts.clone(), target).await?;
-    let result = run.execute(&cancel).await;
-    run.finish(result).await
+    let session = selection_session(cfg, &manifest).await?;
+    select::validate(&session.0, &session.1, &manifest.selection).await?;
+    Ok(Prepared {
+        session,
+        cfg: cfg.clone(),
+        archive,
+        manifest,
+        progress,
+        opts,
+        target,
+    })
+}
+
+impl Prepared {
+    /// The replay's id.
+    pub fn id(&self) -> &str {
+        &self.manifest.id
+    }
+
+    /// What the replay was asked to do.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Send the records; the summary of this run.
+    pub async fn run(
+        self,
+        cancel: CancellationToken,
+        observer: Option<Arc<Observer>>,
+    ) -> Result<Summary> {
+        let Prepared {
+            session,
+            cfg,
+            archive,
+            manifest,
+            progress,
+            opts,
+            target,
+        } = self;
+        let mut run = Run::new(&cfg, archive, manifest, progress, opts, target, observer);
+        let result = run.execute(session, &cancel).await;
+        run.finish(result).await
+    }
 }
 
 fn parse_pairs(items: &[String], what: &str) -> Result<BTreeMap<String, String>> {
@@ -433,6 +521,38 @@ async fn horizon(
     Ok((h, lineage))
 }
 
+/// The SQL session and the table the selection reads.
+async fn selection_session(cfg: &Config, m: &Manifest) -> Result<(QuerySession, String)> {
+    match &m.source {
+        Source::Stream { stream } => {
+            let (cfg, _) = with_stream(cfg, stream);
+            let s = query::session_with(
+                &cfg,
+                &SessionOptions {
+                    as_of_ms: Some(m.as_of_ms),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            select::register(&s.ctx, m.horizon.as_ref(), &m.lineage);
+            Ok((s, query::quote(stream)))
+        }
+        Source::Parquet { location, .. } => {
+            let s = query::session_with(
+                cfg,
+                &SessionOptions {
+                    streams_optional: true,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            select::register(&s.ctx, None, &m.lineage);
+            let table = register_parquet(cfg, &s, location).await?;
+            Ok((s, table))
+        }
+    }
+}
+
 fn cast(a: &ArrayRef, t: &DataType) -> Result<ArrayRef> {
     Ok(arrow::compute::cast(a, t)?)
 }
@@ -614,17 +734,20 @@ struct Run {
     shards: Vec<ShardStats>,
     /// The manifest is in the store (progress may be saved).
     recorded: bool,
+    /// Someone watching (the HTTP server).
+    observer: Option<Arc<Observer>>,
 }
 
 impl Run {
-    async fn new(
+    fn new(
         cfg: &Config,
         archive: Archive,
         manifest: Manifest,
         progress: Option<Progress>,
         opts: ReplayOptions,
         target: Target,
-    ) -> Result<Self> {
+        observer: Option<Arc<Observer>>,
+    ) -> Self {
         let start = progress.as_ref().map(|p| p.sent).unwrap_or(0);
         let progress = progress.unwrap_or(Progress {
             phase: Phase::Running,
@@ -644,7 +767,11 @@ impl Run {
             bytes: progress.bytes,
             above: BTreeMap::new(),
         };
-        Ok(Run {
+        if let Some(o) = &observer {
+            o.sent.store(start, Ordering::Relaxed);
+        }
+        Run {
+            observer,
             cfg: cfg.clone(),
             archive,
             manifest,
@@ -664,39 +791,6 @@ impl Run {
             bar: None,
             shards: Vec::new(),
             recorded: false,
-        })
-    }
-
-    /// The SQL session and the table the selection reads.
-    async fn session(&self) -> Result<(QuerySession, String)> {
-        let m = &self.manifest;
-        match &m.source {
-            Source::Stream { stream } => {
-                let (cfg, _) = with_stream(&self.cfg, stream);
-                let s = query::session_with(
-                    &cfg,
-                    &SessionOptions {
-                        as_of_ms: Some(m.as_of_ms),
-                        ..Default::default()
-                    },
-                )
-                .await?;
-                select::register(&s.ctx, m.horizon.as_ref(), &m.lineage);
-                Ok((s, query::quote(stream)))
-            }
-            Source::Parquet { location, .. } => {
-                let s = query::session_with(
-                    &self.cfg,
-                    &SessionOptions {
-                        streams_optional: true,
-                        ..Default::default()
-                    },
-                )
-                .await?;
-                select::register(&s.ctx, None, &m.lineage);
-                let table = register_parquet(&self.cfg, &s, location).await?;
-                Ok((s, table))
-            }
         }
     }
 
@@ -798,13 +892,16 @@ impl Run {
         }
     }
 
-    async fn execute(&mut self, cancel: &CancellationToken) -> Result<()> {
-        let (session, table) = self.session().await?;
+    async fn execute(
+        &mut self,
+        (session, table): (QuerySession, String),
+        cancel: &CancellationToken,
+    ) -> Result<()> {
         let m = self.manifest.clone();
-        select::validate(&session, &table, &m.selection).await?;
         let horizon = m.horizon.is_some();
-        let terminal = std::io::stderr().is_terminal() && !self.opts.dry_run;
-        if terminal && self.progress.total.is_none() {
+        let terminal = std::io::stderr().is_terminal() && !self.opts.dry_run && !self.opts.quiet;
+        let watched = self.observer.is_some() && !self.opts.dry_run;
+        if (terminal || watched) && self.progress.total.is_none() {
             let q = select::sql(&table, &m.selection, horizon, false, 0);
             let b = session
                 .sql(&q)
@@ -819,6 +916,9 @@ impl Run {
                     self.progress.total = Some(n.value(0) as u64);
                 }
             }
+        }
+        if let (Some(o), Some(t)) = (&self.observer, self.progress.total) {
+            o.total.store(t, Ordering::Relaxed);
         }
         if terminal {
             self.bar = Some(progress_bar(self.progress.total, self.start));
@@ -1043,6 +1143,10 @@ impl Run {
 
     fn tick(&mut self) {
         let done = self.mark.next;
+        if let Some(o) = &self.observer {
+            o.sent.store(done, Ordering::Relaxed);
+            o.sent_this_run.store(self.sent_records, Ordering::Relaxed);
+        }
         if let Some(b) = &self.bar {
             b.set_position(done);
         } else if !self.opts.dry_run && self.last_log.elapsed() >= Duration::from_secs(10) {
@@ -1076,7 +1180,7 @@ impl Run {
         self.last_saved_sent = self.mark.next;
     }
 
-    async fn finish(mut self, result: Result<()>) -> Result<()> {
+    async fn finish(mut self, result: Result<()>) -> Result<Summary> {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
@@ -1096,10 +1200,12 @@ impl Run {
             if self.recorded {
                 let msg = (!matches!(e, Error::Interrupted)).then(|| e.to_string());
                 self.save(Phase::Interrupted, msg).await;
-                eprintln!(
-                    "replay {id} stopped after {} records; continue with: fluxcap replay --resume {id}",
-                    self.mark.next
-                );
+                if !self.opts.quiet {
+                    eprintln!(
+                        "replay {id} stopped after {} records; continue with: fluxcap replay --resume {id}",
+                        self.mark.next
+                    );
+                }
             }
             return Err(e);
         }
@@ -1131,7 +1237,10 @@ impl Run {
             self.progress.total = Some(self.mark.next);
             self.save(Phase::Done, None).await;
         }
-        self.report(&summary);
+        self.tick();
+        if !self.opts.quiet {
+            self.report(&summary);
+        }
         if let Some(p) = rejected_path {
             return Err(Error::Rejected {
                 id,
@@ -1139,7 +1248,7 @@ impl Run {
                 list: p,
             });
         }
-        Ok(())
+        Ok(summary)
     }
 
     /// Seconds the target's limits (and `--rate`) need for the counted records.

@@ -181,17 +181,44 @@ pub fn sql(table: &str, sel: &Selection, horizon: bool, ordered: bool, offset: u
             .as_deref()
             .map(|t| format!("coalesce(({t}), FALSE)"))
             .unwrap_or_else(|| "FALSE".into());
-        format!(
-            "SELECT {base}, __depth FROM (\
-               SELECT *, row_number() OVER (PARTITION BY __key ORDER BY {desc}) AS __rn FROM (\
-                 SELECT {base}, {DEPTH_FN}({shard}) AS __depth, {key} AS __key, {tomb} AS __tomb \
-                 FROM {table} WHERE {conds}\
-               ) AS __sel\
-             ) AS __ranked \
-             WHERE (__rn = 1 OR __key IS NULL) AND NOT __tomb AND {predicate}",
-            desc = order(true),
+        // Two passes instead of a window over every record (which would sort
+        // the payloads): the winner of each key from the small columns, then
+        // the records that won, by a semi-join on their identity. Memory is
+        // the number of keys, not the data.
+        let id = format!(
+            "concat({}, '/', {}, '/', CAST({} AS VARCHAR))",
+            col::SHARD_ID,
+            col::SEQUENCE_NUMBER,
+            col::SUBSEQUENCE_NUMBER
+        );
+        let conds = conds.join(" AND ");
+        let desc = order(true);
+        let winners = format!(
+            "SELECT first_value(__id ORDER BY {desc}) AS __wid, first_value(__tomb ORDER BY {desc}) AS __wt \
+             FROM (SELECT {id} AS __id, {key} AS __key, {tomb} AS __tomb, {DEPTH_FN}({shard}) AS __depth, \
+                          {arrival}, {shard}, {seq}, {sub} FROM {table} WHERE {conds}) AS __k \
+             WHERE __key IS NOT NULL GROUP BY __key",
             shard = col::SHARD_ID,
-            conds = conds.join(" AND "),
+            arrival = col::ARRIVAL,
+            seq = col::SEQUENCE_NUMBER,
+            sub = col::SUBSEQUENCE_NUMBER,
+        );
+        let mut parts = vec![format!(
+            "SELECT {base}, {DEPTH_FN}({shard}) AS __depth FROM {table} \
+             WHERE {conds} AND {id} IN (SELECT __wid FROM ({winners}) AS __w WHERE NOT __wt)",
+            shard = col::SHARD_ID,
+        )];
+        if sel.key.is_some() {
+            // Records without a key are not compacted.
+            parts.push(format!(
+                "SELECT {base}, {DEPTH_FN}({shard}) AS __depth FROM {table} \
+                 WHERE {conds} AND {key} IS NULL AND NOT {tomb}",
+                shard = col::SHARD_ID,
+            ));
+        }
+        format!(
+            "SELECT * FROM ({}) AS __c WHERE {predicate}",
+            parts.join(" UNION ALL ")
         )
     } else {
         format!(

@@ -12,5 +12,7 @@ mod ferro;
 mod kpl;
 mod replay;
 mod resharding;
+mod server;
 mod sql;
+mod ui;
 mod writer_interop;

@@ -266,6 +266,26 @@ fn replay_to_files_bounds_filter_compaction_and_parquet_results() {
         .collect();
     assert_eq!(got, want);
 
+    // Records whose key is NULL are not compacted (all of them are replayed,
+    // but tombstones).
+    let o = ws.ok(&[
+        "replay",
+        "--stream",
+        &stream,
+        "--to",
+        "-",
+        "--compact",
+        "--key",
+        "data->>'no_such_field'",
+        "--tombstone",
+        "data->>'op' = 'del'",
+    ]);
+    let dels = puts
+        .iter()
+        .filter(|p| String::from_utf8_lossy(&p.data).contains("\"op\":\"del\""))
+        .count();
+    assert_eq!(parse_json_lines(&o.stdout).len(), puts.len() - dels);
+
     // Sequence bounds on one shard, and time bounds.
     let shard0 = order["k0"][0].shard_id.clone();
     let mut s0: Vec<&Put> = puts.iter().filter(|p| p.shard_id == shard0).collect();

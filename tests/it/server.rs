@@ -1,0 +1,515 @@
+//! `fluxcap serve`: every API endpoint over real HTTP, with the real binary,
+//! against local Kinesis (ferrokinesis) and a local archive.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+/// A running `fluxcap serve`, killed on drop.
+pub struct Serve {
+    child: Child,
+    pub port: u16,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start `fluxcap serve` on a free loopback port with `token`.
+pub fn serve(ws: &Workspace, token: &str) -> Serve {
+    let mut child = ws
+        .cmd()
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .env("FLUXCAP_SERVER_TOKEN", token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let port = line
+        .trim()
+        .strip_prefix("listening on http://127.0.0.1:")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    // Keep draining stdout so the server never blocks on it.
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = out.read_to_end(&mut sink);
+    });
+    Serve { child, port }
+}
+
+/// An HTTP answer.
+pub struct Answer {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): {} {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// One HTTP/1.1 request (Connection: close), chunked bodies decoded.
+pub fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> Answer {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    // The server may answer (413) before reading a large body.
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("no end of headers");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: HashMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers
+        .get("transfer-encoding")
+        .is_some_and(|v| v.contains("chunked"))
+    {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let eol = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size =
+                usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16).unwrap();
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+            rest = &rest[eol + 2 + size + 2..];
+        }
+        body = out;
+    }
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn post(port: u16, path: &str, token: &str, body: serde_json::Value) -> Answer {
+    http(port, "POST", path, Some(token), body.to_string().as_bytes())
+}
+
+/// Poll a replay until it is in a final state.
+fn wait_final(port: u16, token: &str, id: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let a = http(port, "GET", &format!("/api/replays/{id}"), Some(token), b"");
+        assert_eq!(a.status, 200);
+        let v = a.json();
+        if ["done", "failed", "cancelled"].contains(&v["state"].as_str().unwrap()) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "replay {id} did not finish: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn api_serves_every_endpoint_behind_a_token() {
+    let k = ferrokinesis(false);
+    let stream = unique("api");
+    let ws = Workspace::new(&k.endpoint(), None, None, "", &[(&stream, "json")]);
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    let (t1, t2) = (unique("dst"), unique("dst"));
+    let n = 120usize;
+    rt.block_on(async {
+        create_stream(&c, &stream, 2).await;
+        create_stream(&c, &t1, 2).await;
+        create_stream(&c, &t2, 1).await;
+        put_records(&c, &stream, &orders(n, 3)).await;
+    });
+    ws.ok(&["archive", "--once"]);
+    let token = "s3cret-token-0123456789";
+    let srv = serve(&ws, token);
+    let p = srv.port;
+
+    // The UI needs no token; the API and metrics do.
+    let ui = http(p, "GET", "/", None, b"");
+    assert_eq!(ui.status, 200);
+    assert!(ui.headers["content-type"].starts_with("text/html"));
+    for (m, path) in [
+        ("POST", "/api/sql"),
+        ("GET", "/api/streams"),
+        ("GET", "/api/replays"),
+        ("POST", "/api/replays"),
+        ("GET", "/metrics"),
+        ("GET", "/api/openapi.json"),
+    ] {
+        assert_eq!(http(p, m, path, None, b"").status, 401, "{m} {path}");
+        let wrong = http(p, m, path, Some("wrong-token-0123456789"), b"");
+        assert_eq!(wrong.status, 401);
+        assert!(wrong.json()["error"].as_str().unwrap().contains("token"));
+    }
+
+    // SQL: rows as JSON with a limit, binary as base64, downloads streamed.
+    let q = |sql: &str| serde_json::json!({ "sql": sql });
+    let a = post(
+        p,
+        "/api/sql",
+        token,
+        q(&format!("SELECT count(*) AS n FROM {}", q_name(&stream))),
+    );
+    assert_eq!(a.status, 200);
+    let v = a.json();
+    assert_eq!(v["rows"][0][0], n);
+    assert_eq!(v["columns"][0]["name"], "n");
+    let a = post(
+        p,
+        "/api/sql",
+        token,
+        serde_json::json!({"sql": format!("SELECT partition_key, data FROM {}", q_name(&stream)), "limit": 5}),
+    );
+    let v = a.json();
+    assert_eq!(v["row_count"], 5);
+    assert_eq!(v["truncated"], true);
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(v["rows"][0][1].as_str().unwrap())
+        .unwrap();
+    assert!(serde_json::from_slice::<serde_json::Value>(&bytes).is_ok());
+    let a = post(
+        p,
+        "/api/sql",
+        token,
+        serde_json::json!({"sql": format!("SELECT partition_key, text(data) AS t FROM {}", q_name(&stream)), "format": "csv"}),
+    );
+    assert_eq!(a.status, 200);
+    assert!(a.headers["content-type"].starts_with("text/csv"));
+    assert!(a.headers["content-disposition"].contains("attachment"));
+    let text = String::from_utf8(a.body).unwrap();
+    let mut rdr = text.lines();
+    assert_eq!(rdr.next(), Some("partition_key,t"));
+    let mut csv_rows = 0;
+    let mut r = csv_reader(&text);
+    while r.next().is_some() {
+        csv_rows += 1;
+    }
+    assert_eq!(csv_rows, n);
+    let a = post(
+        p,
+        "/api/sql",
+        token,
+        serde_json::json!({"sql": format!("SELECT * FROM {}", q_name(&stream)), "format": "arrow"}),
+    );
+    assert_eq!(a.status, 200);
+    let reader =
+        arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(a.body), None).unwrap();
+    let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(rows, n);
+    // Bad input.
+    for (body, code) in [
+        (q("SELEC 1").to_string(), 400),
+        (q("CREATE TABLE x (a INT)").to_string(), 400),
+        (q("SELECT * FROM nope").to_string(), 400),
+        (q("  ").to_string(), 400),
+        ("{not json".to_string(), 400),
+        (
+            serde_json::json!({"sql": "SELECT 1", "bogus": 1}).to_string(),
+            400,
+        ),
+        (
+            serde_json::json!({"sql": "SELECT 1", "format": "xml"}).to_string(),
+            400,
+        ),
+    ] {
+        let a = http(p, "POST", "/api/sql", Some(token), body.as_bytes());
+        assert_eq!(
+            a.status,
+            code,
+            "{body}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+        assert!(a.json()["error"].is_string());
+    }
+    let big = format!("{{\"sql\": \"SELECT '{}'\"}}", "x".repeat(2 << 20));
+    assert_eq!(
+        http(p, "POST", "/api/sql", Some(token), big.as_bytes()).status,
+        413
+    );
+
+    // Streams: shards and the archive per day.
+    let a = http(p, "GET", "/api/streams", Some(token), b"");
+    assert_eq!(a.status, 200);
+    let v = a.json();
+    let s = &v["streams"][0];
+    assert_eq!(s["stream"], stream.as_str());
+    assert_eq!(s["shards"].as_array().unwrap().len(), 2);
+    let days = s["archive_by_day"].as_array().unwrap();
+    assert_eq!(days.len(), 1);
+    assert!(days[0]["bytes"].as_u64().unwrap() > 0);
+
+    // Replays: refusals, a dry run, a real run to completion.
+    let rq = |to: &str, extra: serde_json::Value| {
+        let mut v = serde_json::json!({"stream": stream, "to": to});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    };
+    let same = post(
+        p,
+        "/api/replays",
+        token,
+        rq(&format!("kinesis://{stream}"), serde_json::json!({})),
+    );
+    assert_eq!(same.status, 409);
+    assert!(
+        same.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("confirm_same_stream")
+    );
+    for bad in [
+        rq("file:///etc/passwd", serde_json::json!({})),
+        rq("-", serde_json::json!({})),
+        rq(
+            &format!("kinesis://{t1}"),
+            serde_json::json!({"bogus": true}),
+        ),
+        rq(
+            &format!("kinesis://{t1}"),
+            serde_json::json!({"where": "no_such_column = 1"}),
+        ),
+        rq(
+            &format!("kinesis://{t1}"),
+            serde_json::json!({"since": "yesterday"}),
+        ),
+        serde_json::json!({"stream": "not-configured", "to": format!("kinesis://{t1}")}),
+    ] {
+        let a = post(p, "/api/replays", token, bad.clone());
+        assert_eq!(a.status, 400, "{bad}: {}", String::from_utf8_lossy(&a.body));
+    }
+    let a = post(
+        p,
+        "/api/replays",
+        token,
+        rq(
+            &format!("kinesis://{t1}"),
+            serde_json::json!({"dry_run": true, "annotate": {"by": "api"}}),
+        ),
+    );
+    assert_eq!(a.status, 200);
+    let dry = a.json();
+    assert_eq!(dry["summary"]["records"], n);
+    assert_eq!(dry["summary"]["shards"].as_array().unwrap().len(), 2);
+    assert!(rt.block_on(count_records(&c, &t1)) == 0);
+    let a = post(
+        p,
+        "/api/replays",
+        token,
+        rq(
+            &format!("kinesis://{t1}"),
+            serde_json::json!({"annotate": ["by=api"]}),
+        ),
+    );
+    assert_eq!(a.status, 202);
+    let id = a.json()["id"].as_str().unwrap().to_string();
+    let done = wait_final(p, token, &id);
+    assert_eq!(done["state"], "done", "{done}");
+    assert_eq!(done["sent"], n);
+    assert_eq!(rt.block_on(count_records(&c, &t1)), n);
+    let listed = http(p, "GET", "/api/replays", Some(token), b"").json();
+    assert!(
+        listed["replays"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == id.as_str() && r["state"] == "done")
+    );
+    assert_eq!(
+        http(p, "GET", "/api/replays/r-nope", Some(token), b"").status,
+        404
+    );
+    assert_eq!(
+        http(p, "GET", "/api/replays/..%2F..%2Fetc", Some(token), b"").status,
+        400
+    );
+    assert_eq!(
+        http(p, "DELETE", &format!("/api/replays/{id}"), Some(token), b"").status,
+        409
+    );
+    assert_eq!(
+        http(
+            p,
+            "POST",
+            &format!("/api/replays/{id}/resume"),
+            Some(token),
+            b""
+        )
+        .status,
+        409
+    );
+
+    // Cancel a slow replay, then resume it to completion.
+    let a = post(
+        p,
+        "/api/replays",
+        token,
+        rq(&format!("kinesis://{t2}"), serde_json::json!({"rate": 40})),
+    );
+    assert_eq!(a.status, 202);
+    let id2 = a.json()["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = http(p, "GET", &format!("/api/replays/{id2}"), Some(token), b"").json();
+        assert_eq!(v["state"], "running", "{v}");
+        if v["sent"].as_u64().unwrap() > 0 {
+            assert_eq!(v["total"], n);
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let a = http(
+        p,
+        "DELETE",
+        &format!("/api/replays/{id2}"),
+        Some(token),
+        b"",
+    );
+    assert_eq!(a.status, 202);
+    let v = http(p, "GET", &format!("/api/replays/{id2}"), Some(token), b"").json();
+    assert_eq!(v["state"], "cancelled", "{v}");
+    assert!(v["sent"].as_u64().unwrap() < n as u64);
+    let a = http(
+        p,
+        "POST",
+        &format!("/api/replays/{id2}/resume"),
+        Some(token),
+        b"",
+    );
+    assert_eq!(a.status, 202, "{}", String::from_utf8_lossy(&a.body));
+    let done = wait_final(p, token, &id2);
+    assert_eq!(done["state"], "done", "{done}");
+    assert!(rt.block_on(count_records(&c, &t2)) >= n);
+
+    // Metrics and the API description.
+    let m = http(p, "GET", "/metrics", Some(token), b"");
+    assert_eq!(m.status, 200);
+    let text = String::from_utf8(m.body).unwrap();
+    assert!(text.contains("fluxcap_http_requests_total"));
+    assert!(
+        text.contains(&format!("fluxcap_replay_records_sent_total {}", 2 * n))
+            || text.contains("fluxcap_replay_records_sent_total")
+    );
+    let o = http(p, "GET", "/api/openapi.json", Some(token), b"").json();
+    for path in [
+        "/api/sql",
+        "/api/streams",
+        "/api/replays",
+        "/api/replays/{id}",
+        "/metrics",
+    ] {
+        assert!(o["paths"].get(path).is_some(), "{path}");
+    }
+    assert_eq!(http(p, "GET", "/api/nope", Some(token), b"").status, 404);
+}
+
+#[test]
+fn serve_refuses_a_public_address_without_a_configured_token() {
+    let ws = Workspace::new("http://127.0.0.1:9", None, None, "", &[("s", "json")]);
+    let o = ws.run(&["serve", "--bind", "0.0.0.0:0"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("without a configured token"));
+}
+
+fn q_name(s: &str) -> String {
+    q(s)
+}
+
+/// Records of a CSV text (quoted fields may hold newlines), header skipped.
+fn csv_reader(text: &str) -> impl Iterator<Item = ()> + '_ {
+    let mut records = Vec::new();
+    let mut in_quotes = false;
+    let mut start_of_record = true;
+    let mut header = true;
+    for ch in text.chars() {
+        if start_of_record && !header {
+            records.push(());
+        }
+        start_of_record = false;
+        match ch {
+            '"' => in_quotes = !in_quotes,
+            '\n' if !in_quotes => {
+                start_of_record = true;
+                header = false;
+            }
+            _ => {}
+        }
+    }
+    records.into_iter()
+}
+
+/// How many records a stream holds.
+async fn count_records(c: &aws_sdk_kinesis::Client, stream: &str) -> usize {
+    let shards = c.list_shards().stream_name(stream).send().await.unwrap();
+    let mut n = 0;
+    for s in shards.shards() {
+        let mut it = c
+            .get_shard_iterator()
+            .stream_name(stream)
+            .shard_id(s.shard_id())
+            .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .unwrap()
+            .shard_iterator()
+            .map(str::to_string);
+        while let Some(i) = it {
+            let r = c.get_records().shard_iterator(i).send().await.unwrap();
+            if r.records().is_empty() {
+                break;
+            }
+            n += r.records().len();
+            it = r.next_shard_iterator().map(str::to_string);
+        }
+    }
+    n
+}
