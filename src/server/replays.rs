@@ -177,7 +177,7 @@ async fn info(m: &state::Manifest, p: Option<&Progress>, job: Option<&Job>) -> s
         Some(Phase::Done) => "done",
         Some(Phase::Interrupted) if error.is_some() => "failed",
         Some(Phase::Interrupted) => "cancelled",
-        Some(Phase::Running) => match state::describe_phase(p, |p| replay_alive(p)) {
+        Some(Phase::Running) => match state::describe_phase(p, replay_alive) {
             "running" => "running",
             _ => {
                 error.get_or_insert_with(|| "the process running it stopped".into());
