@@ -181,32 +181,30 @@ pub fn sql(table: &str, sel: &Selection, horizon: bool, ordered: bool, offset: u
             .as_deref()
             .map(|t| format!("coalesce(({t}), FALSE)"))
             .unwrap_or_else(|| "FALSE".into());
-        // Two passes instead of a window over every record (which would sort
-        // the payloads): the winner of each key from the small columns, then
-        // the records that won, by a semi-join on their identity. Memory is
-        // the number of keys, not the data.
-        let id = format!(
-            "concat({}, '/', {}, '/', CAST({} AS VARCHAR))",
-            col::SHARD_ID,
-            col::SEQUENCE_NUMBER,
-            col::SUBSEQUENCE_NUMBER
-        );
+        // Not a window over every record (that would sort the payloads):
+        // first each key's latest arrival time (a hash aggregate over two
+        // small columns), then the records at that time (a hash join whose
+        // build side is one row per key), then the exact winner among those
+        // few candidates by the full position. Memory follows the number of
+        // keys, not the data.
         let conds = conds.join(" AND ");
-        let desc = order(true);
-        let winners = format!(
-            "SELECT first_value(__id ORDER BY {desc}) AS __wid, first_value(__tomb ORDER BY {desc}) AS __wt \
-             FROM (SELECT {id} AS __id, {key} AS __key, {tomb} AS __tomb, {DEPTH_FN}({shard}) AS __depth, \
-                          {arrival}, {shard}, {seq}, {sub} FROM {table} WHERE {conds}) AS __k \
-             WHERE __key IS NOT NULL GROUP BY __key",
-            shard = col::SHARD_ID,
+        let last = format!(
+            "SELECT {key} AS __lk, max({arrival}) AS __la FROM {table} \
+             WHERE {conds} AND {key} IS NOT NULL GROUP BY 1",
             arrival = col::ARRIVAL,
-            seq = col::SEQUENCE_NUMBER,
-            sub = col::SUBSEQUENCE_NUMBER,
+        );
+        let records = format!(
+            "SELECT {base}, {DEPTH_FN}({shard}) AS __depth, {key} AS __key FROM {table} WHERE {conds}",
+            shard = col::SHARD_ID,
         );
         let mut parts = vec![format!(
-            "SELECT {base}, {DEPTH_FN}({shard}) AS __depth FROM {table} \
-             WHERE {conds} AND {id} IN (SELECT __wid FROM ({winners}) AS __w WHERE NOT __wt)",
-            shard = col::SHARD_ID,
+            "SELECT {base}, __depth FROM (\
+               SELECT __r.*, row_number() OVER (PARTITION BY __r.__key ORDER BY {desc}) AS __rn \
+               FROM ({last}) AS __l JOIN ({records}) AS __r \
+                 ON __r.__key = __l.__lk AND __r.{arrival} = __l.__la\
+             ) AS __w WHERE __rn = 1 AND NOT {tomb}",
+            desc = order(true),
+            arrival = col::ARRIVAL,
         )];
         if sel.key.is_some() {
             // Records without a key are not compacted.
