@@ -110,7 +110,17 @@ pub async fn session_with(cfg: &Config, opts: &SessionOptions) -> Result<QuerySe
     } else {
         q.target_partitions
     };
-    let config = SessionConfig::from(engine_options()?)
+    let mut options = engine_options()?;
+    if q.memory_limit.0 > 0
+        && std::env::var_os("DATAFUSION_EXECUTION_SORT_SPILL_RESERVATION_BYTES").is_none()
+    {
+        // Every sorting partition reserves this much up front for merging
+        // its spills; the default (10 MB) times many partitions can exceed a
+        // small pool before anything spills.
+        let per = (q.memory_limit.0 as usize / (4 * partitions)).clamp(256 * 1024, 10 << 20);
+        options.execution.sort_spill_reservation_bytes = per;
+    }
+    let config = SessionConfig::from(options)
         .with_target_partitions(partitions)
         .with_information_schema(true);
     let mut runtime = RuntimeEnvBuilder::new();
