@@ -7,6 +7,7 @@
 
 pub mod archive;
 pub mod aws;
+pub mod cluster;
 pub mod config;
 pub mod consistency;
 pub mod error;

@@ -82,6 +82,21 @@ enum Command {
     /// Replay records into a Kinesis stream or a file: bounded, filtered,
     /// compacted, annotated, paced and resumable.
     Replay(Box<ReplayArgs>),
+    /// Print catalog DDL (Hive, Glue, Athena) or the Drill storage plugin for the archive.
+    Catalog {
+        /// Which engine.
+        #[arg(value_enum)]
+        engine: fluxcap::cluster::catalog::Engine,
+        /// Only this stream (default: every configured stream).
+        #[arg(long)]
+        stream: Option<String>,
+        /// Database the tables go in.
+        #[arg(long, default_value = "kinesis_archive")]
+        database: String,
+        /// Leave out the ALTER TABLE … ADD PARTITION statements.
+        #[arg(long)]
+        no_partitions: bool,
+    },
     /// Serve the HTTP API and web UI (search, replay, monitoring).
     Serve {
         /// Address to listen on [default: server.bind, 127.0.0.1:8080].
@@ -337,6 +352,25 @@ async fn run(cli: Cli) -> Result<()> {
                 quiet: false,
             };
             fluxcap::replay::run(&cfg, opts, shutdown_token()).await
+        }
+        Command::Catalog {
+            engine,
+            stream,
+            database,
+            no_partitions,
+        } => {
+            let text = fluxcap::cluster::catalog::generate(
+                &cfg,
+                &fluxcap::cluster::catalog::CatalogOptions {
+                    engine,
+                    stream,
+                    database,
+                    no_partitions,
+                },
+            )
+            .await?;
+            print!("{text}");
+            Ok(())
         }
         Command::Serve { bind } => {
             let cancel = shutdown_token();

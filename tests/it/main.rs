@@ -4,6 +4,7 @@
 mod harness;
 
 mod archive_basic;
+mod catalog;
 mod config_cli;
 mod crash;
 mod faults;

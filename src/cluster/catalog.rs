@@ -1,0 +1,249 @@
+//! `fluxcap catalog hive|glue|athena|drill`: what a cluster engine needs to
+//! read the archive as a table — DDL for an external Parquet table partitioned
+//! by `dt`/`hr` (with `ADD PARTITION` for the partitions present), Athena
+//! partition projection, or Drill's storage plugin.
+//!
+//! Hive's own Parquet reader (Hive 3 on EMR) cannot read INT64 timestamps, so
+//! the Hive and Glue DDL declares `approximate_arrival_timestamp` as `BIGINT`
+//! (epoch milliseconds, UTC) — the same file, read without conversion;
+//! Athena and Spark read it as `TIMESTAMP`.
+
+use std::collections::BTreeSet;
+
+use crate::archive::store::Archive;
+use crate::config::{ArchiveLocation, Config};
+use crate::error::Result;
+
+/// Which engine's catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    /// Hive metastore DDL (EMR Hive, Spark with Hive support).
+    Hive,
+    /// AWS Glue Data Catalog DDL (run it in Athena or EMR against Glue).
+    Glue,
+    /// Athena DDL with partition projection (no partitions to add).
+    Athena,
+    /// The Drill `file` storage plugin, as JSON.
+    Drill,
+}
+
+/// Options of `fluxcap catalog`.
+#[derive(Debug, Clone)]
+pub struct CatalogOptions {
+    /// The engine.
+    pub engine: Engine,
+    /// Only this stream (default: every configured stream).
+    pub stream: Option<String>,
+    /// Database (schema) the tables go in.
+    pub database: String,
+    /// Skip `ALTER TABLE … ADD PARTITION` statements.
+    pub no_partitions: bool,
+}
+
+/// The archive root as a URL engines understand (`s3://…` or `file://…`), without a trailing `/`.
+fn root_url(loc: &ArchiveLocation) -> String {
+    match loc {
+        ArchiveLocation::Local(dir) => format!("file://{}", dir.display())
+            .trim_end_matches('/')
+            .to_string(),
+        ArchiveLocation::S3 { bucket, prefix } if prefix.is_empty() => format!("s3://{bucket}"),
+        ArchiveLocation::S3 { bucket, prefix } => format!("s3://{bucket}/{prefix}"),
+    }
+}
+
+/// The table name of a stream: Hive, Glue and Athena names hold only
+/// letters, digits and `_` (`orders-v2` → `orders_v2`).
+pub fn table_name(stream: &str) -> String {
+    stream
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// A Hive identifier: plain when it can be, else back-quoted.
+fn ident(name: &str) -> String {
+    let plain = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if plain {
+        name.to_string()
+    } else {
+        format!("`{}`", name.replace('`', "``"))
+    }
+}
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// The `(dt, hr)` partitions holding data files of `stream`.
+pub async fn partitions(archive: &Archive, stream: &str) -> Result<BTreeSet<(String, String)>> {
+    let mut out = BTreeSet::new();
+    for o in archive.list(&archive.layout.stream_dir(stream)).await? {
+        if !o.location.as_ref().ends_with(".parquet") {
+            continue;
+        }
+        let mut dt = None;
+        let mut hr = None;
+        for p in o.location.parts() {
+            let p = p.as_ref();
+            if let Some(v) = p.strip_prefix("dt=") {
+                dt = Some(v.to_string());
+            } else if let Some(v) = p.strip_prefix("hr=") {
+                hr = Some(v.to_string());
+            } else if p.starts_with('_') || p.starts_with('.') {
+                dt = None;
+                break;
+            }
+        }
+        if let (Some(d), Some(h)) = (dt, hr) {
+            out.insert((d, h));
+        }
+    }
+    Ok(out)
+}
+
+/// The catalog text for `opts`.
+pub async fn generate(cfg: &Config, opts: &CatalogOptions) -> Result<String> {
+    let archive = Archive::open(cfg).await?;
+    let root = root_url(&archive.location);
+    if opts.engine == Engine::Drill {
+        return Ok(drill_plugin(&archive.location));
+    }
+    let streams = cfg.selected_streams(opts.stream.as_deref())?;
+    let db = ident(&opts.database);
+    let mut out = String::new();
+    out.push_str(
+        &format!(
+            "-- fluxcap catalog {:?} for {} (generated {})\n",
+            opts.engine,
+            root,
+            chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
+        )
+        .to_lowercase(),
+    );
+    out.push_str(&format!("CREATE DATABASE IF NOT EXISTS {db};\n\n"));
+    for s in streams {
+        let table = format!("{db}.{}", ident(&table_name(&s.name)));
+        let location = format!("{root}/{}/", s.name);
+        let arrival = match opts.engine {
+            Engine::Athena => "approximate_arrival_timestamp TIMESTAMP",
+            _ => {
+                "approximate_arrival_timestamp BIGINT COMMENT 'arrival time, epoch milliseconds UTC'"
+            }
+        };
+        out.push_str(&format!(
+            "CREATE EXTERNAL TABLE IF NOT EXISTS {table} (\n  \
+               shard_id STRING,\n  \
+               sequence_number STRING,\n  \
+               subsequence_number BIGINT,\n  \
+               partition_key STRING,\n  \
+               explicit_hash_key STRING,\n  \
+               {arrival},\n  \
+               data BINARY\n)\n\
+             PARTITIONED BY (dt STRING, hr STRING)\n\
+             STORED AS PARQUET\n\
+             LOCATION {}",
+            quote(&location)
+        ));
+        match opts.engine {
+            Engine::Athena => {
+                out.push_str(&format!(
+                    "\nTBLPROPERTIES (\n  \
+                       'projection.enabled'='true',\n  \
+                       'projection.dt.type'='date',\n  \
+                       'projection.dt.format'='yyyy-MM-dd',\n  \
+                       'projection.dt.range'='2020-01-01,NOW',\n  \
+                       'projection.dt.interval'='1',\n  \
+                       'projection.dt.interval.unit'='DAYS',\n  \
+                       'projection.hr.type'='integer',\n  \
+                       'projection.hr.range'='0,23',\n  \
+                       'projection.hr.digits'='2',\n  \
+                       'storage.location.template'={}\n);\n\n",
+                    quote(&format!("{location}dt=${{dt}}/hr=${{hr}}/"))
+                ));
+                continue;
+            }
+            Engine::Glue => {
+                out.push_str(
+                    "\nTBLPROPERTIES ('classification'='parquet', 'parquet.compression'='ZSTD');\n",
+                );
+            }
+            _ => out.push_str(";\n"),
+        }
+        if !opts.no_partitions {
+            for (dt, hr) in partitions(&archive, &s.name).await? {
+                out.push_str(&format!(
+                    "ALTER TABLE {table} ADD IF NOT EXISTS PARTITION (dt={}, hr={}) LOCATION {};\n",
+                    quote(&dt),
+                    quote(&hr),
+                    quote(&format!("{location}dt={dt}/hr={hr}/"))
+                ));
+            }
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// Drill's `file` storage plugin over the archive: one read-only workspace
+/// whose tables are the streams, and a writable scratch workspace for CTAS.
+fn drill_plugin(loc: &ArchiveLocation) -> String {
+    let (connection, base) = match loc {
+        ArchiveLocation::Local(dir) => ("file:///".to_string(), dir.display().to_string()),
+        ArchiveLocation::S3 { bucket, prefix } => (format!("s3a://{bucket}"), format!("/{prefix}")),
+    };
+    let base = base.trim_end_matches('/').to_string();
+    let base = if base.is_empty() {
+        "/".to_string()
+    } else {
+        base
+    };
+    let scratch = format!("{}/_fluxcap/drill-scratch", base.trim_end_matches('/'));
+    let v = serde_json::json!({
+        "type": "file",
+        "enabled": true,
+        "connection": connection,
+        "workspaces": {
+            "archive": { "location": base, "writable": false, "defaultInputFormat": "parquet", "allowAccessOutsideWorkspace": false },
+            "scratch": { "location": scratch, "writable": true, "defaultInputFormat": "parquet", "allowAccessOutsideWorkspace": false }
+        },
+        "formats": { "parquet": { "type": "parquet" } }
+    });
+    serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_and_literals() {
+        assert_eq!(ident("orders"), "orders");
+        assert_eq!(ident("orders-v2"), "`orders-v2`");
+        assert_eq!(quote("it's"), "'it\\'s'");
+        assert_eq!(table_name("Orders-v2.eu"), "orders_v2_eu");
+    }
+
+    #[test]
+    fn drill_plugin_has_archive_and_scratch_workspaces() {
+        let v: serde_json::Value = serde_json::from_str(&drill_plugin(&ArchiveLocation::S3 {
+            bucket: "b".into(),
+            prefix: "kinesis".into(),
+        }))
+        .unwrap_or_default();
+        assert_eq!(v["connection"], "s3a://b");
+        assert_eq!(v["workspaces"]["archive"]["location"], "/kinesis");
+        assert_eq!(v["workspaces"]["archive"]["writable"], false);
+        assert_eq!(v["workspaces"]["scratch"]["writable"], true);
+        assert_eq!(v["formats"]["parquet"]["type"], "parquet");
+    }
+}

@@ -1,0 +1,113 @@
+//! `fluxcap catalog`: the generated Hive DDL runs in a real Spark with Hive
+//! support over an archive written by the archiver, and Spark's reader,
+//! Hive's own Parquet reader, DuckDB and `fluxcap sql` give the same answers.
+
+use std::process::Command;
+
+use crate::harness::*;
+
+#[test]
+fn hive_ddl_reads_the_archive_in_spark_and_hive_readers() {
+    let k = ferrokinesis(false);
+    let stream = unique("cat");
+    let ws = Workspace::new(&k.endpoint(), None, None, "", &[(&stream, "json")]);
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    rt.block_on(async {
+        create_stream(&c, &stream, 2).await;
+        put_records(&c, &stream, &orders(300, 5)).await;
+    });
+    ws.ok(&["archive", "--once"]);
+    let ddl = ws.ok(&["catalog", "hive", "--stream", &stream, "--database", "arch"]);
+    let ddl_text = String::from_utf8(ddl.stdout).unwrap();
+    assert!(ddl_text.contains("approximate_arrival_timestamp BIGINT"));
+    assert!(ddl_text.contains("ADD IF NOT EXISTS PARTITION"));
+    let ddl_file = ws.dir.path().join("hive.sql");
+    std::fs::write(&ddl_file, &ddl_text).unwrap();
+    let table = format!("arch.{}", fluxcap::cluster::catalog::table_name(&stream));
+    let query = format!(
+        "SELECT dt, hr, shard_id, count(*) AS n, sum(length(data)) AS bytes, \
+         min(approximate_arrival_timestamp) AS first_ms, max(partition_key) AS pk \
+         FROM {table} GROUP BY dt, hr, shard_id ORDER BY dt, hr, shard_id"
+    );
+    let out = Command::new(python())
+        .arg(root().join("scripts/py/spark_hive.py"))
+        .arg(&ddl_file)
+        .arg(&query)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "spark failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let norm = |rows: &serde_json::Value| -> Vec<Vec<String>> {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_string().trim_matches('"').to_string())
+                    .collect()
+            })
+            .collect()
+    };
+    let spark = norm(&v["spark"][0]);
+    let hive = norm(&v["hive"][0]);
+    assert!(!spark.is_empty());
+    assert_eq!(spark, hive, "Spark's and Hive's Parquet readers differ");
+
+    // fluxcap sql over the same archive.
+    let ours = ws.sql(&format!(
+        "SELECT dt, hr, shard_id, count(*) AS n, sum(octet_length(data)) AS bytes, \
+         min(CAST(approximate_arrival_timestamp AS BIGINT)) AS first_ms, max(partition_key) AS pk \
+         FROM archive.{} GROUP BY dt, hr, shard_id ORDER BY dt, hr, shard_id",
+        q(&stream)
+    ));
+    let ours: Vec<Vec<String>> = ours
+        .iter()
+        .map(|r| {
+            ["dt", "hr", "shard_id", "n", "bytes", "first_ms", "pk"]
+                .iter()
+                .map(|c| r[*c].to_string().trim_matches('"').to_string())
+                .collect()
+        })
+        .collect();
+    assert_eq!(spark, ours, "Spark and fluxcap sql differ");
+    let total: i64 = ours.iter().map(|r| r[3].parse::<i64>().unwrap()).sum();
+    assert_eq!(total, 300);
+
+    // DuckDB agrees as well.
+    let duck = duckdb(
+        &ws.archive.join(&stream),
+        "SELECT dt, hr, shard_id, count(*) AS n, sum(octet_length(data)) AS bytes, \
+         min(epoch_ms(approximate_arrival_timestamp)) AS first_ms, max(partition_key) AS pk \
+         FROM t GROUP BY dt, hr, shard_id ORDER BY dt, hr, shard_id",
+    );
+    let duck: Vec<Vec<String>> = duck
+        .iter()
+        .map(|r| {
+            ["dt", "hr", "shard_id", "n", "bytes", "first_ms", "pk"]
+                .iter()
+                .map(|c| r[*c].to_string().trim_matches('"').to_string())
+                .collect()
+        })
+        .collect();
+    assert_eq!(duck, ours, "DuckDB and fluxcap sql differ");
+
+    // Athena DDL uses partition projection; the Drill plugin is valid JSON.
+    let athena = String::from_utf8(ws.ok(&["catalog", "athena"]).stdout).unwrap();
+    assert!(athena.contains("'projection.enabled'='true'"));
+    assert!(athena.contains("approximate_arrival_timestamp TIMESTAMP"));
+    assert!(!athena.contains("ADD IF NOT EXISTS PARTITION"));
+    let drill: serde_json::Value =
+        serde_json::from_slice(&ws.ok(&["catalog", "drill"]).stdout).unwrap();
+    assert_eq!(drill["type"], "file");
+    assert_eq!(
+        drill["workspaces"]["archive"]["location"],
+        ws.archive.display().to_string()
+    );
+}
