@@ -56,6 +56,8 @@ pub struct Config {
     pub replay: ReplayConfig,
     /// `fluxcap serve` settings.
     pub server: ServerConfig,
+    /// `fluxcap cluster` settings.
+    pub cluster: ClusterConfig,
     /// The streams this tool works on.
     #[serde(default)]
     pub streams: Vec<StreamConfig>,
@@ -190,6 +192,21 @@ pub struct ServerConfig {
     pub max_rows: usize,
     /// Largest request body accepted.
     pub max_request_bytes: ByteSize,
+}
+
+/// `[cluster]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `s3://bucket/prefix` the cluster's bootstrap scripts and configuration
+    /// go to (no default: cluster commands need it).
+    pub resources: String,
+    /// Apache Drill version the bootstrap action installs.
+    pub drill_version: String,
+    /// The Drill tarball (default `<resources>/apache-drill-<version>.tar.gz`).
+    pub drill_tarball: String,
+    /// SHA-256 of the tarball; the bootstrap action refuses any other file.
+    pub drill_sha256: String,
 }
 
 /// One `[[streams]]` entry.

@@ -97,6 +97,11 @@ enum Command {
         #[arg(long)]
         no_partitions: bool,
     },
+    /// EMR cluster resources for Drill and Hive over the archive.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
     /// Serve the HTTP API and web UI (search, replay, monitoring).
     Serve {
         /// Address to listen on [default: server.bind, 127.0.0.1:8080].
@@ -178,6 +183,17 @@ struct ReplayArgs {
     /// Print --list, --dry-run and the summary as JSON on standard output.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterAction {
+    /// Generate the Drill bootstrap action, Drill's storage plugins and the
+    /// archive's Hive DDL, and upload them to `cluster.resources`.
+    UploadResources {
+        /// Write them to this local folder instead (to inspect them).
+        #[arg(long, value_name = "DIR")]
+        output_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -370,6 +386,30 @@ async fn run(cli: Cli) -> Result<()> {
             )
             .await?;
             print!("{text}");
+            Ok(())
+        }
+        Command::Cluster {
+            action: ClusterAction::UploadResources { output_dir },
+        } => {
+            let written = fluxcap::cluster::resources::upload(&cfg, output_dir.as_deref()).await?;
+            for w in &written {
+                println!("{w}");
+            }
+            if output_dir.is_none() {
+                let (bucket, prefix) = fluxcap::cluster::resources::location(&cfg)?;
+                let base = format!("s3://{bucket}/{prefix}");
+                let base = base.trim_end_matches('/');
+                eprintln!(
+                    "bootstrap action: {base}/bootstrap-drill.sh --tarball {} --sha256 {} --version {} --plugins {base}/drill/storage-plugins-override.conf",
+                    fluxcap::cluster::resources::drill_tarball(&cfg)?,
+                    if cfg.cluster.drill_sha256.is_empty() {
+                        "<cluster.drill_sha256>"
+                    } else {
+                        &cfg.cluster.drill_sha256
+                    },
+                    cfg.cluster.drill_version,
+                );
+            }
             Ok(())
         }
         Command::Serve { bind } => {

@@ -5,6 +5,7 @@ mod harness;
 
 mod archive_basic;
 mod catalog;
+mod cluster;
 mod config_cli;
 mod crash;
 mod faults;

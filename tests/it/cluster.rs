@@ -1,0 +1,191 @@
+//! `fluxcap cluster upload-resources`: the generated Drill bootstrap action
+//! passes `bash -n` and shellcheck, installs Drill from a stub tarball into a
+//! temporary root (checksum verified, configuration written) and starts it
+//! only once "ZooKeeper" answers; the resources land in S3 (moto).
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+/// A tarball holding apache-drill-<v>/bin/drillbit.sh that records its start.
+fn stub_tarball(dir: &Path, version: &str) -> std::path::PathBuf {
+    let home = dir.join("stub").join(format!("apache-drill-{version}"));
+    std::fs::create_dir_all(home.join("bin")).unwrap();
+    std::fs::create_dir_all(home.join("conf")).unwrap();
+    let bin = home.join("bin/drillbit.sh");
+    std::fs::write(
+        &bin,
+        "#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/../started\"\n",
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&bin).status().unwrap();
+    let tar = dir.join("drill.tar.gz");
+    let ok = Command::new("tar")
+        .arg("-czf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(dir.join("stub"))
+        .arg(format!("apache-drill-{version}"))
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    tar
+}
+
+#[test]
+fn drill_bootstrap_installs_configures_and_waits_for_zookeeper() {
+    let ws_local = Workspace::new(
+        "http://127.0.0.1:9",
+        None,
+        None,
+        "[cluster]\nresources = \"s3://res-bucket/fluxcap\"\n",
+        &[("orders", "json")],
+    );
+    let out_dir = ws_local.dir.path().join("resources");
+    ws_local.ok(&[
+        "cluster",
+        "upload-resources",
+        "--output-dir",
+        out_dir.to_str().unwrap(),
+    ]);
+    let script = out_dir.join("bootstrap-drill.sh");
+    let plugins = out_dir.join("drill/storage-plugins-override.conf");
+    assert!(out_dir.join("hive/register-tables.hql").exists());
+    let p: serde_json::Value = serde_json::from_slice(&std::fs::read(&plugins).unwrap()).unwrap();
+    assert_eq!(p["storage"]["archive"]["type"], "file");
+    assert_eq!(p["storage"]["hive"]["type"], "hive");
+
+    // Static checks.
+    assert!(
+        Command::new("bash")
+            .arg("-n")
+            .arg(&script)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let sc = Command::new(root().join(".local/venv/bin/shellcheck"))
+        .arg(&script)
+        .output()
+        .expect("shellcheck (scripts/setup installs it)");
+    assert!(
+        sc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sc.stdout)
+    );
+
+    // A run against a temporary root with a stub tarball.
+    let tmp = ws_local.dir.path();
+    let tar = stub_tarball(tmp, "1.22.0");
+    let zk_port = free_port();
+    let prefix = tmp.join("opt");
+    let run = |sum: &str, prefix: &Path| {
+        Command::new("bash")
+            .arg(&script)
+            .args(["--tarball", tar.to_str().unwrap(), "--sha256", sum])
+            .args([
+                "--version",
+                "1.22.0",
+                "--plugins",
+                plugins.to_str().unwrap(),
+            ])
+            .args(["--cluster-id", "fluxcap-test"])
+            .env("DRILL_PREFIX", prefix)
+            .env("FETCH", "cp")
+            .env("ZK_HOST", "127.0.0.1")
+            .env("ZK_PORT", zk_port.to_string())
+            .env("ZK_WAIT_SECS", "120")
+            .output()
+            .unwrap()
+    };
+    // A wrong checksum installs nothing.
+    let bad_prefix = tmp.join("bad");
+    let o = run(&"0".repeat(64), &bad_prefix);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("checksum mismatch"));
+    assert!(!bad_prefix.join("drill").exists());
+
+    let o = run(&sha256(&tar), &prefix);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let home = prefix.join("drill");
+    assert_eq!(
+        std::fs::canonicalize(&home).unwrap(),
+        std::fs::canonicalize(prefix.join("apache-drill-1.22.0")).unwrap()
+    );
+    let conf = std::fs::read_to_string(home.join("conf/drill-override.conf")).unwrap();
+    assert!(conf.contains("cluster-id: \"fluxcap-test\""));
+    assert!(conf.contains(&format!("zk.connect: \"127.0.0.1:{zk_port}\"")));
+    let installed =
+        std::fs::read_to_string(home.join("conf/storage-plugins-override.conf")).unwrap();
+    assert!(installed.contains("thrift://127.0.0.1:9083"));
+    assert!(!installed.contains("__PRIMARY__"));
+    // Not started while ZooKeeper does not answer …
+    let started = home.join("started");
+    assert!(!started.exists());
+    // … and started once it does.
+    let zk = TcpListener::bind(("127.0.0.1", zk_port)).unwrap();
+    std::thread::spawn(move || for _ in zk.incoming() {});
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !started.exists() {
+        assert!(Instant::now() < deadline, "drillbit.sh was not started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(std::fs::read_to_string(&started).unwrap().trim(), "start");
+}
+
+#[test]
+fn resources_are_uploaded_to_s3() {
+    let s3 = s3();
+    let bucket = unique("res");
+    create_bucket(&s3, &bucket);
+    let ws = Workspace::new(
+        "http://127.0.0.1:9",
+        None,
+        Some(&s3.endpoint()),
+        &format!("[cluster]\nresources = \"s3://{bucket}/fluxcap\"\n"),
+        &[("orders", "json")],
+    );
+    let o = ws.ok(&["cluster", "upload-resources"]);
+    let listed = String::from_utf8(o.stdout).unwrap();
+    for key in [
+        "fluxcap/bootstrap-drill.sh",
+        "fluxcap/drill/storage-plugins-override.conf",
+        "fluxcap/hive/register-tables.hql",
+    ] {
+        assert!(listed.contains(&format!("s3://{bucket}/{key}")), "{listed}");
+    }
+    let out = Command::new(python())
+        .args([
+            "-c",
+            &format!(
+                "import boto3; c = boto3.client('s3', endpoint_url='{}', region_name='us-east-1', \
+                 aws_access_key_id='test', aws_secret_access_key='test'); \
+                 print(c.get_object(Bucket='{bucket}', Key='fluxcap/bootstrap-drill.sh')['Body'].read().decode())",
+                s3.endpoint()
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim_end(),
+        fluxcap::cluster::resources::BOOTSTRAP_DRILL.trim_end()
+    );
+    // Without cluster.resources the command says what to set.
+    let ws2 = Workspace::new("http://127.0.0.1:9", None, None, "", &[("orders", "json")]);
+    let o = ws2.run(&["cluster", "upload-resources"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cluster.resources"));
+}
