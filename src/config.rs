@@ -26,6 +26,7 @@ pub const OPTIONAL_KEYS: &[&str] = &[
     "aws.profile",
     "aws.kinesis_endpoint",
     "aws.s3_endpoint",
+    "aws.emr_endpoint",
     "replay.target_region",
     "replay.target_profile",
     "replay.target_endpoint",
@@ -78,6 +79,9 @@ pub struct AwsConfig {
     /// S3 endpoint override (local S3 server, path-style addressing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3_endpoint: Option<String>,
+    /// EMR endpoint override (local EMR control plane).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emr_endpoint: Option<String>,
 }
 
 /// `[archive]`
@@ -207,6 +211,44 @@ pub struct ClusterConfig {
     pub drill_tarball: String,
     /// SHA-256 of the tarball; the bootstrap action refuses any other file.
     pub drill_sha256: String,
+    /// Cluster name (also the Drill cluster id).
+    pub name: String,
+    /// EMR release.
+    pub release_label: String,
+    /// Applications besides Drill.
+    pub applications: Vec<String>,
+    /// Primary node instance type.
+    pub primary_instance_type: String,
+    /// Core nodes: instance type and count.
+    pub core_instance_type: String,
+    /// Number of core nodes.
+    pub core_instance_count: i32,
+    /// Spot task nodes: instance type and count (0: none).
+    pub task_instance_type: String,
+    /// Number of spot task nodes.
+    pub task_spot_count: i32,
+    /// EMR service role.
+    pub service_role: String,
+    /// EC2 instance profile of the nodes.
+    pub instance_profile: String,
+    /// EC2 key pair for SSH ("": none).
+    pub key_pair: String,
+    /// Subnet ("": the default VPC).
+    pub subnet_id: String,
+    /// Log location ("": <resources>/logs/).
+    pub log_uri: String,
+    /// The cluster terminates itself after this long idle.
+    pub idle_timeout: HumanDuration,
+    /// Use the Glue Data Catalog as the Hive metastore.
+    pub glue_catalog: bool,
+    /// Tags, as "Key=Value".
+    pub tags: Vec<String>,
+    /// Extra EMR configurations, as the JSON list EMR takes ("": none).
+    pub configurations_json: String,
+    /// The SSH program `cluster ssh` and `cluster tunnel` run.
+    pub ssh_command: String,
+    /// Private key file for SSH ("": ssh's default).
+    pub ssh_key_file: String,
 }
 
 /// One `[[streams]]` entry.
@@ -784,6 +826,7 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
     for (key, ep) in [
         ("aws.kinesis_endpoint", &cfg.aws.kinesis_endpoint),
         ("aws.s3_endpoint", &cfg.aws.s3_endpoint),
+        ("aws.emr_endpoint", &cfg.aws.emr_endpoint),
     ] {
         if let Some(ep) = ep {
             let u = url::Url::parse(ep)

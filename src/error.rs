@@ -58,6 +58,15 @@ pub enum Error {
         message: String,
     },
 
+    /// An EMR call failed, or a cluster is not in the state asked for.
+    #[error("emr {operation} failed: {message}")]
+    Emr {
+        /// API operation, e.g. `RunJobFlow`.
+        operation: &'static str,
+        /// Service message, or what the cluster's state is.
+        message: String,
+    },
+
     /// An object-store operation failed.
     #[error("archive store error at {location}: {source}")]
     Store {

@@ -194,6 +194,43 @@ enum ClusterAction {
         #[arg(long, value_name = "DIR")]
         output_dir: Option<PathBuf>,
     },
+    /// Launch an EMR cluster with Drill over the archive; prints its id.
+    Launch,
+    /// Clusters this tool launched that are not terminated.
+    List {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until the cluster is ready and Drill answers.
+    Wait {
+        /// Cluster id (j-…).
+        id: String,
+        /// Give up after this long.
+        #[arg(long, default_value = "30m", value_parser = fluxcap::config::HumanDuration::parse)]
+        timeout: fluxcap::config::HumanDuration,
+        /// Do not wait for Drill (only for the cluster's state).
+        #[arg(long)]
+        skip_drill: bool,
+    },
+    /// Forward Drill's web UI and REST API (port 8047) to localhost over SSH.
+    Tunnel {
+        /// Cluster id.
+        id: String,
+    },
+    /// Open a shell on the primary node.
+    Ssh {
+        /// Cluster id.
+        id: String,
+    },
+    /// Terminate a cluster (or every cluster this tool launched).
+    Terminate {
+        /// Cluster id.
+        id: Option<String>,
+        /// Every active cluster this tool launched.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -409,6 +446,93 @@ async fn run(cli: Cli) -> Result<()> {
                     },
                     cfg.cluster.drill_version,
                 );
+            }
+            Ok(())
+        }
+        Command::Cluster {
+            action: ClusterAction::Launch,
+        } => {
+            let id = fluxcap::cluster::emr::launch(&cfg).await?;
+            println!("{id}");
+            eprintln!("next: fluxcap cluster wait {id}   (then: fluxcap cluster tunnel {id})");
+            Ok(())
+        }
+        Command::Cluster {
+            action: ClusterAction::List { json },
+        } => {
+            let all = fluxcap::cluster::emr::list(&cfg).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default());
+            } else {
+                for c in &all {
+                    println!(
+                        "{:<18} {:<16} {:<14} {}",
+                        c.id,
+                        c.name,
+                        c.state,
+                        c.primary_dns.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Cluster {
+            action:
+                ClusterAction::Wait {
+                    id,
+                    timeout,
+                    skip_drill,
+                },
+        } => {
+            let c = fluxcap::cluster::emr::wait(&cfg, &id, timeout.0, skip_drill).await?;
+            println!("{} {}", c.id, c.state);
+            Ok(())
+        }
+        Command::Cluster {
+            action: action @ (ClusterAction::Tunnel { .. } | ClusterAction::Ssh { .. }),
+        } => {
+            let (id, tunnel) = match action {
+                ClusterAction::Tunnel { id } => (id, true),
+                ClusterAction::Ssh { id } => (id, false),
+                _ => return Ok(()),
+            };
+            let cmd = fluxcap::cluster::emr::ssh_command(&cfg, &id, tunnel).await?;
+            if tunnel {
+                eprintln!(
+                    "Drill: http://localhost:8047/  (REST: POST http://localhost:8047/query.json); Ctrl-C closes the tunnel"
+                );
+            }
+            let status = std::process::Command::new(&cmd[0])
+                .args(&cmd[1..])
+                .status()
+                .map_err(|e| Error::Io {
+                    path: cmd[0].clone().into(),
+                    source: e,
+                })?;
+            if !status.success() {
+                return Err(Error::Usage(format!("{} exited with {status}", cmd[0])));
+            }
+            Ok(())
+        }
+        Command::Cluster {
+            action: ClusterAction::Terminate { id, all },
+        } => {
+            let ids: Vec<String> = match (id, all) {
+                (Some(id), _) => vec![id],
+                (None, true) => fluxcap::cluster::emr::list(&cfg)
+                    .await?
+                    .into_iter()
+                    .map(|c| c.id)
+                    .collect(),
+                (None, false) => {
+                    return Err(Error::Usage(
+                        "give a cluster id, or --all for every cluster this tool launched".into(),
+                    ));
+                }
+            };
+            fluxcap::cluster::emr::terminate(&cfg, &ids).await?;
+            for id in &ids {
+                println!("terminating {id}");
             }
             Ok(())
         }

@@ -189,3 +189,167 @@ fn resources_are_uploaded_to_s3() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("cluster.resources"));
 }
+
+/// Describe a cluster on the moto EMR endpoint with boto3 (an independent client).
+fn boto_emr(endpoint: &str, id: &str) -> serde_json::Value {
+    let code = format!(
+        "import boto3, json\n\
+         c = boto3.client('emr', endpoint_url='{endpoint}', region_name='us-east-1', \
+         aws_access_key_id='test', aws_secret_access_key='test')\n\
+         out = {{'cluster': c.describe_cluster(ClusterId='{id}')['Cluster'],\n\
+                'bootstrap': c.list_bootstrap_actions(ClusterId='{id}')['BootstrapActions'],\n\
+                'steps': c.list_steps(ClusterId='{id}')['Steps'],\n\
+                'groups': c.list_instance_groups(ClusterId='{id}')['InstanceGroups']}}\n\
+         print(json.dumps(out, default=str))\n"
+    );
+    let out = Command::new(python()).args(["-c", &code]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn emr_cluster_launch_list_wait_ssh_terminate_on_moto() {
+    let moto = s3();
+    let sha = "ab".repeat(32);
+    let extra = format!(
+        "[cluster]\nresources = \"s3://res-bucket/fluxcap\"\ndrill_sha256 = \"{sha}\"\n\
+         tags = [\"Team=data\"]\ntask_spot_count = 2\nkey_pair = \"my-key\"\nglue_catalog = true\n\
+         ssh_command = \"echo\"\nssh_key_file = \"/keys/my-key.pem\"\nidle_timeout = \"30m\"\n\
+         configurations_json = '[{{\"Classification\":\"spark-defaults\",\"Properties\":{{\"spark.sql.shuffle.partitions\":\"16\"}}}}]'\n"
+    );
+    let ws = Workspace::new(
+        "http://127.0.0.1:9",
+        None,
+        None,
+        &extra,
+        &[("orders", "json")],
+    );
+    let run = |args: &[&str]| {
+        ws.cmd()
+            .env("FLUXCAP_AWS_EMR_ENDPOINT", moto.endpoint())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let ok = |args: &[&str]| {
+        let o = run(args);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let id = ok(&["cluster", "launch"]).trim().to_string();
+    assert!(id.starts_with("j-"), "{id}");
+
+    // What EMR was asked for, read back with boto3.
+    let d = boto_emr(&moto.endpoint(), &id);
+    let c = &d["cluster"];
+    let apps: Vec<&str> = c["Applications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["Name"].as_str().unwrap())
+        .collect();
+    for a in ["Hadoop", "Hive", "Spark", "ZooKeeper"] {
+        assert!(apps.contains(&a), "{apps:?}");
+    }
+    assert_eq!(c["ReleaseLabel"], "emr-7.13.0");
+    let tags: Vec<(String, String)> = c["Tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["Key"].as_str().unwrap().into(),
+                t["Value"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert!(tags.contains(&("fluxcap:managed".into(), "true".into())));
+    assert!(tags.contains(&("Team".into(), "data".into())));
+    let confs = c["Configurations"].to_string();
+    assert!(
+        confs.contains("AWSGlueDataCatalogHiveClientFactory"),
+        "{confs}"
+    );
+    assert!(confs.contains("spark.sql.shuffle.partitions"), "{confs}");
+    let ba = &d["bootstrap"][0];
+    assert_eq!(ba["Name"], "install-drill");
+    assert_eq!(
+        ba["ScriptPath"],
+        "s3://res-bucket/fluxcap/bootstrap-drill.sh"
+    );
+    let args: Vec<&str> = ba["Args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        args,
+        [
+            "--tarball",
+            "s3://res-bucket/fluxcap/apache-drill-1.22.0.tar.gz",
+            "--sha256",
+            sha.as_str(),
+            "--version",
+            "1.22.0",
+            "--plugins",
+            "s3://res-bucket/fluxcap/drill/storage-plugins-override.conf",
+            "--cluster-id",
+            "fluxcap",
+        ]
+    );
+    let step = d["steps"].to_string();
+    assert!(
+        step.contains("s3://res-bucket/fluxcap/hive/register-tables.hql"),
+        "{step}"
+    );
+    let groups = d["groups"].to_string();
+    assert!(
+        groups.contains("SPOT") && groups.contains("TASK"),
+        "{groups}"
+    );
+
+    // list, wait, ssh and tunnel (ssh_command = echo prints the command line).
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&["cluster", "list", "--json"])).unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["id"] == id.as_str())
+    );
+    let w = ok(&["cluster", "wait", &id, "--skip-drill", "--timeout", "1m"]);
+    assert!(w.starts_with(&id));
+    let ssh = ok(&["cluster", "ssh", &id]);
+    assert!(ssh.starts_with("-i /keys/my-key.pem"), "{ssh}");
+    assert!(ssh.trim_end().contains("hadoop@"), "{ssh}");
+    let tunnel = ok(&["cluster", "tunnel", &id]);
+    assert!(tunnel.contains("-N -L 8047:localhost:8047"), "{tunnel}");
+
+    // terminate; then it is no longer listed.
+    ok(&["cluster", "terminate", &id]);
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&["cluster", "list", "--json"])).unwrap();
+    assert!(
+        !listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["id"] == id.as_str()),
+        "{listed}"
+    );
+
+    // Without the tarball's checksum nothing is launched.
+    let o = run(&["--set", "cluster.drill_sha256=", "cluster", "launch"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cluster.drill_sha256"));
+}

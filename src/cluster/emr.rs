@@ -1,0 +1,437 @@
+//! `fluxcap cluster launch|list|wait|ssh|tunnel|terminate`: an EMR cluster
+//! with Drill over the archive, from the configuration.
+//!
+//! ```text
+//!   upload-resources ─▶ launch: RunJobFlow
+//!                         applications (Hadoop, Hive, Spark, ZooKeeper …)
+//!                         bootstrap action: bootstrap-drill.sh (Drill from your tarball, checksum)
+//!                         step: hive -f register-tables.hql (the archive's tables)
+//!                         auto-termination after cluster.idle_timeout, tag fluxcap:managed
+//!                  ─▶ wait (ready, then Drill answers) ─▶ tunnel (8047 → localhost) / ssh ─▶ terminate
+//! ```
+
+use std::time::{Duration, Instant};
+
+use aws_sdk_emr::types::{
+    Application, AutoTerminationPolicy, BootstrapActionConfig, ClusterState, Configuration,
+    HadoopJarStepConfig, InstanceGroupConfig, InstanceRoleType, JobFlowInstancesConfig, MarketType,
+    ScriptBootstrapActionConfig, StepConfig, Tag,
+};
+
+use crate::cluster::resources;
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// The tag that marks clusters this tool launched.
+pub const MANAGED_TAG: &str = "fluxcap:managed";
+
+fn emr_err(op: &'static str, e: impl std::fmt::Display) -> Error {
+    Error::Emr {
+        operation: op,
+        message: e.to_string(),
+    }
+}
+
+fn err_text<E: std::error::Error>(e: &E) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}
+
+async fn client(cfg: &Config) -> aws_sdk_emr::Client {
+    let sdk = crate::aws::sdk_config(&cfg.aws).await;
+    let mut b = aws_sdk_emr::config::Builder::from(&sdk);
+    if let Some(ep) = &cfg.aws.emr_endpoint {
+        b = b.endpoint_url(ep);
+    }
+    aws_sdk_emr::Client::from_conf(b.build())
+}
+
+fn bad(key: &str, message: String) -> Error {
+    Error::Config {
+        file: "configuration".into(),
+        key: key.into(),
+        message,
+    }
+}
+
+/// EMR configurations: Glue as the metastore when asked, plus `cluster.configurations_json`.
+fn configurations(cfg: &Config) -> Result<Vec<Configuration>> {
+    let mut out = Vec::new();
+    if cfg.cluster.glue_catalog {
+        out.push(
+            Configuration::builder()
+                .classification("hive-site")
+                .properties(
+                    "hive.metastore.client.factory.class",
+                    "com.amazonaws.glue.catalog.metastore.AWSGlueDataCatalogHiveClientFactory",
+                )
+                .build(),
+        );
+    }
+    let extra = cfg.cluster.configurations_json.trim();
+    if !extra.is_empty() {
+        let v: Vec<serde_json::Value> = serde_json::from_str(extra).map_err(|e| {
+            bad(
+                "cluster.configurations_json",
+                format!("expected a JSON list of EMR configurations: {e}"),
+            )
+        })?;
+        for c in v {
+            out.push(configuration(&c)?);
+        }
+    }
+    Ok(out)
+}
+
+fn configuration(v: &serde_json::Value) -> Result<Configuration> {
+    let class = v["Classification"].as_str().ok_or_else(|| {
+        bad(
+            "cluster.configurations_json",
+            "every configuration needs a \"Classification\"".into(),
+        )
+    })?;
+    let mut b = Configuration::builder().classification(class);
+    if let Some(props) = v["Properties"].as_object() {
+        for (k, val) in props {
+            let val = val
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| val.to_string());
+            b = b.properties(k, val);
+        }
+    }
+    if let Some(children) = v["Configurations"].as_array() {
+        for c in children {
+            b = b.configurations(configuration(c)?);
+        }
+    }
+    Ok(b.build())
+}
+
+fn tags(cfg: &Config) -> Result<Vec<Tag>> {
+    let mut out = vec![Tag::builder().key(MANAGED_TAG).value("true").build()];
+    for t in &cfg.cluster.tags {
+        let (k, v) = t
+            .split_once('=')
+            .ok_or_else(|| bad("cluster.tags", format!("expected \"Key=Value\", got {t:?}")))?;
+        out.push(Tag::builder().key(k.trim()).value(v.trim()).build());
+    }
+    Ok(out)
+}
+
+/// Launch the cluster; its id.
+pub async fn launch(cfg: &Config) -> Result<String> {
+    let c = &cfg.cluster;
+    let (bucket, prefix) = resources::location(cfg)?;
+    let base = if prefix.is_empty() {
+        format!("s3://{bucket}")
+    } else {
+        format!("s3://{bucket}/{prefix}")
+    };
+    if c.drill_sha256.len() != 64 || !c.drill_sha256.chars().all(|x| x.is_ascii_hexdigit()) {
+        return Err(bad(
+            "cluster.drill_sha256",
+            "expected the SHA-256 (64 hex digits) of the Drill tarball: the bootstrap action verifies it".into(),
+        ));
+    }
+    let log_uri = if c.log_uri.is_empty() {
+        format!("{base}/logs/")
+    } else {
+        c.log_uri.clone()
+    };
+    let mut groups = vec![
+        InstanceGroupConfig::builder()
+            .name("primary")
+            .instance_role(InstanceRoleType::Master)
+            .market(MarketType::OnDemand)
+            .instance_type(&c.primary_instance_type)
+            .instance_count(1)
+            .build(),
+        InstanceGroupConfig::builder()
+            .name("core")
+            .instance_role(InstanceRoleType::Core)
+            .market(MarketType::OnDemand)
+            .instance_type(&c.core_instance_type)
+            .instance_count(c.core_instance_count.max(1))
+            .build(),
+    ];
+    if c.task_spot_count > 0 {
+        groups.push(
+            InstanceGroupConfig::builder()
+                .name("task-spot")
+                .instance_role(InstanceRoleType::Task)
+                .market(MarketType::Spot)
+                .instance_type(&c.task_instance_type)
+                .instance_count(c.task_spot_count)
+                .build(),
+        );
+    }
+    let mut instances = JobFlowInstancesConfig::builder()
+        .set_instance_groups(Some(groups))
+        .keep_job_flow_alive_when_no_steps(true)
+        .termination_protected(false);
+    if !c.key_pair.is_empty() {
+        instances = instances.ec2_key_name(&c.key_pair);
+    }
+    if !c.subnet_id.is_empty() {
+        instances = instances.ec2_subnet_id(&c.subnet_id);
+    }
+    let bootstrap = BootstrapActionConfig::builder()
+        .name("install-drill")
+        .script_bootstrap_action(
+            ScriptBootstrapActionConfig::builder()
+                .path(format!("{base}/bootstrap-drill.sh"))
+                .set_args(Some(vec![
+                    "--tarball".into(),
+                    resources::drill_tarball(cfg)?,
+                    "--sha256".into(),
+                    c.drill_sha256.clone(),
+                    "--version".into(),
+                    c.drill_version.clone(),
+                    "--plugins".into(),
+                    format!("{base}/drill/storage-plugins-override.conf"),
+                    "--cluster-id".into(),
+                    c.name.clone(),
+                ]))
+                .build(),
+        )
+        .build();
+    let step = StepConfig::builder()
+        .name("register the archive's tables")
+        .action_on_failure(aws_sdk_emr::types::ActionOnFailure::Continue)
+        .hadoop_jar_step(
+            HadoopJarStepConfig::builder()
+                .jar("command-runner.jar")
+                .set_args(Some(vec![
+                    "hive-script".into(),
+                    "--run-hive-script".into(),
+                    "--args".into(),
+                    "-f".into(),
+                    format!("{base}/hive/register-tables.hql"),
+                ]))
+                .build(),
+        )
+        .build();
+    let apps: Vec<Application> = c
+        .applications
+        .iter()
+        .map(|a| Application::builder().name(a).build())
+        .collect();
+    let resp = client(cfg)
+        .await
+        .run_job_flow()
+        .name(&c.name)
+        .release_label(&c.release_label)
+        .log_uri(log_uri)
+        .service_role(&c.service_role)
+        .job_flow_role(&c.instance_profile)
+        .visible_to_all_users(true)
+        .set_applications(Some(apps))
+        .instances(instances.build())
+        .bootstrap_actions(bootstrap)
+        .steps(step)
+        .set_configurations(Some(configurations(cfg)?))
+        .set_tags(Some(tags(cfg)?))
+        .auto_termination_policy(
+            AutoTerminationPolicy::builder()
+                .idle_timeout(c.idle_timeout.0.as_secs().max(60) as i64)
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| emr_err("RunJobFlow", err_text(&e)))?;
+    resp.job_flow_id()
+        .map(str::to_string)
+        .ok_or_else(|| emr_err("RunJobFlow", "no cluster id in the answer"))
+}
+
+/// One cluster as `cluster list` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterInfo {
+    /// Cluster id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// EMR state.
+    pub state: String,
+    /// The primary node's public DNS name, once known.
+    pub primary_dns: Option<String>,
+}
+
+async fn describe(client: &aws_sdk_emr::Client, id: &str) -> Result<(ClusterInfo, bool)> {
+    let d = client
+        .describe_cluster()
+        .cluster_id(id)
+        .send()
+        .await
+        .map_err(|e| emr_err("DescribeCluster", err_text(&e)))?;
+    let c = d
+        .cluster()
+        .ok_or_else(|| emr_err("DescribeCluster", format!("no cluster {id}")))?;
+    let managed = c.tags().iter().any(|t| t.key() == Some(MANAGED_TAG));
+    Ok((
+        ClusterInfo {
+            id: id.to_string(),
+            name: c.name().unwrap_or_default().to_string(),
+            state: c
+                .status()
+                .and_then(|s| s.state())
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_default(),
+            primary_dns: c.master_public_dns_name().map(str::to_string),
+        },
+        managed,
+    ))
+}
+
+/// Active clusters this tool launched.
+pub async fn list(cfg: &Config) -> Result<Vec<ClusterInfo>> {
+    let client = client(cfg).await;
+    let mut out = Vec::new();
+    let mut marker: Option<String> = None;
+    loop {
+        let r = client
+            .list_clusters()
+            .set_cluster_states(Some(vec![
+                ClusterState::Starting,
+                ClusterState::Bootstrapping,
+                ClusterState::Running,
+                ClusterState::Waiting,
+                ClusterState::Terminating,
+            ]))
+            .set_marker(marker.clone())
+            .send()
+            .await
+            .map_err(|e| emr_err("ListClusters", err_text(&e)))?;
+        for c in r.clusters() {
+            if let Some(id) = c.id() {
+                let (info, managed) = describe(&client, id).await?;
+                if managed {
+                    out.push(info);
+                }
+            }
+        }
+        match r.marker() {
+            Some(m) if !m.is_empty() => marker = Some(m.to_string()),
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+/// Terminate clusters.
+pub async fn terminate(cfg: &Config, ids: &[String]) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    client(cfg)
+        .await
+        .terminate_job_flows()
+        .set_job_flow_ids(Some(ids.to_vec()))
+        .send()
+        .await
+        .map_err(|e| emr_err("TerminateJobFlows", err_text(&e)))?;
+    Ok(())
+}
+
+/// Wait until the cluster is ready (and, unless `skip_drill`, Drill answers
+/// on the primary node's port 8047). Progress goes to stderr.
+pub async fn wait(
+    cfg: &Config,
+    id: &str,
+    timeout: Duration,
+    skip_drill: bool,
+) -> Result<ClusterInfo> {
+    let client = client(cfg).await;
+    let started = Instant::now();
+    let mut last = String::new();
+    loop {
+        let (info, _) = describe(&client, id).await?;
+        if info.state != last {
+            eprintln!(
+                "[{:>4} s] cluster {id}: {}",
+                started.elapsed().as_secs(),
+                info.state
+            );
+            last = info.state.clone();
+        }
+        match info.state.as_str() {
+            "WAITING" | "RUNNING" => {
+                if skip_drill {
+                    return Ok(info);
+                }
+                if let Some(dns) = &info.primary_dns
+                    && drill_answers(dns).await
+                {
+                    eprintln!("Drill answers at http://{dns}:8047/");
+                    return Ok(info);
+                }
+            }
+            "TERMINATING" | "TERMINATED" | "TERMINATED_WITH_ERRORS" => {
+                return Err(emr_err(
+                    "DescribeCluster",
+                    format!(
+                        "cluster {id} is {} (see its logs under the log URI)",
+                        info.state
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        if started.elapsed() > timeout {
+            return Err(emr_err(
+                "DescribeCluster",
+                format!(
+                    "cluster {id} not ready after {} s (state {})",
+                    timeout.as_secs(),
+                    info.state
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_secs(15)).await;
+    }
+}
+
+async fn drill_answers(host: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connect = tokio::net::TcpStream::connect((host, 8047));
+    let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(5), connect).await else {
+        return false;
+    };
+    let req = format!("GET /status HTTP/1.0\r\nHost: {host}\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut buf = vec![0u8; 64];
+    matches!(tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await, Ok(Ok(n)) if n >= 12 && buf[9..12] == *b"200")
+}
+
+/// The SSH command line for the cluster's primary node (`tunnel`: forward
+/// Drill's port 8047 to localhost instead of a shell).
+pub async fn ssh_command(cfg: &Config, id: &str, tunnel: bool) -> Result<Vec<String>> {
+    let client = client(cfg).await;
+    let (info, _) = describe(&client, id).await?;
+    let dns = info.primary_dns.ok_or_else(|| {
+        emr_err(
+            "DescribeCluster",
+            format!("cluster {id} has no primary node address yet ({}): run `fluxcap cluster wait {id}`", info.state),
+        )
+    })?;
+    let c = &cfg.cluster;
+    let mut cmd = vec![c.ssh_command.clone()];
+    if !c.ssh_key_file.is_empty() {
+        cmd.extend(["-i".into(), c.ssh_key_file.clone()]);
+    }
+    cmd.extend(["-o".into(), "ServerAliveInterval=30".into()]);
+    if tunnel {
+        cmd.extend(["-N".into(), "-L".into(), "8047:localhost:8047".into()]);
+    }
+    cmd.push(format!("hadoop@{dns}"));
+    Ok(cmd)
+}
