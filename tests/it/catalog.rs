@@ -98,6 +98,46 @@ fn hive_ddl_reads_the_archive_in_spark_and_hive_readers() {
         .collect();
     assert_eq!(duck, ours, "DuckDB and fluxcap sql differ");
 
+    // The archived files follow Drill's Parquet type rules (checked from the
+    // files' metadata; the checker itself rejects a file that breaks them).
+    let check = |dir: &std::path::Path| {
+        Command::new(python())
+            .arg(root().join("scripts/py/drill_types.py"))
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let o = check(&ws.archive);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let bad_dir = ws.dir.path().join("bad");
+    std::fs::create_dir_all(&bad_dir).unwrap();
+    let mk = Command::new(python())
+        .args([
+            "-c",
+            &format!(
+                "import pyarrow as pa, pyarrow.parquet as pq\n\
+                 t = pa.table({{'shard_id': ['a'], 'sequence_number': ['1'], 'subsequence_number': pa.array([0], pa.uint64()), \
+                 'partition_key': ['k'], 'explicit_hash_key': [None], \
+                 'approximate_arrival_timestamp': pa.array([0], pa.timestamp('ns')), 'data': [b'x']}})\n\
+                 pq.write_table(t, '{}/f.parquet', compression='snappy')",
+                bad_dir.display()
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        mk.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mk.stderr)
+    );
+    let o = check(&bad_dir);
+    assert!(!o.status.success());
+    let report = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        report.contains("subsequence_number") && report.contains("ZSTD"),
+        "{report}"
+    );
+
     // Athena DDL uses partition projection; the Drill plugin is valid JSON.
     let athena = String::from_utf8(ws.ok(&["catalog", "athena"]).stdout).unwrap();
     assert!(athena.contains("'projection.enabled'='true'"));
