@@ -183,6 +183,16 @@ struct ReplayArgs {
     /// Print --list, --dry-run and the summary as JSON on standard output.
     #[arg(long)]
     json: bool,
+    /// Run the selection on a cluster engine (`drill`): a CTAS into the
+    /// archive's scratch workspace, then a replay of those files.
+    #[arg(long, value_name = "ENGINE")]
+    engine: Option<String>,
+    /// Drill's REST address [default: http://localhost:8047, e.g. through `fluxcap cluster tunnel`].
+    #[arg(long, value_name = "URL")]
+    drill_url: Option<String>,
+    /// The Drill storage plugin over the archive [default: archive].
+    #[arg(long, value_name = "NAME")]
+    drill_plugin: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -403,6 +413,9 @@ async fn run(cli: Cli) -> Result<()> {
                 from_parquet: a.from_parquet,
                 json: a.json,
                 quiet: false,
+                engine: a.engine,
+                drill_url: a.drill_url,
+                drill_plugin: a.drill_plugin,
             };
             fluxcap::replay::run(&cfg, opts, shutdown_token()).await
         }

@@ -107,6 +107,12 @@ pub struct ReplayOptions {
     pub json: bool,
     /// Print nothing and show no progress bar (the HTTP server runs replays).
     pub quiet: bool,
+    /// `--engine drill`: run the selection on Drill (see [`crate::cluster::drill`]).
+    pub engine: Option<String>,
+    /// `--drill-url` (default `http://localhost:8047`).
+    pub drill_url: Option<String>,
+    /// `--drill-plugin`: the storage plugin from `fluxcap catalog drill`.
+    pub drill_plugin: Option<String>,
 }
 
 /// What a replay (or a dry run) did, per target shard.
@@ -345,6 +351,16 @@ async fn new_manifest(cfg: &Config, archive: &Archive, opts: &ReplayOptions) -> 
             ));
         }
     };
+    let id = new_id(now);
+    let (source, selection) = match opts.engine.as_deref() {
+        None => (source, selection),
+        Some("drill") => drill_selection(archive, source, selection, &id, opts).await?,
+        Some(other) => {
+            return Err(Error::Usage(format!(
+                "unknown --engine {other:?}: expected drill"
+            )));
+        }
+    };
     let annotate = Annotate {
         enabled: !opts.no_annotate,
         envelope: opts.envelope,
@@ -362,7 +378,7 @@ async fn new_manifest(cfg: &Config, archive: &Archive, opts: &ReplayOptions) -> 
     };
     Ok(Manifest {
         version: state::MANIFEST_VERSION,
-        id: new_id(now),
+        id,
         created_at: consistency::rfc3339_ms(now_ms),
         as_of_ms: now_ms,
         source,
@@ -373,6 +389,48 @@ async fn new_manifest(cfg: &Config, archive: &Archive, opts: &ReplayOptions) -> 
         horizon,
         lineage,
     })
+}
+
+/// Run the selection on Drill as a CTAS into the archive's scratch
+/// workspace; the replay then reads those files.
+async fn drill_selection(
+    archive: &Archive,
+    source: Source,
+    selection: Selection,
+    id: &str,
+    opts: &ReplayOptions,
+) -> Result<(Source, Selection)> {
+    let Source::Stream { stream } = source else {
+        return Err(Error::Usage(
+            "--engine drill replays a stream's archive: give --stream, not --from-parquet".into(),
+        ));
+    };
+    let url = opts.drill_url.as_deref().unwrap_or("http://localhost:8047");
+    let plugin = opts.drill_plugin.as_deref().unwrap_or("archive");
+    let table = format!("replay_{id}");
+    let sql = crate::cluster::drill::replay_sql(plugin, &stream, &table, &selection);
+    tracing::info!(%url, "running the selection on Drill: {sql}");
+    let rows = crate::cluster::drill::run(url, &sql).await?;
+    tracing::info!("Drill wrote the selection: {rows:?}");
+    let dir = archive
+        .layout
+        .global_state_dir()
+        .join("drill-scratch")
+        .join(table.as_str());
+    let location = match &archive.location {
+        crate::config::ArchiveLocation::Local(root) => {
+            root.join(dir.as_ref()).display().to_string()
+        }
+        crate::config::ArchiveLocation::S3 { bucket, .. } => format!("s3://{bucket}/{dir}"),
+    };
+    Ok((
+        Source::Parquet {
+            location,
+            stream: Some(stream),
+        },
+        // Drill applied the bounds, filter and compaction.
+        Selection::default(),
+    ))
 }
 
 async fn resume_manifest(

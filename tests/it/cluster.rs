@@ -353,3 +353,31 @@ fn emr_cluster_launch_list_wait_ssh_terminate_on_moto() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("cluster.drill_sha256"));
 }
+
+#[test]
+fn replay_on_drill_names_an_unreachable_drill_and_records_nothing() {
+    let k = ferrokinesis(false);
+    let ws = Workspace::new(&k.endpoint(), None, None, "", &[("orders", "json")]);
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let o = ws.run(&[
+        "replay",
+        "--stream",
+        "orders",
+        "--to",
+        "-",
+        "--compact",
+        "--engine",
+        "drill",
+        "--drill-url",
+        &url,
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("Drill") && err.contains(&url), "{err}");
+    let o = ws.ok(&["replay", "--list", "--json"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
+    let o = ws.run(&[
+        "replay", "--stream", "orders", "--to", "-", "--engine", "spark",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+}
