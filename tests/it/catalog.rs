@@ -6,6 +6,18 @@ use std::process::Command;
 
 use crate::harness::*;
 
+/// JSON-lines rows as text cells, in the order of the compared query's columns.
+fn rows_of(rows: &[serde_json::Value]) -> Vec<Vec<String>> {
+    rows.iter()
+        .map(|r| {
+            ["dt", "hr", "shard_id", "n", "bytes", "first_ms", "pk"]
+                .iter()
+                .map(|c| r[*c].to_string().trim_matches('"').to_string())
+                .collect()
+        })
+        .collect()
+}
+
 #[test]
 fn hive_ddl_reads_the_archive_in_spark_and_hive_readers() {
     let k = ferrokinesis(false);
@@ -67,15 +79,7 @@ fn hive_ddl_reads_the_archive_in_spark_and_hive_readers() {
          FROM archive.{} GROUP BY dt, hr, shard_id ORDER BY dt, hr, shard_id",
         q(&stream)
     ));
-    let ours: Vec<Vec<String>> = ours
-        .iter()
-        .map(|r| {
-            ["dt", "hr", "shard_id", "n", "bytes", "first_ms", "pk"]
-                .iter()
-                .map(|c| r[*c].to_string().trim_matches('"').to_string())
-                .collect()
-        })
-        .collect();
+    let ours = rows_of(&ours);
     assert_eq!(spark, ours, "Spark and fluxcap sql differ");
     let total: i64 = ours.iter().map(|r| r[3].parse::<i64>().unwrap()).sum();
     assert_eq!(total, 300);
@@ -87,15 +91,7 @@ fn hive_ddl_reads_the_archive_in_spark_and_hive_readers() {
          min(epoch_ms(approximate_arrival_timestamp)) AS first_ms, max(partition_key) AS pk \
          FROM t GROUP BY dt, hr, shard_id ORDER BY dt, hr, shard_id",
     );
-    let duck: Vec<Vec<String>> = duck
-        .iter()
-        .map(|r| {
-            ["dt", "hr", "shard_id", "n", "bytes", "first_ms", "pk"]
-                .iter()
-                .map(|c| r[*c].to_string().trim_matches('"').to_string())
-                .collect()
-        })
-        .collect();
+    let duck = rows_of(&duck);
     assert_eq!(duck, ours, "DuckDB and fluxcap sql differ");
 
     // The archived files follow Drill's Parquet type rules (checked from the

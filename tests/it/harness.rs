@@ -612,3 +612,56 @@ pub fn ferrokinesis(enforce_limits: bool) -> Server {
         &[("FERROKINESIS_ENFORCE_LIMITS", enforce)],
     )
 }
+
+/// A record read back from a target stream.
+#[derive(Debug, Clone)]
+pub struct Got {
+    pub partition_key: String,
+    pub data: Vec<u8>,
+}
+
+/// Every record of `stream`, shard by shard in sequence order (parents first
+/// when the shard ids are in creation order, as on the emulators).
+pub async fn read_stream(c: &aws_sdk_kinesis::Client, stream: &str) -> Vec<Got> {
+    let shards = c
+        .list_shards()
+        .stream_name(stream)
+        .send()
+        .await
+        .unwrap()
+        .shards()
+        .to_vec();
+    let mut out = Vec::new();
+    for s in shards {
+        let mut it = c
+            .get_shard_iterator()
+            .stream_name(stream)
+            .shard_id(s.shard_id())
+            .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .unwrap()
+            .shard_iterator()
+            .map(str::to_string);
+        while let Some(i) = it {
+            let r = c
+                .get_records()
+                .shard_iterator(i)
+                .limit(10000)
+                .send()
+                .await
+                .unwrap();
+            if r.records().is_empty() {
+                break;
+            }
+            for rec in r.records() {
+                out.push(Got {
+                    partition_key: rec.partition_key().to_string(),
+                    data: rec.data().as_ref().to_vec(),
+                });
+            }
+            it = r.next_shard_iterator().map(str::to_string);
+        }
+    }
+    out
+}

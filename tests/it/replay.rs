@@ -5,63 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use aws_sdk_kinesis::types::ShardIteratorType;
 use fluxcap::consistency::{self, Decoded};
 
 use crate::harness::*;
-
-/// A record read back from a target stream.
-#[derive(Debug, Clone)]
-struct Got {
-    partition_key: String,
-    data: Vec<u8>,
-}
-
-/// Every record of `stream`, shard by shard in sequence order (parents first
-/// when the shard ids are in creation order, as on the emulators).
-async fn read_stream(c: &aws_sdk_kinesis::Client, stream: &str) -> Vec<Got> {
-    let shards = c
-        .list_shards()
-        .stream_name(stream)
-        .send()
-        .await
-        .unwrap()
-        .shards()
-        .to_vec();
-    let mut out = Vec::new();
-    for s in shards {
-        let mut it = c
-            .get_shard_iterator()
-            .stream_name(stream)
-            .shard_id(s.shard_id())
-            .shard_iterator_type(ShardIteratorType::TrimHorizon)
-            .send()
-            .await
-            .unwrap()
-            .shard_iterator()
-            .map(str::to_string);
-        while let Some(i) = it {
-            let r = c
-                .get_records()
-                .shard_iterator(i)
-                .limit(10000)
-                .send()
-                .await
-                .unwrap();
-            if r.records().is_empty() {
-                break;
-            }
-            for rec in r.records() {
-                out.push(Got {
-                    partition_key: rec.partition_key().to_string(),
-                    data: rec.data().as_ref().to_vec(),
-                });
-            }
-            it = r.next_shard_iterator().map(str::to_string);
-        }
-    }
-    out
-}
 
 /// JSON events: key `k<i % keys>`, a version `v`, an op (every 7th a delete),
 /// and a group.

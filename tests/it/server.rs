@@ -489,27 +489,5 @@ fn csv_reader(text: &str) -> impl Iterator<Item = ()> + '_ {
 
 /// How many records a stream holds.
 async fn count_records(c: &aws_sdk_kinesis::Client, stream: &str) -> usize {
-    let shards = c.list_shards().stream_name(stream).send().await.unwrap();
-    let mut n = 0;
-    for s in shards.shards() {
-        let mut it = c
-            .get_shard_iterator()
-            .stream_name(stream)
-            .shard_id(s.shard_id())
-            .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
-            .send()
-            .await
-            .unwrap()
-            .shard_iterator()
-            .map(str::to_string);
-        while let Some(i) = it {
-            let r = c.get_records().shard_iterator(i).send().await.unwrap();
-            if r.records().is_empty() {
-                break;
-            }
-            n += r.records().len();
-            it = r.next_shard_iterator().map(str::to_string);
-        }
-    }
-    n
+    read_stream(c, stream).await.len()
 }

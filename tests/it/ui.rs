@@ -8,14 +8,12 @@
 //! started really sent every record. Screenshots go to tests/artifacts/ui/.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use aws_sdk_kinesis::types::ShardIteratorType;
 use fluxcap::consistency::{self, Decoded};
 
 use crate::harness::*;
@@ -106,84 +104,19 @@ impl Serve {
     }
 }
 
-/// A minimal HTTP/1.1 GET (the test needs no HTTP client crate): (status, body).
+/// GET `path` with the server tests' HTTP client: (status, body).
 fn http_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status in {head:?}"));
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    (
-        status,
-        if chunked {
-            dechunk(body)
-        } else {
-            body.to_string()
-        },
-    )
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let n = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
-    }
-    out
+    let a = crate::server::http(port, "GET", path, token, b"");
+    (a.status, String::from_utf8_lossy(&a.body).to_string())
 }
 
 /// Every record's payload in `stream`, read from the trim horizon of each shard.
 async fn read_payloads(c: &aws_sdk_kinesis::Client, stream: &str) -> Vec<Vec<u8>> {
-    let shards = c.list_shards().stream_name(stream).send().await.unwrap();
-    let mut out = Vec::new();
-    for s in shards.shards() {
-        let mut it = c
-            .get_shard_iterator()
-            .stream_name(stream)
-            .shard_id(s.shard_id())
-            .shard_iterator_type(ShardIteratorType::TrimHorizon)
-            .send()
-            .await
-            .unwrap()
-            .shard_iterator()
-            .map(str::to_string);
-        while let Some(i) = it {
-            let r = c
-                .get_records()
-                .shard_iterator(i)
-                .limit(10000)
-                .send()
-                .await
-                .unwrap();
-            if r.records().is_empty() {
-                break;
-            }
-            out.extend(r.records().iter().map(|x| x.data().as_ref().to_vec()));
-            it = r.next_shard_iterator().map(str::to_string);
-        }
-    }
-    out
+    read_stream(c, stream)
+        .await
+        .into_iter()
+        .map(|g| g.data)
+        .collect()
 }
 
 fn artifacts_dir() -> PathBuf {
