@@ -460,7 +460,7 @@ async fn resume_manifest(
                 p.sent
             )));
         }
-        if p.phase == Phase::Running && alive(p) {
+        if p.phase == Phase::Running && p.pid != std::process::id() && state::process_alive(p) {
             return Err(Error::Usage(format!(
                 "replay {id} is still running (process {} on {})",
                 p.pid, p.host
@@ -468,19 +468,6 @@ async fn resume_manifest(
         }
     }
     Ok((m, p))
-}
-
-/// Whether the process that last wrote `p` still runs (same host only).
-fn alive(p: &Progress) -> bool {
-    if p.host != crate::archive::checkpoint::hostname() || p.pid == 0 {
-        // Another host: trust the heartbeat (saved every checkpoint_interval).
-        return chrono::Utc::now().timestamp_millis() - p.updated_ms < 60_000;
-    }
-    if p.pid == std::process::id() {
-        return false;
-    }
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    unsafe { libc::kill(p.pid as libc::pid_t, 0) == 0 }
 }
 
 /// The horizon of `stream` at `as_of_ms`: each shard's last sequence number
@@ -626,7 +613,7 @@ async fn list(archive: &Archive, json: bool) -> Result<()> {
                     "created_at": m.created_at,
                     "source": m.source,
                     "target": m.target,
-                    "state": state::describe_phase(p.as_ref(), alive),
+                    "state": state::describe_phase(p.as_ref(), state::process_alive),
                     "sent": p.as_ref().map(|p| p.sent).unwrap_or(0),
                     "total": p.as_ref().and_then(|p| p.total),
                     "rejected": p.as_ref().map(|p| p.rejected).unwrap_or(0),
@@ -660,7 +647,7 @@ async fn list(archive: &Archive, json: bool) -> Result<()> {
                 .and_then(|p| p.total)
                 .map(|t| t.to_string())
                 .unwrap_or_else(|| "-".into()),
-            state::describe_phase(p.as_ref(), alive)
+            state::describe_phase(p.as_ref(), state::process_alive)
         );
     }
     Ok(())
@@ -1000,12 +987,7 @@ impl Run {
         let mut idx = self.start;
         loop {
             let batch = tokio::select! {
-                _ = cancel.cancelled() => {
-                    if let Sink::Kinesis { writer, .. } = sink {
-                        drop(writer);
-                    }
-                    return Err(Error::Interrupted);
-                }
+                _ = cancel.cancelled() => return Err(Error::Interrupted),
                 b = stream.next() => b,
             };
             let Some(batch) = batch else { break };
@@ -1239,6 +1221,8 @@ impl Run {
     }
 
     async fn finish(mut self, result: Result<()>) -> Result<Summary> {
+        // Watchers see the final counts, also when the run stopped early.
+        self.tick();
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
@@ -1295,7 +1279,6 @@ impl Run {
             self.progress.total = Some(self.mark.next);
             self.save(Phase::Done, None).await;
         }
-        self.tick();
         if !self.opts.quiet {
             self.report(&summary);
         }

@@ -110,18 +110,6 @@ fn order(desc: bool) -> String {
     .join(", ")
 }
 
-/// The columns a replay reads, in this order.
-pub const COLUMNS: &[&str] = &[
-    col::SHARD_ID,
-    col::SEQUENCE_NUMBER,
-    col::SUBSEQUENCE_NUMBER,
-    col::PARTITION_KEY,
-    col::EXPLICIT_HASH_KEY,
-    col::ARRIVAL,
-    col::DATA,
-    "__depth",
-];
-
 /// The selection query over `table` (already quoted). `horizon`: apply the
 /// registered horizon function. Without `ordered`, the query is for counting.
 pub fn sql(table: &str, sel: &Selection, horizon: bool, ordered: bool, offset: u64) -> String {

@@ -257,6 +257,16 @@ pub async fn list(archive: &Archive) -> Result<Vec<(Manifest, Option<Progress>)>
     Ok(out)
 }
 
+/// Whether the process that last saved `p` still runs: on this host by its
+/// pid, on another by the heartbeat (progress is saved every few seconds).
+pub fn process_alive(p: &Progress) -> bool {
+    if p.host != crate::archive::checkpoint::hostname() || p.pid == 0 {
+        return chrono::Utc::now().timestamp_millis() - p.updated_ms < 60_000;
+    }
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    p.pid == std::process::id() || unsafe { libc::kill(p.pid as libc::pid_t, 0) == 0 }
+}
+
 /// What `--list` shows for a replay's state: a running replay whose process
 /// is gone died.
 pub fn describe_phase(p: Option<&Progress>, alive: impl Fn(&Progress) -> bool) -> &'static str {

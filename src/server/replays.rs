@@ -92,6 +92,8 @@ struct Job {
 #[derive(Default)]
 pub(crate) struct Manager {
     jobs: Mutex<HashMap<String, Job>>,
+    /// Records sent by runs that ended (a resumed replay replaces its job).
+    ended_sent: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Manager {
@@ -109,8 +111,9 @@ impl Manager {
         };
         self.jobs.lock().await.insert(id.clone(), job);
         let rid = id.clone();
+        let ended_sent = self.ended_sent.clone();
         tokio::spawn(async move {
-            let r = prepared.run(cancel.clone(), Some(observer)).await;
+            let r = prepared.run(cancel.clone(), Some(observer.clone())).await;
             let e = match r {
                 Ok(_) => Ended::Done,
                 Err(crate::Error::Interrupted) if cancel.is_cancelled() => Ended::Cancelled,
@@ -119,7 +122,12 @@ impl Manager {
                     Ended::Failed(e.to_string())
                 }
             };
-            *ended.lock().await = Some(e);
+            let mut slot = ended.lock().await;
+            ended_sent.fetch_add(
+                observer.sent_this_run.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+            *slot = Some(e);
         });
         id
     }
@@ -148,12 +156,12 @@ impl Manager {
     pub async fn metrics(&self) -> (usize, u64) {
         let jobs = self.jobs.lock().await;
         let mut running = 0;
-        let mut sent = 0;
+        let mut sent = self.ended_sent.load(Ordering::Relaxed);
         for j in jobs.values() {
             if j.ended.lock().await.is_none() {
                 running += 1;
+                sent += j.observer.sent_this_run.load(Ordering::Relaxed);
             }
-            sent += j.observer.sent_this_run.load(Ordering::Relaxed);
         }
         (running, sent)
     }
@@ -177,7 +185,7 @@ async fn info(m: &state::Manifest, p: Option<&Progress>, job: Option<&Job>) -> s
         Some(Phase::Done) => "done",
         Some(Phase::Interrupted) if error.is_some() => "failed",
         Some(Phase::Interrupted) => "cancelled",
-        Some(Phase::Running) => match state::describe_phase(p, replay_alive) {
+        Some(Phase::Running) => match state::describe_phase(p, state::process_alive) {
             "running" => "running",
             _ => {
                 error.get_or_insert_with(|| "the process running it stopped".into());
@@ -221,14 +229,6 @@ async fn info(m: &state::Manifest, p: Option<&Progress>, job: Option<&Job>) -> s
         "compact": m.selection.compact,
         "where": m.selection.predicate,
     })
-}
-
-fn replay_alive(p: &Progress) -> bool {
-    // Same rule as `fluxcap replay --list`.
-    if p.host != crate::archive::checkpoint::hostname() || p.pid == 0 {
-        return chrono::Utc::now().timestamp_millis() - p.updated_ms < 60_000;
-    }
-    p.pid == std::process::id() || unsafe { libc::kill(p.pid as libc::pid_t, 0) == 0 }
 }
 
 pub(crate) async fn post(
