@@ -112,6 +112,23 @@ pub enum Error {
         object: String,
     },
 
+    /// A checkpoint generation this archiver meant to write was written by an
+    /// earlier holder of the lease whose request landed late (its process
+    /// may be dead). The shard's state must be read again; nothing is lost.
+    #[error(
+        "the checkpoint of shard `{shard}` (stream `{stream}`) was changed by a late write of an earlier archiver (lease epoch {epoch}) at {object}"
+    )]
+    StaleCheckpoint {
+        /// Stream name.
+        stream: String,
+        /// Shard id.
+        shard: String,
+        /// The generation object that was written late.
+        object: String,
+        /// Lease epoch of the late writer.
+        epoch: u64,
+    },
+
     /// A checkpoint or lease object could not be understood.
     #[error("corrupt state object {object}: {message}")]
     CorruptState {

@@ -15,9 +15,9 @@
 //! its own buffer and signals the others to flush theirs, so memory stays
 //! bounded whatever the number of shards.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
@@ -26,10 +26,11 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::checkpoint::{Lease, ShardCheckpoint, load_all};
+use crate::archive::checkpoint::{Commit, ShardCheckpoint, load_all, stage};
+use crate::archive::lease::{Lease, LeaseClock};
 use crate::archive::layout::hour_key;
 use crate::archive::store::Archive;
-use crate::archive::writer::{ParquetSettings, put_object};
+use crate::archive::writer::ParquetSettings;
 use crate::config::{Config, PayloadFormat, StreamConfig};
 use crate::error::{Error, Result};
 use crate::kinesis::reader::{ShardReader, StartAt};
@@ -173,7 +174,8 @@ pub async fn run(
             encoders: encoders.clone(),
             settings: ParquetSettings::from(&cfg.archive),
             once: opts.once,
-            lease_expiry: Arc::new(AtomicI64::new(0)),
+            epoch: AtomicU64::new(0),
+            lease_clock: OnceLock::new(),
         });
         let token = work.clone();
         tasks.spawn(async move { archive_stream(ctx, token).await });
@@ -221,8 +223,16 @@ struct StreamCtx {
     encoders: Arc<Semaphore>,
     settings: ParquetSettings,
     once: bool,
-    /// Lease end (epoch ms); no flush starts when it is too close.
-    lease_expiry: Arc<AtomicI64>,
+    /// Epoch of the stream's lease once held (checkpoints and staged files carry it).
+    epoch: AtomicU64,
+    /// The lease's validity; no commit starts when its end is too close.
+    lease_clock: OnceLock<Arc<LeaseClock>>,
+}
+
+impl StreamCtx {
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
 }
 
 /// How a shard task ended.
@@ -240,8 +250,9 @@ async fn archive_stream(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Resul
     let name = ctx.stream.name.clone();
     let ttl = ctx.cfg.archiver.lease_ttl.0;
     let mut lease = Lease::acquire(&ctx.archive, &name, &ctx.owner, ttl).await?;
-    lease.share_expiry(ctx.lease_expiry.clone());
-    tracing::info!(stream = %name, "lease acquired; archiving into {}", ctx.archive.describe(&ctx.archive.layout.stream_dir(&name)));
+    ctx.epoch.store(lease.epoch(), Ordering::Release);
+    let _ = ctx.lease_clock.set(lease.clock());
+    tracing::info!(stream = %name, epoch = lease.epoch(), "lease acquired; archiving into {}", ctx.archive.describe(&ctx.archive.layout.stream_dir(&name)));
 
     // Shard tasks stop on `shards` (cancel or lease loss), the renewer on `renew_stop`.
     let shards = cancel.child_token();
@@ -296,42 +307,60 @@ async fn supervise(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Result<()>
         .map(|c| c.shard_id.clone())
         .collect();
     let mut initial: Option<HashSet<String>> = None;
-    let mut listed: BTreeMap<String, ShardInfo> = BTreeMap::new();
+    let mut listed: Option<BTreeMap<String, ShardInfo>> = None;
     let mut relist = true;
-    let mut running: HashSet<String> = HashSet::new();
-    let mut tasks: JoinSet<(String, Result<ShardOutcome>)> = JoinSet::new();
+    // Shard of each running task, by task id (a panicked task still has its id).
+    let mut running: HashMap<tokio::task::Id, String> = HashMap::new();
+    let mut tasks: JoinSet<Result<ShardOutcome>> = JoinSet::new();
     let mut first_err: Option<Error> = None;
     let mut caught_up: HashSet<String> = HashSet::new();
+    let mut restarts: HashMap<String, u32> = HashMap::new();
 
     loop {
         if !cancel.is_cancelled() && first_err.is_none() {
             if relist {
-                listed = list_shards(&ctx.client, &name, max_backoff)
-                    .await?
-                    .into_iter()
-                    .map(|s| (s.shard_id.clone(), s))
-                    .collect();
-                relist = false;
+                match list_shards(&ctx.client, &name, max_backoff).await {
+                    Ok(l) => {
+                        listed = Some(l.into_iter().map(|s| (s.shard_id.clone(), s)).collect());
+                        relist = false;
+                    }
+                    // Keep working from the previous listing; flushes in
+                    // progress are never interrupted by a listing failure.
+                    Err(e) if listed.is_some() => {
+                        tracing::warn!(stream = %name, "listing shards failed, keeping the previous listing: {e}");
+                        relist = false;
+                    }
+                    Err(e) if running.is_empty() => return Err(e),
+                    Err(e) => {
+                        tracing::error!(stream = %name, "{e}");
+                        cancel.cancel();
+                        first_err.get_or_insert(e);
+                    }
+                }
             }
+        }
+        if let Some(listed) = listed.as_ref().filter(|_| !cancel.is_cancelled() && first_err.is_none()) {
             let initial = initial.get_or_insert_with(|| listed.keys().cloned().collect());
-            for (id, info) in &listed {
-                if finished.contains(id) || running.contains(id) || caught_up.contains(id) {
+            let active: HashSet<&String> = running.values().collect();
+            let mut start = Vec::new();
+            for (id, info) in listed {
+                if finished.contains(id) || active.contains(id) || caught_up.contains(id) {
                     continue;
                 }
                 // `--once` archives what existed at the start; later shards only hold later records.
                 if ctx.once && !initial.contains(id) {
                     continue;
                 }
-                if !parents_done(info, &listed, &finished, &checkpointed) {
+                if !parents_done(info, listed, &finished, &checkpointed) {
                     continue;
                 }
-                let (c, i, t) = (ctx.clone(), info.clone(), cancel.clone());
-                tasks.spawn(async move {
-                    let id = i.shard_id.clone();
-                    let r = archive_shard(c, i, t).await;
-                    (id, r)
-                });
-                running.insert(id.clone());
+                start.push(info.clone());
+            }
+            for info in start {
+                let (c, t) = (ctx.clone(), cancel.clone());
+                let id = info.shard_id.clone();
+                let handle = tasks.spawn(async move { archive_shard(c, info, t).await });
+                running.insert(handle.id(), id);
             }
         }
         if running.is_empty() && (ctx.once || cancel.is_cancelled() || first_err.is_some()) {
@@ -339,10 +368,17 @@ async fn supervise(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Result<()>
         }
         let discovery = ctx.cfg.archiver.shard_discovery_interval.0;
         tokio::select! {
-            joined = tasks.join_next(), if !running.is_empty() => {
+            joined = tasks.join_next_with_id(), if !running.is_empty() => {
                 let Some(joined) = joined else { continue };
-                let (id, res) = joined.unwrap_or_else(|e| ("?".into(), Err(Error::Usage(format!("internal error: shard task failed: {e}")))));
-                running.remove(&id);
+                let (task, res) = match joined {
+                    Ok((task, res)) => (task, res),
+                    Err(e) => {
+                        let task = e.id();
+                        let what = if e.is_panic() { "panicked" } else { "was cancelled" };
+                        (task, Err(Error::Usage(format!("internal error: a shard task {what}"))))
+                    }
+                };
+                let id = running.remove(&task).unwrap_or_else(|| "?".into());
                 match res {
                     Ok(ShardOutcome::Finished) => {
                         tracing::info!(stream = %name, shard = %id, "shard finished");
@@ -354,6 +390,14 @@ async fn supervise(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Result<()>
                         caught_up.insert(id);
                     }
                     Ok(ShardOutcome::Stopped) => {}
+                    // A late write of an earlier archiver changed the shard's
+                    // state: its task starts again from the new state.
+                    Err(e @ Error::StaleCheckpoint { .. })
+                        if restarts.get(&id).copied().unwrap_or(0) < 20 =>
+                    {
+                        *restarts.entry(id.clone()).or_default() += 1;
+                        tracing::warn!(stream = %name, shard = %id, "{e}; reading the shard again from its committed state");
+                    }
                     Err(e) => {
                         tracing::error!(stream = %name, shard = %id, "{e}");
                         cancel.cancel();
@@ -449,6 +493,7 @@ async fn archive_shard(
         &shard,
         info.parents.clone(),
         &ctx.owner,
+        ctx.epoch(),
     )
     .await?;
     if ck.state().finished {
@@ -619,14 +664,8 @@ async fn flush(
     let stream = &ctx.stream.name;
     let shard = ck.state().shard_id.clone();
     let margin = ctx.cfg.archiver.lease_ttl.0 / 4;
-    if !Lease::valid_for(&ctx.lease_expiry, margin) {
-        return Err(Error::Fenced {
-            stream: stream.clone(),
-            object: format!(
-                "{} (lease not renewed in time)",
-                ctx.archive.describe(&ctx.archive.layout.lease_dir(stream))
-            ),
-        });
+    if !ctx.lease_clock.get().is_some_and(|c| c.valid_for(margin)) {
+        return Err(lease_lapsed(ctx));
     }
     let groups = std::mem::take(&mut buf.groups);
     let records = buf.records;
@@ -641,16 +680,14 @@ async fn flush(
             .data_file(stream, hour, &shard, &g.first, g.count);
         files.push((path, g.builder.finish()));
     }
-    let paths: Vec<_> = files.iter().map(|(p, _)| p.clone()).collect();
-    if !files.is_empty() {
-        ck.begin(&paths).await?;
-    }
     let _encoding = ctx
         .encoders
         .acquire()
         .await
         .map_err(|_| Error::Interrupted)?;
+    // (1) stage every file of the flush (nothing is visible to readers yet).
     let mut written = 0u64;
+    let mut staged = Vec::with_capacity(files.len());
     for (path, batch) in files {
         let metadata = flush_metadata(
             prev.as_ref(),
@@ -664,14 +701,29 @@ async fn flush(
             .await
             .map_err(|e| Error::Usage(format!("internal error: encoder task failed: {e}")))??;
         written += bytes.len() as u64;
-        put_with_retry(ctx, &path, bytes).await?;
+        staged.push(stage_with_retry(ctx, &path, bytes::Bytes::from(bytes)).await?);
     }
+    drop(_encoding);
     let (pos, arrival) = match last {
         Some((p, t)) => (Some(p), Some(t)),
         None => (None, None),
     };
-    ck.commit(pos, arrival, records as u64, paths.len() as u64, finished)
-        .await?;
+    let nfiles = staged.len();
+    // The upload may have taken long (or this process was paused): commit
+    // only while the lease is still valid by our own clock.
+    if !ctx.lease_clock.get().is_some_and(|c| c.valid_for(margin)) {
+        return Err(lease_lapsed(ctx));
+    }
+    // (2) commit, (3) publish, (4) clean up — see `checkpoint`.
+    ck.commit(Commit {
+        position: pos,
+        last_arrival_ms: arrival,
+        records: records as u64,
+        files: staged,
+        finished,
+        gap: None,
+    })
+    .await?;
     buf.records = 0;
     buf.mem = 0;
     buf.payload = 0;
@@ -685,23 +737,35 @@ async fn flush(
     s.bytes_archived
         .fetch_add(payload as u64, Ordering::Relaxed);
     s.bytes_written.fetch_add(written, Ordering::Relaxed);
-    s.files.fetch_add(paths.len() as u64, Ordering::Relaxed);
+    s.files.fetch_add(nfiles as u64, Ordering::Relaxed);
     s.flushes.fetch_add(1, Ordering::Relaxed);
     stats.records.fetch_add(records as u64, Ordering::Relaxed);
     stats.bytes.fetch_add(payload as u64, Ordering::Relaxed);
-    tracing::debug!(%stream, %shard, records, files = paths.len(), finished, "flush committed");
+    tracing::debug!(%stream, %shard, records, files = nfiles, finished, "flush committed");
     Ok(())
 }
 
-async fn put_with_retry(
+fn lease_lapsed(ctx: &StreamCtx) -> Error {
+    let stream = &ctx.stream.name;
+    Error::Fenced {
+        stream: stream.clone(),
+        object: format!(
+            "{} (lease not renewed in time)",
+            ctx.archive.describe(&ctx.archive.layout.lease_dir(stream))
+        ),
+    }
+}
+
+async fn stage_with_retry(
     ctx: &StreamCtx,
     path: &object_store::path::Path,
-    bytes: Vec<u8>,
-) -> Result<()> {
+    bytes: bytes::Bytes,
+) -> Result<crate::archive::checkpoint::PublishEntry> {
     let mut backoff = kinesis::Backoff::new(ctx.cfg.archiver.max_backoff.0);
+    let stream = &ctx.stream.name;
     loop {
-        match put_object(&ctx.archive.store, path, bytes.clone()).await {
-            Ok(()) => return Ok(()),
+        match stage(&ctx.archive, stream, ctx.epoch(), path, bytes.clone()).await {
+            Ok(e) => return Ok(e),
             Err(e)
                 if backoff.attempts() < 8
                     && matches!(

@@ -3,41 +3,47 @@
 //!
 //! Each shard has a chain of immutable checkpoint *generations*
 //! (`<stream>/_fluxcap/checkpoints/<shard>/<generation>.json`). A new
-//! generation is written with a conditional create (`PutMode::Create`, i.e.
-//! `If-None-Match: *` on S3, a no-clobber link on a local disk): two writers
-//! can never both write generation N+1, so the loser is *fenced* and stops
-//! without committing. Every flush is two generations around the data files:
+//! generation is written with a conditional create (`If-None-Match: *` on S3,
+//! a no-clobber link on a local disk): two writers can never both write
+//! generation N+1. A flush stages its files, commits, then publishes:
 //!
 //! ```text
-//!   gen N     { position: P,  pending: [] }            committed state
-//!      │  (1) create gen N+1 — intent
-//!   gen N+1   { position: P,  pending: [f1, f2] }      files about to be written
-//!      │  (2) put f1, f2   (deterministic names: shard + first record + count)
-//!      │  (3) create gen N+2 — commit
-//!   gen N+2   { position: P', pending: [] }            P' = last record of f1, f2
-//!      │  (4) delete generations < N+1 (best effort)
+//!   gen N     { position: P,  publish: [] }                       committed state
+//!      │  (1) put staged files  _fluxcap/staging/<epoch>/dt=…/hr=…/<name>   (fsync locally)
+//!      │  (2) create gen N+1 — COMMIT                             conditional create, then a
+//!   gen N+1   { position: P', publish: [staged → dt=…/hr=…/<name>] }  LIST: no higher generation
+//!      │  (3) publish: copy-if-not-exists staged → final          (hard link locally, fsync)
+//!      │  (4) delete the staged files; delete generation N-1
 //!
-//!   crash before (1): nothing changed; the re-run reads again from P
-//!   crash in (1)-(3): recovery finds `pending` in the latest generation,
-//!                     deletes those files (and local upload leftovers), writes
-//!                     gen+1 { position: P, pending: [] }, and reads from P
-//!   crash after (3):  P' is committed; files are complete
+//!   crash before (2): nothing is committed or published; the staged files are
+//!                     orphans under _fluxcap/ and are removed by the next holder
+//!   crash in (2)-(4): gen N+1 is committed; whoever opens the shard next rolls
+//!                     its publish list forward (publishing is idempotent: a
+//!                     conditional copy either creates the file or finds it)
 //! ```
 //!
-//! So at any instant after recovery, the files of a shard hold exactly the
-//! records up to its committed position: no gap, no duplicate, for any engine
-//! reading the raw directory. Each file also carries, in its footer, the
-//! positions before and after its flush and the flush's record count, which
-//! `fluxcap verify` chains to prove the absence of gaps.
+//! So a file appears under `dt=…/hr=…/` only once its flush is committed,
+//! whole (a copy or a link, never a partial upload) and once (conditional);
+//! nothing ever deletes or rewrites a published file. Readers that use the
+//! checkpoints (`fluxcap sql`, replay, `verify`) also read the committed files
+//! that are not published yet, from their staged copies.
 //!
-//! A per-stream [`Lease`] (also immutable epochs created conditionally) makes
-//! a second archiver fail fast instead of fencing mid-run. A lease left by a
-//! process that died on this host is taken over at once; one from another host
-//! when it expires.
-
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
+//! **Take-over and late writes.** Opening a shard writes a *take-over*
+//! generation carrying the opener's lease epoch before anything else. A write
+//! of an earlier holder still in flight (its process may be dead: the store
+//! or the network held the request) either lands before it — then it is the
+//! latest state, rolled forward like any commit — or loses the conditional
+//! create. A conflict with a generation of an *earlier* epoch is therefore a
+//! late write: the opener reads the chain again and carries on
+//! ([`Error::StaleCheckpoint`] inside a run). Only a generation of the same
+//! or a later epoch fences ([`Error::Fenced`]). Because old generations are
+//! deleted, a stale writer may recreate a deleted generation number; the
+//! LIST after each create catches that (a higher generation exists), so such
+//! a writer never publishes.
+//!
+//! Each file also carries, in its footer, the positions before and after its
+//! flush and the flush's record count, which `fluxcap verify` chains to prove
+//! the absence of gaps.
 
 use bytes::Bytes;
 use chrono::Utc;
@@ -45,13 +51,14 @@ use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
-use crate::archive::layout::parse_generation;
+use crate::archive::layout::{parse_data_file_name, parse_generation, staged_epoch};
 use crate::archive::store::Archive;
 use crate::error::{Error, Result};
 use crate::record::Position;
 
-/// Format version of checkpoint and lease objects.
-pub const STATE_VERSION: u32 = 1;
+/// Format version of checkpoint objects written by this version. Version 1
+/// (files written at their final paths, `pending` intent lists) is still read.
+pub const STATE_VERSION: u32 = 2;
 
 /// One checkpoint generation of one shard.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -72,16 +79,54 @@ pub struct Checkpoint {
     pub records: u64,
     /// Files committed so far.
     pub files: u64,
-    /// The shard is closed and was read to its end.
+    /// The shard is closed and was read to its end (or its end was lost, see `gaps`).
     pub finished: bool,
     /// Parent shards (lineage), as listed by Kinesis when the shard was first seen.
     pub parents: Vec<String>,
-    /// Data files being written by an uncommitted flush (intent); empty when committed.
+    /// Version 1 only: files at their final paths of an uncommitted flush.
+    /// Version 2 never writes it (files are staged instead).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<String>,
+    /// Committed files of the last flush that may not be published yet. A
+    /// reader uses the published file when it exists, the staged one otherwise.
+    #[serde(default)]
+    pub publish: Vec<PublishEntry>,
+    /// Lease epoch of the archiver that wrote this generation (0: none, or version 1).
+    #[serde(default)]
+    pub epoch: u64,
+    /// Records known to be lost (expired from the stream before they were
+    /// archived), oldest first. Reported by `status` and `verify`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gaps: Vec<Gap>,
     /// The archiver that wrote this generation.
     pub owner: String,
     /// When it was written (RFC 3339).
     pub written_at: String,
+}
+
+/// A committed data file: where it was staged and where it is published.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PublishEntry {
+    /// The staged object (under `_fluxcap/staging/`).
+    pub staged: String,
+    /// The published path (under `dt=…/hr=…/`).
+    pub path: String,
+    /// Size in bytes (the same for both).
+    pub size: u64,
+}
+
+/// Records of a shard that can never be archived: they left the stream's
+/// retention before the archiver read them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Gap {
+    /// Last archived record before the gap (`None`: the start of the shard).
+    pub after: Option<Position>,
+    /// First record archived after the gap (`None`: the end of the shard).
+    pub until: Option<Position>,
+    /// Why the records are missing.
+    pub reason: String,
+    /// When the gap was found (RFC 3339).
+    pub detected_at: String,
 }
 
 impl Checkpoint {
@@ -98,10 +143,30 @@ impl Checkpoint {
             finished: false,
             parents,
             pending: vec![],
+            publish: vec![],
+            epoch: 0,
+            gaps: vec![],
             owner: owner.into(),
             written_at: Utc::now().to_rfc3339(),
         }
     }
+
+    /// Whether a data file of this shard whose first record is `first`
+    /// belongs to a committed flush. Flushes of a shard are sequential, so a
+    /// file is committed exactly when it starts at or before the committed
+    /// position.
+    pub fn covers(&self, first: &Position) -> bool {
+        self.position.as_ref().is_some_and(|p| first <= p)
+    }
+}
+
+/// Parse a path stored in a state object (already encoded; `Path::from`
+/// would encode it a second time).
+pub fn stored_path(archive: &Archive, s: &str) -> Result<Path> {
+    Path::parse(s).map_err(|e| Error::CorruptState {
+        object: archive.describe(&Path::default()),
+        message: format!("bad stored path {s:?}: {e}"),
+    })
 }
 
 /// Read the latest generation of a shard's checkpoint, if any.
@@ -111,15 +176,25 @@ pub async fn load_latest(
     shard: &str,
 ) -> Result<Option<Checkpoint>> {
     let dir = archive.layout.checkpoint_dir(stream, shard);
-    let objects = archive.list(&dir).await?;
-    let Some(latest) = objects
-        .iter()
-        .filter_map(|o| Some((parse_generation(o.location.filename()?)?, &o.location)))
-        .max_by_key(|(g, _)| *g)
-    else {
-        return Ok(None);
-    };
-    read_json(archive, latest.1).await.map(Some)
+    let mut attempt = 0;
+    loop {
+        let objects = archive.list(&dir).await?;
+        let Some(latest) = objects
+            .iter()
+            .filter_map(|o| Some((parse_generation(o.location.filename()?)?, &o.location)))
+            .max_by_key(|(g, _)| *g)
+        else {
+            return Ok(None);
+        };
+        match read_json(archive, latest.1).await {
+            // Deleted between the listing and the read: a writer moved on.
+            Err(Error::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) if attempt < 5 => attempt += 1,
+            other => return other.map(Some),
+        }
+    }
 }
 
 /// Latest checkpoint of every shard of `stream` that has one.
@@ -149,7 +224,10 @@ pub async fn load_all(archive: &Archive, stream: &str) -> Result<Vec<Checkpoint>
     Ok(out)
 }
 
-async fn read_json<T: for<'de> Deserialize<'de>>(archive: &Archive, path: &Path) -> Result<T> {
+pub(crate) async fn read_json<T: for<'de> Deserialize<'de>>(
+    archive: &Archive,
+    path: &Path,
+) -> Result<T> {
     let bytes = archive.get_bytes(path).await?;
     serde_json::from_slice(&bytes).map_err(|e| Error::CorruptState {
         object: archive.describe(path),
@@ -163,42 +241,82 @@ pub struct ShardCheckpoint {
     archive: Archive,
     /// Latest generation written or read.
     current: Checkpoint,
+    /// Lease epoch of this writer (0 for a writer without a lease).
+    epoch: u64,
 }
 
 impl ShardCheckpoint {
-    /// Open a shard's chain: read the latest generation and recover an
-    /// interrupted flush (delete its files, write a clean generation).
+    /// Open a shard's chain as the holder of lease `epoch`: read the latest
+    /// generation, recover what it left unfinished (publish its committed
+    /// files; remove the files of a version-1 flush that never committed),
+    /// write a take-over generation, and remove staged files of earlier
+    /// epochs. A late write of an earlier holder that lands meanwhile is
+    /// read and recovered in turn. A finished shard is only recovered.
     pub async fn open(
         archive: &Archive,
         stream: &str,
         shard: &str,
         parents: Vec<String>,
         owner: &str,
+        epoch: u64,
     ) -> Result<Self> {
-        let current = match load_latest(archive, stream, shard).await? {
-            Some(c) => c,
-            None => Checkpoint::initial(stream, shard, parents, owner),
-        };
-        let mut me = ShardCheckpoint {
-            archive: archive.clone(),
-            current,
-        };
-        me.current.owner = owner.to_string();
-        if !me.current.pending.is_empty() {
-            tracing::info!(
-                stream,
-                shard,
-                files = me.current.pending.len(),
-                "recovering an interrupted flush: removing its uncommitted files"
-            );
-            for f in me.current.pending.clone() {
-                archive.delete_with_leftovers(&Path::from(f)).await?;
+        let mut late_writes = 0;
+        loop {
+            let current = match load_latest(archive, stream, shard).await? {
+                Some(c) => c,
+                None => Checkpoint::initial(stream, shard, parents.clone(), owner),
+            };
+            if current.epoch > epoch {
+                return Err(Error::Fenced {
+                    stream: stream.into(),
+                    object: archive.describe(&archive.layout.checkpoint(
+                        stream,
+                        shard,
+                        current.generation,
+                    )),
+                });
+            }
+            let mut me = ShardCheckpoint {
+                archive: archive.clone(),
+                current,
+                epoch,
+            };
+            me.publish_committed().await?;
+            if !me.current.pending.is_empty() {
+                tracing::info!(
+                    stream,
+                    shard,
+                    files = me.current.pending.len(),
+                    "recovering a flush interrupted under the version-1 protocol: removing its uncommitted files"
+                );
+                for f in me.current.pending.clone() {
+                    let p = stored_path(archive, &f)?;
+                    archive.delete_with_leftovers(&p).await?;
+                }
+            }
+            if me.current.finished && me.current.pending.is_empty() {
+                return Ok(me);
             }
             let mut next = me.current.clone();
             next.pending.clear();
-            me.write_next(next).await?;
+            next.publish.clear();
+            next.owner = owner.to_string();
+            match me.write_next(next).await {
+                Ok(()) => {
+                    me.remove_orphans().await?;
+                    return Ok(me);
+                }
+                Err(Error::StaleCheckpoint { object, epoch: e, .. }) if late_writes < 20 => {
+                    late_writes += 1;
+                    tracing::warn!(
+                        stream,
+                        shard,
+                        "a write of an earlier archiver (lease epoch {e}) landed late at {object}; reading the shard's state again and recovering it"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(me)
     }
 
     /// The current (committed) state.
@@ -206,55 +324,122 @@ impl ShardCheckpoint {
         &self.current
     }
 
-    /// Step (1): record the files about to be written.
-    pub async fn begin(&mut self, files: &[Path]) -> Result<()> {
-        let mut next = self.current.clone();
-        next.pending = files.iter().map(|p| p.to_string()).collect();
-        self.write_next(next).await
+    /// The lease epoch this chain is written under.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
-    /// Step (3): commit the flush; `position` is the last record written.
-    pub async fn commit(
-        &mut self,
-        position: Option<Position>,
-        last_arrival_ms: Option<i64>,
-        added_records: u64,
-        added_files: u64,
-        finished: bool,
-    ) -> Result<()> {
+    /// Commit a flush whose files are staged (step 2), then publish them
+    /// (steps 3–4). `position` is the last record of the flush.
+    pub async fn commit(&mut self, flush: Commit) -> Result<()> {
         let mut next = self.current.clone();
-        if position.is_some() {
-            next.position = position;
-            next.last_arrival_ms = last_arrival_ms;
+        if flush.position.is_some() {
+            next.position = flush.position;
+            next.last_arrival_ms = flush.last_arrival_ms;
         }
-        next.records += added_records;
-        next.files += added_files;
-        next.finished = finished;
+        next.records += flush.records;
+        next.files += flush.files.len() as u64;
+        next.finished = flush.finished;
         next.pending.clear();
-        self.write_next(next).await
+        next.publish = flush.files;
+        if let Some(g) = flush.gap {
+            next.gaps.push(g);
+        }
+        self.write_next(next).await?;
+        self.publish_committed().await
+    }
+
+    /// Publish the committed files of the current generation and remove
+    /// their staged copies (idempotent; anyone may do it).
+    async fn publish_committed(&self) -> Result<()> {
+        for f in &self.current.publish {
+            let staged = stored_path(&self.archive, &f.staged)?;
+            let path = stored_path(&self.archive, &f.path)?;
+            self.archive.publish(&staged, &path, f.size).await?;
+        }
+        Ok(())
+    }
+
+    /// Remove staged files of this shard written under earlier epochs: their
+    /// flushes never committed (committed ones were published above), and no
+    /// earlier holder can commit any more (the take-over generation exists).
+    async fn remove_orphans(&self) -> Result<()> {
+        let root = self.archive.layout.staging_root(&self.current.stream);
+        let prefix = format!("{}_", self.current.shard_id);
+        for o in self.archive.list(&root).await? {
+            let ours = o.location.filename().is_some_and(|n| {
+                n.starts_with(&prefix)
+                    && parse_data_file_name(n).is_some_and(|d| d.shard_id == self.current.shard_id)
+            });
+            if ours && staged_epoch(&o.location).is_some_and(|e| e < self.epoch) {
+                tracing::debug!(
+                    "removing an uncommitted staged file: {}",
+                    self.archive.describe(&o.location)
+                );
+                self.archive.delete_with_leftovers(&o.location).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn write_next(&mut self, mut next: Checkpoint) -> Result<()> {
+        next.version = STATE_VERSION;
         next.generation = self.current.generation + 1;
+        next.epoch = self.epoch;
         next.written_at = Utc::now().to_rfc3339();
+        let stream = next.stream.clone();
+        let shard = next.shard_id.clone();
         let path = self
             .archive
             .layout
-            .checkpoint(&next.stream, &next.shard_id, next.generation);
+            .checkpoint(&stream, &shard, next.generation);
         let body = serde_json::to_vec_pretty(&next).map_err(|e| Error::CorruptState {
             object: self.archive.describe(&path),
             message: e.to_string(),
         })?;
-        create_object(&self.archive, &path, body, &next.stream).await?;
+        match create_object(&self.archive, &path, body).await {
+            Ok(()) => {}
+            Err(Error::Fenced { .. }) => {
+                // Who wrote it? An earlier epoch is a late write, not a rival.
+                let theirs: Checkpoint = read_json(&self.archive, &path).await?;
+                return Err(if theirs.epoch < self.epoch {
+                    Error::StaleCheckpoint {
+                        stream,
+                        shard,
+                        object: self.archive.describe(&path),
+                        epoch: theirs.epoch,
+                    }
+                } else {
+                    Error::Fenced {
+                        stream,
+                        object: self.archive.describe(&path),
+                    }
+                });
+            }
+            Err(e) => return Err(e),
+        }
+        // A stale writer may have recreated a generation number that was
+        // garbage-collected: the chain is ours only if nothing is above it.
+        let dir = self.archive.layout.checkpoint_dir(&stream, &shard);
+        let higher = self
+            .archive
+            .list(&dir)
+            .await?
+            .iter()
+            .filter_map(|o| parse_generation(o.location.filename()?))
+            .any(|g| g > next.generation);
+        if higher {
+            let _ = self.archive.store.delete(&path).await;
+            return Err(Error::Fenced {
+                stream,
+                object: self.archive.describe(&path),
+            });
+        }
         let old = self.current.generation;
         self.current = next;
         // Keep the previous generation for inspection; drop older ones.
         if old >= 2 {
-            let stale = self.archive.layout.checkpoint(
-                &self.current.stream,
-                &self.current.shard_id,
-                old - 1,
-            );
+            let stale = self.archive.layout.checkpoint(&stream, &shard, old - 1);
             if let Err(e) = self.archive.store.delete(&stale).await
                 && !matches!(e, object_store::Error::NotFound { .. })
             {
@@ -265,8 +450,25 @@ impl ShardCheckpoint {
     }
 }
 
+/// What one flush commits.
+#[derive(Debug, Clone, Default)]
+pub struct Commit {
+    /// Last record of the flush (`None` for an empty flush, e.g. the end of a shard).
+    pub position: Option<Position>,
+    /// Its arrival time (epoch ms).
+    pub last_arrival_ms: Option<i64>,
+    /// Records in the flush.
+    pub records: u64,
+    /// Its staged files.
+    pub files: Vec<PublishEntry>,
+    /// The shard is read to its end.
+    pub finished: bool,
+    /// Records found lost before this flush.
+    pub gap: Option<Gap>,
+}
+
 /// Create `path` only if it does not exist; a lost race is [`Error::Fenced`].
-async fn create_object(archive: &Archive, path: &Path, body: Vec<u8>, stream: &str) -> Result<()> {
+pub(crate) async fn create_object(archive: &Archive, path: &Path, body: Vec<u8>) -> Result<()> {
     let opts = PutOptions {
         mode: PutMode::Create,
         ..Default::default()
@@ -278,7 +480,7 @@ async fn create_object(archive: &Archive, path: &Path, body: Vec<u8>, stream: &s
             .put_opts(path, PutPayload::from(body.clone()), opts.clone())
             .await
         {
-            Ok(_) => return Ok(()),
+            Ok(_) => return archive.sync_local(path).await,
             Err(object_store::Error::AlreadyExists { .. })
             | Err(object_store::Error::Precondition { .. }) => {
                 // A retried request whose first attempt succeeded (the response
@@ -287,214 +489,45 @@ async fn create_object(archive: &Archive, path: &Path, body: Vec<u8>, stream: &s
                 if let Ok(b) = archive.get_bytes(path).await
                     && b.as_ref() == body.as_slice()
                 {
-                    return Ok(());
+                    return archive.sync_local(path).await;
                 }
                 return Err(Error::Fenced {
-                    stream: stream.to_string(),
+                    stream: String::new(),
                     object: archive.describe(path),
                 });
             }
             Err(e) if attempt < 5 => {
                 attempt += 1;
                 tracing::warn!("retrying write of {}: {e}", archive.describe(path));
-                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt)))
+                    .await;
             }
             Err(e) => return Err(Error::store(archive.describe(path), e)),
         }
     }
 }
 
-/// A lease epoch object.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LeaseRecord {
-    /// Format version.
-    pub version: u32,
-    /// Epoch (object name); increases with every new holder.
-    pub epoch: u64,
-    /// Random id of the holding process.
-    pub owner: String,
-    /// Host name of the holder.
-    pub host: String,
-    /// Process id of the holder.
-    pub pid: u32,
-    /// When the holder started (RFC 3339).
-    pub started_at: String,
-    /// Lease end, epoch ms; 0 once released.
-    pub expires_at_ms: i64,
-}
-
-impl LeaseRecord {
-    fn describe(&self) -> String {
-        format!(
-            "host {}, pid {}, since {}",
-            self.host, self.pid, self.started_at
-        )
-    }
-
-    fn abandoned(&self, now_ms: i64) -> bool {
-        self.expires_at_ms <= now_ms || (self.host == hostname() && !pid_alive(self.pid))
-    }
-}
-
-/// This host's name.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "unknown-host".into())
-}
-
-fn pid_alive(pid: u32) -> bool {
-    if pid == std::process::id() {
-        return true;
-    }
-    let p = std::path::Path::new("/proc");
-    if !p.exists() {
-        return true; // cannot tell: assume alive
-    }
-    // A zombie still has a /proc entry but will never renew.
-    match std::fs::read_to_string(p.join(pid.to_string()).join("stat")) {
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-/// A held per-stream lease. Renew it at least every `ttl / 3`.
-#[derive(Debug)]
-pub struct Lease {
-    archive: Archive,
-    stream: String,
-    record: LeaseRecord,
-    ttl: Duration,
-    /// Lease end (epoch ms) as last written; shard tasks check it before a flush.
-    expires: Arc<AtomicI64>,
-}
-
-impl Lease {
-    /// Acquire the lease of `stream`, or fail with [`Error::LeaseHeld`].
-    pub async fn acquire(
-        archive: &Archive,
-        stream: &str,
-        owner: &str,
-        ttl: Duration,
-    ) -> Result<Self> {
-        let dir = archive.layout.lease_dir(stream);
-        let objects = archive.list(&dir).await?;
-        let mut epochs: Vec<(u64, Path)> = objects
-            .iter()
-            .filter_map(|o| {
-                Some((
-                    parse_generation(o.location.filename()?)?,
-                    o.location.clone(),
-                ))
-            })
-            .collect();
-        epochs.sort();
-        let now = Utc::now().timestamp_millis();
-        let next_epoch = match epochs.last() {
-            Some((e, p)) => {
-                let rec: LeaseRecord = read_json(archive, p).await?;
-                if !rec.abandoned(now) {
-                    return Err(Error::LeaseHeld {
-                        stream: stream.into(),
-                        owner: rec.describe(),
-                        expires: chrono::DateTime::from_timestamp_millis(rec.expires_at_ms)
-                            .map(|t| t.to_rfc3339())
-                            .unwrap_or_default(),
-                    });
-                }
-                e + 1
-            }
-            None => 1,
-        };
-        let record = LeaseRecord {
-            version: STATE_VERSION,
-            epoch: next_epoch,
-            owner: owner.into(),
-            host: hostname(),
-            pid: std::process::id(),
-            started_at: Utc::now().to_rfc3339(),
-            expires_at_ms: now + ttl.as_millis() as i64,
-        };
-        let path = archive.layout.lease(stream, next_epoch);
-        let body = serde_json::to_vec_pretty(&record).map_err(|e| Error::CorruptState {
-            object: archive.describe(&path),
-            message: e.to_string(),
+/// Stage one encoded data file of a flush for `published` (step 1): upload it
+/// under `_fluxcap/staging/<epoch>/` and make it durable.
+pub async fn stage(
+    archive: &Archive,
+    stream: &str,
+    epoch: u64,
+    published: &Path,
+    bytes: Bytes,
+) -> Result<PublishEntry> {
+    let staged = archive
+        .layout
+        .staged(stream, epoch, published)
+        .ok_or_else(|| Error::CorruptState {
+            object: archive.describe(published),
+            message: "not a data file path of this stream".into(),
         })?;
-        create_object(archive, &path, body, stream)
-            .await
-            .map_err(|e| match e {
-                Error::Fenced { .. } => Error::LeaseHeld {
-                    stream: stream.into(),
-                    owner: "another archiver that started at the same moment".into(),
-                    expires: "(unknown)".into(),
-                },
-                other => other,
-            })?;
-        for (_, p) in epochs {
-            let _ = archive.store.delete(&p).await;
-        }
-        Ok(Lease {
-            archive: archive.clone(),
-            stream: stream.into(),
-            expires: Arc::new(AtomicI64::new(record.expires_at_ms)),
-            record,
-            ttl,
-        })
-    }
-
-    /// Publish the lease end into `target` from now on (tasks that must not
-    /// write after it read it).
-    pub fn share_expiry(&mut self, target: Arc<AtomicI64>) {
-        target.store(self.expires.load(Ordering::Acquire), Ordering::Release);
-        self.expires = target;
-    }
-
-    /// True while the lease is valid for at least `margin` more.
-    pub fn valid_for(expiry: &AtomicI64, margin: Duration) -> bool {
-        expiry.load(Ordering::Acquire) > Utc::now().timestamp_millis() + margin.as_millis() as i64
-    }
-
-    /// Extend the lease; fails with [`Error::Fenced`] if a newer epoch exists.
-    pub async fn renew(&mut self) -> Result<()> {
-        let dir = self.archive.layout.lease_dir(&self.stream);
-        let newer = self
-            .archive
-            .list(&dir)
-            .await?
-            .iter()
-            .filter_map(|o| parse_generation(o.location.filename()?))
-            .any(|e| e > self.record.epoch);
-        let path = self.archive.layout.lease(&self.stream, self.record.epoch);
-        if newer {
-            self.expires.store(0, Ordering::Release);
-            return Err(Error::Fenced {
-                stream: self.stream.clone(),
-                object: self.archive.describe(&path),
-            });
-        }
-        self.record.expires_at_ms = Utc::now().timestamp_millis() + self.ttl.as_millis() as i64;
-        self.write().await?;
-        self.expires
-            .store(self.record.expires_at_ms, Ordering::Release);
-        Ok(())
-    }
-
-    /// Give the lease up so that the next archiver can start at once.
-    pub async fn release(mut self) -> Result<()> {
-        self.record.expires_at_ms = 0;
-        self.expires.store(0, Ordering::Release);
-        self.write().await
-    }
-
-    async fn write(&self) -> Result<()> {
-        let path = self.archive.layout.lease(&self.stream, self.record.epoch);
-        let body = serde_json::to_vec_pretty(&self.record).map_err(|e| Error::CorruptState {
-            object: self.archive.describe(&path),
-            message: e.to_string(),
-        })?;
-        self.archive.put_bytes(&path, Bytes::from(body)).await
-    }
+    let size = bytes.len() as u64;
+    archive.put_data(&staged, bytes).await?;
+    Ok(PublishEntry {
+        staged: staged.to_string(),
+        path: published.to_string(),
+        size,
+    })
 }

@@ -1,6 +1,6 @@
 //! Write records that were not read by the archiver — generated for a
 //! benchmark or a test, or imported — as one committed flush of a shard,
-//! through the same commit protocol (intent, files, commit) and with the same
+//! through the same commit protocol (stage, commit, publish) and with the same
 //! file names and footers, so that `verify`, `status` and SQL treat the result
 //! exactly like an archiver's output.
 
@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use object_store::path::Path;
 
 use crate::archive::archiver::flush_metadata;
-use crate::archive::checkpoint::ShardCheckpoint;
+use crate::archive::checkpoint::{Commit, ShardCheckpoint, load_latest, stage};
 use crate::archive::layout::hour_key;
 use crate::archive::store::Archive;
-use crate::archive::writer::{ParquetSettings, put_object};
+use crate::archive::writer::ParquetSettings;
 use crate::error::{Error, Result};
 use crate::record::{Record, RecordBatchBuilder};
 
@@ -29,7 +29,12 @@ pub async fn write_flush(
     let (Some(first), Some(last)) = (records.first(), records.last()) else {
         return Ok(vec![]);
     };
-    let mut ck = ShardCheckpoint::open(archive, stream, shard, vec![], "fluxcap-ingest").await?;
+    // No lease: write under the epoch of the shard's latest state.
+    let epoch = load_latest(archive, stream, shard)
+        .await?
+        .map_or(0, |c| c.epoch);
+    let mut ck =
+        ShardCheckpoint::open(archive, stream, shard, vec![], "fluxcap-ingest", epoch).await?;
     let prev = ck.state().position.clone();
     if prev.as_ref().is_some_and(|p| first.position() <= *p) {
         return Err(Error::Usage(format!(
@@ -51,8 +56,8 @@ pub async fn write_flush(
         })
         .collect();
     let paths: Vec<Path> = files.iter().map(|(p, _)| p.clone()).collect();
-    ck.begin(&paths).await?;
     let last_pos = last.position();
+    let mut staged = Vec::with_capacity(files.len());
     for (path, recs) in files {
         let mut b =
             RecordBatchBuilder::with_capacity(recs.len(), recs.iter().map(|r| r.data.len()).sum());
@@ -61,15 +66,16 @@ pub async fn write_flush(
         }
         let metadata = flush_metadata(prev.as_ref(), Some(&last_pos), records.len() as u64, shard);
         let bytes = settings.encode(&[b.finish()], metadata, &archive.describe(&path))?;
-        put_object(&archive.store, &path, bytes).await?;
+        staged.push(stage(archive, stream, epoch, &path, bytes.into()).await?);
     }
-    ck.commit(
-        Some(last_pos),
-        Some(last.arrival_ms),
-        records.len() as u64,
-        paths.len() as u64,
-        false,
-    )
+    ck.commit(Commit {
+        position: Some(last_pos),
+        last_arrival_ms: Some(last.arrival_ms),
+        records: records.len() as u64,
+        files: staged,
+        finished: false,
+        gap: None,
+    })
     .await?;
     Ok(paths)
 }

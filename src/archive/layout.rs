@@ -4,8 +4,16 @@
 //! ```text
 //! <root>/<stream>/dt=YYYY-MM-DD/hr=HH/<shard>_<first-seq>_<first-sub>_<count>.parquet
 //! <root>/<stream>/_fluxcap/…          checkpoints, lease (never read as data)
+//! <root>/<stream>/_fluxcap/staging/<epoch>/dt=YYYY-MM-DD/hr=HH/<name>.parquet
+//!                                     files of a flush before it is committed and published
 //! <root>/_fluxcap/…                   tool-wide state (replays)
 //! ```
+//!
+//! A file under `dt=…/hr=…/` is *published*: it appears only after the flush
+//! that wrote it is committed, never changes and never disappears (see
+//! `checkpoint`). Its staged copy lives under `_fluxcap/staging/`, named by the
+//! lease epoch of the archiver that wrote it, so that two archivers never write
+//! the same staged object.
 //!
 //! `dt`/`hr` come from the approximate arrival timestamp in UTC. A data file
 //! holds consecutive records of one shard, so its first record and its count
@@ -108,10 +116,59 @@ impl Layout {
         self.lease_dir(stream).join(format!("{epoch:020}.json"))
     }
 
+    /// `<root>/<stream>/_fluxcap/staging/`: staged files of every epoch.
+    pub fn staging_root(&self, stream: &str) -> Path {
+        self.stream_dir(stream).join(STATE_DIR).join(STAGING)
+    }
+
+    /// The staged object of the published file `published` (a path of
+    /// [`Layout::data_file`]), written by the archiver of lease `epoch`.
+    pub fn staged(&self, stream: &str, epoch: u64, published: &Path) -> Option<Path> {
+        let base = self.stream_dir(stream);
+        let rel: Vec<_> = published.prefix_match(&base)?.collect();
+        let mut p = self.staging_root(stream).join(format!("{epoch:010}"));
+        for part in rel {
+            p = p.join(part);
+        }
+        Some(p)
+    }
+
     /// `<root>/_fluxcap/`: tool-wide state.
     pub fn global_state_dir(&self) -> Path {
         self.root.clone().join(STATE_DIR)
     }
+}
+
+/// Folder (below [`STATE_DIR`]) of staged data files.
+pub const STAGING: &str = "staging";
+
+/// The published path of a staged object: the path without its
+/// `_fluxcap/staging/<epoch>` segments; `None` when `staged` is not staged.
+pub fn published_of(staged: &Path) -> Option<Path> {
+    let parts: Vec<_> = staged.parts().collect();
+    let i = parts
+        .windows(3)
+        .position(|w| w[0].as_ref() == STATE_DIR && w[1].as_ref() == STAGING && parse_epoch_dir(w[2].as_ref()).is_some())?;
+    Some(Path::from_iter(
+        parts[..i].iter().chain(parts[i + 3..].iter()).cloned(),
+    ))
+}
+
+/// The lease epoch of a staged object's folder name (`0000000007`).
+pub fn parse_epoch_dir(name: &str) -> Option<u64> {
+    (name.len() == 10 && name.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| name.parse().ok())
+        .flatten()
+}
+
+/// The lease epoch a staged object was written under.
+pub fn staged_epoch(staged: &Path) -> Option<u64> {
+    let parts: Vec<_> = staged.parts().collect();
+    parts.windows(3).find_map(|w| {
+        (w[0].as_ref() == STATE_DIR && w[1].as_ref() == STAGING)
+            .then(|| parse_epoch_dir(w[2].as_ref()))
+            .flatten()
+    })
 }
 
 /// `<shard>_<first-seq>_<first-sub>_<count>.parquet`
@@ -200,6 +257,15 @@ mod tests {
         let table = l.stream_dir("orders");
         assert!(is_hidden_below(&table, &l.checkpoint("orders", "s", 1)));
         assert!(!is_hidden_below(&table, &path));
+        let staged = l.staged("orders", 7, &path).unwrap();
+        assert_eq!(
+            staged.as_ref(),
+            "pre/fix/orders/_fluxcap/staging/0000000007/dt=2026-11-25/hr=13/shardId-000000000001_49590338271490256608559692538361571095921575989136588898_3_42.parquet"
+        );
+        assert!(is_hidden_below(&table, &staged));
+        assert_eq!(published_of(&staged), Some(path.clone()));
+        assert_eq!(staged_epoch(&staged), Some(7));
+        assert_eq!(published_of(&path), None);
         let under_underscore_root = Layout::new("_root");
         assert!(!is_hidden_below(
             &under_underscore_root.stream_dir("orders"),

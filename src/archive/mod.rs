@@ -5,6 +5,7 @@ pub mod archiver;
 pub mod checkpoint;
 pub mod ingest;
 pub mod layout;
+pub mod lease;
 pub mod status;
 pub mod store;
 pub mod verify;

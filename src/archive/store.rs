@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use futures::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, S3CopyIfNotExists};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -48,9 +48,19 @@ impl Archive {
             ArchiveLocation::S3 { bucket, prefix } => {
                 let sdk = crate::aws::sdk_config(&cfg.aws).await;
                 check_bucket(&sdk, cfg.aws.s3_endpoint.as_deref(), bucket, &location).await?;
+                let root = Path::parse(prefix.as_str()).ok().filter(|p| p.as_ref() == prefix);
+                let Some(root) = root else {
+                    return Err(Error::Location {
+                        location: location.to_string(),
+                        message: "the prefix must be plain path segments without characters that need URL encoding (letters, digits, `-`, `_`, `.`, `/`)".into(),
+                    });
+                };
+                // Publishing copies a staged file only if the target does not
+                // exist: a single-part multipart copy completed with If-None-Match.
                 let mut b = AmazonS3Builder::new()
                     .with_bucket_name(bucket)
-                    .with_region(&cfg.aws.region);
+                    .with_region(&cfg.aws.region)
+                    .with_copy_if_not_exists(S3CopyIfNotExists::Multipart);
                 if let Some(creds) = crate::aws::SdkCredentials::from_sdk(&sdk) {
                     b = b.with_credentials(creds);
                 }
@@ -66,7 +76,7 @@ impl Archive {
                 })?;
                 Ok(Archive {
                     store: Arc::new(s3),
-                    layout: Layout::new(Path::from(prefix.as_str())),
+                    layout: Layout::new(root),
                     location,
                 })
             }
@@ -148,6 +158,89 @@ impl Archive {
         .await
         .map(|_| ())
         .map_err(|e| Error::store(self.describe(path), e))
+    }
+
+    /// Upload a data object (multipart when large; an upload that fails is
+    /// aborted) and make it durable.
+    pub async fn put_data(&self, path: &Path, body: bytes::Bytes) -> Result<()> {
+        crate::archive::writer::put_object(&self.store, path, body)
+            .await
+            .map_err(|e| match e {
+                Error::Store { source, .. } => Error::store(self.describe(path), source),
+                other => other,
+            })?;
+        self.sync_local(path).await
+    }
+
+    /// On a local directory: flush `path` and every directory from its
+    /// parent up to the archive root to disk, so that a power cut after this
+    /// returns cannot lose the object or its name. Nothing to do on S3.
+    pub async fn sync_local(&self, path: &Path) -> Result<()> {
+        let ArchiveLocation::Local(root) = &self.location else {
+            return Ok(());
+        };
+        let root = root.clone();
+        let full = root.join(path.as_ref());
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            std::fs::File::open(&full)?.sync_all()?;
+            let mut dir = full.parent();
+            while let Some(d) = dir {
+                std::fs::File::open(d)?.sync_all()?;
+                if d == root || !d.starts_with(&root) {
+                    break;
+                }
+                dir = d.parent();
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Usage(format!("internal error: fsync task failed: {e}")))?
+        .map_err(|source| Error::Io {
+            path: self.describe(path).into(),
+            source,
+        })
+    }
+
+    /// Publish a committed file: copy `staged` to `path` only if `path` does
+    /// not exist (a hard link on a local directory), make it durable, then
+    /// delete the staged copy. Idempotent: a file published before (by this
+    /// or another archiver) is left exactly as it is.
+    pub async fn publish(&self, staged: &Path, path: &Path, size: u64) -> Result<()> {
+        let what = self.describe(path);
+        match with_retry(&what, || self.store.copy_if_not_exists(staged, path)).await {
+            Ok(()) => {}
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => {
+                tracing::debug!("{what} was published before");
+            }
+            Err(object_store::Error::NotFound { .. }) => {
+                // The staged copy is gone: it must have been published.
+                match with_retry(&what, || self.store.head(path)).await {
+                    Ok(m) if m.size == size => {}
+                    Ok(m) => {
+                        return Err(Error::CorruptState {
+                            object: what,
+                            message: format!(
+                                "published file has {} bytes, its commit says {size}",
+                                m.size
+                            ),
+                        });
+                    }
+                    Err(e) => {
+                        return Err(Error::CorruptState {
+                            object: what,
+                            message: format!(
+                                "a committed file is neither staged ({}) nor published: {e}",
+                                self.describe(staged)
+                            ),
+                        });
+                    }
+                }
+            }
+            Err(e) => return Err(Error::store(what, e)),
+        }
+        self.sync_local(path).await?;
+        self.delete_with_leftovers(staged).await
     }
 
     /// Delete an object; a missing object is not an error. On a local
@@ -238,5 +331,105 @@ where
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// The archive's store as query engines see it: reading a staged file that
+/// has been published and removed meanwhile reads its published copy (the
+/// same bytes), so a query planned while a file was staged never fails
+/// because the archiver published it.
+#[derive(Debug)]
+pub struct StagedFallback(pub Arc<dyn ObjectStore>);
+
+impl std::fmt::Display for StagedFallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StagedFallback({})", self.0)
+    }
+}
+
+fn published_instead(
+    e: &object_store::Error,
+    location: &Path,
+) -> Option<Path> {
+    matches!(e, object_store::Error::NotFound { .. })
+        .then(|| crate::archive::layout::published_of(location))
+        .flatten()
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for StagedFallback {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: object_store::PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        self.0.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.0.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        match self.0.get_opts(location, options.clone()).await {
+            Err(e) => match published_instead(&e, location) {
+                Some(p) => self.0.get_opts(&p, options).await,
+                None => Err(e),
+            },
+            ok => ok,
+        }
+    }
+
+    async fn get_ranges(
+        &self,
+        location: &Path,
+        ranges: &[std::ops::Range<u64>],
+    ) -> object_store::Result<Vec<bytes::Bytes>> {
+        match self.0.get_ranges(location, ranges).await {
+            Err(e) => match published_instead(&e, location) {
+                Some(p) => self.0.get_ranges(&p, ranges).await,
+                None => Err(e),
+            },
+            ok => ok,
+        }
+    }
+
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<'static, object_store::Result<Path>>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<Path>> {
+        self.0.delete_stream(locations)
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.0.list(prefix)
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.0.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.0.copy_opts(from, to, options).await
     }
 }

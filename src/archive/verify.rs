@@ -6,10 +6,15 @@
 //! from the start of the shard to the committed checkpoint; their files must
 //! hold exactly the announced records; no identity may appear twice; and a
 //! child shard may hold records only if its parents are finished (lineage).
+//! A published file of a flush that is not committed is a problem; committed
+//! files not published yet are checked from their staged copies; gaps the
+//! archiver recorded (records that expired before they were read) are
+//! reported as problems too, so that `verify` exits 3 on any loss.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use object_store::{ObjectMeta, ObjectStoreExt};
+use object_store::ObjectStoreExt;
+use object_store::path::Path;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::Serialize;
@@ -18,8 +23,8 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
 
 use crate::archive::archiver::{decode_position, meta};
-use crate::archive::checkpoint::{Checkpoint, load_all};
-use crate::archive::layout::{is_hidden_below, parse_data_file_name};
+use crate::archive::checkpoint::{Checkpoint, load_all, load_latest, stored_path};
+use crate::archive::layout::{is_hidden_below, parse_data_file_name, staged_epoch};
 use crate::archive::store::Archive;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -41,6 +46,9 @@ pub struct StreamReport {
     pub shards: Vec<ShardReport>,
     /// Problems not tied to one shard (stray objects).
     pub problems: Vec<String>,
+    /// Things worth knowing that are not problems (files committed but not
+    /// published yet, staged leftovers).
+    pub notes: Vec<String>,
 }
 
 /// Verification of one shard.
@@ -84,6 +92,9 @@ impl VerifyReport {
             ));
             for p in &s.problems {
                 o.push_str(&format!("  PROBLEM: {p}\n"));
+            }
+            for n in &s.notes {
+                o.push_str(&format!("  note: {n}\n"));
             }
             for sh in &s.shards {
                 let status = if sh.problems.is_empty() {
@@ -142,8 +153,9 @@ pub async fn verify(cfg: &Config, stream: Option<&str>) -> Result<VerifyReport> 
 pub async fn verify_stream(archive: &Archive, stream: &str) -> Result<StreamReport> {
     let dir = archive.layout.stream_dir(stream);
     // Checkpoints first: a file listed afterwards that belongs to a flush the
-    // loaded checkpoint does not cover is in flight, not committed (an
-    // archiver may be running while we verify).
+    // loaded checkpoint does not cover may have been committed meanwhile (an
+    // archiver may be running while we verify); it is checked against the
+    // shard's checkpoint read again.
     let ckpts: HashMap<String, Checkpoint> = load_all(archive, stream)
         .await?
         .into_iter()
@@ -151,8 +163,10 @@ pub async fn verify_stream(archive: &Archive, stream: &str) -> Result<StreamRepo
         .collect();
     let objects = archive.list(&dir).await?;
     let mut problems = Vec::new();
+    let mut notes = Vec::new();
     let mut per_shard: BTreeMap<String, Vec<FileInfo>> = BTreeMap::new();
     let mut uncommitted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // Files of version-1 flushes that never committed (removed by the next run).
     let pending: HashMap<String, String> = ckpts
         .values()
         .flat_map(|c| {
@@ -161,8 +175,13 @@ pub async fn verify_stream(archive: &Archive, stream: &str) -> Result<StreamRepo
                 .map(move |p| (p.clone(), c.shard_id.clone()))
         })
         .collect();
+    let mut published: HashSet<String> = HashSet::new();
+    let mut staged_objects = Vec::new();
     for o in &objects {
         if is_hidden_below(&dir, &o.location) {
+            if staged_epoch(&o.location).is_some() {
+                staged_objects.push(o.location.to_string());
+            }
             continue;
         }
         let name = o.location.filename().unwrap_or_default();
@@ -180,15 +199,25 @@ pub async fn verify_stream(archive: &Archive, stream: &str) -> Result<StreamRepo
                 .push(archive.describe(&o.location));
             continue;
         }
-        let info = read_file(archive, o).await?;
-        if let Some(ck) = ckpts.get(&parsed.shard_id)
-            && info.last.is_some()
-            && (ck.position.is_none() || info.last > ck.position)
+        published.insert(o.location.to_string());
+        let info = read_file(archive, &o.location, &o.location).await?;
+        if !ckpts
+            .get(&parsed.shard_id)
+            .is_some_and(|c| c.covers(&parsed.first))
         {
-            uncommitted
-                .entry(parsed.shard_id.clone())
-                .or_default()
-                .push(archive.describe(&o.location));
+            // Committed after our snapshot? Read the shard's state again.
+            let again = load_latest(archive, stream, &parsed.shard_id).await?;
+            if again.as_ref().is_some_and(|c| c.covers(&parsed.first)) {
+                notes.push(format!(
+                    "{} was committed while verify ran (not checked)",
+                    archive.describe(&o.location)
+                ));
+            } else {
+                problems.push(format!(
+                    "published file of a flush that is not committed: {}",
+                    archive.describe(&o.location)
+                ));
+            }
             continue;
         }
         if info.positions.len() != parsed.count || info.positions.first() != Some(&parsed.first) {
@@ -200,6 +229,33 @@ pub async fn verify_stream(archive: &Archive, stream: &str) -> Result<StreamRepo
             ));
         }
         per_shard.entry(parsed.shard_id).or_default().push(info);
+    }
+    // Committed files that are not published yet count from their staged copies.
+    let mut referenced: HashSet<String> = HashSet::new();
+    for c in ckpts.values() {
+        for e in &c.publish {
+            referenced.insert(e.staged.clone());
+            if published.contains(&e.path) {
+                continue;
+            }
+            let (staged, path) = (stored_path(archive, &e.staged)?, stored_path(archive, &e.path)?);
+            let info = read_file(archive, &staged, &path).await?;
+            notes.push(format!(
+                "committed, not published yet: {}",
+                archive.describe(&path)
+            ));
+            per_shard.entry(c.shard_id.clone()).or_default().push(info);
+        }
+    }
+    let orphans = staged_objects
+        .iter()
+        .filter(|s| !referenced.contains(*s))
+        .count();
+    if orphans > 0 {
+        notes.push(format!(
+            "{orphans} staged file(s) of flushes that never committed under {} (not data; removed when an archiver next opens their shards)",
+            archive.describe(&archive.layout.staging_root(stream))
+        ));
     }
 
     let mut shards = Vec::new();
@@ -219,6 +275,19 @@ pub async fn verify_stream(archive: &Archive, stream: &str) -> Result<StreamRepo
             problems: vec![],
         };
         check_shard(&id, &files, ck, &ckpts, &mut rep.problems);
+        if let Some(ck) = ck {
+            for g in &ck.gaps {
+                rep.problems.push(format!(
+                    "gap (recorded {}): records after {} up to {} are lost: {}",
+                    g.detected_at,
+                    fmt_pos(g.after.as_ref()),
+                    g.until
+                        .as_ref()
+                        .map_or("the end of the shard".to_string(), |p| fmt_pos(Some(p))),
+                    g.reason
+                ));
+            }
+        }
         shards.push(rep);
     }
     for (shard, files) in uncommitted {
@@ -230,6 +299,7 @@ pub async fn verify_stream(archive: &Archive, stream: &str) -> Result<StreamRepo
         stream: stream.to_string(),
         shards,
         problems,
+        notes,
     })
 }
 
@@ -354,16 +424,21 @@ fn fmt_pos(p: Option<&Position>) -> String {
     }
 }
 
-async fn read_file(archive: &Archive, o: &ObjectMeta) -> Result<FileInfo> {
-    let name = archive.describe(&o.location);
+/// Read a data file's positions and footer; `fallback` is read when
+/// `location` (a staged copy) was published and removed meanwhile.
+async fn read_file(archive: &Archive, location: &Path, fallback: &Path) -> Result<FileInfo> {
+    let name = archive.describe(fallback);
     let perr = |source| Error::Parquet {
         object: name.clone(),
         source,
     };
-    let bytes = archive
-        .store
-        .get(&o.location)
-        .await
+    let got = match archive.store.get(location).await {
+        Err(object_store::Error::NotFound { .. }) if location != fallback => {
+            archive.store.get(fallback).await
+        }
+        other => other,
+    };
+    let bytes = got
         .map_err(|e| Error::store(&name, e))?
         .bytes()
         .await

@@ -128,7 +128,7 @@ impl ParquetSettings {
 /// Upload `bytes` to `path`, in parts when large. The object appears only when
 /// complete (S3 completes the upload atomically; the local store renames a
 /// staged file), so a reader never sees half an object.
-pub async fn put_object(store: &Arc<dyn ObjectStore>, path: &Path, bytes: Vec<u8>) -> Result<()> {
+pub async fn put_object(store: &Arc<dyn ObjectStore>, path: &Path, bytes: Bytes) -> Result<()> {
     let serr = |e| Error::store(path, e);
     if bytes.len() <= MULTIPART_THRESHOLD {
         store
@@ -139,13 +139,27 @@ pub async fn put_object(store: &Arc<dyn ObjectStore>, path: &Path, bytes: Vec<u8
     }
     let upload = store.put_multipart(path).await.map_err(serr)?;
     let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-    let bytes = Bytes::from(bytes);
-    for chunk in bytes.chunks(PART_SIZE) {
-        w.wait_for_capacity(4).await.map_err(serr)?;
-        w.put(bytes.slice_ref(chunk));
+    let res = async {
+        for chunk in bytes.chunks(PART_SIZE) {
+            w.wait_for_capacity(4).await?;
+            w.put(bytes.slice_ref(chunk));
+        }
+        Ok::<_, object_store::Error>(())
     }
-    w.finish().await.map_err(serr)?;
-    Ok(())
+    .await;
+    match res {
+        Ok(()) => {
+            w.finish().await.map_err(serr)?;
+            Ok(())
+        }
+        Err(e) => {
+            // Do not leave the parts behind (they are billed until aborted).
+            if let Err(a) = w.abort().await {
+                tracing::warn!("could not abort the multipart upload of {path}: {a}");
+            }
+            Err(serr(e))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 //! evaluated against the candidate partitions (hour prefixes and days before
 //! they are listed, the hours found in a listed day before their files are
 //! used), and files of uncommitted flushes are left out
-//! ([`Snapshot::is_committed`]).
+//! ([`Snapshot::is_committed`]). Committed files that are not published yet
+//! are read from their staged copies ([`Snapshot::unpublished`]).
 //! Row groups and pages are then pruned by the Parquet reader from the same
 //! filters (statistics, bloom filters on `partition_key`/`sequence_number`).
 
@@ -185,6 +186,45 @@ impl ArchiveTable {
                 };
                 by_partition.entry((dt.clone(), hr)).or_default().push(o);
             }
+        }
+        // Committed files not published yet: read from their staged copies
+        // (the session's store falls back to the published path if the
+        // staged copy is removed while the query runs).
+        let listed: std::collections::HashSet<&Path> =
+            by_partition.values().flatten().map(|o| &o.location).collect();
+        let mut staged = Vec::new();
+        for entry in snapshot.unpublished() {
+            let (Ok(path), Ok(staged_path)) =
+                (Path::parse(&entry.path), Path::parse(&entry.staged))
+            else {
+                continue;
+            };
+            if listed.contains(&path) {
+                continue;
+            }
+            let parts: Vec<_> = path.parts().collect();
+            let n = parts.len();
+            let partition = (n >= 3)
+                .then(|| {
+                    let dt = parts[n - 3].as_ref().strip_prefix("dt=")?;
+                    let hr = parts[n - 2].as_ref().strip_prefix("hr=")?;
+                    Some((dt.to_string(), hr.to_string()))
+                })
+                .flatten();
+            let Some(partition) = partition else { continue };
+            staged.push((
+                partition,
+                ObjectMeta {
+                    location: staged_path,
+                    last_modified: chrono::Utc::now(),
+                    size: entry.size,
+                    e_tag: None,
+                    version: None,
+                },
+            ));
+        }
+        for (partition, meta) in staged {
+            by_partition.entry(partition).or_default().push(meta);
         }
         let keys: Vec<(String, String)> = by_partition.keys().cloned().collect();
         let keep = parts.eval(&keys)?;

@@ -134,7 +134,10 @@ pub async fn session_with(cfg: &Config, opts: &SessionOptions) -> Result<QuerySe
     let url = ObjectStoreUrl::parse(STORE_URL).map_err(|e| Error::Query {
         message: e.to_string(),
     })?;
-    ctx.register_object_store(url.as_ref(), archive.store.clone());
+    ctx.register_object_store(
+        url.as_ref(),
+        Arc::new(crate::archive::store::StagedFallback(archive.store.clone())),
+    );
     json::register(&ctx).map_err(|e| Error::Query {
         message: format!("registering JSON functions: {e}"),
     })?;

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use crate::archive::checkpoint::{self, Checkpoint};
+use crate::archive::checkpoint::{self, Checkpoint, PublishEntry};
 use crate::archive::store::Archive;
 use crate::error::{Error, Result};
 use crate::record::Position;
@@ -52,6 +52,11 @@ impl Snapshot {
     /// start after it.
     pub fn is_committed(&self, shard: &str, first: &Position) -> bool {
         self.committed(shard).is_some_and(|p| first <= p)
+    }
+
+    /// Committed files of every shard that may not be published yet.
+    pub fn unpublished(&self) -> impl Iterator<Item = &PublishEntry> {
+        self.shards.values().flat_map(|c| c.publish.iter())
     }
 
     /// Whether `shard` is closed and completely archived.

@@ -804,7 +804,7 @@ impl Run {
             shards: Vec::new(),
             error: None,
             updated_ms: 0,
-            host: crate::archive::checkpoint::hostname(),
+            host: crate::archive::lease::hostname(),
             pid: std::process::id(),
         });
         let mark = Watermark {
@@ -1207,7 +1207,7 @@ impl Run {
         self.progress.rejected = self.rejected.len() as u64;
         self.progress.error = error;
         self.progress.updated_ms = chrono::Utc::now().timestamp_millis();
-        self.progress.host = crate::archive::checkpoint::hostname();
+        self.progress.host = crate::archive::lease::hostname();
         self.progress.pid = std::process::id();
         if !self.shards.is_empty() {
             self.progress.shards = self.shards.clone();

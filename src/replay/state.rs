@@ -260,7 +260,7 @@ pub async fn list(archive: &Archive) -> Result<Vec<(Manifest, Option<Progress>)>
 /// Whether the process that last saved `p` still runs: on this host by its
 /// pid, on another by the heartbeat (progress is saved every few seconds).
 pub fn process_alive(p: &Progress) -> bool {
-    if p.host != crate::archive::checkpoint::hostname() || p.pid == 0 {
+    if p.host != crate::archive::lease::hostname() || p.pid == 0 {
         return chrono::Utc::now().timestamp_millis() - p.updated_ms < 60_000;
     }
     // SAFETY: kill with signal 0 only checks that the process exists.

@@ -1,12 +1,13 @@
 //! Two archivers on one stream: the second is refused; conditional writes
-//! fence a writer that lost a race (checked on the moto S3 server, whose
-//! conditional writes are atomic, and on the local directory).
+//! fence a writer that lost a race, also one whose generation number was
+//! garbage-collected (checked on the moto S3 server, whose conditional writes
+//! are atomic, and on the local directory).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fluxcap::Error;
-use fluxcap::archive::checkpoint::ShardCheckpoint;
+use fluxcap::archive::checkpoint::{Commit, ShardCheckpoint, load_latest};
 use fluxcap::archive::layout::Layout;
 use fluxcap::archive::store::Archive;
 use fluxcap::config::ArchiveLocation;
@@ -97,21 +98,49 @@ fn second_archiver_is_refused_and_sigterm_commits_the_buffer() {
 }
 
 async fn race(a: &Archive) {
-    let mut one = ShardCheckpoint::open(a, "s", "shardId-000000000000", vec![], "one")
+    let shard = "shardId-000000000000";
+    let mut one = ShardCheckpoint::open(a, "s", shard, vec![], "one", 1)
         .await
         .unwrap();
-    let mut two = ShardCheckpoint::open(a, "s", "shardId-000000000000", vec![], "two")
+    // A second writer of the same epoch takes the next generation: the first is fenced.
+    let mut two = ShardCheckpoint::open(a, "s", shard, vec![], "two", 1)
         .await
         .unwrap();
-    one.begin(&[]).await.unwrap();
-    match two.begin(&[]).await {
+    match one.commit(Commit::default()).await {
         Err(Error::Fenced { object, .. }) => {
-            assert!(object.contains("00000000000000000001.json"), "{object}")
+            assert!(object.contains("00000000000000000002.json"), "{object}")
         }
-        other => panic!("second writer not fenced: {other:?}"),
+        other => panic!("first writer not fenced: {other:?}"),
     }
     // The winner goes on.
-    one.commit(None, None, 0, 0, false).await.unwrap();
+    two.commit(Commit::default()).await.unwrap();
+
+    // A stale writer (epoch 1) whose next generation number was garbage
+    // collected by the new holder (epoch 2) recreates it, but is fenced by
+    // the higher generation it finds right after.
+    let mut stale = ShardCheckpoint::open(a, "s", shard, vec![], "stale", 1)
+        .await
+        .unwrap();
+    let g = stale.state().generation;
+    let mut new = ShardCheckpoint::open(a, "s", shard, vec![], "new", 2)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        new.commit(Commit::default()).await.unwrap();
+    }
+    assert!(new.state().generation >= g + 4);
+    match stale.commit(Commit::default()).await {
+        Err(Error::Fenced { .. }) => {}
+        other => panic!("stale writer not fenced: {other:?}"),
+    }
+    let latest = load_latest(a, "s", shard).await.unwrap().unwrap();
+    assert_eq!(latest.generation, new.state().generation);
+    assert_eq!(latest.epoch, 2);
+    // An opener of an older epoch than the latest generation is fenced at once.
+    assert!(matches!(
+        ShardCheckpoint::open(a, "s", shard, vec![], "old", 1).await,
+        Err(Error::Fenced { .. })
+    ));
 }
 
 #[test]

@@ -852,7 +852,13 @@ fn replay_keeps_per_key_order_across_a_resharded_source() {
 fn consumer_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let debug = exe.parent().unwrap().parent().unwrap();
-    debug.join("examples").join("consistent_consumer")
+    let bin = debug.join("examples").join("consistent_consumer");
+    assert!(
+        bin.exists(),
+        "{} is missing: scripts/test builds it (cargo build --examples)",
+        bin.display()
+    );
+    bin
 }
 
 #[test]

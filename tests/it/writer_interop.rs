@@ -70,7 +70,7 @@ fn pyarrow_and_duckdb_read_the_writers_files() {
             let bytes = settings
                 .encode(&[b.finish()], vec![], path.as_ref())
                 .unwrap();
-            put_object(&store, &path, bytes).await.unwrap();
+            put_object(&store, &path, bytes.into()).await.unwrap();
         }
         // Non-data state beside the table must be ignored by every engine.
         store

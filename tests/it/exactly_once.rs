@@ -1,0 +1,378 @@
+//! Exactly once in the field: what an outside reader sees in the raw layout
+//! after every kill -9 (before any recovery), a paused archiver that loses
+//! its lease while a successor takes over, and a dead archiver's checkpoint
+//! write that reaches the store late.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use crate::harness::*;
+use crate::proxy::Proxy;
+
+/// The raw layout as pyarrow sees it.
+#[derive(Debug, Default)]
+struct Raw {
+    /// Relative path → (size, sha256).
+    files: BTreeMap<String, (u64, String)>,
+    unreadable: Vec<String>,
+    records: Vec<(String, String, i64)>,
+}
+
+fn raw_layout(args: &[&str]) -> Raw {
+    let out = Command::new(python())
+        .arg(root().join("scripts/py/raw_layout.py"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "raw_layout.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    Raw {
+        files: v["files"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, f)| {
+                (
+                    k.clone(),
+                    (
+                        f["size"].as_u64().unwrap(),
+                        f["sha256"].as_str().unwrap().to_string(),
+                    ),
+                )
+            })
+            .collect(),
+        unreadable: v["unreadable"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect(),
+        records: v["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r[0].as_str().unwrap().to_string(),
+                    r[1].as_str().unwrap().to_string(),
+                    r[2].as_i64().unwrap_or(0),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// What every reader may rely on at any instant: only whole, readable data
+/// files with our names; no record twice; no file that was seen before is
+/// gone or changed.
+fn check_raw(seen: &mut BTreeMap<String, (u64, String)>, raw: &Raw, when: &str) {
+    assert!(raw.unreadable.is_empty(), "{when}: unreadable files {:?}", raw.unreadable);
+    for name in raw.files.keys() {
+        let file = name.rsplit('/').next().unwrap_or_default();
+        assert!(
+            fluxcap::archive::layout::parse_data_file_name(file).is_some(),
+            "{when}: a file that is not a data file sits in the table: {name}"
+        );
+    }
+    let mut ids = BTreeSet::new();
+    for r in &raw.records {
+        assert!(ids.insert(r.clone()), "{when}: record {r:?} is in two published files");
+    }
+    for (name, f) in seen.iter() {
+        assert_eq!(
+            raw.files.get(name),
+            Some(f),
+            "{when}: published file {name} disappeared or changed"
+        );
+    }
+    seen.extend(raw.files.clone());
+}
+
+/// Puts batches until stopped; returns the records put.
+struct Producer {
+    stop: Arc<AtomicBool>,
+    puts: Arc<Mutex<Vec<Put>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Producer {
+    fn start(endpoint: &str, stream: &str) -> Producer {
+        let (stop, puts) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+        let c = kinesis_client(endpoint);
+        let (s, p, stream) = (stop.clone(), puts.clone(), stream.to_string());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let mut seed = 1000;
+            while !s.load(Ordering::Relaxed) {
+                let got = rt.block_on(put_records(&c, &stream, &orders(25, seed)));
+                p.lock().unwrap().extend(got);
+                seed += 1;
+            }
+        });
+        Producer {
+            stop,
+            puts,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Vec<Put> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.puts.lock().unwrap().clone()
+    }
+}
+
+const SMALL_FLUSHES: &str = "[archive.flush]\nmax_age = \"200ms\"\nmax_bytes = \"16KiB\"\n[archiver]\npoll_interval = \"100ms\"\nmetrics_bind = \"\"\nlease_ttl = \"3s\"";
+
+fn kill_loop(ws: &Workspace, kills: usize, raw_args: &[&str], label: &str) {
+    let mut rng = rand::rng();
+    let mut seen = BTreeMap::new();
+    for i in 0..kills {
+        let mut child = ws.spawn_archiver();
+        // The kill moment is random by design (not a wait for anything).
+        std::thread::sleep(Duration::from_millis(rng.random_range(150..1500)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        // Before any recovery: what does an outside reader see?
+        check_raw(&mut seen, &raw_layout(raw_args), &format!("{label}, after kill {}", i + 1));
+    }
+    assert!(!seen.is_empty(), "{label}: nothing was ever published");
+}
+
+#[test]
+fn kill_9_publishes_only_committed_files_on_a_local_directory() {
+    let k = kinesis();
+    let stream = unique("pub-local");
+    let c = kinesis_client(&k.endpoint());
+    rt().block_on(create_stream(&c, &stream, 2));
+    let ws = Workspace::new(&k.endpoint(), None, None, SMALL_FLUSHES, &[(&stream, "json")]);
+    let producer = Producer::start(&k.endpoint(), &stream);
+    let table = ws.archive.join(&stream);
+    std::fs::create_dir_all(&table).unwrap();
+    kill_loop(&ws, 20, &[table.to_str().unwrap()], "local");
+    let puts = producer.finish();
+    ws.ok(&["archive", "--once"]);
+    let mut seen = BTreeMap::new();
+    check_raw(&mut seen, &raw_layout(&[table.to_str().unwrap()]), "local, at the end");
+    let got = read_local("pyarrow", &table);
+    assert_same(&puts_multiset(&puts), &archived_multiset(&got), "local, after 20 kill -9");
+    let out = ws.ok(&["verify"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no gaps, no duplicates"));
+}
+
+#[test]
+fn kill_9_publishes_only_committed_files_on_slow_s3() {
+    let k = kinesis();
+    let s3 = s3();
+    let stream = unique("pub-s3");
+    let bucket = unique("pub-s3");
+    create_bucket(&s3, &bucket);
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    rt.block_on(create_stream(&c, &stream, 2));
+    // Every store request takes 40 ms more: kills land inside uploads,
+    // commits and publications.
+    let proxy = rt.block_on(Proxy::start(s3.port));
+    proxy.set_delay(40);
+    let loc = format!("s3://{bucket}/a");
+    let ws = Workspace::new(
+        &k.endpoint(),
+        Some(&loc),
+        Some(&proxy.endpoint()),
+        SMALL_FLUSHES,
+        &[(&stream, "json")],
+    );
+    let producer = Producer::start(&k.endpoint(), &stream);
+    let prefix = format!("a/{stream}");
+    let raw_args = [
+        "--s3-endpoint",
+        &s3.endpoint(),
+        "--bucket",
+        &bucket,
+        "--prefix",
+        &prefix,
+    ];
+    kill_loop(&ws, 20, &raw_args, "s3");
+    let puts = producer.finish();
+    proxy.set_delay(0);
+    ws.ok(&["archive", "--once"]);
+    let mut seen = BTreeMap::new();
+    check_raw(&mut seen, &raw_layout(&raw_args), "s3, at the end");
+    let got = read_archive("pyarrow", &raw_args);
+    assert_same(&puts_multiset(&puts), &archived_multiset(&got), "s3, after 20 kill -9");
+    let out = ws.ok(&["verify"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no gaps, no duplicates"));
+}
+
+/// Wait for `child` to exit within `timeout`; its exit code.
+fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal(child: &std::process::Child, sig: libc::c_int) {
+    // SAFETY: kill(2) on a child we own; no memory is shared.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill({}, {sig})", child.id());
+}
+
+#[test]
+fn a_paused_archiver_that_lost_its_lease_publishes_nothing_after_a_take_over() {
+    let k = kinesis();
+    let s3 = s3();
+    let stream = unique("paused");
+    let bucket = unique("paused");
+    create_bucket(&s3, &bucket);
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    let puts = rt.block_on(async {
+        create_stream(&c, &stream, 1).await;
+        put_records(&c, &stream, &orders(300, 41)).await
+    });
+    let proxy = rt.block_on(Proxy::start(s3.port));
+    let loc = format!("s3://{bucket}/a");
+    let ws = Workspace::new(
+        &k.endpoint(),
+        Some(&loc),
+        Some(&proxy.endpoint()),
+        SMALL_FLUSHES,
+        &[(&stream, "json")],
+    );
+    // The first archiver is paused in the middle of uploading a flush.
+    proxy.hold_next("PUT", "/_fluxcap/staging/");
+    let mut first = ws.spawn_archiver();
+    rt.block_on(proxy.wait_held(Duration::from_secs(60)));
+    signal(&first, libc::SIGSTOP);
+
+    // The second sees a lease nobody renews, takes it over and archives everything.
+    let out = ws.ok(&["archive", "--once"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("archived"), "{err}");
+
+    // The first one's upload lands late, then it resumes: it must not commit
+    // or publish anything, and it stops (fenced).
+    assert!(rt.block_on(proxy.release()) < 300, "the held upload reached the store");
+    signal(&first, libc::SIGCONT);
+    let code = wait_exit(&mut first, Duration::from_secs(60));
+    assert_eq!(code, Some(4), "the paused archiver stops as fenced");
+
+    let prefix = format!("a/{stream}");
+    let raw_args = ["--s3-endpoint", &s3.endpoint(), "--bucket", &bucket, "--prefix", &prefix];
+    let mut seen = BTreeMap::new();
+    check_raw(&mut seen, &raw_layout(&raw_args), "after the take-over");
+    let got = read_archive("duckdb", &raw_args);
+    assert_same(&puts_multiset(&puts), &archived_multiset(&got), "after the take-over");
+    let out = ws.ok(&["verify"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no gaps, no duplicates"));
+}
+
+#[test]
+fn a_dead_archivers_late_checkpoint_write_does_not_stop_its_successor() {
+    let k = kinesis();
+    let s3 = s3();
+    let stream = unique("late");
+    let bucket = unique("late");
+    create_bucket(&s3, &bucket);
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    let first_puts = rt.block_on(async {
+        create_stream(&c, &stream, 1).await;
+        put_records(&c, &stream, &orders(200, 7)).await
+    });
+    let proxy = rt.block_on(Proxy::start(s3.port));
+    let loc = format!("s3://{bucket}/a");
+    let ws = Workspace::new(
+        &k.endpoint(),
+        Some(&loc),
+        Some(&proxy.endpoint()),
+        SMALL_FLUSHES,
+        &[(&stream, "json")],
+    );
+    // Take-over generation first, then a commit: hold the second checkpoint write.
+    let mut first = ws.spawn_archiver();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ckpt_dir = format!("a/{stream}/_fluxcap/checkpoints/");
+    let list_ckpts = || {
+        let out = Command::new(python())
+            .arg("-c")
+            .arg(format!(
+                "import boto3,sys\nfrom botocore.config import Config\ns3=boto3.client('s3',endpoint_url='{}',region_name='us-east-1',aws_access_key_id='test',aws_secret_access_key='test',config=Config(s3={{'addressing_style':'path'}}))\nr=s3.list_objects_v2(Bucket='{bucket}',Prefix='{ckpt_dir}')\nprint(len(r.get('Contents',[])))",
+                s3.endpoint()
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse::<usize>().unwrap_or(0)
+    };
+    while list_ckpts() == 0 {
+        assert!(Instant::now() < deadline, "the first archiver never opened its shard");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    proxy.hold_next("PUT", "/_fluxcap/checkpoints/");
+    let held = rt.block_on(proxy.wait_held(Duration::from_secs(60)));
+    assert!(held.contains("/_fluxcap/checkpoints/"), "{held}");
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    // More traffic while nobody archives.
+    let more = rt.block_on(put_records(&c, &stream, &orders(150, 8)));
+
+    // The successor reads the state; its own first checkpoint write is held
+    // until the dead one's write has landed, so the two collide.
+    proxy.hold_next("PUT", "/_fluxcap/checkpoints/");
+    let mut second = ws.cmd();
+    second
+        .args(["archive", "--once"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let second = second.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if proxy.held_count() >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the successor never wrote a checkpoint");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let late = rt.block_on(proxy.release());
+    assert_eq!(late, 200, "the dead archiver's late write is accepted by the store");
+    rt.block_on(proxy.release());
+    let out = second.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "successor failed ({}): {err}", out.status);
+    assert!(err.contains("landed late"), "the late write is logged: {err}");
+
+    let prefix = format!("a/{stream}");
+    let raw_args = ["--s3-endpoint", &s3.endpoint(), "--bucket", &bucket, "--prefix", &prefix];
+    let mut seen = BTreeMap::new();
+    check_raw(&mut seen, &raw_layout(&raw_args), "after the late write");
+    let all: Vec<Put> = first_puts.into_iter().chain(more).collect();
+    let got = read_archive("pyarrow", &raw_args);
+    assert_same(&puts_multiset(&all), &archived_multiset(&got), "after the late write");
+    let out = ws.ok(&["verify"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no gaps, no duplicates"));
+}

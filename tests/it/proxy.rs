@@ -1,0 +1,216 @@
+//! A controllable HTTP proxy for the S3 server: it can slow every request
+//! down and *hold* the next request that matches a rule until the test
+//! releases it — so that a kill lands inside an upload, or a request of a
+//! dead process reaches the store late, deterministically.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, oneshot};
+
+/// Which request to hold: method and a part of the request line's path.
+#[derive(Clone, Debug)]
+struct Rule {
+    method: String,
+    path_part: String,
+}
+
+/// A request the proxy holds.
+struct Held {
+    line: String,
+    release: oneshot::Sender<()>,
+    done: oneshot::Receiver<u16>,
+}
+
+#[derive(Default)]
+struct Ctl {
+    delay_ms: std::sync::atomic::AtomicU64,
+    rule: Mutex<Option<Rule>>,
+    held: Mutex<Vec<Held>>,
+    arrived: Notify,
+}
+
+pub struct Proxy {
+    pub port: u16,
+    ctl: Arc<Ctl>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Proxy {
+    /// Start a proxy to `127.0.0.1:upstream` on the runtime of the caller.
+    pub async fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let ctl = Arc::new(Ctl::default());
+        let c = ctl.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let _ = handle(sock, upstream, c).await;
+                });
+            }
+        });
+        Proxy { port, ctl, task }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Delay every request by `ms` before forwarding it.
+    pub fn set_delay(&self, ms: u64) {
+        self.ctl
+            .delay_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Hold the next request with `method` whose path contains `path_part`.
+    pub fn hold_next(&self, method: &str, path_part: &str) {
+        *self.ctl.rule.lock().unwrap() = Some(Rule {
+            method: method.into(),
+            path_part: path_part.into(),
+        });
+    }
+
+    /// Wait until a request is held; returns its request line.
+    pub async fn wait_held(&self, timeout: Duration) -> String {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.ctl.arrived.notified();
+            if let Some(h) = self.ctl.held.lock().unwrap().first() {
+                return h.line.clone();
+            }
+            assert!(
+                tokio::time::timeout_at(deadline, notified).await.is_ok(),
+                "no request was held within {timeout:?}"
+            );
+        }
+    }
+
+    /// Requests held now.
+    pub fn held_count(&self) -> usize {
+        self.ctl.held.lock().unwrap().len()
+    }
+
+    /// Let the oldest held request through; returns the upstream's status.
+    pub async fn release(&self) -> u16 {
+        let h = self.ctl.held.lock().unwrap().remove(0);
+        let _ = h.release.send(());
+        h.done.await.unwrap_or(0)
+    }
+}
+
+async fn read_request(sock: &mut TcpStream) -> std::io::Result<Option<(String, Vec<u8>)>> {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 65536];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = sock.read(&mut tmp).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < len {
+        let n = sock.read(&mut tmp).await?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&tmp[..n]);
+    }
+    Ok(Some((head, body)))
+}
+
+async fn forward(upstream: u16, head: &str, body: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut up = TcpStream::connect(("127.0.0.1", upstream)).await?;
+    let mut new_head = String::new();
+    for line in head.split("\r\n") {
+        if line.to_ascii_lowercase().starts_with("connection:") || line.is_empty() {
+            continue;
+        }
+        new_head.push_str(line);
+        new_head.push_str("\r\n");
+    }
+    new_head.push_str("connection: close\r\n\r\n");
+    up.write_all(new_head.as_bytes()).await?;
+    up.write_all(body).await?;
+    let mut resp = Vec::new();
+    up.read_to_end(&mut resp).await?;
+    Ok(resp)
+}
+
+fn status_of(resp: &[u8]) -> u16 {
+    String::from_utf8_lossy(&resp[..resp.len().min(32)])
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::Result<()> {
+    // One request per connection (the response says `connection: close`).
+    let Some((head, body)) = read_request(&mut sock).await? else {
+        return Ok(());
+    };
+    let delay = ctl.delay_ms.load(std::sync::atomic::Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let line = head.lines().next().unwrap_or_default().to_string();
+    let matched = {
+        let mut rule = ctl.rule.lock().unwrap();
+        let hit = rule.as_ref().is_some_and(|r| {
+            line.starts_with(&format!("{} ", r.method)) && line.contains(&r.path_part)
+        });
+        if hit {
+            *rule = None;
+        }
+        hit
+    };
+    if matched {
+        let (release, wait_release) = oneshot::channel();
+        let (done_tx, done) = oneshot::channel();
+        ctl.held.lock().unwrap().push(Held {
+            line: line.clone(),
+            release,
+            done,
+        });
+        ctl.arrived.notify_waiters();
+        if wait_release.await.is_err() {
+            return Ok(());
+        }
+        // The client may be dead by now: the request still reaches the store.
+        let resp = forward(upstream, &head, &body).await;
+        let _ = done_tx.send(resp.as_ref().map_or(0, |r| status_of(r)));
+        if let Ok(resp) = resp {
+            let _ = sock.write_all(&resp).await;
+        }
+        return Ok(());
+    }
+    let resp = forward(upstream, &head, &body).await?;
+    sock.write_all(&resp).await?;
+    sock.shutdown().await?;
+    Ok(())
+}
