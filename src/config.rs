@@ -918,6 +918,14 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
             "expected a positive size".into(),
         ));
     }
+    // One hour's buffer is one Arrow batch: its payload column must stay
+    // below Arrow's 2 GiB offset limit, with room for the read that crosses it.
+    if f.max_bytes.0 > (1 << 30) {
+        return Err(bad(
+            "archive.flush.max_bytes",
+            "expected at most 1GiB (a flush is one Arrow batch, limited to 2 GiB of payloads)".into(),
+        ));
+    }
     if f.max_age.0.is_zero() {
         return Err(bad(
             "archive.flush.max_age",

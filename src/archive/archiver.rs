@@ -26,8 +26,9 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::checkpoint::{Commit, ShardCheckpoint, load_all, stage};
+use crate::archive::checkpoint::{Commit, Gap, ShardCheckpoint, load_all, stage};
 use crate::archive::lease::{Lease, LeaseClock};
+use crate::archive::identity;
 use crate::archive::layout::hour_key;
 use crate::archive::store::Archive;
 use crate::archive::writer::ParquetSettings;
@@ -176,6 +177,7 @@ pub async fn run(
             once: opts.once,
             epoch: AtomicU64::new(0),
             lease_clock: OnceLock::new(),
+            suffix: OnceLock::new(),
         });
         let token = work.clone();
         tasks.spawn(async move { archive_stream(ctx, token).await });
@@ -227,11 +229,18 @@ struct StreamCtx {
     epoch: AtomicU64,
     /// The lease's validity; no commit starts when its end is too close.
     lease_clock: OnceLock<Arc<LeaseClock>>,
+    /// Suffix of the stream's current incarnation (see `identity`).
+    suffix: OnceLock<String>,
 }
 
 impl StreamCtx {
     fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The checkpoint key of Kinesis shard `shard` in the current incarnation.
+    fn key(&self, shard: &str) -> String {
+        identity::shard_key(shard, self.suffix.get().map_or("", String::as_str))
     }
 }
 
@@ -249,10 +258,26 @@ enum ShardOutcome {
 async fn archive_stream(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Result<()> {
     let name = ctx.stream.name.clone();
     let ttl = ctx.cfg.archiver.lease_ttl.0;
-    let mut lease = Lease::acquire(&ctx.archive, &name, &ctx.owner, ttl).await?;
+    let min_epoch = load_all(&ctx.archive, &name)
+        .await?
+        .iter()
+        .map(|c| c.epoch)
+        .max()
+        .unwrap_or(0);
+    let mut lease = Lease::acquire(&ctx.archive, &name, &ctx.owner, ttl, min_epoch).await?;
+    let acquired = chrono::Utc::now();
     ctx.epoch.store(lease.epoch(), Ordering::Release);
     let _ = ctx.lease_clock.set(lease.clock());
     tracing::info!(stream = %name, epoch = lease.epoch(), "lease acquired; archiving into {}", ctx.archive.describe(&ctx.archive.layout.stream_dir(&name)));
+    // Uploads of an earlier holder that died are never completed: abort them
+    // (a few seconds of margin for clocks: the store stamps them).
+    let stream_dir = ctx.archive.layout.stream_dir(&name);
+    let cutoff = acquired - chrono::Duration::seconds(5);
+    match crate::archive::store::abort_stale_uploads(&ctx.cfg, &ctx.archive, &stream_dir, cutoff).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(stream = %name, "aborted {n} incomplete upload(s) of an earlier archiver"),
+        Err(e) => tracing::warn!(stream = %name, "{e}"),
+    }
 
     // Shard tasks stop on `shards` (cancel or lease loss), the renewer on `renew_stop`.
     let shards = cancel.child_token();
@@ -276,7 +301,10 @@ async fn archive_stream(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Resul
         })
     };
 
-    let result = supervise(ctx.clone(), shards.clone()).await;
+    let result = match identify(&ctx).await {
+        Ok(ckpts) => supervise(ctx.clone(), ckpts, shards.clone()).await,
+        Err(e) => Err(e),
+    };
     shards.cancel();
     renew_stop.cancel();
     let lease_res = renewer.await.unwrap_or_else(|e| {
@@ -294,17 +322,64 @@ async fn archive_stream(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Resul
     }
 }
 
-async fn supervise(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Result<()> {
+/// Find which incarnation of the stream this is (see `identity`), record
+/// it, and close what an earlier incarnation left unfinished (its records are
+/// gone with it: recorded as gaps). Returns the checkpoints of the current one.
+async fn identify(ctx: &StreamCtx) -> Result<Vec<crate::archive::checkpoint::Checkpoint>> {
+    let name = &ctx.stream.name;
+    let (arn, created) =
+        identity::describe(&ctx.client, name, ctx.cfg.archiver.max_backoff.0).await?;
+    let ckpts = load_all(&ctx.archive, name).await?;
+    let latest_state = ckpts
+        .iter()
+        .filter_map(|c| chrono::DateTime::parse_from_rfc3339(&c.written_at).ok())
+        .map(|t| t.timestamp_millis())
+        .max();
+    let (id, recreated) =
+        identity::record_current(&ctx.archive, name, &arn, created, latest_state).await?;
+    let suffix = id.current_suffix().to_string();
+    if recreated {
+        tracing::warn!(
+            stream = %name,
+            "stream {name} was deleted and re-created (now {arn}, created {}): archiving the new stream apart from the old one, whose archive is kept as it is",
+            chrono::DateTime::from_timestamp_millis(created).map(|t| t.to_rfc3339()).unwrap_or_default()
+        );
+    }
+    let _ = ctx.suffix.set(suffix.clone());
+    let mut current = Vec::new();
+    for c in ckpts {
+        if identity::split_key(&c.shard_id).1 == suffix {
+            current.push(c);
+        } else if !c.finished {
+            record_lost_shard(
+                ctx,
+                &c.shard_id,
+                "the stream was deleted (and re-created) before this shard was archived to its end",
+            )
+            .await?;
+        }
+    }
+    Ok(current)
+}
+
+async fn supervise(
+    ctx: Arc<StreamCtx>,
+    ckpts: Vec<crate::archive::checkpoint::Checkpoint>,
+    cancel: CancellationToken,
+) -> Result<()> {
     let name = ctx.stream.name.clone();
     let max_backoff = ctx.cfg.archiver.max_backoff.0;
     // We hold the lease: checkpoints change only through our own tasks, so
-    // they are read once; task results keep `finished` current.
-    let ckpts = load_all(&ctx.archive, &name).await?;
-    let checkpointed: HashSet<String> = ckpts.iter().map(|c| c.shard_id.clone()).collect();
+    // they are read once; task results keep `finished` current. Sets hold
+    // Kinesis shard ids of the current incarnation.
+    let kinesis_id = |c: &crate::archive::checkpoint::Checkpoint| {
+        identity::split_key(&c.shard_id).0.to_string()
+    };
+    let checkpointed: HashSet<String> = ckpts.iter().map(kinesis_id).collect();
     let mut finished: HashSet<String> = ckpts
         .iter()
         .filter(|c| c.finished)
-        .map(|c| c.shard_id.clone())
+        .map(kinesis_id)
         .collect();
     let mut initial: Option<HashSet<String>> = None;
     let mut listed: Option<BTreeMap<String, ShardInfo>> = None;
@@ -340,6 +415,28 @@ async fn supervise(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Result<()>
             }
         }
         if let Some(listed) = listed.as_ref().filter(|_| !cancel.is_cancelled() && first_err.is_none()) {
+            // A checkpointed shard that is not finished and no longer listed
+            // was closed longer than the retention ago: the rest of it is
+            // lost. Record that as a gap and let its children go on.
+            let active: HashSet<&String> = running.values().collect();
+            let lost: Vec<String> = checkpointed
+                .iter()
+                .filter(|id| !finished.contains(*id) && !listed.contains_key(*id) && !active.contains(id))
+                .cloned()
+                .collect();
+            for id in lost {
+                let key = ctx.key(&id);
+                match record_lost_shard(&ctx, &key, "the shard left the stream (closed longer than the retention ago) before it was archived to its end").await {
+                    Ok(()) => {
+                        finished.insert(id);
+                    }
+                    Err(e) => {
+                        tracing::error!(stream = %name, shard = %id, "{e}");
+                        cancel.cancel();
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
             let initial = initial.get_or_insert_with(|| listed.keys().cloned().collect());
             let active: HashSet<&String> = running.values().collect();
             let mut start = Vec::new();
@@ -417,6 +514,37 @@ async fn supervise(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Result<()>
     }
 }
 
+/// Record that the unarchived end of `shard` left the stream: a gap from
+/// its checkpoint to the end of the shard, and the shard finished.
+async fn record_lost_shard(ctx: &StreamCtx, shard: &str, reason: &str) -> Result<()> {
+    let stream = &ctx.stream.name;
+    let mut ck =
+        ShardCheckpoint::open(&ctx.archive, stream, shard, vec![], &ctx.owner, ctx.epoch()).await?;
+    if ck.state().finished {
+        return Ok(());
+    }
+    tracing::warn!(
+        %stream,
+        %shard,
+        "shard {shard} is no longer in the stream ({reason}): its records after {} are lost; recording the gap and going on",
+        ck.state()
+            .position
+            .as_ref()
+            .map_or("its start".to_string(), |p| p.sequence_number.clone())
+    );
+    ck.commit(Commit {
+        finished: true,
+        gap: Some(Gap {
+            after: ck.state().position.clone(),
+            until: None,
+            reason: reason.into(),
+            detected_at: chrono::Utc::now().to_rfc3339(),
+        }),
+        ..Commit::default()
+    })
+    .await
+}
+
 /// Buffered records of one shard, grouped by arrival hour.
 struct ShardBuffer {
     groups: BTreeMap<i64, Group>,
@@ -428,6 +556,8 @@ struct ShardBuffer {
     permits: Option<OwnedSemaphorePermit>,
     /// Last record pushed.
     last: Option<(Position, i64)>,
+    /// Records found lost before the buffered ones (recorded by the next commit).
+    gap: Option<Gap>,
 }
 
 struct Group {
@@ -446,6 +576,7 @@ impl ShardBuffer {
             oldest: None,
             permits: None,
             last: None,
+            gap: None,
         }
     }
 
@@ -490,8 +621,8 @@ async fn archive_shard(
     let mut ck = ShardCheckpoint::open(
         &ctx.archive,
         &stream,
-        &shard,
-        info.parents.clone(),
+        &ctx.key(&shard),
+        info.parents.iter().map(|p| ctx.key(p)).collect(),
         &ctx.owner,
         ctx.epoch(),
     )
@@ -535,7 +666,7 @@ async fn archive_shard(
                 continue;
             }
         };
-        let Some(batch) = batch else {
+        let Some(mut batch) = batch else {
             // Cancelled: commit what was read.
             flush(&ctx, &mut ck, &mut buf, &stats, false).await?;
             stats.state.store(3, Ordering::Relaxed);
@@ -543,6 +674,14 @@ async fn archive_shard(
         };
         if let Some(ms) = batch.millis_behind {
             stats.millis_behind.store(ms, Ordering::Relaxed);
+        }
+        if let Some(until) = batch.gap_before.take() {
+            buf.gap = Some(Gap {
+                after: ck.state().position.clone(),
+                until: Some(until),
+                reason: "the records after the checkpoint left the stream's retention before they were read (was the archiver stopped longer than the retention?)".into(),
+                detected_at: chrono::Utc::now().to_rfc3339(),
+            });
         }
         if !batch.records.is_empty() {
             reserve(
@@ -721,7 +860,7 @@ async fn flush(
         records: records as u64,
         files: staged,
         finished,
-        gap: None,
+        gap: buf.gap.take(),
     })
     .await?;
     buf.records = 0;

@@ -360,9 +360,9 @@ impl ShardCheckpoint {
         Ok(())
     }
 
-    /// Remove staged files of this shard written under earlier epochs: their
-    /// flushes never committed (committed ones were published above), and no
-    /// earlier holder can commit any more (the take-over generation exists).
+    /// Remove staged files of this shard that no commit names: their flushes
+    /// never committed (committed ones were published above), and no earlier
+    /// holder can commit any more (the take-over generation exists).
     async fn remove_orphans(&self) -> Result<()> {
         let root = self.archive.layout.staging_root(&self.current.stream);
         let prefix = format!("{}_", self.current.shard_id);
@@ -371,7 +371,14 @@ impl ShardCheckpoint {
                 n.starts_with(&prefix)
                     && parse_data_file_name(n).is_some_and(|d| d.shard_id == self.current.shard_id)
             });
-            if ours && staged_epoch(&o.location).is_some_and(|e| e < self.epoch) {
+            // Our own epoch's too: they are from a flush of this process
+            // that failed to commit (no task of ours writes this shard now).
+            let referenced = self
+                .current
+                .publish
+                .iter()
+                .any(|p| p.staged == o.location.as_ref());
+            if ours && !referenced && staged_epoch(&o.location).is_some_and(|e| e <= self.epoch) {
                 tracing::debug!(
                     "removing an uncommitted staged file: {}",
                     self.archive.describe(&o.location)

@@ -116,6 +116,11 @@ impl Layout {
         self.lease_dir(stream).join(format!("{epoch:020}.json"))
     }
 
+    /// `<root>/<stream>/_fluxcap/identity.json`: the stream's incarnations.
+    pub fn identity(&self, stream: &str) -> Path {
+        self.stream_dir(stream).join(STATE_DIR).join("identity.json")
+    }
+
     /// `<root>/<stream>/_fluxcap/staging/`: staged files of every epoch.
     pub fn staging_root(&self, stream: &str) -> Path {
         self.stream_dir(stream).join(STATE_DIR).join(STAGING)

@@ -217,11 +217,15 @@ impl Lease {
     /// Acquire the lease of `stream`, or fail with [`Error::LeaseHeld`]. A
     /// holder that cannot be checked by pid is watched for up to `ttl` plus a
     /// margin; it holds the lease if it renews meanwhile.
+    /// The new epoch is above `min_epoch` too (the highest epoch found in the
+    /// checkpoints), so that a lease folder removed by hand cannot make a new
+    /// holder look older than the state it must take over.
     pub async fn acquire(
         archive: &Archive,
         stream: &str,
         owner: &str,
         ttl: Duration,
+        min_epoch: u64,
     ) -> Result<Self> {
         let me = Identity::current();
         let dir = archive.layout.lease_dir(stream);
@@ -253,6 +257,7 @@ impl Lease {
                 e + 1
             }
         };
+        let next_epoch = next_epoch.max(min_epoch + 1);
         let sent = Instant::now();
         let record = LeaseRecord {
             version: LEASE_VERSION,

@@ -60,6 +60,9 @@ pub struct ShardStatus {
     pub expires_in_secs: Option<i64>,
     /// The risk is under the warning threshold.
     pub warning: bool,
+    /// Records known to be lost (expired before they were archived), one
+    /// description per gap the archiver recorded.
+    pub gaps: Vec<String>,
 }
 
 /// Build the status report.
@@ -111,8 +114,36 @@ async fn stream_status(
     let now = Utc::now().timestamp_millis();
     let mut shards = Vec::new();
     let mut warnings = Vec::new();
+    let id = crate::archive::identity::load(archive, stream).await?;
+    let mut suffix = id.current_suffix().to_string();
+    let d = summary.stream_description_summary();
+    let (arn, created) = (
+        d.map(|d| d.stream_arn().to_string()).unwrap_or_default(),
+        d.and_then(|d| d.stream_creation_timestamp().to_millis().ok())
+            .unwrap_or(0),
+    );
+    if let Some(cur) = id.incarnations.last()
+        && (cur.arn != arn || cur.created_ms != created)
+    {
+        // Re-created since the archiver last ran: none of the checkpoints is its.
+        suffix = format!(".r{created}");
+        warnings.push(format!(
+            "WARNING: stream {stream} was deleted and re-created since it was last archived: nothing of the new stream is archived yet — run `fluxcap archive`"
+        ));
+    }
+    if id.incarnations.len() > 1
+        && let Some(cur) = id.incarnations.last()
+    {
+        warnings.push(format!(
+            "note: stream {stream} was deleted and re-created (the current one was created {}); the archive keeps the records of {} earlier stream(s) of that name, their shards listed as \"previous stream\"",
+            chrono::DateTime::from_timestamp_millis(cur.created_ms)
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_default(),
+            id.incarnations.len() - 1
+        ));
+    }
     for info in &listed {
-        let ck = ckpts.get(&info.shard_id);
+        let ck = ckpts.get(&crate::archive::identity::shard_key(&info.shard_id, &suffix));
         let finished = ck.is_some_and(|c| c.finished);
         let state = if finished {
             "finished"
@@ -138,6 +169,7 @@ async fn stream_status(
             lag_source: None,
             expires_in_secs: None,
             warning: false,
+            gaps: ck.map(describe_gaps).unwrap_or_default(),
         };
         if !finished {
             // Peek at the first record after the checkpoint.
@@ -151,55 +183,55 @@ async fn stream_status(
                     .starting_sequence_number(&p.sequence_number),
                 None => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
             };
-            let peek = async {
-                let it = req.send().await.ok()?.shard_iterator?;
-                client
-                    .get_records()
-                    .shard_iterator(it)
-                    .limit(1)
-                    .send()
-                    .await
-                    .ok()
-            }
-            .await;
+            let peek = peek_unarchived(client, req, cfg.archiver.max_backoff.0).await;
+            let mut oldest: Option<i64> = None;
             match peek {
-                Some(resp) => {
-                    st.lag_ms = resp.millis_behind_latest;
+                Peek::Record { arrival_ms, millis_behind } => {
+                    st.lag_ms = millis_behind;
                     st.lag_source = Some("MillisBehindLatest".into());
-                    if let Some(r) = resp.records.first()
-                        && let Some(t) = r
-                            .approximate_arrival_timestamp
-                            .and_then(|t| t.to_millis().ok())
+                    oldest = arrival_ms;
+                    if st.lag_ms == Some(0)
+                        && let Some(t) = arrival_ms
                     {
-                        let expires = (t + i64::from(retention_hours) * 3_600_000 - now) / 1000;
-                        st.expires_in_secs = Some(expires);
-                        if st.lag_ms == Some(0) {
-                            st.lag_ms = Some(now - t);
-                            st.lag_source = Some("oldest_unarchived_age".into());
-                        }
-                        if expires < warn_secs {
-                            st.warning = true;
-                            warnings.push(format!(
-                                "WARNING: stream {stream} shard {}: unarchived records fall off the stream's {retention_hours}h retention in {} — run `fluxcap archive` now",
-                                info.shard_id,
-                                fmt_secs(expires)
-                            ));
-                        }
+                        st.lag_ms = Some(now - t);
+                        st.lag_source = Some("oldest_unarchived_age".into());
                     }
                 }
-                None => {
+                Peek::CaughtUp => {
+                    st.lag_ms = Some(0);
+                    st.lag_source = Some("MillisBehindLatest".into());
+                }
+                Peek::Unknown => {
+                    // No answer: assume the worst — the records right after
+                    // the checkpoint are as old as the last archived one.
                     st.lag_ms = ck.and_then(|c| c.last_arrival_ms).map(|t| now - t);
                     st.lag_source = Some("checkpoint_age".into());
+                    oldest = ck.and_then(|c| c.last_arrival_ms);
+                }
+            }
+            if let Some(t) = oldest {
+                let expires = (t + i64::from(retention_hours) * 3_600_000 - now) / 1000;
+                st.expires_in_secs = Some(expires);
+                if expires < warn_secs {
+                    st.warning = true;
+                    warnings.push(format!(
+                        "WARNING: stream {stream} shard {}: unarchived records fall off the stream's {retention_hours}h retention in {} — run `fluxcap archive` now",
+                        info.shard_id,
+                        fmt_secs(expires)
+                    ));
                 }
             }
         }
         shards.push(st);
     }
-    for (id, c) in &ckpts {
-        if !listed.iter().any(|l| &l.shard_id == id) {
+    for (key, c) in &ckpts {
+        let (shard, key_suffix) = crate::archive::identity::split_key(key);
+        if key_suffix != suffix || !listed.iter().any(|l| l.shard_id == shard) {
             shards.push(ShardStatus {
-                shard_id: id.clone(),
-                state: if c.finished {
+                shard_id: key.clone(),
+                state: if key_suffix != suffix {
+                    "previous stream".into()
+                } else if c.finished {
                     "finished".into()
                 } else {
                     "expired".into()
@@ -216,16 +248,110 @@ async fn stream_status(
                 lag_source: None,
                 expires_in_secs: None,
                 warning: false,
+                gaps: describe_gaps(c),
             });
         }
     }
     shards.sort_by(|a, b| a.shard_id.cmp(&b.shard_id));
+    for sh in &shards {
+        for g in &sh.gaps {
+            warnings.push(format!(
+                "WARNING: stream {stream} shard {}: records lost — {g}",
+                sh.shard_id
+            ));
+        }
+    }
     Ok(StreamStatus {
         stream: stream.into(),
         retention_hours,
         shards,
         warnings,
     })
+}
+
+/// One line per gap recorded in a checkpoint.
+fn describe_gaps(c: &Checkpoint) -> Vec<String> {
+    let pos = |p: Option<&crate::record::Position>, none: &str| {
+        p.map_or(none.to_string(), |p| {
+            format!("{}:{}", p.sequence_number, p.subsequence_number)
+        })
+    };
+    c.gaps
+        .iter()
+        .map(|g| {
+            format!(
+                "after {} up to {} ({}; recorded {})",
+                pos(g.after.as_ref(), "the start of the shard"),
+                pos(g.until.as_ref(), "the end of the shard"),
+                g.reason,
+                g.detected_at
+            )
+        })
+        .collect()
+}
+
+/// What a peek at the first record after a shard's checkpoint found.
+enum Peek {
+    /// A record (its arrival time) and how far behind the tip it is.
+    Record {
+        arrival_ms: Option<i64>,
+        millis_behind: Option<i64>,
+    },
+    /// Nothing after the checkpoint: the shard is archived up to its tip.
+    CaughtUp,
+    /// No answer (throttled or failing throughout).
+    Unknown,
+}
+
+/// Page from `req`'s iterator until a record arrives or the reader is at
+/// the tip (`MillisBehindLatest` 0) — an empty page alone proves nothing —
+/// retrying throttling with backoff.
+async fn peek_unarchived(
+    client: &Client,
+    req: aws_sdk_kinesis::operation::get_shard_iterator::builders::GetShardIteratorFluentBuilder,
+    max_backoff: std::time::Duration,
+) -> Peek {
+    let mut backoff = kinesis::Backoff::new(max_backoff.min(std::time::Duration::from_secs(2)));
+    let mut it = loop {
+        match req.clone().send().await {
+            Ok(r) => match r.shard_iterator {
+                Some(it) => break it,
+                None => return Peek::CaughtUp,
+            },
+            Err(e) if matches!(classify(&e), Failure::Retry(_)) && backoff.attempts() < 5 => {
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(_) => return Peek::Unknown,
+        }
+    };
+    let mut pages = 0;
+    while pages < 50 {
+        match client.get_records().shard_iterator(&it).limit(1).send().await {
+            Ok(resp) => {
+                pages += 1;
+                if let Some(r) = resp.records.first() {
+                    return Peek::Record {
+                        arrival_ms: r
+                            .approximate_arrival_timestamp
+                            .and_then(|t| t.to_millis().ok()),
+                        millis_behind: resp.millis_behind_latest,
+                    };
+                }
+                if resp.millis_behind_latest == Some(0) {
+                    return Peek::CaughtUp;
+                }
+                match resp.next_shard_iterator {
+                    Some(next) => it = next,
+                    None => return Peek::CaughtUp,
+                }
+            }
+            Err(e) if matches!(classify(&e), Failure::Retry(_)) && backoff.attempts() < 8 => {
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(_) => return Peek::Unknown,
+        }
+    }
+    Peek::Unknown
 }
 
 fn fmt_secs(s: i64) -> String {

@@ -271,6 +271,77 @@ impl Archive {
     }
 }
 
+/// Abort the multipart uploads under `prefix` that were started before
+/// `before`: uploads of an archiver that died (a staged file, or a publishing
+/// copy) which nobody will complete. Only the lease holder calls this, for its
+/// own stream, right after taking the lease. Returns how many were aborted.
+pub async fn abort_stale_uploads(
+    cfg: &Config,
+    archive: &Archive,
+    prefix: &Path,
+    before: chrono::DateTime<chrono::Utc>,
+) -> Result<usize> {
+    let ArchiveLocation::S3 { bucket, .. } = &archive.location else {
+        return Ok(0);
+    };
+    let sdk = crate::aws::sdk_config(&cfg.aws).await;
+    let client = s3_client(&sdk, cfg.aws.s3_endpoint.as_deref());
+    let what = archive.describe(prefix);
+    let fail = |e: String| Error::Location {
+        location: what.clone(),
+        message: format!("listing incomplete multipart uploads: {e}"),
+    };
+    let mut aborted = 0;
+    let (mut key_marker, mut id_marker): (Option<String>, Option<String>) = (None, None);
+    loop {
+        let page = client
+            .list_multipart_uploads()
+            .bucket(bucket)
+            .prefix(format!("{prefix}/"))
+            .set_key_marker(key_marker.clone())
+            .set_upload_id_marker(id_marker.clone())
+            .send()
+            .await
+            .map_err(|e| fail(aws_sdk_s3::error::DisplayErrorContext(&e).to_string()))?;
+        for u in page.uploads() {
+            let old = u
+                .initiated()
+                .and_then(|t| t.to_millis().ok())
+                .is_some_and(|ms| ms < before.timestamp_millis());
+            if let (true, Some(key), Some(id)) = (old, u.key(), u.upload_id()) {
+                match client
+                    .abort_multipart_upload()
+                    .bucket(bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .send()
+                    .await
+                {
+                    Ok(_) => aborted += 1,
+                    Err(e) => tracing::warn!(
+                        "could not abort the incomplete upload of s3://{bucket}/{key} (grant s3:AbortMultipartUpload, or add a lifecycle rule): {}",
+                        aws_sdk_s3::error::DisplayErrorContext(&e)
+                    ),
+                }
+            }
+        }
+        if page.is_truncated() != Some(true) {
+            return Ok(aborted);
+        }
+        key_marker = page.next_key_marker().map(str::to_string);
+        id_marker = page.next_upload_id_marker().map(str::to_string);
+    }
+}
+
+fn s3_client(sdk: &aws_config::SdkConfig, endpoint: Option<&str>) -> aws_sdk_s3::Client {
+    let mut b = aws_sdk_s3::config::Builder::from(sdk)
+        .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(10));
+    if let Some(ep) = endpoint {
+        b = b.endpoint_url(ep).force_path_style(true);
+    }
+    aws_sdk_s3::Client::from_conf(b.build())
+}
+
 /// HeadBucket, so that a missing bucket or missing permission is reported as
 /// such (naming the location) before any work starts.
 async fn check_bucket(
@@ -280,12 +351,7 @@ async fn check_bucket(
     location: &ArchiveLocation,
 ) -> Result<()> {
     // A bucket check must not fail on a transient fault: retry like every other store call.
-    let mut b = aws_sdk_s3::config::Builder::from(sdk)
-        .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(10));
-    if let Some(ep) = endpoint {
-        b = b.endpoint_url(ep).force_path_style(true);
-    }
-    let client = aws_sdk_s3::Client::from_conf(b.build());
+    let client = s3_client(sdk, endpoint);
     let fail = |message: String| Error::Location {
         location: location.to_string(),
         message,

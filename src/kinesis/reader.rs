@@ -39,6 +39,10 @@ pub struct ReadBatch {
     pub millis_behind: Option<i64>,
     /// The shard is closed and this was its last response.
     pub end_of_shard: bool,
+    /// Set on the first records after a resume when the resume record itself
+    /// was not returned first: records between it and this (the first Kinesis
+    /// record returned) left the stream's retention unread.
+    pub gap_before: Option<Position>,
 }
 
 /// A polling reader of one shard.
@@ -56,6 +60,9 @@ pub struct ShardReader {
     skip_through: Option<Position>,
     /// Start at (not after) this Kinesis record when there is no `last_sequence`.
     start_at_sequence: Option<String>,
+    /// The Kinesis record a resume starts at, until the first records arrive:
+    /// it must be the first one returned, or the records after it expired.
+    expect_first: Option<String>,
     limit: i32,
     backoff: Backoff,
     retries: Arc<AtomicU64>,
@@ -85,6 +92,7 @@ impl ShardReader {
             last_sequence: None,
             skip_through: None,
             start_at_sequence: None,
+            expect_first: None,
             limit,
             backoff: Backoff::new(max_backoff),
             retries,
@@ -103,6 +111,7 @@ impl ShardReader {
     /// up to and including `pos` (so a position inside a KPL aggregate works).
     pub fn resume_after(mut self, pos: &Position) -> Self {
         self.start_at_sequence = Some(pos.sequence_number.clone());
+        self.expect_first = Some(pos.sequence_number.clone());
         self.skip_through = Some(pos.clone());
         self
     }
@@ -254,6 +263,18 @@ impl ShardReader {
                 kinesis_records: resp.records.len(),
                 ..Default::default()
             };
+            if let (Some(expected), Some(first)) = (&self.expect_first, resp.records.first()) {
+                if first.sequence_number != *expected {
+                    tracing::warn!(
+                        stream = %self.stream,
+                        shard = %self.shard,
+                        "the checkpointed record {expected} is no longer in the stream: records after it up to {} expired unread",
+                        first.sequence_number
+                    );
+                    batch.gap_before = Some(Position::new(first.sequence_number.clone(), 0));
+                }
+                self.expect_first = None;
+            }
             for r in resp.records {
                 let seq: Arc<str> = r.sequence_number.as_str().into();
                 let arrival_ms = r

@@ -113,8 +113,7 @@ impl LiveTable {
             }
             let after = snapshot.committed(&s.shard_id).cloned();
             let archived_until = snapshot
-                .shards
-                .get(&s.shard_id)
+                .checkpoint(&s.shard_id)
                 .and_then(|c| c.last_arrival_ms);
             let start = match (range.start_ms, &after) {
                 (Some(t), None) => StartAt::AtTimestamp(t),

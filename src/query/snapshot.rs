@@ -14,8 +14,11 @@ use crate::record::Position;
 /// The latest checkpoint of every shard of one stream, read at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    /// Checkpoint per shard id.
+    /// Checkpoint per checkpoint key (the shard id, plus the incarnation
+    /// suffix for a re-created stream, see [`crate::archive::identity`]).
     pub shards: HashMap<String, Checkpoint>,
+    /// Suffix of the stream's current incarnation ("" for the first).
+    pub suffix: String,
 }
 
 impl Snapshot {
@@ -27,8 +30,10 @@ impl Snapshot {
         loop {
             match checkpoint::load_all(archive, stream).await {
                 Ok(all) => {
+                    let id = crate::archive::identity::load(archive, stream).await?;
                     return Ok(Snapshot {
                         shards: all.into_iter().map(|c| (c.shard_id.clone(), c)).collect(),
+                        suffix: id.current_suffix().to_string(),
                     });
                 }
                 Err(Error::Store {
@@ -40,18 +45,24 @@ impl Snapshot {
         }
     }
 
-    /// The committed position of `shard`: records up to it are archived.
-    pub fn committed(&self, shard: &str) -> Option<&Position> {
-        self.shards.get(shard).and_then(|c| c.position.as_ref())
+    /// The checkpoint of Kinesis shard `shard` in the current incarnation.
+    pub fn checkpoint(&self, shard: &str) -> Option<&Checkpoint> {
+        self.shards
+            .get(&crate::archive::identity::shard_key(shard, &self.suffix))
     }
 
-    /// Whether a data file of `shard` whose first record is `first` belongs to
+    /// The committed position of Kinesis shard `shard`: records up to it are archived.
+    pub fn committed(&self, shard: &str) -> Option<&Position> {
+        self.checkpoint(shard).and_then(|c| c.position.as_ref())
+    }
+
+    /// Whether a data file named for checkpoint key `key` whose first record is `first` belongs to
     /// a committed flush. Flushes of a shard are sequential, so a file is
     /// committed exactly when it starts at or before the committed position;
     /// files of a flush in progress (or of a crashed one, not yet cleaned up)
     /// start after it.
-    pub fn is_committed(&self, shard: &str, first: &Position) -> bool {
-        self.committed(shard).is_some_and(|p| first <= p)
+    pub fn is_committed(&self, key: &str, first: &Position) -> bool {
+        self.shards.get(key).is_some_and(|c| c.covers(first))
     }
 
     /// Committed files of every shard that may not be published yet.
@@ -61,6 +72,6 @@ impl Snapshot {
 
     /// Whether `shard` is closed and completely archived.
     pub fn finished(&self, shard: &str) -> bool {
-        self.shards.get(shard).is_some_and(|c| c.finished)
+        self.checkpoint(shard).is_some_and(|c| c.finished)
     }
 }

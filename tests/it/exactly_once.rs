@@ -313,37 +313,23 @@ fn a_dead_archivers_late_checkpoint_write_does_not_stop_its_successor() {
         SMALL_FLUSHES,
         &[(&stream, "json")],
     );
-    // Take-over generation first, then a commit: hold the second checkpoint write.
+    // Generation 1 is the first archiver's take-over generation, 2 its first
+    // commit: hold that one until the archiver is dead.
+    let gen2 = "/_fluxcap/checkpoints/shardId-000000000000/00000000000000000002.json";
+    proxy.hold_next("PUT", gen2);
     let mut first = ws.spawn_archiver();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let ckpt_dir = format!("a/{stream}/_fluxcap/checkpoints/");
-    let list_ckpts = || {
-        let out = Command::new(python())
-            .arg("-c")
-            .arg(format!(
-                "import boto3,sys\nfrom botocore.config import Config\ns3=boto3.client('s3',endpoint_url='{}',region_name='us-east-1',aws_access_key_id='test',aws_secret_access_key='test',config=Config(s3={{'addressing_style':'path'}}))\nr=s3.list_objects_v2(Bucket='{bucket}',Prefix='{ckpt_dir}')\nprint(len(r.get('Contents',[])))",
-                s3.endpoint()
-            ))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().parse::<usize>().unwrap_or(0)
-    };
-    while list_ckpts() == 0 {
-        assert!(Instant::now() < deadline, "the first archiver never opened its shard");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    proxy.hold_next("PUT", "/_fluxcap/checkpoints/");
     let held = rt.block_on(proxy.wait_held(Duration::from_secs(60)));
-    assert!(held.contains("/_fluxcap/checkpoints/"), "{held}");
+    assert!(held.contains(gen2), "{held}");
     first.kill().unwrap();
     first.wait().unwrap();
 
     // More traffic while nobody archives.
     let more = rt.block_on(put_records(&c, &stream, &orders(150, 8)));
 
-    // The successor reads the state; its own first checkpoint write is held
-    // until the dead one's write has landed, so the two collide.
-    proxy.hold_next("PUT", "/_fluxcap/checkpoints/");
+    // The successor reads the state (generation 1); its own first checkpoint
+    // write (its take-over generation 2) is held until the dead one's write
+    // has landed, so the two collide.
+    proxy.hold_next("PUT", gen2);
     let mut second = ws.cmd();
     second
         .args(["archive", "--once"])

@@ -1,7 +1,9 @@
-//! A controllable HTTP proxy for the S3 server: it can slow every request
-//! down and *hold* the next request that matches a rule until the test
-//! releases it — so that a kill lands inside an upload, or a request of a
-//! dead process reaches the store late, deterministically.
+//! A controllable HTTP proxy for the S3 and Kinesis servers: it can slow
+//! every request down, *hold* the next request that matches a rule until the
+//! test releases it — so that a kill lands inside an upload, or a request of
+//! a dead process reaches the store late, deterministically — and leave a
+//! shard out of Kinesis `ListShards` answers, as AWS does once a closed shard
+//! is older than the retention period.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,6 +31,7 @@ struct Ctl {
     delay_ms: std::sync::atomic::AtomicU64,
     rule: Mutex<Option<Rule>>,
     held: Mutex<Vec<Held>>,
+    hidden_shard: Mutex<Option<String>>,
     arrived: Notify,
 }
 
@@ -94,6 +97,11 @@ impl Proxy {
                 "no request was held within {timeout:?}"
             );
         }
+    }
+
+    /// Leave `shard` out of every `ListShards` answer from now on.
+    pub fn hide_shard(&self, shard: &str) {
+        *self.ctl.hidden_shard.lock().unwrap() = Some(shard.to_string());
     }
 
     /// Requests held now.
@@ -209,8 +217,67 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
         }
         return Ok(());
     }
-    let resp = forward(upstream, &head, &body).await?;
+    let mut resp = forward(upstream, &head, &body).await?;
+    let hidden = ctl.hidden_shard.lock().unwrap().clone();
+    if let Some(shard) = hidden
+        && head.contains("Kinesis_20131202.ListShards")
+    {
+        resp = without_shard(&resp, &shard);
+    }
     sock.write_all(&resp).await?;
     sock.shutdown().await?;
     Ok(())
+}
+
+/// A ListShards response without `shard` (the body re-encoded with a length).
+fn without_shard(resp: &[u8], shard: &str) -> Vec<u8> {
+    let Some(i) = resp.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return resp.to_vec();
+    };
+    let head = String::from_utf8_lossy(&resp[..i]).to_string();
+    let raw = &resp[i + 4..];
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(raw)
+    } else {
+        raw.to_vec()
+    };
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return resp.to_vec();
+    };
+    if let Some(shards) = v.get_mut("Shards").and_then(|s| s.as_array_mut()) {
+        shards.retain(|s| s["ShardId"].as_str() != Some(shard));
+    }
+    let body = serde_json::to_vec(&v).unwrap();
+    let mut out = String::new();
+    for line in head.split("\r\n") {
+        let l = line.to_ascii_lowercase();
+        if l.starts_with("content-length:") || l.starts_with("transfer-encoding:") {
+            continue;
+        }
+        out.push_str(line);
+        out.push_str("\r\n");
+    }
+    out.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+    let mut bytes = out.into_bytes();
+    bytes.extend_from_slice(&body);
+    bytes
+}
+
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(i) = raw.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(
+            String::from_utf8_lossy(&raw[..i]).split(';').next().unwrap_or("0").trim(),
+            16,
+        )
+        .unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = i + 2;
+        let end = (start + size).min(raw.len());
+        out.extend_from_slice(&raw[start..end]);
+        raw = &raw[(end + 2).min(raw.len())..];
+    }
+    out
 }

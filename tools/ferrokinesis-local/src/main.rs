@@ -10,6 +10,11 @@
 //! (`--port 0`, the default, picks a free port). Once bound it prints exactly one
 //! line, `listening on 127.0.0.1:<port>`, to stdout; SIGTERM/SIGINT stop it cleanly.
 //! Streams are created, deleted and updated instantly.
+//!
+//! For tests of retention loss it adds one route that AWS does not have:
+//! `POST /_fluxcap/expire` with a stream name as the body removes every record
+//! of that stream stored so far, as if they had all left the retention period
+//! (the answer is the number of records removed).
 
 use std::io::Write as _;
 
@@ -48,7 +53,16 @@ async fn main() {
         enforce_limits,
         ..StoreOptions::default()
     };
-    let (app, _store) = ferrokinesis::create_app(options);
+    let (app, store) = ferrokinesis::create_app(options);
+    let expire = axum::routing::post(move |stream: String| {
+        let store = store.clone();
+        async move {
+            // Retention 0 hours: everything that arrived before now has expired.
+            let removed = store.delete_expired_records(stream.trim(), 0).await;
+            removed.to_string()
+        }
+    });
+    let app = app.route("/_fluxcap/expire", expire);
     // Same request-body cap as the stock binary (7 MiB): a full 5 MiB PutRecords
     // is ~6.7 MB once base64-encoded, above axum's 2 MB default.
     let app = app.layer(DefaultBodyLimit::max(7 * 1024 * 1024));
