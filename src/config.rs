@@ -923,7 +923,8 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
     if f.max_bytes.0 > (1 << 30) {
         return Err(bad(
             "archive.flush.max_bytes",
-            "expected at most 1GiB (a flush is one Arrow batch, limited to 2 GiB of payloads)".into(),
+            "expected at most 1GiB (a flush is one Arrow batch, limited to 2 GiB of payloads)"
+                .into(),
         ));
     }
     if f.max_age.0.is_zero() {

@@ -81,13 +81,18 @@ def main():
     for rel, body in objs:
         files[rel] = {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
         try:
-            t = pq.read_table(io.BytesIO(body), columns=["shard_id", "sequence_number", "subsequence_number"])
+            t = pq.read_table(io.BytesIO(body), columns=["shard_id", "sequence_number", "subsequence_number"],
+                              use_threads=False)
         except Exception as e:  # noqa: BLE001 - any failure is what we report
             unreadable.append("%s: %s" % (rel, e))
             continue
         for s, q, sub in zip(*(t.column(i).to_pylist() for i in range(3))):
             records.append([s, q, sub])
     json.dump({"files": files, "unreadable": unreadable, "records": records}, sys.stdout)
+    sys.stdout.flush()
+    # Skip interpreter teardown: Arrow's thread pools have been seen to abort
+    # the process there ("terminate called without an active exception").
+    os._exit(0)
 
 
 if __name__ == "__main__":

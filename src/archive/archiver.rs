@@ -27,9 +27,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::archive::checkpoint::{Commit, Gap, ShardCheckpoint, load_all, stage};
-use crate::archive::lease::{Lease, LeaseClock};
 use crate::archive::identity;
 use crate::archive::layout::hour_key;
+use crate::archive::lease::{Lease, LeaseClock};
 use crate::archive::store::Archive;
 use crate::archive::writer::ParquetSettings;
 use crate::config::{Config, PayloadFormat, StreamConfig};
@@ -273,9 +273,13 @@ async fn archive_stream(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Resul
     // (a few seconds of margin for clocks: the store stamps them).
     let stream_dir = ctx.archive.layout.stream_dir(&name);
     let cutoff = acquired - chrono::Duration::seconds(5);
-    match crate::archive::store::abort_stale_uploads(&ctx.cfg, &ctx.archive, &stream_dir, cutoff).await {
+    match crate::archive::store::abort_stale_uploads(&ctx.cfg, &ctx.archive, &stream_dir, cutoff)
+        .await
+    {
         Ok(0) => {}
-        Ok(n) => tracing::info!(stream = %name, "aborted {n} incomplete upload(s) of an earlier archiver"),
+        Ok(n) => {
+            tracing::info!(stream = %name, "aborted {n} incomplete upload(s) of an earlier archiver")
+        }
         Err(e) => tracing::warn!(stream = %name, "{e}"),
     }
 
@@ -372,9 +376,8 @@ async fn supervise(
     // We hold the lease: checkpoints change only through our own tasks, so
     // they are read once; task results keep `finished` current. Sets hold
     // Kinesis shard ids of the current incarnation.
-    let kinesis_id = |c: &crate::archive::checkpoint::Checkpoint| {
-        identity::split_key(&c.shard_id).0.to_string()
-    };
+    let kinesis_id =
+        |c: &crate::archive::checkpoint::Checkpoint| identity::split_key(&c.shard_id).0.to_string();
     let checkpointed: HashSet<String> = ckpts.iter().map(kinesis_id).collect();
     let mut finished: HashSet<String> = ckpts
         .iter()
@@ -414,14 +417,19 @@ async fn supervise(
                 }
             }
         }
-        if let Some(listed) = listed.as_ref().filter(|_| !cancel.is_cancelled() && first_err.is_none()) {
+        if let Some(listed) = listed
+            .as_ref()
+            .filter(|_| !cancel.is_cancelled() && first_err.is_none())
+        {
             // A checkpointed shard that is not finished and no longer listed
             // was closed longer than the retention ago: the rest of it is
             // lost. Record that as a gap and let its children go on.
             let active: HashSet<&String> = running.values().collect();
             let lost: Vec<String> = checkpointed
                 .iter()
-                .filter(|id| !finished.contains(*id) && !listed.contains_key(*id) && !active.contains(id))
+                .filter(|id| {
+                    !finished.contains(*id) && !listed.contains_key(*id) && !active.contains(id)
+                })
                 .cloned()
                 .collect();
             for id in lost {

@@ -306,7 +306,9 @@ impl ShardCheckpoint {
                     me.remove_orphans().await?;
                     return Ok(me);
                 }
-                Err(Error::StaleCheckpoint { object, epoch: e, .. }) if late_writes < 20 => {
+                Err(Error::StaleCheckpoint {
+                    object, epoch: e, ..
+                }) if late_writes < 20 => {
                     late_writes += 1;
                     tracing::warn!(
                         stream,

@@ -193,7 +193,10 @@ mod tests {
 
     #[test]
     fn keys_split_back() {
-        assert_eq!(split_key("shardId-000000000001"), ("shardId-000000000001", ""));
+        assert_eq!(
+            split_key("shardId-000000000001"),
+            ("shardId-000000000001", "")
+        );
         let k = shard_key("shardId-000000000001", ".r1764460000123");
         assert_eq!(split_key(&k), ("shardId-000000000001", ".r1764460000123"));
         assert_eq!(split_key("odd.rname"), ("odd.rname", ""));

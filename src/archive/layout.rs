@@ -118,7 +118,9 @@ impl Layout {
 
     /// `<root>/<stream>/_fluxcap/identity.json`: the stream's incarnations.
     pub fn identity(&self, stream: &str) -> Path {
-        self.stream_dir(stream).join(STATE_DIR).join("identity.json")
+        self.stream_dir(stream)
+            .join(STATE_DIR)
+            .join("identity.json")
     }
 
     /// `<root>/<stream>/_fluxcap/staging/`: staged files of every epoch.
@@ -151,9 +153,11 @@ pub const STAGING: &str = "staging";
 /// `_fluxcap/staging/<epoch>` segments; `None` when `staged` is not staged.
 pub fn published_of(staged: &Path) -> Option<Path> {
     let parts: Vec<_> = staged.parts().collect();
-    let i = parts
-        .windows(3)
-        .position(|w| w[0].as_ref() == STATE_DIR && w[1].as_ref() == STAGING && parse_epoch_dir(w[2].as_ref()).is_some())?;
+    let i = parts.windows(3).position(|w| {
+        w[0].as_ref() == STATE_DIR
+            && w[1].as_ref() == STAGING
+            && parse_epoch_dir(w[2].as_ref()).is_some()
+    })?;
     Some(Path::from_iter(
         parts[..i].iter().chain(parts[i + 3..].iter()).cloned(),
     ))

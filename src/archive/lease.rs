@@ -240,9 +240,7 @@ impl Lease {
                         Some(ProcState::Dead) => true,
                         Some(ProcState::Alive) => false,
                         // Stopped, or another host or namespace: watch its renewals.
-                        Some(ProcState::Stopped) | None => {
-                            watch(archive, path, &rec, ttl).await?
-                        }
+                        Some(ProcState::Stopped) | None => watch(archive, path, &rec, ttl).await?,
                     };
                     if !lapsed {
                         return Err(held(stream, &rec));
@@ -284,12 +282,7 @@ impl Lease {
                 },
                 other => other,
             })?;
-        let version = archive
-            .store
-            .head(&path)
-            .await
-            .ok()
-            .and_then(|m| m.e_tag);
+        let version = archive.store.head(&path).await.ok().and_then(|m| m.e_tag);
         // Older epochs are history; the latest one before ours stays for
         // inspection (and so that its holder finds itself revoked).
         for p in older {

@@ -143,7 +143,10 @@ async fn stream_status(
         ));
     }
     for info in &listed {
-        let ck = ckpts.get(&crate::archive::identity::shard_key(&info.shard_id, &suffix));
+        let ck = ckpts.get(&crate::archive::identity::shard_key(
+            &info.shard_id,
+            &suffix,
+        ));
         let finished = ck.is_some_and(|c| c.finished);
         let state = if finished {
             "finished"
@@ -186,7 +189,10 @@ async fn stream_status(
             let peek = peek_unarchived(client, req, cfg.archiver.max_backoff.0).await;
             let mut oldest: Option<i64> = None;
             match peek {
-                Peek::Record { arrival_ms, millis_behind } => {
+                Peek::Record {
+                    arrival_ms,
+                    millis_behind,
+                } => {
                     st.lag_ms = millis_behind;
                     st.lag_source = Some("MillisBehindLatest".into());
                     oldest = arrival_ms;
@@ -326,7 +332,13 @@ async fn peek_unarchived(
     };
     let mut pages = 0;
     while pages < 50 {
-        match client.get_records().shard_iterator(&it).limit(1).send().await {
+        match client
+            .get_records()
+            .shard_iterator(&it)
+            .limit(1)
+            .send()
+            .await
+        {
             Ok(resp) => {
                 pages += 1;
                 if let Some(r) = resp.records.first() {

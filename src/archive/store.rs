@@ -48,7 +48,9 @@ impl Archive {
             ArchiveLocation::S3 { bucket, prefix } => {
                 let sdk = crate::aws::sdk_config(&cfg.aws).await;
                 check_bucket(&sdk, cfg.aws.s3_endpoint.as_deref(), bucket, &location).await?;
-                let root = Path::parse(prefix.as_str()).ok().filter(|p| p.as_ref() == prefix);
+                let root = Path::parse(prefix.as_str())
+                    .ok()
+                    .filter(|p| p.as_ref() == prefix);
                 let Some(root) = root else {
                     return Err(Error::Location {
                         location: location.to_string(),
@@ -413,10 +415,7 @@ impl std::fmt::Display for StagedFallback {
     }
 }
 
-fn published_instead(
-    e: &object_store::Error,
-    location: &Path,
-) -> Option<Path> {
+fn published_instead(e: &object_store::Error, location: &Path) -> Option<Path> {
     matches!(e, object_store::Error::NotFound { .. })
         .then(|| crate::archive::layout::published_of(location))
         .flatten()

@@ -238,7 +238,10 @@ pub async fn verify_stream(archive: &Archive, stream: &str) -> Result<StreamRepo
             if published.contains(&e.path) {
                 continue;
             }
-            let (staged, path) = (stored_path(archive, &e.staged)?, stored_path(archive, &e.path)?);
+            let (staged, path) = (
+                stored_path(archive, &e.staged)?,
+                stored_path(archive, &e.path)?,
+            );
             let info = read_file(archive, &staged, &path).await?;
             notes.push(format!(
                 "committed, not published yet: {}",

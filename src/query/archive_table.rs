@@ -190,8 +190,11 @@ impl ArchiveTable {
         // Committed files not published yet: read from their staged copies
         // (the session's store falls back to the published path if the
         // staged copy is removed while the query runs).
-        let listed: std::collections::HashSet<&Path> =
-            by_partition.values().flatten().map(|o| &o.location).collect();
+        let listed: std::collections::HashSet<&Path> = by_partition
+            .values()
+            .flatten()
+            .map(|o| &o.location)
+            .collect();
         let mut staged = Vec::new();
         for entry in snapshot.unpublished() {
             let (Ok(path), Ok(staged_path)) =

@@ -44,7 +44,10 @@ fn an_archive_written_by_the_previous_version_keeps_working() {
         .lines()
         .map(str::to_string)
         .collect();
-    assert!(!pending_files.is_empty(), "the fixture has an interrupted flush");
+    assert!(
+        !pending_files.is_empty(),
+        "the fixture has an interrupted flush"
+    );
 
     // Read side: verify names the interrupted flush's files but is clean.
     let out = ws.ok(&["verify"]);
@@ -72,7 +75,14 @@ fn an_archive_written_by_the_previous_version_keeps_working() {
     assert_eq!(before.version, 1);
     assert!(!before.pending.is_empty());
     let ck = rt
-        .block_on(ShardCheckpoint::open(&archive, STREAM, shard, vec![], "test", 1))
+        .block_on(ShardCheckpoint::open(
+            &archive,
+            STREAM,
+            shard,
+            vec![],
+            "test",
+            1,
+        ))
         .unwrap();
     assert_eq!(ck.state().version, 2);
     assert_eq!(ck.state().position, before.position);
@@ -82,7 +92,10 @@ fn an_archive_written_by_the_previous_version_keeps_working() {
     }
     let out = ws.ok(&["verify"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("no gaps, no duplicates") && !text.contains("uncommitted"), "{text}");
+    assert!(
+        text.contains("no gaps, no duplicates") && !text.contains("uncommitted"),
+        "{text}"
+    );
     let got = read_local("pyarrow", &table);
     assert_eq!(got.len(), expected);
 }

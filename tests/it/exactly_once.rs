@@ -75,7 +75,11 @@ fn raw_layout(args: &[&str]) -> Raw {
 /// files with our names; no record twice; no file that was seen before is
 /// gone or changed.
 fn check_raw(seen: &mut BTreeMap<String, (u64, String)>, raw: &Raw, when: &str) {
-    assert!(raw.unreadable.is_empty(), "{when}: unreadable files {:?}", raw.unreadable);
+    assert!(
+        raw.unreadable.is_empty(),
+        "{when}: unreadable files {:?}",
+        raw.unreadable
+    );
     for name in raw.files.keys() {
         let file = name.rsplit('/').next().unwrap_or_default();
         assert!(
@@ -85,7 +89,10 @@ fn check_raw(seen: &mut BTreeMap<String, (u64, String)>, raw: &Raw, when: &str) 
     }
     let mut ids = BTreeSet::new();
     for r in &raw.records {
-        assert!(ids.insert(r.clone()), "{when}: record {r:?} is in two published files");
+        assert!(
+            ids.insert(r.clone()),
+            "{when}: record {r:?} is in two published files"
+        );
     }
     for (name, f) in seen.iter() {
         assert_eq!(
@@ -106,7 +113,10 @@ struct Producer {
 
 impl Producer {
     fn start(endpoint: &str, stream: &str) -> Producer {
-        let (stop, puts) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+        let (stop, puts) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(Mutex::new(Vec::new())),
+        );
         let c = kinesis_client(endpoint);
         let (s, p, stream) = (stop.clone(), puts.clone(), stream.to_string());
         let thread = std::thread::spawn(move || {
@@ -139,17 +149,27 @@ impl Producer {
 
 const SMALL_FLUSHES: &str = "[archive.flush]\nmax_age = \"200ms\"\nmax_bytes = \"16KiB\"\n[archiver]\npoll_interval = \"100ms\"\nmetrics_bind = \"\"\nlease_ttl = \"3s\"";
 
-fn kill_loop(ws: &Workspace, kills: usize, raw_args: &[&str], label: &str) {
+fn kill_loop(
+    ws: &Workspace,
+    kills: usize,
+    window_ms: std::ops::Range<u64>,
+    raw_args: &[&str],
+    label: &str,
+) {
     let mut rng = rand::rng();
     let mut seen = BTreeMap::new();
     for i in 0..kills {
         let mut child = ws.spawn_archiver();
         // The kill moment is random by design (not a wait for anything).
-        std::thread::sleep(Duration::from_millis(rng.random_range(150..1500)));
+        std::thread::sleep(Duration::from_millis(rng.random_range(window_ms.clone())));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         // Before any recovery: what does an outside reader see?
-        check_raw(&mut seen, &raw_layout(raw_args), &format!("{label}, after kill {}", i + 1));
+        check_raw(
+            &mut seen,
+            &raw_layout(raw_args),
+            &format!("{label}, after kill {}", i + 1),
+        );
     }
     assert!(!seen.is_empty(), "{label}: nothing was ever published");
 }
@@ -160,17 +180,31 @@ fn kill_9_publishes_only_committed_files_on_a_local_directory() {
     let stream = unique("pub-local");
     let c = kinesis_client(&k.endpoint());
     rt().block_on(create_stream(&c, &stream, 2));
-    let ws = Workspace::new(&k.endpoint(), None, None, SMALL_FLUSHES, &[(&stream, "json")]);
+    let ws = Workspace::new(
+        &k.endpoint(),
+        None,
+        None,
+        SMALL_FLUSHES,
+        &[(&stream, "json")],
+    );
     let producer = Producer::start(&k.endpoint(), &stream);
     let table = ws.archive.join(&stream);
     std::fs::create_dir_all(&table).unwrap();
-    kill_loop(&ws, 20, &[table.to_str().unwrap()], "local");
+    kill_loop(&ws, 20, 400..3000, &[table.to_str().unwrap()], "local");
     let puts = producer.finish();
     ws.ok(&["archive", "--once"]);
     let mut seen = BTreeMap::new();
-    check_raw(&mut seen, &raw_layout(&[table.to_str().unwrap()]), "local, at the end");
+    check_raw(
+        &mut seen,
+        &raw_layout(&[table.to_str().unwrap()]),
+        "local, at the end",
+    );
     let got = read_local("pyarrow", &table);
-    assert_same(&puts_multiset(&puts), &archived_multiset(&got), "local, after 20 kill -9");
+    assert_same(
+        &puts_multiset(&puts),
+        &archived_multiset(&got),
+        "local, after 20 kill -9",
+    );
     let out = ws.ok(&["verify"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("no gaps, no duplicates"));
 }
@@ -185,10 +219,10 @@ fn kill_9_publishes_only_committed_files_on_slow_s3() {
     let c = kinesis_client(&k.endpoint());
     let rt = rt();
     rt.block_on(create_stream(&c, &stream, 2));
-    // Every store request takes 40 ms more: kills land inside uploads,
+    // Every store request takes 15 ms more: kills land inside uploads,
     // commits and publications.
     let proxy = rt.block_on(Proxy::start(s3.port));
-    proxy.set_delay(40);
+    proxy.set_delay(15);
     let loc = format!("s3://{bucket}/a");
     let ws = Workspace::new(
         &k.endpoint(),
@@ -207,14 +241,18 @@ fn kill_9_publishes_only_committed_files_on_slow_s3() {
         "--prefix",
         &prefix,
     ];
-    kill_loop(&ws, 20, &raw_args, "s3");
+    kill_loop(&ws, 20, 1000..5000, &raw_args, "s3");
     let puts = producer.finish();
     proxy.set_delay(0);
     ws.ok(&["archive", "--once"]);
     let mut seen = BTreeMap::new();
     check_raw(&mut seen, &raw_layout(&raw_args), "s3, at the end");
     let got = read_archive("pyarrow", &raw_args);
-    assert_same(&puts_multiset(&puts), &archived_multiset(&got), "s3, after 20 kill -9");
+    assert_same(
+        &puts_multiset(&puts),
+        &archived_multiset(&got),
+        "s3, after 20 kill -9",
+    );
     let out = ws.ok(&["verify"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("no gaps, no duplicates"));
 }
@@ -276,17 +314,31 @@ fn a_paused_archiver_that_lost_its_lease_publishes_nothing_after_a_take_over() {
 
     // The first one's upload lands late, then it resumes: it must not commit
     // or publish anything, and it stops (fenced).
-    assert!(rt.block_on(proxy.release()) < 300, "the held upload reached the store");
+    assert!(
+        rt.block_on(proxy.release()) < 300,
+        "the held upload reached the store"
+    );
     signal(&first, libc::SIGCONT);
     let code = wait_exit(&mut first, Duration::from_secs(60));
     assert_eq!(code, Some(4), "the paused archiver stops as fenced");
 
     let prefix = format!("a/{stream}");
-    let raw_args = ["--s3-endpoint", &s3.endpoint(), "--bucket", &bucket, "--prefix", &prefix];
+    let raw_args = [
+        "--s3-endpoint",
+        &s3.endpoint(),
+        "--bucket",
+        &bucket,
+        "--prefix",
+        &prefix,
+    ];
     let mut seen = BTreeMap::new();
     check_raw(&mut seen, &raw_layout(&raw_args), "after the take-over");
     let got = read_archive("duckdb", &raw_args);
-    assert_same(&puts_multiset(&puts), &archived_multiset(&got), "after the take-over");
+    assert_same(
+        &puts_multiset(&puts),
+        &archived_multiset(&got),
+        "after the take-over",
+    );
     let out = ws.ok(&["verify"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("no gaps, no duplicates"));
 }
@@ -341,24 +393,48 @@ fn a_dead_archivers_late_checkpoint_write_does_not_stop_its_successor() {
         if proxy.held_count() >= 2 {
             break;
         }
-        assert!(Instant::now() < deadline, "the successor never wrote a checkpoint");
+        assert!(
+            Instant::now() < deadline,
+            "the successor never wrote a checkpoint"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let late = rt.block_on(proxy.release());
-    assert_eq!(late, 200, "the dead archiver's late write is accepted by the store");
+    assert_eq!(
+        late, 200,
+        "the dead archiver's late write is accepted by the store"
+    );
     rt.block_on(proxy.release());
     let out = second.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "successor failed ({}): {err}", out.status);
-    assert!(err.contains("landed late"), "the late write is logged: {err}");
+    assert!(
+        out.status.success(),
+        "successor failed ({}): {err}",
+        out.status
+    );
+    assert!(
+        err.contains("landed late"),
+        "the late write is logged: {err}"
+    );
 
     let prefix = format!("a/{stream}");
-    let raw_args = ["--s3-endpoint", &s3.endpoint(), "--bucket", &bucket, "--prefix", &prefix];
+    let raw_args = [
+        "--s3-endpoint",
+        &s3.endpoint(),
+        "--bucket",
+        &bucket,
+        "--prefix",
+        &prefix,
+    ];
     let mut seen = BTreeMap::new();
     check_raw(&mut seen, &raw_layout(&raw_args), "after the late write");
     let all: Vec<Put> = first_puts.into_iter().chain(more).collect();
     let got = read_archive("pyarrow", &raw_args);
-    assert_same(&puts_multiset(&all), &archived_multiset(&got), "after the late write");
+    assert_same(
+        &puts_multiset(&all),
+        &archived_multiset(&got),
+        "after the late write",
+    );
     let out = ws.ok(&["verify"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("no gaps, no duplicates"));
 }

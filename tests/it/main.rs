@@ -8,7 +8,6 @@ mod catalog;
 mod cluster;
 mod compat;
 mod config_cli;
-mod crash;
 mod exactly_once;
 mod faults;
 mod fencing;

@@ -236,7 +236,10 @@ fn without_shard(resp: &[u8], shard: &str) -> Vec<u8> {
     };
     let head = String::from_utf8_lossy(&resp[..i]).to_string();
     let raw = &resp[i + 4..];
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(raw)
     } else {
         raw.to_vec()
@@ -267,7 +270,11 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(i) = raw.windows(2).position(|w| w == b"\r\n") {
         let size = usize::from_str_radix(
-            String::from_utf8_lossy(&raw[..i]).split(';').next().unwrap_or("0").trim(),
+            String::from_utf8_lossy(&raw[..i])
+                .split(';')
+                .next()
+                .unwrap_or("0")
+                .trim(),
             16,
         )
         .unwrap_or(0);

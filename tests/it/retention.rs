@@ -56,12 +56,22 @@ fn records_that_expired_while_no_archiver_ran_are_recorded_as_a_gap() {
 
     let out = ws.ok(&["archive", "--once"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no longer in the stream"), "the loss is logged: {err}");
+    assert!(
+        err.contains("no longer in the stream"),
+        "the loss is logged: {err}"
+    );
 
     let kept: Vec<Put> = archived_first.into_iter().chain(after).collect();
     let got = read_local("pyarrow", &ws.archive.join(&stream));
-    assert_same(&puts_multiset(&kept), &archived_multiset(&got), "around the gap");
-    assert!(!got.iter().any(|g| lost.iter().any(|l| l.sequence_number == g.sequence_number)));
+    assert_same(
+        &puts_multiset(&kept),
+        &archived_multiset(&got),
+        "around the gap",
+    );
+    assert!(
+        !got.iter()
+            .any(|g| lost.iter().any(|l| l.sequence_number == g.sequence_number))
+    );
 
     let (code, report) = verify_report(&ws);
     assert_eq!(code, 3, "verify fails on a recorded gap: {report}");
@@ -93,7 +103,11 @@ fn a_closed_shard_that_left_the_stream_is_a_gap_and_releases_its_children() {
         lost
     });
     let children = rt.block_on(put_records(&c, &stream, &orders(60, 13)));
-    assert!(children.iter().all(|p| p.shard_id != "shardId-000000000000"));
+    assert!(
+        children
+            .iter()
+            .all(|p| p.shard_id != "shardId-000000000000")
+    );
 
     // Through a proxy that leaves the closed parent out of ListShards, as AWS
     // does once it is older than the retention.
@@ -112,8 +126,15 @@ fn a_closed_shard_that_left_the_stream_is_a_gap_and_releases_its_children() {
 
     let kept: Vec<Put> = first.into_iter().chain(children).collect();
     let got = read_local("duckdb", &ws.archive.join(&stream));
-    assert_same(&puts_multiset(&kept), &archived_multiset(&got), "children archived");
-    assert!(!got.iter().any(|g| lost.iter().any(|l| l.sequence_number == g.sequence_number)));
+    assert_same(
+        &puts_multiset(&kept),
+        &archived_multiset(&got),
+        "children archived",
+    );
+    assert!(
+        !got.iter()
+            .any(|g| lost.iter().any(|l| l.sequence_number == g.sequence_number))
+    );
 
     let (code, report) = verify_report(&ws);
     assert_eq!(code, 3, "{report}");
@@ -137,7 +158,9 @@ fn reqwest_post(url: &str, body: &str) -> usize {
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default();
-    body.trim().parse().unwrap_or_else(|_| panic!("bad answer: {resp}"))
+    body.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("bad answer: {resp}"))
 }
 
 #[test]
@@ -157,7 +180,11 @@ fn a_re_created_stream_is_archived_as_a_new_stream() {
     ws.ok(&["archive", "--once"]);
     let table = ws.archive.join(&stream);
     let before = read_local("pyarrow", &table);
-    assert_same(&puts_multiset(&old), &archived_multiset(&before), "first stream");
+    assert_same(
+        &puts_multiset(&old),
+        &archived_multiset(&before),
+        "first stream",
+    );
     let files_before: Vec<(std::path::PathBuf, Vec<u8>)> = walk(&table)
         .into_iter()
         .map(|p| {
@@ -192,7 +219,11 @@ fn a_re_created_stream_is_archived_as_a_new_stream() {
 
     let all: Vec<Put> = old.into_iter().chain(new).collect();
     let got = read_local("duckdb", &table);
-    assert_same(&puts_multiset(&all), &archived_multiset(&got), "both streams");
+    assert_same(
+        &puts_multiset(&all),
+        &archived_multiset(&got),
+        "both streams",
+    );
     for (p, b) in &files_before {
         assert_eq!(&std::fs::read(p).unwrap(), b, "{} changed", p.display());
     }
