@@ -98,8 +98,24 @@ pub struct ArchiveConfig {
     pub data_page_size: ByteSize,
     /// Bloom filters on partition_key and sequence_number.
     pub bloom_filters: bool,
+    /// When committed files appear under `dt=…/hr=…/`.
+    pub publish: PublishMode,
+    /// With `publish = "hour"`: the size of the files a closed hour is
+    /// published as (a shard's flushes of the hour are merged up to it).
+    pub publish_target_size: ByteSize,
     /// When buffered records are written out.
     pub flush: FlushConfig,
+}
+
+/// `archive.publish`: when committed files are published.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    /// Every flush's files, right after its commit.
+    #[default]
+    Flush,
+    /// A shard's committed flushes of an hour, merged, once the hour is closed.
+    Hour,
 }
 
 /// `[archive.flush]`
@@ -452,9 +468,20 @@ impl ArchiveLocation {
                     "expected s3://bucket/prefix, got {s:?} (no bucket)"
                 ));
             }
+            let prefix = prefix.trim_matches('/');
+            // Stored state names objects by their keys: a prefix must be the
+            // same before and after URL encoding, or keys would not round-trip.
+            let plain = object_store::path::Path::parse(prefix).is_ok_and(|p| {
+                p.as_ref() == prefix && object_store::path::Path::from(prefix).as_ref() == prefix
+            });
+            if !plain {
+                return Err(format!(
+                    "the prefix {prefix:?} of {s:?} needs URL encoding: use letters, digits, `-`, `_`, `.` and `/` only"
+                ));
+            }
             return Ok(ArchiveLocation::S3 {
                 bucket: bucket.to_string(),
-                prefix: prefix.trim_matches('/').to_string(),
+                prefix: prefix.to_string(),
             });
         }
         if s.contains("://") && !s.starts_with("file://") {
@@ -905,6 +932,12 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
             "expected at least 1KiB".into(),
         ));
     }
+    if cfg.archive.publish_target_size.0 < (1 << 20) {
+        return Err(bad(
+            "archive.publish_target_size",
+            "expected at least 1MiB".into(),
+        ));
+    }
     let f = &cfg.archive.flush;
     if f.memory_budget.0 < (1 << 20) {
         return Err(bad(
@@ -1172,6 +1205,38 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("FLUXCAP_ARCHIVE_ZSTD_LEVEL"), "{err}");
+    }
+
+    #[test]
+    fn s3_prefixes_must_not_need_encoding() {
+        assert!(ArchiveLocation::parse("s3://bkt/team-x/a.b_c").is_ok());
+        for bad in [
+            "s3://bkt/team~x",
+            "s3://bkt/a b",
+            "s3://bkt/a%2Fb",
+            "s3://bkt/x/../y",
+        ] {
+            let err = ArchiveLocation::parse(bad).unwrap_err();
+            assert!(err.contains("URL encoding"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn flushes_stay_below_arrows_offset_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("u.toml");
+        std::fs::write(&p, "[archive.flush]\nmax_bytes = \"3GiB\"\n").unwrap();
+        let err = load(&Sources {
+            file: Some(p),
+            env: vec![],
+            overrides: vec![],
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("archive.flush.max_bytes") && err.contains("1GiB"),
+            "{err}"
+        );
     }
 
     #[test]

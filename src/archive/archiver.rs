@@ -21,12 +21,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
-use parquet::file::metadata::KeyValue;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::checkpoint::{Commit, Gap, ShardCheckpoint, load_all, stage};
+use crate::archive::checkpoint::{Commit, Gap, PublishPolicy, ShardCheckpoint, load_all, stage};
 use crate::archive::identity;
 use crate::archive::layout::hour_key;
 use crate::archive::lease::{Lease, LeaseClock};
@@ -40,46 +39,7 @@ use crate::kinesis::{self, Client};
 use crate::metrics::{ShardStats, Stats};
 use crate::record::{Position, Record, RecordBatchBuilder};
 
-/// Footer keys of a data file, read by `fluxcap verify`.
-pub mod meta {
-    /// Position before the flush that wrote the file (`""` when none).
-    pub const FLUSH_PREV: &str = "fluxcap.flush_prev";
-    /// Position of the last record of the flush.
-    pub const FLUSH_LAST: &str = "fluxcap.flush_last";
-    /// Records in the whole flush (all of its files).
-    pub const FLUSH_RECORDS: &str = "fluxcap.flush_records";
-    /// Shard of the records.
-    pub const SHARD: &str = "fluxcap.shard_id";
-}
-
-/// Encode a position for file metadata: `<seq>:<sub>`, or `""` for none.
-pub fn encode_position(p: Option<&Position>) -> String {
-    p.map(|p| format!("{}:{}", p.sequence_number, p.subsequence_number))
-        .unwrap_or_default()
-}
-
-/// The footer metadata of every file of one flush of `shard`: the position
-/// before it, its last record and its record count (all files together).
-pub fn flush_metadata(
-    prev: Option<&Position>,
-    last: Option<&Position>,
-    records: u64,
-    shard: &str,
-) -> Vec<KeyValue> {
-    let kv = |k: &str, v: String| KeyValue::new(k.to_string(), v);
-    vec![
-        kv(meta::FLUSH_PREV, encode_position(prev)),
-        kv(meta::FLUSH_LAST, encode_position(last)),
-        kv(meta::FLUSH_RECORDS, records.to_string()),
-        kv(meta::SHARD, shard.to_string()),
-    ]
-}
-
-/// Decode [`encode_position`].
-pub fn decode_position(s: &str) -> Option<Position> {
-    let (seq, sub) = s.split_once(':')?;
-    Some(Position::new(seq, sub.parse().ok()?))
-}
+pub use crate::archive::footer::{decode_position, encode_position, flush_metadata, meta};
 
 /// What `fluxcap archive` should do.
 #[derive(Debug, Clone, Default)]
@@ -526,8 +486,16 @@ async fn supervise(
 /// its checkpoint to the end of the shard, and the shard finished.
 async fn record_lost_shard(ctx: &StreamCtx, shard: &str, reason: &str) -> Result<()> {
     let stream = &ctx.stream.name;
-    let mut ck =
-        ShardCheckpoint::open(&ctx.archive, stream, shard, vec![], &ctx.owner, ctx.epoch()).await?;
+    let mut ck = ShardCheckpoint::open_with(
+        &ctx.archive,
+        stream,
+        shard,
+        vec![],
+        &ctx.owner,
+        ctx.epoch(),
+        PublishPolicy::from_config(&ctx.cfg.archive),
+    )
+    .await?;
     if ck.state().finished {
         return Ok(());
     }
@@ -566,6 +534,10 @@ struct ShardBuffer {
     last: Option<(Position, i64)>,
     /// Records found lost before the buffered ones (recorded by the next commit).
     gap: Option<Gap>,
+    /// The last read found the shard at its tip (nothing more to read now).
+    at_tip: bool,
+    /// Arrival time of the last record read.
+    last_read_ms: Option<i64>,
 }
 
 struct Group {
@@ -585,6 +557,8 @@ impl ShardBuffer {
             permits: None,
             last: None,
             gap: None,
+            at_tip: false,
+            last_read_ms: None,
         }
     }
 
@@ -626,13 +600,14 @@ async fn archive_shard(
     let stream = ctx.stream.name.clone();
     let shard = info.shard_id.clone();
     let stats = ctx.stats.shard(&stream, &shard);
-    let mut ck = ShardCheckpoint::open(
+    let mut ck = ShardCheckpoint::open_with(
         &ctx.archive,
         &stream,
         &ctx.key(&shard),
         info.parents.iter().map(|p| ctx.key(p)).collect(),
         &ctx.owner,
         ctx.epoch(),
+        PublishPolicy::from_config(&ctx.cfg.archive),
     )
     .await?;
     if ck.state().finished {
@@ -682,6 +657,10 @@ async fn archive_shard(
         };
         if let Some(ms) = batch.millis_behind {
             stats.millis_behind.store(ms, Ordering::Relaxed);
+        }
+        buf.at_tip = batch.kinesis_records == 0 && batch.millis_behind.unwrap_or(0) == 0;
+        if let Some(r) = batch.records.last() {
+            buf.last_read_ms = Some(r.arrival_ms);
         }
         if let Some(until) = batch.gap_before.take() {
             buf.gap = Some(Gap {
@@ -742,11 +721,16 @@ async fn archive_shard(
                     .is_some_and(|r| r.arrival_ms >= started_ms);
             if at_tip || past_start {
                 flush(&ctx, &mut ck, &mut buf, &stats, false).await?;
+                ck.publish_closed(closed_before(&buf)).await?;
                 stats.state.store(3, Ordering::Relaxed);
                 return Ok(ShardOutcome::CaughtUp);
             }
         }
         if batch.kinesis_records == 0 {
+            if buf.is_empty() {
+                // Hourly publication: an idle shard's hours close by the clock.
+                ck.publish_closed(closed_before(&buf)).await?;
+            }
             tokio::select! {
                 _ = cancel.cancelled() => {}
                 _ = tokio::time::sleep(a.poll_interval.0) => {}
@@ -869,6 +853,7 @@ async fn flush(
         files: staged,
         finished,
         gap: buf.gap.take(),
+        closed_before_ms: closed_before(buf),
     })
     .await?;
     buf.records = 0;
@@ -891,6 +876,21 @@ async fn flush(
     tracing::debug!(%stream, %shard, records, files = nfiles, finished, "flush committed");
     Ok(())
 }
+
+/// Hourly publication: hours of this shard that can hold no more records.
+/// Hours before the one of the last record read are closed (arrival times
+/// of one shard do not go back by an hour); at the tip, also every hour that
+/// ended more than [`HOUR_CLOSE_MARGIN_MS`] ago.
+fn closed_before(buf: &ShardBuffer) -> Option<i64> {
+    let by_reading = buf.last_read_ms.map(hour_key);
+    let by_clock = buf
+        .at_tip
+        .then(|| chrono::Utc::now().timestamp_millis() - HOUR_CLOSE_MARGIN_MS);
+    by_reading.max(by_clock)
+}
+
+/// How long after its end an hour is closed for a shard at its tip.
+const HOUR_CLOSE_MARGIN_MS: i64 = 5 * 60 * 1000;
 
 fn lease_lapsed(ctx: &StreamCtx) -> Error {
     let stream = &ctx.stream.name;

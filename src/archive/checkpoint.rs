@@ -22,6 +22,12 @@
 //!                     conditional copy either creates the file or finds it)
 //! ```
 //!
+//! With `archive.publish = "hour"`, step (3) waits until the file's hour is
+//! closed for the shard; the commits keep naming the staged files until then.
+//! A closed hour's files are merged (a generation then names the merged
+//! files instead of their parts) and published as one file, or as files of
+//! about `archive.publish_target_size`.
+//!
 //! So a file appears under `dt=…/hr=…/` only once its flush is committed,
 //! whole (a copy or a link, never a partial upload) and once (conditional);
 //! nothing ever deletes or rewrites a published file. Readers that use the
@@ -45,14 +51,19 @@
 //! flush and the flush's record count, which `fluxcap verify` chains to prove
 //! the absence of gaps.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
+
 use bytes::Bytes;
 use chrono::Utc;
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
+use crate::archive::footer::{merged_metadata, segments_of};
 use crate::archive::layout::{parse_data_file_name, parse_generation, staged_epoch};
 use crate::archive::store::Archive;
+use crate::archive::writer::ParquetSettings;
 use crate::error::{Error, Result};
 use crate::record::Position;
 
@@ -235,6 +246,39 @@ pub(crate) async fn read_json<T: for<'de> Deserialize<'de>>(
     })
 }
 
+/// When committed files are published (`archive.publish`).
+#[derive(Debug, Clone)]
+pub struct PublishPolicy {
+    /// Publish a shard's flushes of an hour merged, once the hour is closed
+    /// (`false`: every flush's files right after its commit).
+    pub hourly: bool,
+    /// Target size of a merged file, bytes.
+    pub target_size: u64,
+    /// How merged files are encoded.
+    pub settings: ParquetSettings,
+}
+
+impl Default for PublishPolicy {
+    fn default() -> Self {
+        PublishPolicy {
+            hourly: false,
+            target_size: 256 << 20,
+            settings: ParquetSettings::default(),
+        }
+    }
+}
+
+impl PublishPolicy {
+    /// The policy `archive.publish` and `archive.publish_target_size` set.
+    pub fn from_config(a: &crate::config::ArchiveConfig) -> Self {
+        PublishPolicy {
+            hourly: a.publish == crate::config::PublishMode::Hour,
+            target_size: a.publish_target_size.0,
+            settings: ParquetSettings::from(a),
+        }
+    }
+}
+
 /// The writable checkpoint chain of one shard, owned by one archiver.
 #[derive(Debug)]
 pub struct ShardCheckpoint {
@@ -243,6 +287,11 @@ pub struct ShardCheckpoint {
     current: Checkpoint,
     /// Lease epoch of this writer (0 for a writer without a lease).
     epoch: u64,
+    /// When committed files are published.
+    policy: PublishPolicy,
+    /// Published paths still named in `current.publish` (hourly: dropped
+    /// from the list by the next generation).
+    published: HashSet<String>,
 }
 
 impl ShardCheckpoint {
@@ -259,6 +308,30 @@ impl ShardCheckpoint {
         parents: Vec<String>,
         owner: &str,
         epoch: u64,
+    ) -> Result<Self> {
+        Self::open_with(
+            archive,
+            stream,
+            shard,
+            parents,
+            owner,
+            epoch,
+            PublishPolicy::default(),
+        )
+        .await
+    }
+
+    /// [`ShardCheckpoint::open`] with a publication policy. With hourly
+    /// publication, committed files of hours that are not closed stay staged
+    /// (and named by the take-over generation).
+    pub async fn open_with(
+        archive: &Archive,
+        stream: &str,
+        shard: &str,
+        parents: Vec<String>,
+        owner: &str,
+        epoch: u64,
+        policy: PublishPolicy,
     ) -> Result<Self> {
         let mut late_writes = 0;
         loop {
@@ -280,8 +353,12 @@ impl ShardCheckpoint {
                 archive: archive.clone(),
                 current,
                 epoch,
+                policy: policy.clone(),
+                published: HashSet::new(),
             };
-            me.publish_committed().await?;
+            if !policy.hourly || me.current.finished {
+                me.publish_committed().await?;
+            }
             if !me.current.pending.is_empty() {
                 tracing::info!(
                     stream,
@@ -299,7 +376,9 @@ impl ShardCheckpoint {
             }
             let mut next = me.current.clone();
             next.pending.clear();
-            next.publish.clear();
+            if !policy.hourly {
+                next.publish.clear();
+            }
             next.owner = owner.to_string();
             match me.write_next(next).await {
                 Ok(()) => {
@@ -343,12 +422,167 @@ impl ShardCheckpoint {
         next.files += flush.files.len() as u64;
         next.finished = flush.finished;
         next.pending.clear();
-        next.publish = flush.files;
         if let Some(g) = flush.gap {
             next.gaps.push(g);
         }
+        if !self.policy.hourly {
+            next.publish = flush.files;
+            self.write_next(next).await?;
+            return self.publish_committed().await;
+        }
+        next.publish = self.unpublished();
+        next.publish.extend(flush.files);
         self.write_next(next).await?;
-        self.publish_committed().await
+        let closed = if flush.finished {
+            Some(i64::MAX)
+        } else {
+            flush.closed_before_ms
+        };
+        self.publish_closed(closed).await
+    }
+
+    /// Entries of the current generation not published yet.
+    fn unpublished(&self) -> Vec<PublishEntry> {
+        self.current
+            .publish
+            .iter()
+            .filter(|e| !self.published.contains(&e.path))
+            .cloned()
+            .collect()
+    }
+
+    /// Hourly publication: publish the committed files of every hour that
+    /// ended at or before `closed_before_ms` (epoch ms), a shard's flushes of
+    /// an hour merged into files of about the target size. Merging commits a
+    /// generation that names the merged files instead of their parts, so a
+    /// crash leaves either the parts or the merged files committed, never both.
+    pub async fn publish_closed(&mut self, closed_before_ms: Option<i64>) -> Result<()> {
+        let (true, Some(cb)) = (self.policy.hourly, closed_before_ms) else {
+            return Ok(());
+        };
+        let pending = self.unpublished();
+        let mut closed: BTreeMap<i64, Vec<(Position, PublishEntry)>> = BTreeMap::new();
+        let mut open = Vec::new();
+        for e in pending {
+            let path = stored_path(&self.archive, &e.path)?;
+            let hour = hour_of_path(&path);
+            let first = path
+                .filename()
+                .and_then(parse_data_file_name)
+                .map(|d| d.first);
+            match (hour, first) {
+                (Some(h), Some(first)) if h.saturating_add(3_600_000) <= cb => {
+                    closed.entry(h).or_default().push((first, e))
+                }
+                _ => open.push(e),
+            }
+        }
+        if closed.is_empty() {
+            return Ok(());
+        }
+        let mut ready = Vec::new();
+        let mut parts = Vec::new();
+        for (hour, mut entries) in closed {
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            // Consecutive runs of parts up to the target size.
+            let mut chunk: Vec<PublishEntry> = Vec::new();
+            let mut size = 0u64;
+            let mut chunks = Vec::new();
+            for (_, e) in entries {
+                if !chunk.is_empty() && size + e.size > self.policy.target_size {
+                    chunks.push(std::mem::take(&mut chunk));
+                    size = 0;
+                }
+                size += e.size;
+                chunk.push(e);
+            }
+            chunks.push(chunk);
+            for chunk in chunks {
+                if chunk.len() == 1 {
+                    ready.extend(chunk);
+                } else {
+                    ready.push(self.merge(hour, &chunk).await?);
+                    parts.extend(chunk);
+                }
+            }
+        }
+        if !parts.is_empty() {
+            let mut next = self.current.clone();
+            next.publish = open;
+            next.publish.extend(ready.iter().cloned());
+            self.write_next(next).await?;
+        }
+        for e in &ready {
+            let staged = stored_path(&self.archive, &e.staged)?;
+            let path = stored_path(&self.archive, &e.path)?;
+            self.archive.publish(&staged, &path, e.size).await?;
+            self.published.insert(e.path.clone());
+        }
+        for p in parts {
+            let staged = stored_path(&self.archive, &p.staged)?;
+            self.archive.delete_with_leftovers(&staged).await?;
+        }
+        Ok(())
+    }
+
+    /// Merge the staged files `parts` (consecutive, of one hour) into one
+    /// staged file whose footer keeps each part's flush segments.
+    async fn merge(&self, hour: i64, parts: &[PublishEntry]) -> Result<PublishEntry> {
+        let mut batches = Vec::new();
+        let mut segments = Vec::new();
+        let mut first: Option<Position> = None;
+        let mut count = 0usize;
+        for p in parts {
+            let staged = stored_path(&self.archive, &p.staged)?;
+            let name = self.archive.describe(&staged);
+            let bytes = self.archive.get_bytes(&staged).await?;
+            let perr = |source| Error::Parquet {
+                object: name.clone(),
+                source,
+            };
+            let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(perr)?;
+            let kv: HashMap<String, String> = builder
+                .metadata()
+                .file_metadata()
+                .key_value_metadata()
+                .map(|v| {
+                    v.iter()
+                        .filter_map(|k| Some((k.key.clone(), k.value.clone()?)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let rows = builder.metadata().file_metadata().num_rows().max(0) as u64;
+            segments.extend(segments_of(&kv, rows));
+            for b in builder.build().map_err(perr)? {
+                let b = b?;
+                count += b.num_rows();
+                batches.push(b);
+            }
+            if first.is_none() {
+                first = stored_path(&self.archive, &p.path)?
+                    .filename()
+                    .and_then(parse_data_file_name)
+                    .map(|d| d.first);
+            }
+        }
+        let first = first.ok_or_else(|| Error::CorruptState {
+            object: self
+                .archive
+                .describe(&self.archive.layout.staging_root(&self.current.stream)),
+            message: "a staged file without a data file name".into(),
+        })?;
+        let (stream, shard) = (&self.current.stream, &self.current.shard_id);
+        let path = self
+            .archive
+            .layout
+            .data_file(stream, hour, shard, &first, count);
+        let settings = self.policy.settings.clone();
+        let metadata = merged_metadata(&segments, shard);
+        let name = self.archive.describe(&path);
+        let bytes = tokio::task::spawn_blocking(move || settings.encode(&batches, metadata, &name))
+            .await
+            .map_err(|e| Error::Usage(format!("internal error: encoder task failed: {e}")))??;
+        stage(&self.archive, stream, self.epoch, &path, bytes.into()).await
     }
 
     /// Publish the committed files of the current generation and remove
@@ -474,6 +708,22 @@ pub struct Commit {
     pub finished: bool,
     /// Records found lost before this flush.
     pub gap: Option<Gap>,
+    /// Hourly publication: hours that ended at or before this time (epoch
+    /// ms) are closed for this shard and get published.
+    pub closed_before_ms: Option<i64>,
+}
+
+/// Start (epoch ms) of the hour partition a data file path is in.
+pub fn hour_of_path(path: &Path) -> Option<i64> {
+    let parts: Vec<_> = path.parts().collect();
+    let n = parts.len();
+    if n < 3 {
+        return None;
+    }
+    let dt = parts[n - 3].as_ref().strip_prefix("dt=")?;
+    let hr: u32 = parts[n - 2].as_ref().strip_prefix("hr=")?.parse().ok()?;
+    let day = chrono::NaiveDate::parse_from_str(dt, "%Y-%m-%d").ok()?;
+    Some(day.and_hms_opt(hr, 0, 0)?.and_utc().timestamp_millis())
 }
 
 /// Create `path` only if it does not exist; a lost race is [`Error::Fenced`].

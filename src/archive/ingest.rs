@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use object_store::path::Path;
 
 use crate::archive::archiver::flush_metadata;
-use crate::archive::checkpoint::{Commit, ShardCheckpoint, load_latest, stage};
+use crate::archive::checkpoint::{Commit, PublishPolicy, ShardCheckpoint, load_latest, stage};
 use crate::archive::layout::hour_key;
 use crate::archive::store::Archive;
 use crate::archive::writer::ParquetSettings;
@@ -26,6 +26,25 @@ pub async fn write_flush(
     shard: &str,
     records: &[Record],
 ) -> Result<Vec<Path>> {
+    let policy = PublishPolicy {
+        settings: settings.clone(),
+        ..PublishPolicy::default()
+    };
+    write_flush_with(archive, &policy, stream, shard, records, None).await
+}
+
+/// [`write_flush`] under a publication policy: with hourly publication, the
+/// hours that ended at or before `closed_before_ms` are published (merged)
+/// after the commit, the others stay staged.
+pub async fn write_flush_with(
+    archive: &Archive,
+    policy: &PublishPolicy,
+    stream: &str,
+    shard: &str,
+    records: &[Record],
+    closed_before_ms: Option<i64>,
+) -> Result<Vec<Path>> {
+    let settings = &policy.settings;
     let (Some(first), Some(last)) = (records.first(), records.last()) else {
         return Ok(vec![]);
     };
@@ -33,8 +52,16 @@ pub async fn write_flush(
     let epoch = load_latest(archive, stream, shard)
         .await?
         .map_or(0, |c| c.epoch);
-    let mut ck =
-        ShardCheckpoint::open(archive, stream, shard, vec![], "fluxcap-ingest", epoch).await?;
+    let mut ck = ShardCheckpoint::open_with(
+        archive,
+        stream,
+        shard,
+        vec![],
+        "fluxcap-ingest",
+        epoch,
+        policy.clone(),
+    )
+    .await?;
     let prev = ck.state().position.clone();
     if prev.as_ref().is_some_and(|p| first.position() <= *p) {
         return Err(Error::Usage(format!(
@@ -75,6 +102,7 @@ pub async fn write_flush(
         files: staged,
         finished: false,
         gap: None,
+        closed_before_ms,
     })
     .await?;
     Ok(paths)

@@ -3,6 +3,7 @@
 
 pub mod archiver;
 pub mod checkpoint;
+pub mod footer;
 pub mod identity;
 pub mod ingest;
 pub mod layout;

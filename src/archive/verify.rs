@@ -22,8 +22,8 @@ use serde::Serialize;
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
 
-use crate::archive::archiver::{decode_position, meta};
 use crate::archive::checkpoint::{Checkpoint, load_all, load_latest, stored_path};
+use crate::archive::footer::{decode_position, segments_of};
 use crate::archive::layout::{is_hidden_below, parse_data_file_name, staged_epoch};
 use crate::archive::store::Archive;
 use crate::config::Config;
@@ -133,10 +133,17 @@ impl VerifyReport {
 /// One data file as read back.
 struct FileInfo {
     path: String,
+    /// The flush parts it holds (one for a file written by one flush).
+    segments: Vec<FileSegment>,
+    positions: Vec<Position>,
+}
+
+/// One flush part of a file, decoded.
+struct FileSegment {
     prev: Option<Position>,
     last: Option<Position>,
     flush_records: u64,
-    positions: Vec<Position>,
+    count: u64,
 }
 
 /// Verify the selected streams.
@@ -341,18 +348,30 @@ fn check_shard(
     // Flush chain: group files by flush, check each flush is complete, then chain them.
     let mut flushes: BTreeMap<Option<Position>, FlushFiles> = BTreeMap::new();
     for f in files {
-        let e = flushes.entry(f.last.clone()).or_insert_with(|| FlushFiles {
-            prev: f.prev.clone(),
-            announced: f.flush_records,
-            found: 0,
-            paths: vec![],
-        });
-        e.found += f.positions.len() as u64;
-        e.paths.push(&f.path);
-        if e.prev != f.prev {
+        for seg in &f.segments {
+            let e = flushes
+                .entry(seg.last.clone())
+                .or_insert_with(|| FlushFiles {
+                    prev: seg.prev.clone(),
+                    announced: seg.flush_records,
+                    found: 0,
+                    paths: vec![],
+                });
+            e.found += seg.count;
+            e.paths.push(&f.path);
+            if e.prev != seg.prev {
+                problems.push(format!(
+                    "files of one flush disagree on its start: {:?}",
+                    e.paths
+                ));
+            }
+        }
+        let in_segments: u64 = f.segments.iter().map(|s| s.count).sum();
+        if in_segments != f.positions.len() as u64 {
             problems.push(format!(
-                "files of one flush disagree on its start: {:?}",
-                e.paths
+                "{}: its footer accounts for {in_segments} records, it holds {}",
+                f.path,
+                f.positions.len()
             ));
         }
     }
@@ -482,14 +501,18 @@ async fn read_file(archive: &Archive, location: &Path, fallback: &Path) -> Resul
             ));
         }
     }
+    let segments = segments_of(&kv, positions.len() as u64)
+        .into_iter()
+        .map(|s| FileSegment {
+            prev: decode_position(&s.prev),
+            last: decode_position(&s.last),
+            flush_records: s.records,
+            count: s.count,
+        })
+        .collect();
     Ok(FileInfo {
         path: name,
-        prev: kv.get(meta::FLUSH_PREV).and_then(|s| decode_position(s)),
-        last: kv.get(meta::FLUSH_LAST).and_then(|s| decode_position(s)),
-        flush_records: kv
-            .get(meta::FLUSH_RECORDS)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
+        segments,
         positions,
     })
 }

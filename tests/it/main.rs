@@ -14,6 +14,7 @@ mod fencing;
 mod ferro;
 mod kpl;
 mod proxy;
+mod publish_hour;
 mod replay;
 mod resharding;
 mod retention;

@@ -1,0 +1,221 @@
+//! `archive.publish = "hour"`: a shard's committed flushes of a closed hour
+//! are published as one file (or files of `archive.publish_target_size`);
+//! until then they stay staged, and `fluxcap sql` and `verify` see them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use fluxcap::archive::checkpoint::PublishPolicy;
+use fluxcap::archive::ingest::write_flush_with;
+use fluxcap::archive::layout::{Layout, parse_data_file_name};
+use fluxcap::archive::store::Archive;
+use fluxcap::archive::writer::ParquetSettings;
+use fluxcap::config::ArchiveLocation;
+use fluxcap::record::Record;
+
+use crate::harness::*;
+
+const HOUR: i64 = 3_600_000;
+
+fn local_archive(dir: &std::path::Path) -> Archive {
+    std::fs::create_dir_all(dir).unwrap();
+    Archive {
+        store: Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir).unwrap()),
+        location: ArchiveLocation::Local(dir.to_path_buf()),
+        layout: Layout::new(""),
+    }
+}
+
+/// `n` records of `shard` from sequence `from`, arriving in `hour`, with
+/// incompressible 2 KB payloads.
+fn records(shard: &str, from: usize, n: usize, hour: i64) -> Vec<Record> {
+    (from..from + n)
+        .map(|i| {
+            let data: Vec<u8> = (0..2048).map(|_| rand::random::<u8>()).collect();
+            Record {
+                shard_id: shard.into(),
+                sequence_number: format!("4960{:052}", i + 1).into(),
+                subsequence_number: 0,
+                partition_key: format!("k{}", i % 13),
+                explicit_hash_key: None,
+                arrival_ms: hour + (i as i64 % 1000) * 1000,
+                data: data.into(),
+            }
+        })
+        .collect()
+}
+
+/// Published data files (relative path → record count from the name), by hour folder.
+fn published(table: &std::path::Path) -> BTreeMap<String, Vec<usize>> {
+    let mut out: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for day in std::fs::read_dir(table).unwrap().flatten() {
+        let d = day.file_name().to_string_lossy().to_string();
+        if !d.starts_with("dt=") {
+            continue;
+        }
+        for hour in std::fs::read_dir(day.path()).unwrap().flatten() {
+            let h = hour.file_name().to_string_lossy().to_string();
+            for f in std::fs::read_dir(hour.path()).unwrap().flatten() {
+                let name = f.file_name().to_string_lossy().to_string();
+                let parsed = parse_data_file_name(&name).unwrap_or_else(|| panic!("{name}"));
+                out.entry(format!("{d}/{h}"))
+                    .or_default()
+                    .push(parsed.count);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn closed_hours_are_published_merged_and_open_ones_stay_staged() {
+    let ws = Workspace::new(
+        "http://127.0.0.1:9",
+        None,
+        None,
+        "",
+        &[("hourly", "binary")],
+    );
+    let archive = local_archive(&ws.archive);
+    let table = ws.archive.join("hourly");
+    let policy = PublishPolicy {
+        hourly: true,
+        target_size: 1 << 20,
+        settings: ParquetSettings::default(),
+    };
+    let shard = "shardId-000000000000";
+    // Two days ago, 10:00 and 11:00 UTC.
+    let h = (chrono::Utc::now().timestamp_millis() / (24 * HOUR) - 2) * 24 * HOUR + 10 * HOUR;
+    let rt = rt();
+    let mut all = Vec::new();
+    // Six flushes of hour 10 (≈200 KB each): the hour is not closed yet.
+    for f in 0..6 {
+        let recs = records(shard, f * 100, 100, h);
+        rt.block_on(write_flush_with(
+            &archive,
+            &policy,
+            "hourly",
+            shard,
+            &recs,
+            Some(h),
+        ))
+        .unwrap();
+        all.extend(recs);
+    }
+    assert!(
+        published(&table).is_empty(),
+        "nothing is published before the hour closes"
+    );
+    let n = ws.sql_count("SELECT count(*) AS n FROM archive.hourly");
+    assert_eq!(
+        n as usize,
+        all.len(),
+        "staged, committed records are queryable"
+    );
+    let out = ws.ok(&["verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("no gaps, no duplicates") && text.contains("not published yet"),
+        "{text}"
+    );
+
+    // A record of 11:00 closes 10:00: its six flushes become files of ≤ 1 MiB.
+    let recs = records(shard, 600, 50, h + HOUR);
+    rt.block_on(write_flush_with(
+        &archive,
+        &policy,
+        "hourly",
+        shard,
+        &recs,
+        Some(h + HOUR),
+    ))
+    .unwrap();
+    all.extend(recs);
+    let files = published(&table);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let counts = files.values().next().unwrap();
+    assert_eq!(counts.iter().sum::<usize>(), 600, "{files:?}");
+    assert!(
+        counts.len() >= 2 && counts.len() < 6,
+        "merged into files of about 1 MiB: {counts:?}"
+    );
+    let got = read_local("pyarrow", &table);
+    assert_eq!(got.len(), 600);
+    let out = ws.ok(&["verify"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no gaps, no duplicates"));
+    assert_eq!(
+        ws.sql_count("SELECT count(DISTINCT sequence_number) AS n FROM archive.hourly") as usize,
+        all.len()
+    );
+
+    // The clock closes 11:00 too (an idle shard).
+    let recs = records(shard, 650, 10, h + HOUR);
+    rt.block_on(write_flush_with(
+        &archive,
+        &policy,
+        "hourly",
+        shard,
+        &recs,
+        Some(chrono::Utc::now().timestamp_millis()),
+    ))
+    .unwrap();
+    all.extend(recs);
+    let files = published(&table);
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert_eq!(
+        files.values().nth(1).unwrap(),
+        &vec![60],
+        "one merged file for 11:00"
+    );
+    let got = read_local("duckdb", &table);
+    assert_eq!(got.len(), all.len());
+    let out = ws.ok(&["verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("no gaps, no duplicates") && !text.contains("not published"),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_archiver_keeps_an_open_hour_staged_under_hourly_publication() {
+    let k = ferrokinesis(false);
+    let stream = unique("hourly");
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    rt.block_on(create_stream(&c, &stream, 1));
+    let ws = Workspace::new(
+        &k.endpoint(),
+        None,
+        None,
+        "publish = \"hour\"\n[archive.flush]\nmax_age = \"100ms\"",
+        &[(&stream, "json")],
+    );
+    let mut puts = Vec::new();
+    for seed in 0..3 {
+        puts.extend(rt.block_on(put_records(&c, &stream, &orders(40, 50 + seed))));
+        ws.ok(&["archive", "--once"]);
+    }
+    let table = ws.archive.join(&stream);
+    // Records of the current hour are not published (an hour boundary
+    // crossed during the test may publish the previous hour: one file).
+    let now_hour = chrono::Utc::now().timestamp_millis() / HOUR * HOUR;
+    let (dt, hr) = fluxcap::archive::layout::partition_of(now_hour);
+    let files = if table.exists() {
+        published(&table)
+    } else {
+        BTreeMap::new()
+    };
+    assert!(
+        !files.contains_key(&format!("dt={dt}/hr={hr}")),
+        "{files:?}"
+    );
+    assert!(files.values().all(|v| v.len() == 1), "{files:?}");
+    let rows = ws.sql(&format!(
+        "SELECT sequence_number FROM archive.{} ORDER BY 1",
+        q(&stream)
+    ));
+    assert_eq!(rows.len(), puts.len());
+    let out = ws.ok(&["verify"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no gaps, no duplicates"));
+}
