@@ -1210,11 +1210,7 @@ mod tests {
     #[test]
     fn s3_prefixes_must_not_need_encoding() {
         assert!(ArchiveLocation::parse("s3://bkt/team-x/a.b_c").is_ok());
-        for bad in [
-            "s3://bkt/team~x",
-            "s3://bkt/a%2Fb",
-            "s3://bkt/x/../y",
-        ] {
+        for bad in ["s3://bkt/team~x", "s3://bkt/a%2Fb", "s3://bkt/x/../y"] {
             let err = ArchiveLocation::parse(bad).unwrap_err();
             assert!(err.contains("URL encoding"), "{bad}: {err}");
         }

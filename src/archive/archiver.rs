@@ -7,7 +7,7 @@
 //!        │                 ShardReader ─▶ ShardBuffer (per arrival hour)
 //!        │                              │ size / age / memory pressure / end of shard
 //!        ▼                              ▼
-//!   children become eligible ◀── flush: intent → files → commit (see `checkpoint`)
+//!   children become eligible ◀── flush: stage → commit → publish (see `checkpoint`)
 //! ```
 //!
 //! Memory: every buffered byte holds a permit of one global semaphore sized
@@ -225,17 +225,13 @@ async fn archive_stream(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Resul
         .max()
         .unwrap_or(0);
     let mut lease = Lease::acquire(&ctx.archive, &name, &ctx.owner, ttl, min_epoch).await?;
-    let acquired = chrono::Utc::now();
     ctx.epoch.store(lease.epoch(), Ordering::Release);
     let _ = ctx.lease_clock.set(lease.clock());
     tracing::info!(stream = %name, epoch = lease.epoch(), "lease acquired; archiving into {}", ctx.archive.describe(&ctx.archive.layout.stream_dir(&name)));
-    // Uploads of an earlier holder that died are never completed: abort them
-    // (a few seconds of margin for clocks: the store stamps them).
+    // Uploads of an earlier holder are never completed (it died, or it is
+    // fenced): abort them all before this holder starts any of its own.
     let stream_dir = ctx.archive.layout.stream_dir(&name);
-    let cutoff = acquired - chrono::Duration::seconds(5);
-    match crate::archive::store::abort_stale_uploads(&ctx.cfg, &ctx.archive, &stream_dir, cutoff)
-        .await
-    {
+    match crate::archive::store::abort_stale_uploads(&ctx.cfg, &ctx.archive, &stream_dir).await {
         Ok(0) => {}
         Ok(n) => {
             tracing::info!(stream = %name, "aborted {n} incomplete upload(s) of an earlier archiver")

@@ -273,16 +273,11 @@ impl Archive {
     }
 }
 
-/// Abort the multipart uploads under `prefix` that were started before
-/// `before`: uploads of an archiver that died (a staged file, or a publishing
-/// copy) which nobody will complete. Only the lease holder calls this, for its
-/// own stream, right after taking the lease. Returns how many were aborted.
-pub async fn abort_stale_uploads(
-    cfg: &Config,
-    archive: &Archive,
-    prefix: &Path,
-    before: chrono::DateTime<chrono::Utc>,
-) -> Result<usize> {
+/// Abort the incomplete multipart uploads under `prefix`: uploads of an
+/// archiver that died or was fenced (a staged file, or a publishing copy),
+/// which nobody will complete. Only a new lease holder calls this, for its
+/// own stream, before it starts any upload. Returns how many were aborted.
+pub async fn abort_stale_uploads(cfg: &Config, archive: &Archive, prefix: &Path) -> Result<usize> {
     let ArchiveLocation::S3 { bucket, .. } = &archive.location else {
         return Ok(0);
     };
@@ -306,11 +301,7 @@ pub async fn abort_stale_uploads(
             .await
             .map_err(|e| fail(aws_sdk_s3::error::DisplayErrorContext(&e).to_string()))?;
         for u in page.uploads() {
-            let old = u
-                .initiated()
-                .and_then(|t| t.to_millis().ok())
-                .is_some_and(|ms| ms < before.timestamp_millis());
-            if let (true, Some(key), Some(id)) = (old, u.key(), u.upload_id()) {
+            if let (Some(key), Some(id)) = (u.key(), u.upload_id()) {
                 match client
                     .abort_multipart_upload()
                     .bucket(bucket)

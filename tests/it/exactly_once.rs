@@ -253,6 +253,21 @@ fn kill_9_publishes_only_committed_files_on_slow_s3() {
         &archived_multiset(&got),
         "s3, after 20 kill -9",
     );
+    // Uploads that died with a process were aborted by the next holder.
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(format!(
+            "import boto3\nfrom botocore.config import Config\ns3=boto3.client('s3',endpoint_url='{}',region_name='us-east-1',aws_access_key_id='test',aws_secret_access_key='test',config=Config(s3={{'addressing_style':'path'}}))\nprint(len(s3.list_multipart_uploads(Bucket='{bucket}',Prefix='a/').get('Uploads',[])))",
+            s3.endpoint()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "incomplete multipart uploads left: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = ws.ok(&["verify"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("no gaps, no duplicates"));
 }
@@ -437,4 +452,78 @@ fn a_dead_archivers_late_checkpoint_write_does_not_stop_its_successor() {
     );
     let out = ws.ok(&["verify"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("no gaps, no duplicates"));
+}
+
+/// GET /metrics from the archiver and return the value of one sample.
+fn metric(port: u16, name: &str) -> Option<u64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+}
+
+#[test]
+fn failing_list_shards_never_interrupts_archiving() {
+    let k = kinesis();
+    let stream = unique("nolist");
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    let mut puts = rt.block_on(async {
+        create_stream(&c, &stream, 2).await;
+        put_records(&c, &stream, &orders(60, 61)).await
+    });
+    let proxy = rt.block_on(Proxy::start(k.port));
+    let port = free_port();
+    let ws = Workspace::new(
+        &proxy.endpoint(),
+        None,
+        None,
+        &format!(
+            "[archive.flush]\nmax_age = \"200ms\"\n[archiver]\npoll_interval = \"100ms\"\nshard_discovery_interval = \"200ms\"\nmax_backoff = \"100ms\"\nmetrics_bind = \"127.0.0.1:{port}\""
+        ),
+        &[(&stream, "json")],
+    );
+    let mut child = ws.spawn_archiver();
+    let wait_for = |n: usize, child: &mut std::process::Child| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while metric(port, "fluxcap_records_archived_total") != Some(n as u64) {
+            assert!(Instant::now() < deadline, "never archived {n} records");
+            assert!(child.try_wait().unwrap().is_none(), "the archiver exited");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for(puts.len(), &mut child);
+    // From now on every ListShards fails, longer than one listing's own retries.
+    proxy.fail_kinesis("ListShards", "InternalFailure", u32::MAX);
+    puts.extend(rt.block_on(put_records(&c, &stream, &orders(40, 62))));
+    wait_for(puts.len(), &mut child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.injected() < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "the archiver stopped listing shards"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the archiver exited on a failing ListShards"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    puts.extend(rt.block_on(put_records(&c, &stream, &orders(20, 63))));
+    wait_for(puts.len(), &mut child);
+    assert!(crate::resharding::terminate(&mut child).success());
+    let got = read_local("pyarrow", &ws.archive.join(&stream));
+    assert_same(
+        &puts_multiset(&puts),
+        &archived_multiset(&got),
+        "ListShards failing",
+    );
 }

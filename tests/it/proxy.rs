@@ -104,6 +104,31 @@ impl Proxy {
         *self.ctl.hidden_shard.lock().unwrap() = Some(shard.to_string());
     }
 
+    /// Answer the next `times` Kinesis calls of `target` (e.g. `ListShards`)
+    /// with the error `code` (`ProvisionedThroughputExceededException` is a
+    /// 400, anything else a 500), without forwarding them.
+    pub fn fail_kinesis(&self, target: &str, code: &str, times: u32) {
+        self.ctl
+            .failing
+            .lock()
+            .unwrap()
+            .push((target.into(), code.into(), times));
+    }
+
+    /// Answer the next `times` GetRecords calls with an empty page that is
+    /// behind the tip (as Kinesis may while records exist), whose next
+    /// iterator is the one asked with.
+    pub fn empty_get_records(&self, times: u32) {
+        self.ctl
+            .empty_pages
+            .store(times, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Errors injected by [`Proxy::fail_kinesis`] so far.
+    pub fn injected(&self) -> u64 {
+        self.ctl.injected.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Requests held now.
     pub fn held_count(&self) -> usize {
         self.ctl.held.lock().unwrap().len()
@@ -187,6 +212,62 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     let line = head.lines().next().unwrap_or_default().to_string();
+    let target = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("x-amz-target")
+                .then(|| v.trim().rsplit('.').next().unwrap_or_default().to_string())
+        })
+        .unwrap_or_default();
+    let failure = {
+        let mut failing = ctl.failing.lock().unwrap();
+        failing
+            .iter_mut()
+            .find(|(t, _, n)| *t == target && *n > 0)
+            .map(|(_, code, n)| {
+                *n -= 1;
+                code.clone()
+            })
+    };
+    if let Some(code) = failure {
+        ctl.injected
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let status = if code == "ProvisionedThroughputExceededException" {
+            "400 Bad Request"
+        } else {
+            "500 Internal Server Error"
+        };
+        let body = format!(r#"{{"__type":"{code}","message":"injected by the test proxy"}}"#);
+        let resp = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/x-amz-json-1.1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        sock.write_all(resp.as_bytes()).await?;
+        return Ok(());
+    }
+    if target == "GetRecords"
+        && ctl
+            .empty_pages
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
+    {
+        let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let it = req["ShardIterator"].as_str().unwrap_or_default();
+        let body = serde_json::json!({"Records": [], "MillisBehindLatest": 60000, "NextShardIterator": it})
+            .to_string();
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/x-amz-json-1.1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        sock.write_all(resp.as_bytes()).await?;
+        return Ok(());
+    }
     let matched = {
         let mut rule = ctl.rule.lock().unwrap();
         let hit = rule.as_ref().is_some_and(|r| {

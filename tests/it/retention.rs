@@ -260,3 +260,57 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn status_keeps_its_retention_warning_through_empty_pages_and_throttling() {
+    let k = kinesis();
+    let stream = unique("peek");
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    rt.block_on(async {
+        create_stream(&c, &stream, 1).await;
+        put_records(&c, &stream, &orders(20, 31)).await;
+    });
+    let proxy = rt.block_on(Proxy::start(k.port));
+    // Any unarchived record is "at risk" under a 25 h threshold (24 h retention).
+    let ws = Workspace::new(
+        &proxy.endpoint(),
+        None,
+        None,
+        "[status]\nretention_warning = \"25h\"\n[archiver]\nmax_backoff = \"100ms\"",
+        &[(&stream, "json")],
+    );
+    let shard = |st: &serde_json::Value| st["streams"][0]["shards"][0].clone();
+
+    // Throttled twice, then three empty pages behind the tip, then the record.
+    proxy.fail_kinesis("GetRecords", "ProvisionedThroughputExceededException", 2);
+    proxy.empty_get_records(3);
+    let st = status_json(&ws);
+    assert!(shard(&st)["warning"].as_bool().unwrap(), "{st}");
+    let expires = shard(&st)["expires_in_secs"].as_i64().unwrap();
+    assert!(expires > 23 * 3600 && expires <= 24 * 3600, "{st}");
+    assert_eq!(proxy.injected(), 2);
+
+    // No answer at all: warn from the last archived record's arrival.
+    let direct = Workspace::new(
+        &k.endpoint(),
+        Some(ws.archive.to_str().unwrap()),
+        None,
+        "",
+        &[(&stream, "json")],
+    );
+    direct.ok(&["archive", "--once"]);
+    rt.block_on(put_records(&c, &stream, &orders(5, 32)));
+    proxy.fail_kinesis("GetRecords", "InternalFailure", u32::MAX);
+    let st = status_json(&ws);
+    assert!(shard(&st)["warning"].as_bool().unwrap(), "{st}");
+    assert!(shard(&st)["expires_in_secs"].as_i64().is_some(), "{st}");
+    assert!(
+        st["streams"][0]["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("retention")),
+        "{st}"
+    );
+}
