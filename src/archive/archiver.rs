@@ -351,25 +351,23 @@ async fn supervise(
     let mut restarts: HashMap<String, u32> = HashMap::new();
 
     loop {
-        if !cancel.is_cancelled() && first_err.is_none() {
-            if relist {
-                match list_shards(&ctx.client, &name, max_backoff).await {
-                    Ok(l) => {
-                        listed = Some(l.into_iter().map(|s| (s.shard_id.clone(), s)).collect());
-                        relist = false;
-                    }
-                    // Keep working from the previous listing; flushes in
-                    // progress are never interrupted by a listing failure.
-                    Err(e) if listed.is_some() => {
-                        tracing::warn!(stream = %name, "listing shards failed, keeping the previous listing: {e}");
-                        relist = false;
-                    }
-                    Err(e) if running.is_empty() => return Err(e),
-                    Err(e) => {
-                        tracing::error!(stream = %name, "{e}");
-                        cancel.cancel();
-                        first_err.get_or_insert(e);
-                    }
+        if !cancel.is_cancelled() && first_err.is_none() && relist {
+            match list_shards(&ctx.client, &name, max_backoff).await {
+                Ok(l) => {
+                    listed = Some(l.into_iter().map(|s| (s.shard_id.clone(), s)).collect());
+                    relist = false;
+                }
+                // Keep working from the previous listing; flushes in
+                // progress are never interrupted by a listing failure.
+                Err(e) if listed.is_some() => {
+                    tracing::warn!(stream = %name, "listing shards failed, keeping the previous listing: {e}");
+                    relist = false;
+                }
+                Err(e) if running.is_empty() => return Err(e),
+                Err(e) => {
+                    tracing::error!(stream = %name, "{e}");
+                    cancel.cancel();
+                    first_err.get_or_insert(e);
                 }
             }
         }

@@ -33,6 +33,12 @@ struct Ctl {
     held: Mutex<Vec<Held>>,
     hidden_shard: Mutex<Option<String>>,
     arrived: Notify,
+    /// Kinesis target (e.g. `ListShards`) → (error code, how many more times).
+    failing: Mutex<Vec<(String, String, u32)>>,
+    /// GetRecords answers still to be replaced by an empty page.
+    empty_pages: std::sync::atomic::AtomicU32,
+    /// Errors injected so far.
+    injected: std::sync::atomic::AtomicU64,
 }
 
 pub struct Proxy {
