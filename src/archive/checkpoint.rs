@@ -51,7 +51,7 @@
 //! flush and the flush's record count, which `fluxcap verify` chains to prove
 //! the absence of gaps.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use bytes::Bytes;
 use chrono::Utc;
@@ -60,7 +60,7 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::archive::footer::{merged_metadata, segments_of};
+use crate::archive::footer::{key_values, merged_metadata, segments_of};
 use crate::archive::layout::{parse_data_file_name, parse_generation, staged_epoch};
 use crate::archive::store::Archive;
 use crate::archive::writer::ParquetSettings;
@@ -541,16 +541,7 @@ impl ShardCheckpoint {
                 source,
             };
             let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(perr)?;
-            let kv: HashMap<String, String> = builder
-                .metadata()
-                .file_metadata()
-                .key_value_metadata()
-                .map(|v| {
-                    v.iter()
-                        .filter_map(|k| Some((k.key.clone(), k.value.clone()?)))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let kv = key_values(builder.metadata().file_metadata());
             let rows = builder.metadata().file_metadata().num_rows().max(0) as u64;
             segments.extend(segments_of(&kv, rows));
             for b in builder.build().map_err(perr)? {

@@ -97,3 +97,16 @@ pub fn segments_of(kv: &std::collections::HashMap<String, String>, rows: u64) ->
         count: rows,
     }]
 }
+
+/// A file's footer key-value metadata as a map.
+pub fn key_values(
+    meta: &parquet::file::metadata::FileMetaData,
+) -> std::collections::HashMap<String, String> {
+    meta.key_value_metadata()
+        .map(|v| {
+            v.iter()
+                .filter_map(|k| Some((k.key.clone(), k.value.clone()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -23,7 +23,7 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
 
 use crate::archive::checkpoint::{Checkpoint, load_all, load_latest, stored_path};
-use crate::archive::footer::{decode_position, segments_of};
+use crate::archive::footer::{decode_position, key_values, segments_of};
 use crate::archive::layout::{is_hidden_below, parse_data_file_name, staged_epoch};
 use crate::archive::store::Archive;
 use crate::config::Config;
@@ -466,16 +466,7 @@ async fn read_file(archive: &Archive, location: &Path, fallback: &Path) -> Resul
         .await
         .map_err(|e| Error::store(&name, e))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(perr)?;
-    let kv: HashMap<String, String> = builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .map(|v| {
-            v.iter()
-                .filter_map(|k| Some((k.key.clone(), k.value.clone()?)))
-                .collect()
-        })
-        .unwrap_or_default();
+    let kv = key_values(builder.metadata().file_metadata());
     let schema = builder.parquet_schema();
     let idx: Vec<usize> = ["sequence_number", "subsequence_number"]
         .iter()

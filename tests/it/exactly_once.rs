@@ -294,28 +294,73 @@ fn signal(child: &std::process::Child, sig: libc::c_int) {
     assert_eq!(rc, 0, "kill({}, {sig})", child.id());
 }
 
+/// A one-shard stream with `n` records, a bucket behind a [`Proxy`], and a
+/// workspace archiving the one into the other through the proxy.
+struct ProxiedS3 {
+    /// Kept alive for the test's duration.
+    _k: Server,
+    s3: Server,
+    stream: String,
+    bucket: String,
+    c: aws_sdk_kinesis::Client,
+    rt: tokio::runtime::Runtime,
+    proxy: Proxy,
+    ws: Workspace,
+    puts: Vec<Put>,
+}
+
+impl ProxiedS3 {
+    fn new(name: &str, n: usize, seed: u64) -> Self {
+        let k = kinesis();
+        let s3 = s3();
+        let stream = unique(name);
+        let bucket = unique(name);
+        create_bucket(&s3, &bucket);
+        let c = kinesis_client(&k.endpoint());
+        let rt = rt();
+        let puts = rt.block_on(async {
+            create_stream(&c, &stream, 1).await;
+            put_records(&c, &stream, &orders(n, seed)).await
+        });
+        let proxy = rt.block_on(Proxy::start(s3.port));
+        let ws = Workspace::new(
+            &k.endpoint(),
+            Some(&format!("s3://{bucket}/a")),
+            Some(&proxy.endpoint()),
+            SMALL_FLUSHES,
+            &[(&stream, "json")],
+        );
+        ProxiedS3 {
+            _k: k,
+            s3,
+            stream,
+            bucket,
+            c,
+            rt,
+            proxy,
+            ws,
+            puts,
+        }
+    }
+
+    /// Arguments of raw_layout.py / read_archive.py for the stream's table.
+    fn raw_args(&self) -> Vec<String> {
+        [
+            "--s3-endpoint".to_string(),
+            self.s3.endpoint(),
+            "--bucket".into(),
+            self.bucket.clone(),
+            "--prefix".into(),
+            format!("a/{}", self.stream),
+        ]
+        .to_vec()
+    }
+}
+
 #[test]
 fn a_paused_archiver_that_lost_its_lease_publishes_nothing_after_a_take_over() {
-    let k = kinesis();
-    let s3 = s3();
-    let stream = unique("paused");
-    let bucket = unique("paused");
-    create_bucket(&s3, &bucket);
-    let c = kinesis_client(&k.endpoint());
-    let rt = rt();
-    let puts = rt.block_on(async {
-        create_stream(&c, &stream, 1).await;
-        put_records(&c, &stream, &orders(300, 41)).await
-    });
-    let proxy = rt.block_on(Proxy::start(s3.port));
-    let loc = format!("s3://{bucket}/a");
-    let ws = Workspace::new(
-        &k.endpoint(),
-        Some(&loc),
-        Some(&proxy.endpoint()),
-        SMALL_FLUSHES,
-        &[(&stream, "json")],
-    );
+    let t = ProxiedS3::new("paused", 300, 41);
+    let (rt, proxy, ws, puts) = (&t.rt, &t.proxy, &t.ws, &t.puts);
     // The first archiver is paused in the middle of uploading a flush.
     proxy.hold_next("PUT", "/_fluxcap/staging/");
     let mut first = ws.spawn_archiver();
@@ -337,20 +382,13 @@ fn a_paused_archiver_that_lost_its_lease_publishes_nothing_after_a_take_over() {
     let code = wait_exit(&mut first, Duration::from_secs(60));
     assert_eq!(code, Some(4), "the paused archiver stops as fenced");
 
-    let prefix = format!("a/{stream}");
-    let raw_args = [
-        "--s3-endpoint",
-        &s3.endpoint(),
-        "--bucket",
-        &bucket,
-        "--prefix",
-        &prefix,
-    ];
+    let args = t.raw_args();
+    let raw_args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut seen = BTreeMap::new();
     check_raw(&mut seen, &raw_layout(&raw_args), "after the take-over");
     let got = read_archive("duckdb", &raw_args);
     assert_same(
-        &puts_multiset(&puts),
+        &puts_multiset(puts),
         &archived_multiset(&got),
         "after the take-over",
     );
@@ -360,26 +398,9 @@ fn a_paused_archiver_that_lost_its_lease_publishes_nothing_after_a_take_over() {
 
 #[test]
 fn a_dead_archivers_late_checkpoint_write_does_not_stop_its_successor() {
-    let k = kinesis();
-    let s3 = s3();
-    let stream = unique("late");
-    let bucket = unique("late");
-    create_bucket(&s3, &bucket);
-    let c = kinesis_client(&k.endpoint());
-    let rt = rt();
-    let first_puts = rt.block_on(async {
-        create_stream(&c, &stream, 1).await;
-        put_records(&c, &stream, &orders(200, 7)).await
-    });
-    let proxy = rt.block_on(Proxy::start(s3.port));
-    let loc = format!("s3://{bucket}/a");
-    let ws = Workspace::new(
-        &k.endpoint(),
-        Some(&loc),
-        Some(&proxy.endpoint()),
-        SMALL_FLUSHES,
-        &[(&stream, "json")],
-    );
+    let t = ProxiedS3::new("late", 200, 7);
+    let (rt, proxy, ws, c, stream) = (&t.rt, &t.proxy, &t.ws, &t.c, &t.stream);
+    let first_puts = t.puts.clone();
     // Generation 1 is the first archiver's take-over generation, 2 its first
     // commit: hold that one until the archiver is dead.
     let gen2 = "/_fluxcap/checkpoints/shardId-000000000000/00000000000000000002.json";
@@ -391,7 +412,7 @@ fn a_dead_archivers_late_checkpoint_write_does_not_stop_its_successor() {
     first.wait().unwrap();
 
     // More traffic while nobody archives.
-    let more = rt.block_on(put_records(&c, &stream, &orders(150, 8)));
+    let more = rt.block_on(put_records(c, stream, &orders(150, 8)));
 
     // The successor reads the state (generation 1); its own first checkpoint
     // write (its take-over generation 2) is held until the dead one's write
@@ -432,15 +453,8 @@ fn a_dead_archivers_late_checkpoint_write_does_not_stop_its_successor() {
         "the late write is logged: {err}"
     );
 
-    let prefix = format!("a/{stream}");
-    let raw_args = [
-        "--s3-endpoint",
-        &s3.endpoint(),
-        "--bucket",
-        &bucket,
-        "--prefix",
-        &prefix,
-    ];
+    let args = t.raw_args();
+    let raw_args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut seen = BTreeMap::new();
     check_raw(&mut seen, &raw_layout(&raw_args), "after the late write");
     let all: Vec<Put> = first_puts.into_iter().chain(more).collect();
@@ -452,22 +466,6 @@ fn a_dead_archivers_late_checkpoint_write_does_not_stop_its_successor() {
     );
     let out = ws.ok(&["verify"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("no gaps, no duplicates"));
-}
-
-/// GET /metrics from the archiver and return the value of one sample.
-fn metric(port: u16, name: &str) -> Option<u64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.lines()
-        .find(|l| l.starts_with(&format!("{name} ")))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
 }
 
 #[test]
@@ -494,7 +492,7 @@ fn failing_list_shards_never_interrupts_archiving() {
     let mut child = ws.spawn_archiver();
     let wait_for = |n: usize, child: &mut std::process::Child| {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while metric(port, "fluxcap_records_archived_total") != Some(n as u64) {
+        while crate::fencing::metric(port, "fluxcap_records_archived_total") != Some(n as u64) {
             assert!(Instant::now() < deadline, "never archived {n} records");
             assert!(child.try_wait().unwrap().is_none(), "the archiver exited");
             std::thread::sleep(Duration::from_millis(50));

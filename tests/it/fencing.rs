@@ -17,7 +17,7 @@ use crate::harness::*;
 use crate::resharding::terminate;
 
 /// GET /metrics from the archiver and return the value of one sample.
-fn metric(port: u16, name: &str) -> Option<u64> {
+pub fn metric(port: u16, name: &str) -> Option<u64> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     write!(

@@ -148,7 +148,8 @@ impl Proxy {
     }
 }
 
-async fn read_request(sock: &mut TcpStream) -> std::io::Result<Option<(String, Vec<u8>)>> {
+/// Read one HTTP/1.1 request (head + Content-Length body).
+pub async fn read_request(sock: &mut TcpStream) -> std::io::Result<Option<(String, Vec<u8>)>> {
     let mut buf = Vec::new();
     let mut tmp = [0u8; 65536];
     let head_end = loop {
