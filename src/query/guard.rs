@@ -218,7 +218,7 @@ pub struct BoundedSeries {
 
 impl TableFunctionImpl for BoundedSeries {
     fn call_with_args(&self, args: TableFunctionArgs) -> DfResult<Arc<dyn TableProvider>> {
-        if let Some(n) = series_len(args.exprs())
+        if let Some(n) = series_len(args.exprs(), self.name == "generate_series")
             && n > self.max_rows as i128
         {
             return plan_err!(
@@ -231,9 +231,10 @@ impl TableFunctionImpl for BoundedSeries {
     }
 }
 
-/// An upper bound of the rows a series call produces (`None`: the engine
-/// refuses the arguments or produces nothing).
-fn series_len(exprs: &[DfExpr]) -> Option<i128> {
+/// The rows a series call produces (`None`: the engine refuses the
+/// arguments or produces nothing); `generate_series` includes its end,
+/// `range` does not.
+fn series_len(exprs: &[DfExpr], include_end: bool) -> Option<i128> {
     let lit = |e: &DfExpr| match e {
         DfExpr::Literal(v, _) => Some(v.clone()),
         _ => None,
@@ -254,10 +255,20 @@ fn series_len(exprs: &[DfExpr]) -> Option<i128> {
     };
     let count = |start: i128, end: i128, step: i128| {
         if step == 0 {
-            None
-        } else {
-            Some(((end - start) / step).max(0) + 1)
+            return None;
         }
+        let span = end - start;
+        if span != 0 && (span > 0) != (step > 0) {
+            return Some(0);
+        }
+        let whole = span / step;
+        Some(if include_end {
+            whole + 1
+        } else if span % step == 0 {
+            whole
+        } else {
+            whole + 1
+        })
     };
     match args.as_slice() {
         [end] => count(0, int(end)?, 1),
@@ -357,11 +368,19 @@ mod tests {
     #[test]
     fn series_lengths() {
         let i = |n: i64| DfExpr::Literal(ScalarValue::Int64(Some(n)), None);
-        assert_eq!(series_len(&[i(10)]), Some(11));
-        assert_eq!(series_len(&[i(5), i(10)]), Some(6));
-        assert_eq!(series_len(&[i(0), i(100), i(10)]), Some(11));
-        assert_eq!(series_len(&[i(10), i(0)]), Some(1));
-        assert_eq!(series_len(&[i(0), i(10), i(0)]), None);
-        assert_eq!(series_len(&[i(0), i(i64::MAX)]), Some(i64::MAX as i128 + 1));
+        // generate_series includes its end, range does not.
+        assert_eq!(series_len(&[i(10)], true), Some(11));
+        assert_eq!(series_len(&[i(10)], false), Some(10));
+        assert_eq!(series_len(&[i(5), i(10)], true), Some(6));
+        assert_eq!(series_len(&[i(0), i(100), i(10)], true), Some(11));
+        assert_eq!(series_len(&[i(0), i(95), i(10)], false), Some(10));
+        assert_eq!(series_len(&[i(0), i(100), i(10)], false), Some(10));
+        assert_eq!(series_len(&[i(10), i(0)], true), Some(0));
+        assert_eq!(series_len(&[i(10), i(0), i(-1)], false), Some(10));
+        assert_eq!(series_len(&[i(0), i(10), i(0)], true), None);
+        assert_eq!(
+            series_len(&[i(0), i(i64::MAX)], false),
+            Some(i64::MAX as i128)
+        );
     }
 }

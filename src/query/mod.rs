@@ -405,7 +405,9 @@ pub fn query_error(e: DataFusionError, tables: &[String]) -> Error {
         DataFusionError::Plan(m) if m.contains("not found") && m.contains("table") => Error::Sql {
             message: format!("{message}\navailable tables: {}", tables.join(", ")),
         },
-        DataFusionError::Plan(_) | DataFusionError::SchemaError(..) => Error::Sql { message },
+        DataFusionError::Plan(_)
+        | DataFusionError::SchemaError(..)
+        | DataFusionError::NotImplemented(_) => Error::Sql { message },
         _ => Error::Query { message },
     }
 }

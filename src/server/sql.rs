@@ -22,8 +22,11 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::DataFusionError;
-use datafusion::physical_plan::SendableRecordBatchStream;
+use datafusion::physical_plan::coop::CooperativeExec;
+use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream};
+use datafusion::prelude::DataFrame;
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -189,9 +192,7 @@ pub(crate) async fn post(
     let deadline = started + state.queries.timeout;
     let start = async {
         let df = state.session.sql(&req.sql).await.map_err(ApiError::from)?;
-        df.execute_stream()
-            .await
-            .map_err(|e| engine_error(&state, e))
+        execute(&state, df).await
     };
     let stream = match tokio::time::timeout_at(deadline, start).await {
         Ok(Ok(s)) => s,
@@ -264,6 +265,29 @@ pub(crate) async fn post(
         Body::from_stream(download),
     )
         .into_response())
+}
+
+/// Run `df` with every operator made cooperative: each one spends the
+/// task's scheduling budget, so even an operator looping over its input
+/// (an aggregate over a huge cross join) yields regularly, and the timeout
+/// or a client that goes away can stop it. (DataFusion only makes the
+/// leaves cooperative, which is not enough when one leaf batch turns into
+/// millions of output batches.)
+async fn execute(state: &AppState, df: DataFrame) -> Result<SendableRecordBatchStream, ApiError> {
+    let task = Arc::new(df.task_ctx());
+    let plan = df
+        .create_physical_plan()
+        .await
+        .map_err(|e| engine_error(state, e))?;
+    let plan = plan
+        .transform_up(|p| {
+            Ok(Transformed::yes(
+                Arc::new(CooperativeExec::new(p)) as Arc<dyn ExecutionPlan>
+            ))
+        })
+        .map_err(|e| engine_error(state, e))?
+        .data;
+    datafusion::physical_plan::execute_stream(plan, task).map_err(|e| engine_error(state, e))
 }
 
 /// Collect the JSON answer within `server.max_rows` and `server.max_response_bytes`.
