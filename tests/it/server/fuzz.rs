@@ -67,7 +67,11 @@ fn the_whole_api_survives_property_based_requests() {
         let (ok, out, requests) = schemathesis(&base, header.as_deref(), &report);
         assert!(ok, "schemathesis {name} found problems:\n{out}");
         assert!(requests > 50, "{name}: only {requests} requests\n{out}");
-        eprintln!("schemathesis {name}: {requests} requests");
+        let summary: Vec<&str> = out
+            .lines()
+            .filter(|l| l.contains("Test cases") || l.contains("passed"))
+            .collect();
+        eprintln!("schemathesis {name}: {requests} requests; {summary:?}");
         total += requests;
         assert!(srv.alive(), "the server died during the {name} run");
     }
