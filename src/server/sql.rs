@@ -234,11 +234,11 @@ pub(crate) async fn post(
             neutralize: req.neutralize_formulas,
         }
     } else {
-        Encoder::Arrow(
+        Encoder::Arrow(Box::new(
             arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &stream.schema()).map_err(
                 |e| ApiError::internal(StatusCode::INTERNAL_SERVER_ERROR, "encoding", &e),
             )?,
-        )
+        ))
     };
     let download = Download {
         schema: stream.schema(),
@@ -343,7 +343,7 @@ async fn json_answer(
 /// How a download is encoded.
 enum Encoder {
     Csv { header: bool, neutralize: bool },
-    Arrow(arrow::ipc::writer::StreamWriter<Vec<u8>>),
+    Arrow(Box<arrow::ipc::writer::StreamWriter<Vec<u8>>>),
 }
 
 /// A download's body: polled by the connection as the client reads, so the
