@@ -13,7 +13,9 @@ fn schemathesis(base: &str, header: Option<&str>, report: &std::path::Path) -> (
     let exe = root().join(".local/venv/bin/schemathesis");
     assert!(exe.exists(), "missing {}: run scripts/setup", exe.display());
     let mut cmd = Command::new(exe);
-    cmd.arg("run")
+    // Its cache goes to the working directory: the test's, not the checkout.
+    cmd.current_dir(report.parent().unwrap_or(std::path::Path::new("/tmp")))
+        .arg("run")
         .arg(root().join("src/server/openapi.json"))
         .args(["--url", base])
         .args([
