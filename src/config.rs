@@ -31,6 +31,9 @@ pub const OPTIONAL_KEYS: &[&str] = &[
     "replay.target_profile",
     "replay.target_endpoint",
     "server.token",
+    "server.token_file",
+    "server.tls_cert",
+    "server.tls_key",
 ];
 
 /// Keys of one `[[streams]]` entry, and whether each is required.
@@ -146,6 +149,8 @@ pub struct ArchiverConfig {
     pub max_backoff: HumanDuration,
     /// Prometheus endpoint address; empty disables.
     pub metrics_bind: String,
+    /// Allow `metrics_bind` on a non-loopback address (the endpoint has no token).
+    pub metrics_public: bool,
     /// Period of progress log lines when not on a terminal.
     pub progress_interval: HumanDuration,
 }
@@ -168,6 +173,10 @@ pub struct QueryConfig {
     pub memory_limit: ByteSize,
     /// Consecutive failed Kinesis calls after which a live read fails the query.
     pub live_retry_attempts: u32,
+    /// Longest SQL text accepted (`fluxcap sql`, replay's `--where`/`--key`/`--tombstone`, the API).
+    pub max_statement_bytes: ByteSize,
+    /// Deepest nesting of expressions, subqueries, set operations and joins accepted.
+    pub max_expression_depth: usize,
 }
 
 /// `[replay]`
@@ -212,6 +221,39 @@ pub struct ServerConfig {
     pub max_rows: usize,
     /// Largest request body accepted.
     pub max_request_bytes: ByteSize,
+    /// File the generated token is written to (mode 0600) when no token is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
+    /// PEM certificate chain: with `tls_key`, the server speaks HTTPS only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<String>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<String>,
+    /// Allow plain HTTP on a non-loopback address (TLS ends at a proxy in front).
+    pub allow_plain_http: bool,
+    /// A query running longer is stopped and answered with 408.
+    pub query_timeout: HumanDuration,
+    /// Queries running at once; 0 means one per CPU core.
+    pub max_concurrent_queries: usize,
+    /// How long a query waits for a free slot before a 503.
+    pub query_queue_timeout: HumanDuration,
+    /// Memory all queries of the server share before spilling (0: no limit).
+    pub memory_limit: ByteSize,
+    /// Largest JSON answer of `POST /api/sql` (rows beyond are cut, `truncated`).
+    pub max_response_bytes: ByteSize,
+    /// Most rows one `range`/`generate_series` call may produce.
+    pub max_series_rows: u64,
+    /// Recursive CTEs (`WITH RECURSIVE`) in the server's queries.
+    pub recursive_ctes: bool,
+    /// A client must send a request's headers within this (also the keep-alive idle limit).
+    pub header_read_timeout: HumanDuration,
+    /// A client that sends no request body bytes or reads no response bytes for this long is dropped.
+    pub idle_timeout: HumanDuration,
+    /// Open connections at most; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// Replays started through the API that may run at once.
+    pub max_running_replays: usize,
 }
 
 /// `[cluster]`
@@ -873,16 +915,64 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
             ),
         ));
     }
-    if let Some(t) = &cfg.server.token
-        && t.len() < 16
+    let sv = &cfg.server;
+    if let Some(t) = &sv.token
+        && t.trim().chars().count() < 32
     {
         return Err(bad(
             "server.token",
-            "expected at least 16 characters".into(),
+            "expected at least 32 characters (for example `openssl rand -hex 16`)".into(),
         ));
     }
-    if cfg.server.max_rows == 0 {
+    if sv.max_rows == 0 {
         return Err(bad("server.max_rows", "expected a positive number".into()));
+    }
+    if sv.tls_cert.is_some() != sv.tls_key.is_some() {
+        let key = if sv.tls_cert.is_some() {
+            "server.tls_key"
+        } else {
+            "server.tls_cert"
+        };
+        return Err(bad(
+            key,
+            "server.tls_cert and server.tls_key go together: set both or neither".into(),
+        ));
+    }
+    for (key, d) in [
+        ("server.query_timeout", sv.query_timeout),
+        ("server.header_read_timeout", sv.header_read_timeout),
+        ("server.idle_timeout", sv.idle_timeout),
+    ] {
+        if d.0.is_zero() {
+            return Err(bad(key, "expected a positive duration".into()));
+        }
+    }
+    for (key, n) in [
+        ("server.max_connections", sv.max_connections),
+        ("server.max_running_replays", sv.max_running_replays),
+        ("query.max_expression_depth", cfg.query.max_expression_depth),
+    ] {
+        if n == 0 {
+            return Err(bad(key, "expected a positive number".into()));
+        }
+    }
+    if sv.max_series_rows == 0 {
+        return Err(bad(
+            "server.max_series_rows",
+            "expected a positive number".into(),
+        ));
+    }
+    if sv.max_response_bytes.0 < 1024 {
+        return Err(bad(
+            "server.max_response_bytes",
+            "expected at least 1KiB".into(),
+        ));
+    }
+    if cfg.query.max_statement_bytes.0 < 64 {
+        return Err(bad(
+            "query.max_statement_bytes",
+            "expected at least 64 bytes".into(),
+        ));
     }
     let r = &cfg.replay;
     if r.annotation_field.is_empty() {
@@ -980,7 +1070,7 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
         return Err(bad("archiver.lease_ttl", "expected at least 2s".into()));
     }
     if !a.metrics_bind.is_empty() {
-        a.metrics_bind.parse::<SocketAddr>().map_err(|_| {
+        let addr = a.metrics_bind.parse::<SocketAddr>().map_err(|_| {
             bad(
                 "archiver.metrics_bind",
                 format!(
@@ -989,6 +1079,15 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
                 ),
             )
         })?;
+        if !addr.ip().is_loopback() && !a.metrics_public {
+            return Err(bad(
+                "archiver.metrics_bind",
+                format!(
+                    "{addr} is not a loopback address and /metrics has no token: \
+                     set archiver.metrics_public = true to expose it anyway"
+                ),
+            ));
+        }
     }
     let mut seen = std::collections::HashSet::new();
     for (i, s) in cfg.streams.iter().enumerate() {
@@ -1092,6 +1191,44 @@ mod tests {
             env: vec![],
             overrides: vec![],
         })
+    }
+
+    #[test]
+    fn server_hardening_keys_are_checked() {
+        let cfg = load(&Sources::default()).unwrap();
+        assert_eq!(cfg.server.query_timeout.0, Duration::from_secs(300));
+        assert_eq!(cfg.server.max_concurrent_queries, 0);
+        assert_eq!(cfg.server.memory_limit.0, 1 << 30);
+        assert!(!cfg.server.recursive_ctes && !cfg.server.allow_plain_http);
+        assert_eq!(cfg.query.max_expression_depth, 256);
+        assert!(!cfg.archiver.metrics_public);
+        for (toml, key) in [
+            ("[server]\ntoken = \"0123456789abcdef0123\"", "server.token"),
+            ("[server]\ntls_cert = \"c.pem\"", "server.tls_key"),
+            ("[server]\nquery_timeout = \"0s\"", "server.query_timeout"),
+            ("[server]\nmax_connections = 0", "server.max_connections"),
+            (
+                "[server]\nmax_running_replays = 0",
+                "server.max_running_replays",
+            ),
+            (
+                "[query]\nmax_expression_depth = 0",
+                "query.max_expression_depth",
+            ),
+            (
+                "[archiver]\nmetrics_bind = \"0.0.0.0:9464\"",
+                "archiver.metrics_bind",
+            ),
+        ] {
+            let e = load_str(toml).unwrap_err().to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+        let ok = load_str(
+            "[server]\ntoken = \"0123456789abcdef0123456789abcdef\"\ntls_cert = \"c\"\ntls_key = \"k\"\n\
+             [archiver]\nmetrics_bind = \"0.0.0.0:9464\"\nmetrics_public = true",
+        )
+        .unwrap();
+        assert_eq!(ok.server.tls_key.as_deref(), Some("k"));
     }
 
     #[test]

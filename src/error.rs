@@ -187,6 +187,22 @@ pub enum Error {
         message: String,
     },
 
+    /// A statement too long or too deeply nested to be planned safely.
+    #[error("statement refused: {message}")]
+    TooComplex {
+        /// Which limit, and how to stay within it.
+        message: String,
+    },
+
+    /// A query ran longer than it may.
+    #[error("query stopped after {limit} ({key})")]
+    Timeout {
+        /// The limit, as configured.
+        limit: String,
+        /// The configuration key that sets it.
+        key: &'static str,
+    },
+
     /// A query failed while running.
     #[error("query failed: {message}")]
     Query {
@@ -236,6 +252,7 @@ impl Error {
             | Error::ConfigFile { .. }
             | Error::Usage(_)
             | Error::Sql { .. }
+            | Error::TooComplex { .. }
             | Error::ReadOnly { .. } => 2,
             Error::VerifyFailed { .. } | Error::Rejected { .. } => 3,
             Error::LeaseHeld { .. } | Error::Fenced { .. } => 4,

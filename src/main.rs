@@ -416,6 +416,7 @@ async fn run(cli: Cli) -> Result<()> {
                 engine: a.engine,
                 drill_url: a.drill_url,
                 drill_plugin: a.drill_plugin,
+                shared: None,
             };
             fluxcap::replay::run(&cfg, opts, shutdown_token()).await
         }

@@ -59,7 +59,7 @@ pub async fn run(cfg: &Config, args: SqlArgs) -> Result<()> {
     let session = session(cfg).await?;
     match text {
         Some(sql) => {
-            let statements = session.parse(&sql)?;
+            let statements = session.parse(&sql).await?;
             if statements.is_empty() {
                 return Err(Error::Usage("no SQL statement given".into()));
             }
@@ -175,7 +175,7 @@ async fn repl(session: &QuerySession, format: Format, sink: &Sink) -> Result<()>
                 }
                 let sql = std::mem::take(&mut buffer);
                 let _ = editor.add_history_entry(sql.trim());
-                let statements = match session.parse(&sql) {
+                let statements = match session.parse(&sql).await {
                     Ok(s) => s,
                     Err(e) => {
                         eprintln!("error: {e}");

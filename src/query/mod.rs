@@ -29,10 +29,13 @@
 //!
 //! The session is read-only: DDL, DML (`INSERT`, `COPY`), and statements such
 //! as `SET` are refused after parsing and planning, before anything runs.
+//! Statements are parsed and planned within the limits of [`guard`] (length,
+//! nesting depth, on a thread with a large stack).
 
 pub mod archive_table;
 pub mod bounds;
 pub mod cli;
+pub mod guard;
 pub mod json;
 pub mod live;
 pub mod output;
@@ -72,6 +75,8 @@ pub struct QuerySession {
     pub ctx: SessionContext,
     /// Every table, qualified as SQL names it (`archive.orders`, `live.orders`, `orders`).
     pub tables: Vec<String>,
+    /// Length and depth limits of statements (`query.max_statement_bytes`, `query.max_expression_depth`).
+    pub limits: guard::StatementLimits,
 }
 
 /// Build the session and catalog for `cfg`: the one place the CLI, replay and
@@ -89,12 +94,35 @@ pub struct SessionOptions {
     pub as_of_ms: Option<i64>,
     /// Build a session even when no stream is configured (replay of Parquet files).
     pub streams_optional: bool,
+    /// The archive to read (`None`: opened from the configuration).
+    pub archive: Option<Archive>,
+    /// The Kinesis client for live records (`None`: built from the configuration).
+    pub kinesis: Option<aws_sdk_kinesis::Client>,
+    /// The HTTP server's limits (`None`: the CLI's, i.e. `query.memory_limit` and no others).
+    pub server: Option<ServerLimits>,
+}
+
+/// What the server's session limits beyond the CLI's.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Memory of all queries of the session, bytes (0: no limit).
+    pub memory_limit: u64,
+    /// Allow `WITH RECURSIVE`.
+    pub recursive_ctes: bool,
+    /// Most rows of one `range()`/`generate_series()` call.
+    pub max_series_rows: u64,
 }
 
 /// [`session`] with options.
 pub async fn session_with(cfg: &Config, opts: &SessionOptions) -> Result<QuerySession> {
-    let archive = Archive::open(cfg).await?;
-    let client = crate::kinesis::client(cfg).await;
+    let archive = match &opts.archive {
+        Some(a) => a.clone(),
+        None => Archive::open(cfg).await?,
+    };
+    let client = match &opts.kinesis {
+        Some(c) => c.clone(),
+        None => crate::kinesis::client(cfg).await,
+    };
     let streams = if opts.streams_optional && cfg.streams.is_empty() {
         Vec::new()
     } else {
@@ -110,22 +138,26 @@ pub async fn session_with(cfg: &Config, opts: &SessionOptions) -> Result<QuerySe
     } else {
         q.target_partitions
     };
+    let memory_limit = opts.server.map_or(q.memory_limit.0, |s| s.memory_limit);
     let mut options = engine_options()?;
-    if q.memory_limit.0 > 0
+    if let Some(s) = &opts.server {
+        options.execution.enable_recursive_ctes = s.recursive_ctes;
+    }
+    if memory_limit > 0
         && std::env::var_os("DATAFUSION_EXECUTION_SORT_SPILL_RESERVATION_BYTES").is_none()
     {
         // Every sorting partition reserves this much up front for merging
         // its spills; the default (10 MB) times many partitions can exceed a
         // small pool before anything spills.
-        let per = (q.memory_limit.0 as usize / (4 * partitions)).clamp(256 * 1024, 10 << 20);
+        let per = (memory_limit as usize / (4 * partitions)).clamp(256 * 1024, 10 << 20);
         options.execution.sort_spill_reservation_bytes = per;
     }
     let config = SessionConfig::from(options)
         .with_target_partitions(partitions)
         .with_information_schema(true);
     let mut runtime = RuntimeEnvBuilder::new();
-    if q.memory_limit.0 > 0 {
-        runtime = runtime.with_memory_limit(q.memory_limit.0 as usize, 1.0);
+    if memory_limit > 0 {
+        runtime = runtime.with_memory_limit(memory_limit as usize, 1.0);
     }
     let runtime = runtime.build_arc().map_err(|e| Error::Query {
         message: e.to_string(),
@@ -141,6 +173,21 @@ pub async fn session_with(cfg: &Config, opts: &SessionOptions) -> Result<QuerySe
     json::register(&ctx).map_err(|e| Error::Query {
         message: format!("registering JSON functions: {e}"),
     })?;
+    if let Some(s) = &opts.server {
+        for name in ["range", "generate_series"] {
+            let inner = ctx.table_function(name).map_err(|e| Error::Query {
+                message: format!("the engine has no {name}(): {e}"),
+            })?;
+            ctx.register_udtf(
+                name,
+                Arc::new(guard::BoundedSeries {
+                    inner: inner.function().clone(),
+                    name,
+                    max_rows: s.max_series_rows,
+                }),
+            );
+        }
+    }
 
     let settings = LiveSettings {
         limit: cfg.archiver.max_records_per_call,
@@ -191,7 +238,14 @@ pub async fn session_with(cfg: &Config, opts: &SessionOptions) -> Result<QuerySe
                 message: format!("registering schema {name}: {e}"),
             })?;
     }
-    Ok(QuerySession { ctx, tables })
+    Ok(QuerySession {
+        ctx,
+        tables,
+        limits: guard::StatementLimits {
+            max_bytes: usize::try_from(q.max_statement_bytes.0).unwrap_or(usize::MAX),
+            max_depth: q.max_expression_depth,
+        },
+    })
 }
 
 /// DataFusion settings that differ from its defaults. Any engine setting can
@@ -246,21 +300,40 @@ fn read_only() -> SQLOptions {
 impl QuerySession {
     /// Split `sql` into statements (errors carry the parser's line and column).
     /// The PostgreSQL dialect gives `->`/`->>` their usual precedence over `=`.
-    pub fn parse(&self, sql: &str) -> Result<Vec<Statement>> {
-        DFParser::parse_sql_with_dialect(sql, &PostgreSqlDialect {})
-            .map(|v| v.into_iter().collect())
-            .map_err(|e| self.error(e))
+    /// Too long or too deeply nested statements are refused ([`guard`]).
+    pub async fn parse(&self, sql: &str) -> Result<Vec<Statement>> {
+        self.limits.check_length(sql)?;
+        let limits = self.limits;
+        let tables = self.tables.clone();
+        let sql = sql.to_string();
+        guard::on_big_stack(move |_| {
+            let statements: Vec<Statement> =
+                DFParser::parse_sql_with_dialect(&sql, &PostgreSqlDialect {})
+                    .map(|v| v.into_iter().collect())
+                    .map_err(|e| query_error(e, &tables))?;
+            for s in &statements {
+                // A refused tree is dropped here, on the large stack.
+                guard::check_depth(s, limits.max_depth)?;
+            }
+            Ok(statements)
+        })
+        .await
     }
 
-    /// Plan one statement, refusing anything that is not a read.
+    /// Plan one statement (on the large stack), refusing anything that is not a read.
     pub async fn plan(&self, statement: Statement) -> Result<DataFrame> {
-        let text = statement.to_string();
-        let plan = self
-            .ctx
-            .state()
-            .statement_to_plan(statement)
-            .await
-            .map_err(|e| self.error(e))?;
+        let state = self.ctx.state();
+        let tables = self.tables.clone();
+        let max_depth = self.limits.max_depth;
+        let (plan, text) = guard::on_big_stack(move |rt| {
+            guard::check_depth(&statement, max_depth)?;
+            let text = statement.to_string();
+            let plan = rt
+                .block_on(state.statement_to_plan(statement))
+                .map_err(|e| query_error(e, &tables))?;
+            Ok((plan, text))
+        })
+        .await?;
         if let Err(e) = read_only().verify_plan(&plan) {
             return Err(Error::ReadOnly {
                 statement: first_words(&text),
@@ -281,7 +354,7 @@ impl QuerySession {
 
     /// One SQL statement to a DataFrame.
     pub async fn sql(&self, sql: &str) -> Result<DataFrame> {
-        let mut statements = self.parse(sql)?;
+        let mut statements = self.parse(sql).await?;
         if statements.len() != 1 {
             return Err(Error::Sql {
                 message: format!("expected one SQL statement, got {}", statements.len()),
@@ -335,7 +408,9 @@ pub fn query_error(e: DataFusionError, tables: &[String]) -> Error {
         DataFusionError::Plan(m) if m.contains("not found") && m.contains("table") => Error::Sql {
             message: format!("{message}\navailable tables: {}", tables.join(", ")),
         },
-        DataFusionError::Plan(_) | DataFusionError::SchemaError(..) => Error::Sql { message },
+        DataFusionError::Plan(_)
+        | DataFusionError::SchemaError(..)
+        | DataFusionError::NotImplemented(_) => Error::Sql { message },
         _ => Error::Query { message },
     }
 }

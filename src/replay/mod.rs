@@ -113,6 +113,29 @@ pub struct ReplayOptions {
     pub drill_url: Option<String>,
     /// `--drill-plugin`: the storage plugin from `fluxcap catalog drill`.
     pub drill_plugin: Option<String>,
+    /// An archive handle and Kinesis client to reuse (the HTTP server's)
+    /// instead of building new ones.
+    pub shared: Option<Shared>,
+}
+
+/// Handles a long-running process shares between replays.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// The archive.
+    pub archive: Archive,
+    /// The Kinesis client of the source streams.
+    pub kinesis: aws_sdk_kinesis::Client,
+}
+
+impl Shared {
+    /// [`SessionOptions`] reusing these handles.
+    fn session_options(shared: Option<&Shared>) -> SessionOptions {
+        SessionOptions {
+            archive: shared.map(|s| s.archive.clone()),
+            kinesis: shared.map(|s| s.kinesis.clone()),
+            ..Default::default()
+        }
+    }
 }
 
 /// What a replay (or a dry run) did, per target shard.
@@ -191,13 +214,16 @@ pub struct Prepared {
 /// Check the options and fix the horizon (or load a replay to resume).
 /// Nothing is written to the store yet.
 pub async fn prepare(cfg: &Config, opts: ReplayOptions) -> Result<Prepared> {
-    let archive = Archive::open(cfg).await?;
+    let archive = match &opts.shared {
+        Some(s) => s.archive.clone(),
+        None => Archive::open(cfg).await?,
+    };
     let (manifest, progress) = match &opts.resume {
         Some(id) => resume_manifest(&archive, &opts, id).await?,
         None => (new_manifest(cfg, &archive, &opts).await?, None),
     };
     let target = Target::parse(&manifest.target)?;
-    let session = selection_session(cfg, &manifest).await?;
+    let session = selection_session(cfg, &manifest, opts.shared.as_ref()).await?;
     select::validate(&session.0, &session.1, &manifest.selection).await?;
     Ok(Prepared {
         session,
@@ -371,7 +397,7 @@ async fn new_manifest(cfg: &Config, archive: &Archive, opts: &ReplayOptions) -> 
     };
     let (horizon, lineage) = match &source {
         Source::Stream { stream } => {
-            let (h, l) = horizon(cfg, archive, stream, now_ms).await?;
+            let (h, l) = horizon(cfg, archive, stream, now_ms, opts.shared.as_ref()).await?;
             (Some(h), l)
         }
         Source::Parquet { .. } => (None, BTreeMap::new()),
@@ -477,10 +503,14 @@ async fn horizon(
     archive: &Archive,
     stream: &str,
     as_of_ms: i64,
+    shared: Option<&Shared>,
 ) -> Result<(BTreeMap<String, Option<String>>, BTreeMap<String, u32>)> {
     let (cfg2, _) = with_stream(cfg, stream);
     let snapshot = Snapshot::load(archive, stream).await?;
-    let client = crate::kinesis::client(cfg).await;
+    let client = match shared {
+        Some(s) => s.kinesis.clone(),
+        None => crate::kinesis::client(cfg).await,
+    };
     let listed = match crate::kinesis::shards::list_shards(
         &client,
         stream,
@@ -530,7 +560,7 @@ async fn horizon(
             &cfg2,
             &SessionOptions {
                 as_of_ms: Some(as_of_ms),
-                ..Default::default()
+                ..Shared::session_options(shared)
             },
         )
         .await?;
@@ -567,7 +597,11 @@ async fn horizon(
 }
 
 /// The SQL session and the table the selection reads.
-async fn selection_session(cfg: &Config, m: &Manifest) -> Result<(QuerySession, String)> {
+async fn selection_session(
+    cfg: &Config,
+    m: &Manifest,
+    shared: Option<&Shared>,
+) -> Result<(QuerySession, String)> {
     match &m.source {
         Source::Stream { stream } => {
             let (cfg, _) = with_stream(cfg, stream);
@@ -575,7 +609,7 @@ async fn selection_session(cfg: &Config, m: &Manifest) -> Result<(QuerySession, 
                 &cfg,
                 &SessionOptions {
                     as_of_ms: Some(m.as_of_ms),
-                    ..Default::default()
+                    ..Shared::session_options(shared)
                 },
             )
             .await?;
@@ -587,7 +621,7 @@ async fn selection_session(cfg: &Config, m: &Manifest) -> Result<(QuerySession, 
                 cfg,
                 &SessionOptions {
                     streams_optional: true,
-                    ..Default::default()
+                    ..Shared::session_options(shared)
                 },
             )
             .await?;

@@ -241,7 +241,13 @@ pub async fn validate(
     ];
     for (option, expr, boolean) in checks {
         let Some(expr) = expr else { continue };
-        let bad = |m: String| Error::Usage(format!("{option} {expr:?}: {m}"));
+        // Name the option and the start of the expression (it may be huge).
+        let shown: String = if expr.chars().count() > 60 {
+            expr.chars().take(60).chain(['…']).collect()
+        } else {
+            expr.to_string()
+        };
+        let bad = |m: String| Error::Usage(format!("{option} {shown:?}: {m}"));
         let df = session
             .sql(&format!("SELECT ({expr}) AS __x FROM {table} LIMIT 0"))
             .await

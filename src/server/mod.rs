@@ -12,16 +12,20 @@
 //!   GET  /api/openapi.json               this API, described
 //! ```
 //!
-//! Every `/api/` call and `/metrics` needs `Authorization: Bearer <token>`:
-//! the configured `server.token` (or `FLUXCAP_SERVER_TOKEN`), else one
-//! generated at start and printed once. Listening on a non-loopback address
-//! without a configured token is refused. Requests are size-limited, JSON
-//! results row-limited, replays only go to `kinesis://` targets, and a
-//! replay into its own source stream needs `"confirm_same_stream": true`.
+//! Every `/api/` call and `/metrics` needs `Authorization: Bearer <token>`
+//! ([`token`]). No request may take the server down, run for ever or reach
+//! outside its remit: connections are limited and timed ([`http`]), SQL is
+//! length- and depth-checked, timed, admitted a few at a time and shares one
+//! memory pool ([`sql`]), replays only go to `kinesis://` targets from the
+//! archive ([`replays`]), and errors tell the client a short message and a
+//! request id while the details go to the log ([`error`]).
 
+mod error;
+mod http;
 mod replays;
 mod sql;
 mod streams;
+mod token;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,8 +39,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
 
+use crate::archive::store::Archive;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::query::{QuerySession, ServerLimits, SessionOptions};
+
+pub(crate) use error::ApiError;
 
 const INDEX_HTML: &str = include_str!("ui/index.html");
 const APP_JS: &str = include_str!("ui/app.js");
@@ -50,44 +58,29 @@ pub struct ServeOptions {
     pub bind: Option<String>,
 }
 
-/// Shared by every handler.
+/// Shared by every handler: one configuration, archive handle, Kinesis
+/// client and SQL session for the whole server.
 pub(crate) struct AppState {
+    /// The effective configuration.
     pub cfg: Config,
+    /// The bearer token.
     token: String,
+    /// The archive, opened once.
+    pub archive: Archive,
+    /// The Kinesis client of the configured streams, built once.
+    pub kinesis: aws_sdk_kinesis::Client,
+    /// The SQL session of every query (one memory pool: `server.memory_limit`).
+    pub session: QuerySession,
+    /// Query admission and counters.
+    pub queries: sql::Queries,
+    /// Replays started here.
     pub replays: replays::Manager,
+    /// HTTP requests served.
     pub requests: AtomicU64,
+    /// HTTP requests answered with a server error.
     pub errors: AtomicU64,
+    /// The last `GET /api/streams` answer and when it was made.
     pub streams_cache: tokio::sync::Mutex<Option<(std::time::Instant, serde_json::Value)>>,
-}
-
-/// An API error: a status and one message, as `{"error": "..."}`.
-#[derive(Debug)]
-pub(crate) struct ApiError(pub StatusCode, pub String);
-
-impl ApiError {
-    pub fn bad(m: impl Into<String>) -> Self {
-        ApiError(StatusCode::BAD_REQUEST, m.into())
-    }
-}
-
-impl From<Error> for ApiError {
-    fn from(e: Error) -> Self {
-        let status = match &e {
-            Error::Usage(_)
-            | Error::Sql { .. }
-            | Error::ReadOnly { .. }
-            | Error::Config { .. }
-            | Error::StreamNotFound { .. } => StatusCode::BAD_REQUEST,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError(status, e.to_string())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        json(self.0, &serde_json::json!({ "error": self.1 }))
-    }
 }
 
 /// A JSON response.
@@ -110,22 +103,45 @@ pub async fn serve(cfg: &Config, opts: ServeOptions, cancel: CancellationToken) 
             "--bind expects an address such as 127.0.0.1:8080, got {bind:?}"
         ))
     })?;
-    let (token, generated) = match &cfg.server.token {
-        Some(t) => (t.clone(), false),
-        None if addr.ip().is_loopback() => (generate_token(), true),
-        None => {
-            return Err(Error::Usage(format!(
-                "refusing to listen on {addr} (not loopback) without a configured token: \
-                 set server.token or FLUXCAP_SERVER_TOKEN"
-            )));
-        }
+    let sv = &cfg.server;
+    let tls = match (&sv.tls_cert, &sv.tls_key) {
+        (Some(c), Some(k)) => Some(http::tls_acceptor(c, k)?),
+        _ => None,
     };
-    // Fail early on an unusable archive rather than on the first request.
-    crate::archive::store::Archive::open(cfg).await?;
+    let (token, origin) = token::resolve(sv, addr)?;
+    if !addr.ip().is_loopback() && tls.is_none() && !sv.allow_plain_http {
+        return Err(Error::Usage(format!(
+            "refusing to listen on {addr} (not loopback) over plain HTTP: the token would cross \
+             the network in clear. Set server.tls_cert and server.tls_key, or put a TLS reverse \
+             proxy in front and set server.allow_plain_http = true"
+        )));
+    }
+    // One archive handle, Kinesis client and session for every request;
+    // an unusable archive fails here rather than on the first request.
+    let archive = Archive::open(cfg).await?;
+    let kinesis = crate::kinesis::client(cfg).await;
+    let session = crate::query::session_with(
+        cfg,
+        &SessionOptions {
+            archive: Some(archive.clone()),
+            kinesis: Some(kinesis.clone()),
+            server: Some(ServerLimits {
+                memory_limit: sv.memory_limit.0,
+                recursive_ctes: sv.recursive_ctes,
+                max_series_rows: sv.max_series_rows,
+            }),
+            ..Default::default()
+        },
+    )
+    .await?;
     let state = Arc::new(AppState {
         cfg: cfg.clone(),
-        token: token.clone(),
-        replays: replays::Manager::default(),
+        token,
+        archive,
+        kinesis,
+        session,
+        queries: sql::Queries::new(sv),
+        replays: replays::Manager::new(sv.max_running_replays),
         requests: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         streams_cache: tokio::sync::Mutex::new(None),
@@ -143,6 +159,8 @@ pub async fn serve(cfg: &Config, opts: ServeOptions, cancel: CancellationToken) 
         .route("/metrics", get(metrics))
         .route("/api/{*rest}", axum::routing::any(not_found))
         .layer(middleware::from_fn_with_state(state.clone(), auth));
+    let body_limit = usize::try_from(sv.max_request_bytes.0).unwrap_or(usize::MAX);
+    let idle = sv.idle_timeout.0;
     let app = Router::new()
         .route(
             "/",
@@ -157,10 +175,12 @@ pub async fn serve(cfg: &Config, opts: ServeOptions, cancel: CancellationToken) 
             get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
         )
         .merge(api)
-        .layer(DefaultBodyLimit::max(
-            cfg.server.max_request_bytes.0 as usize,
-        ))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            http::buffer_body(body_limit, idle, req, next)
+        }))
         .layer(middleware::from_fn_with_state(state.clone(), count))
+        .layer(middleware::from_fn(error::with_request_id))
         .with_state(state.clone());
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -174,32 +194,26 @@ pub async fn serve(cfg: &Config, opts: ServeOptions, cancel: CancellationToken) 
     })?;
     {
         use std::io::Write;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut out = std::io::stdout();
-        let _ = writeln!(out, "listening on http://{local}");
-        if generated {
-            let _ = writeln!(out, "open http://{local}/#token={token}");
-        } else {
-            let _ = writeln!(out, "open http://{local}/ (token: server.token)");
-        }
+        let _ = writeln!(out, "listening on {scheme}://{local}");
+        let _ = match &origin {
+            token::Origin::Terminal => {
+                writeln!(out, "open {scheme}://{local}/#token={}", state.token)
+            }
+            token::Origin::File(f) => {
+                writeln!(out, "open {scheme}://{local}/ (token in {})", f.display())
+            }
+            token::Origin::Configured => {
+                writeln!(out, "open {scheme}://{local}/ (token: server.token)")
+            }
+        };
         let _ = out.flush();
     }
-    tracing::info!(address = %local, "serving the API and UI");
-    let shutdown = cancel.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .map_err(|source| Error::Io {
-            path: format!("server address {local}").into(),
-            source,
-        })?;
+    tracing::info!(address = %local, tls = tls.is_some(), "serving the API and UI");
+    http::run(listener, app, tls, http::ConnLimits::of(sv), cancel).await;
     state.replays.cancel_all().await;
     Ok(())
-}
-
-fn generate_token() -> String {
-    (0..32)
-        .map(|_| format!("{:x}", rand::random::<u8>() & 0x0f))
-        .collect()
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -219,18 +233,13 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-/// Constant-time comparison, so the token cannot be guessed byte by byte.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let ok = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| same(t.trim().as_bytes(), state.token.as_bytes()));
+        .is_some_and(|t| token::same(t.trim().as_bytes(), state.token.as_bytes()));
     if !ok {
         return ApiError(
             StatusCode::UNAUTHORIZED,
@@ -259,7 +268,8 @@ async fn openapi() -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let (running, sent) = state.replays.metrics().await;
+    let (running, sent) = state.replays.metrics();
+    let q = &state.queries;
     let body = format!(
         "# HELP fluxcap_http_requests_total HTTP requests served.\n\
          # TYPE fluxcap_http_requests_total counter\n\
@@ -267,6 +277,21 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
          # HELP fluxcap_http_errors_total HTTP requests answered with a server error.\n\
          # TYPE fluxcap_http_errors_total counter\n\
          fluxcap_http_errors_total {}\n\
+         # HELP fluxcap_sql_queries_running SQL queries running (planning, executing or streaming a download).\n\
+         # TYPE fluxcap_sql_queries_running gauge\n\
+         fluxcap_sql_queries_running {}\n\
+         # HELP fluxcap_sql_queries_total SQL queries admitted.\n\
+         # TYPE fluxcap_sql_queries_total counter\n\
+         fluxcap_sql_queries_total {}\n\
+         # HELP fluxcap_sql_queries_timed_out_total SQL queries stopped by server.query_timeout.\n\
+         # TYPE fluxcap_sql_queries_timed_out_total counter\n\
+         fluxcap_sql_queries_timed_out_total {}\n\
+         # HELP fluxcap_sql_queries_cancelled_total SQL queries stopped because the client went away.\n\
+         # TYPE fluxcap_sql_queries_cancelled_total counter\n\
+         fluxcap_sql_queries_cancelled_total {}\n\
+         # HELP fluxcap_sql_queries_refused_total SQL queries refused because too many were running.\n\
+         # TYPE fluxcap_sql_queries_refused_total counter\n\
+         fluxcap_sql_queries_refused_total {}\n\
          # HELP fluxcap_replays_running Replays running in this server.\n\
          # TYPE fluxcap_replays_running gauge\n\
          fluxcap_replays_running {running}\n\
@@ -275,20 +300,11 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
          fluxcap_replay_records_sent_total {sent}\n",
         state.requests.load(Ordering::Relaxed),
         state.errors.load(Ordering::Relaxed),
+        q.running.load(Ordering::Relaxed),
+        q.started.load(Ordering::Relaxed),
+        q.timed_out.load(Ordering::Relaxed),
+        q.cancelled.load(Ordering::Relaxed),
+        q.refused.load(Ordering::Relaxed),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens() {
-        let t = generate_token();
-        assert_eq!(t.len(), 32);
-        assert!(same(t.as_bytes(), t.clone().as_bytes()));
-        assert!(!same(b"abc", b"abd"));
-        assert!(!same(b"abc", b"abcd"));
-    }
 }

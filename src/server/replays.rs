@@ -5,14 +5,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::Mutex as StdMutex;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Deserialize;
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::{ApiError, AppState};
@@ -79,37 +79,98 @@ enum Ended {
     Failed(String),
 }
 
-/// A replay running (or run) in this process.
+/// How long an ended job stays in memory (its state stays in the store).
+const ENDED_KEEP: Duration = Duration::from_secs(30);
+
+/// A replay running (or just run) in this process.
 struct Job {
-    manifest: state::Manifest,
+    manifest: Arc<state::Manifest>,
     cancel: CancellationToken,
     observer: Arc<Observer>,
     started: Instant,
-    ended: Arc<Mutex<Option<Ended>>>,
+    ended: Arc<StdMutex<Option<(Ended, Instant)>>>,
 }
 
-/// The replays of this server.
-#[derive(Default)]
+impl Job {
+    fn ended(&self) -> Option<(Ended, Instant)> {
+        lock(&self.ended).clone()
+    }
+
+    fn view(&self) -> JobView {
+        JobView {
+            manifest: self.manifest.clone(),
+            ended: self.ended().map(|(e, _)| e),
+            sent: self.observer.sent.load(Ordering::Relaxed),
+            sent_this_run: self.observer.sent_this_run.load(Ordering::Relaxed),
+            total: self.observer.total.load(Ordering::Relaxed),
+            secs: self.started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+/// What a job looks like at one moment (taken under the lock, used after).
+struct JobView {
+    manifest: Arc<state::Manifest>,
+    ended: Option<Ended>,
+    sent: u64,
+    sent_this_run: u64,
+    total: u64,
+    secs: f64,
+}
+
+fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The replays of this server. The map's lock is never held across an
+/// await: store I/O happens on copies taken under it.
 pub(crate) struct Manager {
-    jobs: Mutex<HashMap<String, Job>>,
+    jobs: StdMutex<HashMap<String, Job>>,
+    /// `server.max_running_replays`.
+    max_running: usize,
     /// Records sent by runs that ended (a resumed replay replaces its job).
     ended_sent: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Manager {
-    async fn start(&self, prepared: replay::Prepared) -> String {
+    pub fn new(max_running: usize) -> Self {
+        Manager {
+            jobs: StdMutex::new(HashMap::new()),
+            max_running,
+            ended_sent: Arc::default(),
+        }
+    }
+
+    /// Start a prepared replay, unless `server.max_running_replays` run already.
+    fn start(&self, prepared: replay::Prepared) -> Result<String, ApiError> {
         let id = prepared.id().to_string();
         let cancel = CancellationToken::new();
         let observer = Arc::new(Observer::default());
-        let ended = Arc::new(Mutex::new(None));
-        let job = Job {
-            manifest: prepared.manifest().clone(),
-            cancel: cancel.clone(),
-            observer: observer.clone(),
-            started: Instant::now(),
-            ended: ended.clone(),
-        };
-        self.jobs.lock().await.insert(id.clone(), job);
+        let ended = Arc::new(StdMutex::new(None));
+        {
+            let mut jobs = lock(&self.jobs);
+            prune(&mut jobs, Instant::now());
+            let running = jobs.values().filter(|j| j.ended().is_none()).count();
+            if running >= self.max_running {
+                return Err(ApiError(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "{running} replays are running, the most this server runs at once \
+                         (server.max_running_replays); try again when one ends"
+                    ),
+                ));
+            }
+            jobs.insert(
+                id.clone(),
+                Job {
+                    manifest: Arc::new(prepared.manifest().clone()),
+                    cancel: cancel.clone(),
+                    observer: observer.clone(),
+                    started: Instant::now(),
+                    ended: ended.clone(),
+                },
+            );
+        }
         let rid = id.clone();
         let ended_sent = self.ended_sent.clone();
         tokio::spawn(async move {
@@ -122,48 +183,68 @@ impl Manager {
                     Ended::Failed(e.to_string())
                 }
             };
-            let mut slot = ended.lock().await;
+            let mut slot = lock(&ended);
             ended_sent.fetch_add(
                 observer.sent_this_run.load(Ordering::Relaxed),
                 Ordering::Relaxed,
             );
-            *slot = Some(e);
+            *slot = Some((e, Instant::now()));
         });
-        id
+        Ok(id)
+    }
+
+    /// A view of job `id`, if it is in memory.
+    fn view(&self, id: &str) -> Option<JobView> {
+        lock(&self.jobs).get(id).map(Job::view)
     }
 
     /// Cancel every running job (server shutdown); waits briefly for them to save progress.
     pub async fn cancel_all(&self) {
-        let jobs = self.jobs.lock().await;
-        for j in jobs.values() {
-            j.cancel.cancel();
-        }
-        let ends: Vec<_> = jobs.values().map(|j| j.ended.clone()).collect();
-        drop(jobs);
-        for _ in 0..50 {
-            let mut all = true;
-            for e in &ends {
-                all &= e.lock().await.is_some();
+        let ends: Vec<_> = {
+            let jobs = lock(&self.jobs);
+            for j in jobs.values() {
+                j.cancel.cancel();
             }
-            if all {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            jobs.values().map(|j| j.ended.clone()).collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && ends.iter().any(|e| lock(e).is_none()) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     /// (running jobs, records sent by all jobs).
-    pub async fn metrics(&self) -> (usize, u64) {
-        let jobs = self.jobs.lock().await;
+    pub fn metrics(&self) -> (usize, u64) {
+        let jobs = lock(&self.jobs);
         let mut running = 0;
         let mut sent = self.ended_sent.load(Ordering::Relaxed);
         for j in jobs.values() {
-            if j.ended.lock().await.is_none() {
+            // Read `ended` and the count under the job's lock, so a run
+            // that just ended is counted once (its count moves to `ended_sent`
+            // under the same lock).
+            let ended = lock(&j.ended);
+            if ended.is_none() {
                 running += 1;
                 sent += j.observer.sent_this_run.load(Ordering::Relaxed);
             }
         }
         (running, sent)
+    }
+}
+
+/// Drop jobs that ended more than [`ENDED_KEEP`] before `now`.
+fn prune(jobs: &mut HashMap<String, Job>, now: Instant) {
+    jobs.retain(|_, j| match j.ended() {
+        Some((_, at)) => now.saturating_duration_since(at) < ENDED_KEEP,
+        None => true,
+    });
+}
+
+/// The server's archive handle and Kinesis client, for a replay.
+fn shared(state: &AppState) -> replay::Shared {
+    replay::Shared {
+        archive: state.archive.clone(),
+        kinesis: state.kinesis.clone(),
     }
 }
 
@@ -175,7 +256,7 @@ fn source_name(s: &Source) -> String {
 }
 
 /// The API's view of one replay.
-async fn info(m: &state::Manifest, p: Option<&Progress>, job: Option<&Job>) -> serde_json::Value {
+fn info(m: &state::Manifest, p: Option<&Progress>, job: Option<&JobView>) -> serde_json::Value {
     let mut sent = p.map(|p| p.sent).unwrap_or(0);
     let mut total = p.and_then(|p| p.total);
     let mut rate = None;
@@ -195,17 +276,14 @@ async fn info(m: &state::Manifest, p: Option<&Progress>, job: Option<&Job>) -> s
     };
     let mut st = stored.to_string();
     if let Some(j) = job {
-        let ended = j.ended.lock().await.clone();
-        sent = sent.max(j.observer.sent.load(Ordering::Relaxed));
-        let t = j.observer.total.load(Ordering::Relaxed);
-        if t != u64::MAX {
-            total = Some(t);
+        sent = sent.max(j.sent);
+        if j.total != u64::MAX {
+            total = Some(j.total);
         }
-        let secs = j.started.elapsed().as_secs_f64();
-        if secs > 0.0 {
-            rate = Some(j.observer.sent_this_run.load(Ordering::Relaxed) as f64 / secs);
+        if j.secs > 0.0 {
+            rate = Some(j.sent_this_run as f64 / j.secs);
         }
-        st = match ended {
+        st = match j.ended.clone() {
             None => "running".into(),
             Some(Ended::Done) => "done".into(),
             Some(Ended::Cancelled) => "cancelled".into(),
@@ -254,6 +332,13 @@ pub(crate) async fn post(
             ));
         }
     }
+    if let Some(rate) = r.rate
+        && !(0.01..=1e9).contains(&rate)
+    {
+        return Err(ApiError::bad(format!(
+            "rate expects records per second from 0.01 to 1e9, got {rate}"
+        )));
+    }
     if !state.cfg.streams.iter().any(|s| s.name == r.stream) {
         return Err(ApiError::bad(format!(
             "stream `{}` is not configured (configured: {})",
@@ -281,12 +366,19 @@ pub(crate) async fn post(
         rate: r.rate,
         dry_run: r.dry_run,
         quiet: true,
+        shared: Some(shared(&state)),
         ..Default::default()
     };
     let prepared = replay::prepare(&state.cfg, opts).await?;
     if r.dry_run {
         let id = prepared.id().to_string();
-        let summary = prepared.run(CancellationToken::new(), None).await?;
+        let t = state.cfg.server.query_timeout;
+        let summary = tokio::time::timeout(t.0, prepared.run(CancellationToken::new(), None))
+            .await
+            .map_err(|_| crate::Error::Timeout {
+                limit: t.to_string(),
+                key: "server.query_timeout",
+            })??;
         return Ok(super::json(
             StatusCode::OK,
             &serde_json::json!({
@@ -296,7 +388,7 @@ pub(crate) async fn post(
             }),
         ));
     }
-    let id = state.replays.start(prepared).await;
+    let id = state.replays.start(prepared)?;
     Ok(super::json(
         StatusCode::ACCEPTED,
         &serde_json::json!({"id": id, "state": "running"}),
@@ -304,18 +396,22 @@ pub(crate) async fn post(
 }
 
 pub(crate) async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let archive = Archive::open(&state.cfg).await?;
-    let mut all = state::list(&archive).await?;
+    let mut all = state::list(&state.archive).await?;
     all.reverse();
-    let jobs = state.replays.jobs.lock().await;
+    let views: Vec<(String, JobView)> = {
+        let mut jobs = lock(&state.replays.jobs);
+        prune(&mut jobs, Instant::now());
+        jobs.iter().map(|(id, j)| (id.clone(), j.view())).collect()
+    };
     let mut out = Vec::new();
-    for (id, j) in jobs.iter() {
+    for (id, j) in &views {
         if !all.iter().any(|(m, _)| &m.id == id) {
-            out.push(info(&j.manifest, None, Some(j)).await);
+            out.push(info(&j.manifest, None, Some(j)));
         }
     }
     for (m, p) in &all {
-        out.push(info(m, p.as_ref(), jobs.get(&m.id)).await);
+        let j = views.iter().find(|(id, _)| id == &m.id).map(|(_, j)| j);
+        out.push(info(m, p.as_ref(), j));
     }
     Ok(super::json(
         StatusCode::OK,
@@ -332,15 +428,16 @@ fn check_id(id: &str) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::bad(format!("bad replay id {id:?}")))
+        Err(ApiError::bad(
+            "bad replay id: expected letters, digits, - and _",
+        ))
     }
 }
 
 async fn load(state: &AppState, id: &str) -> Result<(state::Manifest, Option<Progress>), ApiError> {
     check_id(id)?;
-    let archive = Archive::open(&state.cfg).await?;
-    state::load(&archive, id).await.map_err(|e| match e {
-        crate::Error::Usage(m) => ApiError(StatusCode::NOT_FOUND, m),
+    state::load(&state.archive, id).await.map_err(|e| match e {
+        crate::Error::Usage(_) => ApiError(StatusCode::NOT_FOUND, format!("no replay {id}")),
         e => e.into(),
     })
 }
@@ -350,22 +447,23 @@ pub(crate) async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
-    let jobs = state.replays.jobs.lock().await;
-    if let Some(j) = jobs.get(&id) {
+    if let Some(j) = state.replays.view(&id) {
         // Started here: its manifest may not be in the store yet.
-        let archive = Archive::open(&state.cfg).await?;
-        let p = state::load(&archive, &id).await.ok().and_then(|(_, p)| p);
+        let p = state::load(&state.archive, &id)
+            .await
+            .ok()
+            .and_then(|(_, p)| p);
+        let j = state.replays.view(&id).unwrap_or(j);
         return Ok(super::json(
             StatusCode::OK,
-            &info(&j.manifest, p.as_ref(), Some(j)).await,
+            &info(&j.manifest, p.as_ref(), Some(&j)),
         ));
     }
-    drop(jobs);
     let (m, p) = load(&state, &id).await?;
-    let jobs = state.replays.jobs.lock().await;
+    let j = state.replays.view(&id);
     Ok(super::json(
         StatusCode::OK,
-        &info(&m, p.as_ref(), jobs.get(&id)).await,
+        &info(&m, p.as_ref(), j.as_ref()),
     ))
 }
 
@@ -374,30 +472,29 @@ pub(crate) async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
-    let jobs = state.replays.jobs.lock().await;
-    let Some(job) = jobs.get(&id) else {
-        drop(jobs);
+    let found = {
+        let jobs = lock(&state.replays.jobs);
+        jobs.get(&id)
+            .map(|j| (j.ended().is_some(), j.cancel.clone(), j.ended.clone()))
+    };
+    let Some((ended_already, token, ended)) = found else {
         load(&state, &id).await?;
         return Err(ApiError(
             StatusCode::CONFLICT,
             format!("replay {id} is not running in this server"),
         ));
     };
-    if job.ended.lock().await.is_some() {
+    if ended_already {
         return Err(ApiError(
             StatusCode::CONFLICT,
             format!("replay {id} is not running"),
         ));
     }
-    job.cancel.cancel();
-    let ended = job.ended.clone();
-    drop(jobs);
+    token.cancel();
     // Wait (briefly) until its progress is saved, so a resume starts from it.
-    for _ in 0..100 {
-        if ended.lock().await.is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && lock(&ended).is_none() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(super::json(
         StatusCode::ACCEPTED,
@@ -405,26 +502,110 @@ pub(crate) async fn cancel(
     ))
 }
 
+/// `POST /api/replays/{id}/resume`: an optional body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ResumeRequest {
+    #[serde(default)]
+    confirm_same_stream: bool,
+}
+
+/// Whether a stored manifest may be resumed through the API: stored
+/// manifests are not trusted (anyone with store access can write one), so
+/// only `kinesis://` targets, sources that are a configured stream or the
+/// archive's own scratch results, and the same-stream confirmation.
+fn check_remit(
+    state: &AppState,
+    m: &state::Manifest,
+    confirm_same_stream: bool,
+) -> Result<(), ApiError> {
+    let id = &m.id;
+    let target = match Target::parse(&m.target) {
+        Ok(Target::Kinesis(t)) => t,
+        _ => {
+            tracing::warn!(replay = %id, target = %m.target, "API resume refused: not a kinesis:// target");
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "replay {id} does not go to a kinesis:// stream; over the API only those are resumed \
+                     (use `fluxcap replay --resume {id}`)"
+                ),
+            ));
+        }
+    };
+    let source = match &m.source {
+        Source::Stream { stream } if state.cfg.streams.iter().any(|s| &s.name == stream) => {
+            stream.clone()
+        }
+        Source::Parquet {
+            location,
+            stream: Some(stream),
+        } if in_scratch(&state.archive, location) => stream.clone(),
+        _ => {
+            tracing::warn!(replay = %id, source = ?m.source, "API resume refused: source outside the archive");
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "replay {id} reads from outside this server's archive; over the API only replays \
+                     of configured streams are resumed (use `fluxcap replay --resume {id}`)"
+                ),
+            ));
+        }
+    };
+    if target == source && !confirm_same_stream {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "the target is the source stream `{target}`: replayed records will be read again by its \
+                 consumers; send {{\"confirm_same_stream\": true}} to go ahead"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `location` is inside the archive's Drill scratch area.
+fn in_scratch(archive: &Archive, location: &str) -> bool {
+    let dir = archive.layout.global_state_dir().join("drill-scratch");
+    let prefix = match &archive.location {
+        crate::config::ArchiveLocation::Local(root) => {
+            root.join(dir.as_ref()).display().to_string()
+        }
+        crate::config::ArchiveLocation::S3 { bucket, .. } => format!("s3://{bucket}/{dir}"),
+    };
+    let prefix = format!("{}/", prefix.trim_end_matches('/'));
+    location.starts_with(&prefix)
+        && !location[prefix.len()..]
+            .split(['/', '\\'])
+            .any(|part| part == ".." || part == ".")
+}
+
 pub(crate) async fn resume(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
+    body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     check_id(&id)?;
+    let req: ResumeRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ResumeRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad(format!("bad resume request: {e}")))?
+    };
+    if let Some(j) = state.replays.view(&id)
+        && j.ended.is_none()
     {
-        let jobs = state.replays.jobs.lock().await;
-        if let Some(j) = jobs.get(&id)
-            && j.ended.lock().await.is_none()
-        {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!("replay {id} is running"),
-            ));
-        }
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("replay {id} is running"),
+        ));
     }
-    load(&state, &id).await?;
+    let (m, _) = load(&state, &id).await?;
+    check_remit(&state, &m, req.confirm_same_stream)?;
     let opts = ReplayOptions {
         resume: Some(id.clone()),
         quiet: true,
+        shared: Some(shared(&state)),
         ..Default::default()
     };
     let prepared = replay::prepare(&state.cfg, opts)
@@ -433,9 +614,65 @@ pub(crate) async fn resume(
             crate::Error::Usage(m) => ApiError(StatusCode::CONFLICT, m),
             e => e.into(),
         })?;
-    let id = state.replays.start(prepared).await;
+    // The manifest prepared is the one checked (a resume reloads it).
+    if prepared.manifest().target != m.target || prepared.manifest().source != m.source {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("replay {id} changed while it was being resumed"),
+        ));
+    }
+    let id = state.replays.start(prepared)?;
     Ok(super::json(
         StatusCode::ACCEPTED,
         &serde_json::json!({"id": id, "state": "running"}),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ended_jobs_are_pruned() {
+        let job = |ended: Option<Instant>| Job {
+            manifest: Arc::new(state::Manifest {
+                version: 1,
+                id: "r".into(),
+                created_at: String::new(),
+                as_of_ms: 0,
+                source: Source::Stream { stream: "s".into() },
+                target: "kinesis://t".into(),
+                selection: state::Selection::default(),
+                annotate: state::Annotate {
+                    enabled: true,
+                    envelope: false,
+                    binary: false,
+                    field: "_fluxcap".into(),
+                    pairs: BTreeMap::new(),
+                    force_overwrite: false,
+                },
+                rate: None,
+                horizon: None,
+                lineage: BTreeMap::new(),
+            }),
+            cancel: CancellationToken::new(),
+            observer: Arc::default(),
+            started: Instant::now(),
+            ended: Arc::new(StdMutex::new(ended.map(|at| (Ended::Done, at)))),
+        };
+        let now = Instant::now();
+        let mut jobs = HashMap::new();
+        jobs.insert("running".to_string(), job(None));
+        jobs.insert("just-ended".to_string(), job(Some(now)));
+        jobs.insert("long-ended".to_string(), job(Some(now)));
+        prune(&mut jobs, now + ENDED_KEEP / 2);
+        assert_eq!(jobs.len(), 3);
+        if let Some(j) = jobs.get("long-ended") {
+            *lock(&j.ended) = Some((Ended::Done, now - ENDED_KEEP));
+        }
+        prune(&mut jobs, now + ENDED_KEEP / 2);
+        let mut left: Vec<_> = jobs.keys().cloned().collect();
+        left.sort();
+        assert_eq!(left, ["just-ended", "running"]);
+    }
 }

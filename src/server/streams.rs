@@ -11,7 +11,6 @@ use axum::http::StatusCode;
 use axum::response::Response;
 
 use super::{ApiError, AppState};
-use crate::archive::store::Archive;
 
 const CACHE_FOR: Duration = Duration::from_secs(5);
 
@@ -23,7 +22,7 @@ pub(crate) async fn get(State(state): State<Arc<AppState>>) -> Result<Response, 
         return Ok(super::json(StatusCode::OK, v));
     }
     let cfg = &state.cfg;
-    let archive = Archive::open(cfg).await?;
+    let archive = &state.archive;
     let mut out = Vec::new();
     for s in &cfg.streams {
         let mut entry = match crate::archive::status::status(cfg, Some(&s.name)).await {
@@ -33,11 +32,14 @@ pub(crate) async fn get(State(state): State<Arc<AppState>>) -> Result<Response, 
                 .next()
                 .and_then(|st| serde_json::to_value(st).ok())
                 .unwrap_or_else(|| serde_json::json!({"stream": s.name})),
-            Err(e) => serde_json::json!({
-                "stream": s.name,
-                "shards": [],
-                "warnings": [format!("status unavailable: {e}")],
-            }),
+            Err(e) => {
+                tracing::warn!(stream = %s.name, "status unavailable: {e}");
+                serde_json::json!({
+                    "stream": s.name,
+                    "shards": [],
+                    "warnings": ["status unavailable (the server log has the details)"],
+                })
+            }
         };
         let mut days: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         for o in archive.list(&archive.layout.stream_dir(&s.name)).await? {

@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
+mod fuzz;
+mod limits;
+mod remit;
+
 /// A running `fluxcap serve`, killed on drop.
 pub struct Serve {
     child: Child,
@@ -24,6 +28,12 @@ impl Drop for Serve {
 
 /// Start `fluxcap serve` on a free loopback port with `token`.
 pub fn serve(ws: &Workspace, token: &str) -> Serve {
+    serve_with(ws, token, "http")
+}
+
+/// Start `fluxcap serve` on a free loopback port with `token`, expecting
+/// `scheme` (`http`, or `https` when the configuration sets TLS).
+pub fn serve_with(ws: &Workspace, token: &str, scheme: &str) -> Serve {
     let mut child = ws
         .cmd()
         .args(["serve", "--bind", "127.0.0.1:0"])
@@ -37,7 +47,7 @@ pub fn serve(ws: &Workspace, token: &str) -> Serve {
     out.read_line(&mut line).unwrap();
     let port = line
         .trim()
-        .strip_prefix("listening on http://127.0.0.1:")
+        .strip_prefix(&format!("listening on {scheme}://127.0.0.1:"))
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .parse()
         .unwrap();
@@ -47,6 +57,46 @@ pub fn serve(ws: &Workspace, token: &str) -> Serve {
         let _ = out.read_to_end(&mut sink);
     });
     Serve { child, port }
+}
+
+impl Serve {
+    /// Whether the server process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// A token long enough for the server (32 characters or more).
+pub fn token() -> String {
+    format!("tok-{:032x}", rand::random::<u128>())
+}
+
+/// The value of one metric in `/metrics`.
+pub fn metric(port: u16, token: &str, name: &str) -> u64 {
+    let m = http(port, "GET", "/metrics", Some(token), b"");
+    assert_eq!(m.status, 200);
+    let text = String::from_utf8(m.body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no metric {name} in {text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Poll `/metrics` until `name` equals `want` (or fail after `secs`).
+pub fn wait_metric(port: u16, token: &str, name: &str, want: u64, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let v = metric(port, token, name);
+        if v == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} is {v}, expected {want} within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// An HTTP answer.
@@ -131,12 +181,12 @@ pub fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &[u8
     }
 }
 
-fn post(port: u16, path: &str, token: &str, body: serde_json::Value) -> Answer {
+pub fn post(port: u16, path: &str, token: &str, body: serde_json::Value) -> Answer {
     http(port, "POST", path, Some(token), body.to_string().as_bytes())
 }
 
 /// Poll a replay until it is in a final state.
-fn wait_final(port: u16, token: &str, id: &str) -> serde_json::Value {
+pub fn wait_final(port: u16, token: &str, id: &str) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let a = http(port, "GET", &format!("/api/replays/{id}"), Some(token), b"");
@@ -166,7 +216,7 @@ fn api_serves_every_endpoint_behind_a_token() {
         put_records(&c, &stream, &orders(n, 3)).await;
     });
     ws.ok(&["archive", "--once"]);
-    let token = "s3cret-token-0123456789";
+    let token = "s3cret-token-0123456789-abcdefghijklmnop";
     let srv = serve(&ws, token);
     let p = srv.port;
 
@@ -183,9 +233,21 @@ fn api_serves_every_endpoint_behind_a_token() {
         ("GET", "/api/openapi.json"),
     ] {
         assert_eq!(http(p, m, path, None, b"").status, 401, "{m} {path}");
-        let wrong = http(p, m, path, Some("wrong-token-0123456789"), b"");
+        let wrong = http(
+            p,
+            m,
+            path,
+            Some("wrong-token-0123456789-abcdefghijklmnop"),
+            b"",
+        );
         assert_eq!(wrong.status, 401);
-        assert!(wrong.json()["error"].as_str().unwrap().contains("token"));
+        let v = wrong.json();
+        assert!(v["error"].as_str().unwrap().contains("token"));
+        // Every answer names its request, errors in the body too.
+        assert_eq!(
+            v["request_id"].as_str(),
+            wrong.headers.get("x-request-id").map(String::as_str)
+        );
     }
 
     // SQL: rows as JSON with a limit, binary as base64, downloads streamed.
@@ -457,6 +519,105 @@ fn serve_refuses_a_public_address_without_a_configured_token() {
     let o = ws.run(&["serve", "--bind", "0.0.0.0:0"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("without a configured token"));
+}
+
+#[test]
+fn serve_refuses_short_tokens_and_tokens_it_cannot_show() {
+    let ws = Workspace::new("http://127.0.0.1:9", None, None, "", &[("s", "json")]);
+    let o = ws
+        .cmd()
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .env("FLUXCAP_SERVER_TOKEN", "only-twenty-chars-xx")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("server.token") && err.contains("32"), "{err}");
+    // No token configured and stdout is not a terminal: nowhere to show one.
+    let o = ws.run(&["serve", "--bind", "127.0.0.1:0"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("server.token_file"), "{err}");
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("token="));
+}
+
+#[test]
+fn a_generated_token_goes_to_a_private_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    let ws = Workspace::new(
+        "http://127.0.0.1:9",
+        None,
+        None,
+        &format!("[server]\ntoken_file = \"{}\"", file.display()),
+        &[("s", "json")],
+    );
+    let mut child = ws
+        .cmd()
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut lines = String::new();
+    for _ in 0..2 {
+        out.read_line(&mut lines).unwrap();
+    }
+    let srv = Serve {
+        port: lines
+            .lines()
+            .next()
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap(),
+        child,
+    };
+    assert!(!lines.contains("token="), "{lines}");
+    assert!(lines.contains(&file.display().to_string()), "{lines}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let t = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    assert_eq!(t.len(), 64);
+    assert_eq!(http(srv.port, "GET", "/metrics", Some(&t), b"").status, 200);
+    assert_eq!(http(srv.port, "GET", "/metrics", None, b"").status, 401);
+}
+
+#[test]
+fn public_addresses_need_tls_and_the_archiver_metrics_stay_local() {
+    let ws = Workspace::new("http://127.0.0.1:9", None, None, "", &[("s", "json")]);
+    let o = ws
+        .cmd()
+        .args(["serve", "--bind", "0.0.0.0:0"])
+        .env("FLUXCAP_SERVER_TOKEN", token())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("plain HTTP") && err.contains("tls_cert"),
+        "{err}"
+    );
+    let o = ws.run(&[
+        "config",
+        "show",
+        "--set",
+        "archiver.metrics_bind=0.0.0.0:9464",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("metrics_public"), "{err}");
+    ws.ok(&[
+        "config",
+        "show",
+        "--set",
+        "archiver.metrics_bind=0.0.0.0:9464",
+        "--set",
+        "archiver.metrics_public=true",
+    ]);
 }
 
 fn q_name(s: &str) -> String {

@@ -284,7 +284,7 @@ function renderResult(res) {
 async function downloadCsv() {
   showError('#sql-error', null);
   let body;
-  try { body = sqlBody({ format: 'csv' }); } catch (e) { showError('#sql-error', e); return; }
+  try { body = sqlBody({ format: 'csv', neutralize_formulas: $('#sql-csv-safe').checked }); } catch (e) { showError('#sql-error', e); return; }
   const btn = $('#sql-csv');
   btn.disabled = true;
   status('Preparing CSV…', true);
