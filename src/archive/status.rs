@@ -69,9 +69,20 @@ pub struct ShardStatus {
 pub async fn status(cfg: &Config, stream: Option<&str>) -> Result<StatusReport> {
     let archive = Archive::open(cfg).await?;
     let client = kinesis::client(cfg).await;
+    status_with(cfg, &archive, &client, stream).await
+}
+
+/// [`status`] with an archive handle and a Kinesis client that are already
+/// open (the server keeps one of each).
+pub async fn status_with(
+    cfg: &Config,
+    archive: &Archive,
+    client: &Client,
+    stream: Option<&str>,
+) -> Result<StatusReport> {
     let mut streams = Vec::new();
     for s in cfg.selected_streams(stream)? {
-        streams.push(stream_status(cfg, &archive, &client, &s.name).await?);
+        streams.push(stream_status(cfg, archive, client, &s.name).await?);
     }
     Ok(StatusReport { streams })
 }

@@ -25,7 +25,9 @@ pub(crate) async fn get(State(state): State<Arc<AppState>>) -> Result<Response, 
     let archive = &state.archive;
     let mut out = Vec::new();
     for s in &cfg.streams {
-        let mut entry = match crate::archive::status::status(cfg, Some(&s.name)).await {
+        let status =
+            crate::archive::status::status_with(cfg, archive, &state.kinesis, Some(&s.name)).await;
+        let mut entry = match status {
             Ok(r) => r
                 .streams
                 .into_iter()
@@ -42,7 +44,12 @@ pub(crate) async fn get(State(state): State<Arc<AppState>>) -> Result<Response, 
             }
         };
         let mut days: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-        for o in archive.list(&archive.layout.stream_dir(&s.name)).await? {
+        let table = archive.layout.stream_dir(&s.name);
+        for o in archive.list(&table).await? {
+            // Published data only (staged files live under `_fluxcap/`).
+            if crate::archive::layout::is_hidden_below(&table, &o.location) {
+                continue;
+            }
             let dt = o
                 .location
                 .parts()
