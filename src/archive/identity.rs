@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::archive::store::Archive;
 use crate::error::{Error, Result};
-use crate::kinesis::{Backoff, Client, Failure, classify};
+use crate::kinesis::{Backoff, Client, Failure, classify, stream_error};
 
 /// Format version of the identity object.
 pub const IDENTITY_VERSION: u32 = 1;
@@ -112,23 +112,7 @@ pub async fn describe(
                 Failure::Retry(_) if backoff.attempts() < 10 => {
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
-                Failure::NotFound(detail) => {
-                    return Err(Error::StreamNotFound {
-                        stream: stream.into(),
-                        detail,
-                    });
-                }
-                Failure::Retry(m) | Failure::Fatal(m) => {
-                    return Err(Error::Kinesis {
-                        operation: "DescribeStreamSummary",
-                        stream: stream.into(),
-                        shard: None,
-                        message: m,
-                    });
-                }
-                Failure::ExpiredIterator => {
-                    return Err(Error::Usage("unexpected expired iterator".into()));
-                }
+                other => return Err(stream_error("DescribeStreamSummary", stream, other)),
             },
         }
     }

@@ -51,6 +51,33 @@ pub enum Failure {
     Fatal(String),
 }
 
+/// The error for a call about `stream` that failed for good.
+pub fn stream_error(
+    operation: &'static str,
+    stream: &str,
+    failure: Failure,
+) -> crate::error::Error {
+    use crate::error::Error;
+    match failure {
+        Failure::NotFound(detail) => Error::StreamNotFound {
+            stream: stream.into(),
+            detail,
+        },
+        Failure::Retry(m) | Failure::Fatal(m) => Error::Kinesis {
+            operation,
+            stream: stream.into(),
+            shard: None,
+            message: m,
+        },
+        Failure::ExpiredIterator => Error::Kinesis {
+            operation,
+            stream: stream.into(),
+            shard: None,
+            message: "unexpected expired iterator".into(),
+        },
+    }
+}
+
 /// Classify an SDK error.
 pub fn classify<E, R>(err: &SdkError<E, R>) -> Failure
 where

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kinesis::{Backoff, Client, Failure, classify};
 
 /// What ListShards says about one shard.
@@ -47,21 +47,7 @@ pub async fn list_shards(
                     tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
-                Failure::NotFound(detail) => {
-                    return Err(Error::StreamNotFound {
-                        stream: stream.into(),
-                        detail,
-                    });
-                }
-                Failure::Retry(m) | Failure::Fatal(m) => {
-                    return Err(Error::Kinesis {
-                        operation: "ListShards",
-                        stream: stream.into(),
-                        shard: None,
-                        message: m,
-                    });
-                }
-                Failure::ExpiredIterator => unreachable!("ListShards has no iterator"),
+                other => return Err(super::stream_error("ListShards", stream, other)),
             },
         };
         backoff.reset();

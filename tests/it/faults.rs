@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rand::Rng;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::harness::*;
-use crate::proxy::read_request;
+use crate::proxy::{forward, read_request};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Upstream {
@@ -125,20 +125,7 @@ async fn handle(
         return Ok(());
     }
     // Forward, one request per connection.
-    let mut up = TcpStream::connect(("127.0.0.1", upstream)).await?;
-    let mut new_head = String::new();
-    for line in head.split("\r\n") {
-        if line.to_ascii_lowercase().starts_with("connection:") || line.is_empty() {
-            continue;
-        }
-        new_head.push_str(line);
-        new_head.push_str("\r\n");
-    }
-    new_head.push_str("connection: close\r\n\r\n");
-    up.write_all(new_head.as_bytes()).await?;
-    up.write_all(&body).await?;
-    let mut resp = Vec::new();
-    up.read_to_end(&mut resp).await?;
+    let resp = forward(upstream, &head, &body).await?;
     if roll < rate {
         // The upstream applied the request but the response is lost.
         inj.lost_responses.fetch_add(1, Ordering::Relaxed);

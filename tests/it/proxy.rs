@@ -183,7 +183,8 @@ pub async fn read_request(sock: &mut TcpStream) -> std::io::Result<Option<(Strin
     Ok(Some((head, body)))
 }
 
-async fn forward(upstream: u16, head: &str, body: &[u8]) -> std::io::Result<Vec<u8>> {
+/// Send one request to `127.0.0.1:upstream` on a connection of its own; the whole response.
+pub async fn forward(upstream: u16, head: &str, body: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut up = TcpStream::connect(("127.0.0.1", upstream)).await?;
     let mut new_head = String::new();
     for line in head.split("\r\n") {
