@@ -22,8 +22,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BooleanBuilder, Int32Builder};
-use arrow::datatypes::DataType;
+use arrow::array::{Array, ArrayRef, AsArray, BooleanBuilder, Int32Builder, RecordBatch};
+use arrow::datatypes::{DataType, Int32Type, Int64Type, TimeUnit, TimestampMillisecondType};
 use datafusion::common::{Result as DfResult, exec_err};
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
@@ -394,6 +394,76 @@ impl ScalarUDFImpl for DepthFn {
             }
         }
         Ok(ColumnarValue::Array(Arc::new(out.finish())))
+    }
+}
+
+/// Cast to a canonical type.
+pub(crate) fn cast(a: &ArrayRef, t: &DataType) -> Result<ArrayRef> {
+    Ok(arrow::compute::cast(a, t)?)
+}
+
+/// One record read from the selection.
+pub(crate) struct Row<'a> {
+    pub(crate) shard: &'a str,
+    pub(crate) seq: &'a str,
+    pub(crate) sub: i64,
+    pub(crate) pk: &'a str,
+    pub(crate) ehk: Option<&'a str>,
+    pub(crate) arrival_ms: i64,
+    pub(crate) data: &'a [u8],
+    pub(crate) depth: i32,
+}
+
+/// A batch's columns in canonical types.
+pub(crate) struct Columns {
+    pub(crate) shard: ArrayRef,
+    pub(crate) seq: ArrayRef,
+    pub(crate) sub: ArrayRef,
+    pub(crate) pk: ArrayRef,
+    pub(crate) ehk: ArrayRef,
+    arrival: ArrayRef,
+    pub(crate) data: ArrayRef,
+    pub(crate) depth: ArrayRef,
+}
+
+impl Columns {
+    pub(crate) fn of(b: &RecordBatch) -> Result<Self> {
+        let c = |i: usize, t: DataType| cast(b.column(i), &t);
+        Ok(Columns {
+            shard: c(0, DataType::Utf8)?,
+            seq: c(1, DataType::Utf8)?,
+            sub: c(2, DataType::Int64)?,
+            pk: c(3, DataType::Utf8)?,
+            ehk: c(4, DataType::Utf8)?,
+            arrival: c(
+                5,
+                DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            )?,
+            data: c(6, DataType::Binary)?,
+            depth: c(7, DataType::Int32)?,
+        })
+    }
+
+    pub(crate) fn row(&self, i: usize) -> Row<'_> {
+        fn s(a: &ArrayRef, i: usize) -> &str {
+            let a = a.as_string::<i32>();
+            if a.is_null(i) { "" } else { a.value(i) }
+        }
+        let ehk = self.ehk.as_string::<i32>();
+        let sub = self.sub.as_primitive::<Int64Type>();
+        let arr = self.arrival.as_primitive::<TimestampMillisecondType>();
+        let data = self.data.as_binary::<i32>();
+        let depth = self.depth.as_primitive::<Int32Type>();
+        Row {
+            shard: s(&self.shard, i),
+            seq: s(&self.seq, i),
+            sub: if sub.is_null(i) { 0 } else { sub.value(i) },
+            pk: s(&self.pk, i),
+            ehk: (!ehk.is_null(i)).then(|| ehk.value(i)),
+            arrival_ms: if arr.is_null(i) { 0 } else { arr.value(i) },
+            data: if data.is_null(i) { &[] } else { data.value(i) },
+            depth: if depth.is_null(i) { 0 } else { depth.value(i) },
+        }
     }
 }
 

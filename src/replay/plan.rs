@@ -1,0 +1,488 @@
+//! Planning a replay: checking the options, fixing the horizon and the
+//! lineage, and building the manifest (or loading it to resume); and the SQL
+//! session whose table the selection reads (the unified view `S`, or a
+//! Parquet result set from `--from-parquet` or `--engine drill`).
+
+use std::collections::BTreeMap;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::DataType;
+
+use crate::archive::store::Archive;
+use crate::config::{Config, PayloadFormat, StreamConfig};
+use crate::consistency;
+use crate::error::{Error, Result};
+use crate::query::{self, QuerySession, SessionOptions, Snapshot};
+use crate::replay::select::{self, cast};
+use crate::replay::state::{self, Annotate, Manifest, Phase, Progress, Selection, Source};
+use crate::replay::target::Target;
+use crate::replay::{ReplayOptions, Shared};
+
+pub(crate) fn parse_pairs(items: &[String], what: &str) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for kv in items {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| Error::Usage(format!("{what} expects KEY=VALUE, got {kv:?}")))?;
+        if k.trim().is_empty() {
+            return Err(Error::Usage(format!("{what}: empty key in {kv:?}")));
+        }
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(out)
+}
+
+pub(super) fn new_id(now: chrono::DateTime<chrono::Utc>) -> String {
+    format!(
+        "r-{}-{:04x}",
+        now.format("%Y%m%dT%H%M%SZ"),
+        rand::random::<u16>()
+    )
+}
+
+/// A configuration that knows `stream` (added with the JSON format when it is not configured).
+fn with_stream(cfg: &Config, stream: &str) -> (Config, StreamConfig) {
+    let mut c = cfg.clone();
+    let s = match cfg.streams.iter().find(|s| s.name == stream) {
+        Some(s) => s.clone(),
+        None => {
+            let s = StreamConfig {
+                name: stream.to_string(),
+                format: PayloadFormat::Json,
+            };
+            c.streams.push(s.clone());
+            s
+        }
+    };
+    (c, s)
+}
+
+pub(super) async fn new_manifest(
+    cfg: &Config,
+    archive: &Archive,
+    opts: &ReplayOptions,
+) -> Result<Manifest> {
+    let to = opts.to.clone().ok_or_else(|| {
+        Error::Usage("replay needs --to kinesis://<stream>, file://<path> or -".into())
+    })?;
+    Target::parse(&to)?;
+    if !opts.compact && (opts.key.is_some() || opts.tombstone.is_some()) {
+        return Err(Error::Usage(
+            "--key and --tombstone only apply with --compact".into(),
+        ));
+    }
+    if opts.no_annotate && (!opts.annotate.is_empty() || opts.envelope || opts.force_overwrite) {
+        return Err(Error::Usage(
+            "--no-annotate cannot be combined with --annotate, --envelope or --force-overwrite"
+                .into(),
+        ));
+    }
+    if let Some(r) = opts.rate
+        && !(r > 0.0 && r.is_finite())
+    {
+        return Err(Error::Usage(format!(
+            "--rate expects records per second > 0, got {r}"
+        )));
+    }
+    let now = chrono::Utc::now();
+    let now_ms = now.timestamp_millis();
+    let selection = Selection {
+        since_ms: opts
+            .since
+            .as_deref()
+            .map(|s| select::parse_time(s, now_ms))
+            .transpose()?,
+        until_ms: opts
+            .until
+            .as_deref()
+            .map(|s| select::parse_time(s, now_ms))
+            .transpose()?,
+        from_sequence: parse_pairs(&opts.from_sequence, "--from-sequence")?,
+        to_sequence: parse_pairs(&opts.to_sequence, "--to-sequence")?,
+        predicate: opts.predicate.clone(),
+        compact: opts.compact,
+        key: opts.key.clone(),
+        tombstone: opts.tombstone.clone(),
+    };
+    let (source, binary) = match (&opts.from_parquet, &opts.stream) {
+        (Some(loc), label) => {
+            let binary = label
+                .as_ref()
+                .and_then(|l| cfg.streams.iter().find(|s| &s.name == l))
+                .is_some_and(|s| s.format == PayloadFormat::Binary);
+            (
+                Source::Parquet {
+                    location: loc.clone(),
+                    stream: label.clone(),
+                },
+                binary,
+            )
+        }
+        (None, Some(s)) => {
+            let (_, sc) = with_stream(cfg, s);
+            (
+                Source::Stream { stream: s.clone() },
+                sc.format == PayloadFormat::Binary,
+            )
+        }
+        (None, None) => {
+            return Err(Error::Usage(
+                "replay needs --stream <name> (or --from-parquet <location>)".into(),
+            ));
+        }
+    };
+    let id = new_id(now);
+    let (source, selection) = match opts.engine.as_deref() {
+        None => (source, selection),
+        Some("drill") => drill_selection(archive, source, selection, &id, opts).await?,
+        Some(other) => {
+            return Err(Error::Usage(format!(
+                "unknown --engine {other:?}: expected drill"
+            )));
+        }
+    };
+    let annotate = Annotate {
+        enabled: !opts.no_annotate,
+        envelope: opts.envelope,
+        binary,
+        field: cfg.replay.annotation_field.clone(),
+        pairs: parse_pairs(&opts.annotate, "--annotate")?,
+        force_overwrite: opts.force_overwrite,
+    };
+    let (horizon, lineage) = match &source {
+        Source::Stream { stream } => {
+            let (h, l) = horizon(cfg, archive, stream, now_ms, opts.shared.as_ref()).await?;
+            (Some(h), l)
+        }
+        Source::Parquet { .. } => (None, BTreeMap::new()),
+    };
+    Ok(Manifest {
+        version: state::MANIFEST_VERSION,
+        id,
+        created_at: consistency::rfc3339_ms(now_ms),
+        as_of_ms: now_ms,
+        source,
+        target: to,
+        selection,
+        annotate,
+        rate: opts.rate,
+        horizon,
+        lineage,
+    })
+}
+
+/// Run the selection on Drill as a CTAS into the archive's scratch
+/// workspace; the replay then reads those files.
+async fn drill_selection(
+    archive: &Archive,
+    source: Source,
+    selection: Selection,
+    id: &str,
+    opts: &ReplayOptions,
+) -> Result<(Source, Selection)> {
+    let Source::Stream { stream } = source else {
+        return Err(Error::Usage(
+            "--engine drill replays a stream's archive: give --stream, not --from-parquet".into(),
+        ));
+    };
+    let url = opts.drill_url.as_deref().unwrap_or("http://localhost:8047");
+    let plugin = opts.drill_plugin.as_deref().unwrap_or("archive");
+    let table = format!("replay_{id}");
+    let sql = crate::cluster::drill::replay_sql(plugin, &stream, &table, &selection);
+    tracing::info!(%url, "running the selection on Drill: {sql}");
+    let rows = crate::cluster::drill::run(url, &sql).await?;
+    tracing::info!("Drill wrote the selection: {rows:?}");
+    let dir = archive
+        .layout
+        .global_state_dir()
+        .join("drill-scratch")
+        .join(table.as_str());
+    let location = match &archive.location {
+        crate::config::ArchiveLocation::Local(root) => {
+            root.join(dir.as_ref()).display().to_string()
+        }
+        crate::config::ArchiveLocation::S3 { bucket, .. } => format!("s3://{bucket}/{dir}"),
+    };
+    Ok((
+        Source::Parquet {
+            location,
+            stream: Some(stream),
+        },
+        // Drill applied the bounds, filter and compaction.
+        Selection::default(),
+    ))
+}
+
+pub(super) async fn resume_manifest(
+    archive: &Archive,
+    opts: &ReplayOptions,
+    id: &str,
+) -> Result<(Manifest, Option<Progress>)> {
+    let given = opts.to.is_some()
+        || opts.since.is_some()
+        || opts.until.is_some()
+        || opts.predicate.is_some()
+        || opts.compact
+        || opts.from_parquet.is_some()
+        || !opts.annotate.is_empty()
+        || opts.rate.is_some();
+    if given {
+        return Err(Error::Usage(
+            "--resume continues a replay with the options it was started with; give only the id"
+                .into(),
+        ));
+    }
+    let (m, p) = state::load(archive, id).await?;
+    if let Some(p) = &p {
+        if p.phase == Phase::Done {
+            return Err(Error::Usage(format!(
+                "replay {id} is already done ({} records)",
+                p.sent
+            )));
+        }
+        if p.phase == Phase::Running && p.pid != std::process::id() && state::process_alive(p) {
+            return Err(Error::Usage(format!(
+                "replay {id} is still running (process {} on {})",
+                p.pid, p.host
+            )));
+        }
+    }
+    Ok((m, p))
+}
+
+/// The horizon of `stream` at `as_of_ms`: each shard's last sequence number
+/// (archived or in Kinesis), and the shards' lineage depths.
+async fn horizon(
+    cfg: &Config,
+    archive: &Archive,
+    stream: &str,
+    as_of_ms: i64,
+    shared: Option<&Shared>,
+) -> Result<(BTreeMap<String, Option<String>>, BTreeMap<String, u32>)> {
+    let (cfg2, _) = with_stream(cfg, stream);
+    let snapshot = Snapshot::load(archive, stream).await?;
+    let client = match shared {
+        Some(s) => s.kinesis.clone(),
+        None => crate::kinesis::client(cfg).await,
+    };
+    let listed = match crate::kinesis::shards::list_shards(
+        &client,
+        stream,
+        cfg.archiver.max_backoff.0,
+    )
+    .await
+    {
+        Ok(l) => l,
+        Err(Error::StreamNotFound { .. }) => {
+            tracing::warn!(
+                stream,
+                "the stream is not in Kinesis: replaying archived records only"
+            );
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
+    let mut links: Vec<(String, Option<String>, Option<String>)> = listed
+        .iter()
+        .map(|s| {
+            (
+                s.shard_id.clone(),
+                s.parents.first().cloned(),
+                s.parents.get(1).cloned(),
+            )
+        })
+        .collect();
+    for c in snapshot.shards.values() {
+        if !listed.iter().any(|s| s.shard_id == c.shard_id) {
+            links.push((
+                c.shard_id.clone(),
+                c.parents.first().cloned(),
+                c.parents.get(1).cloned(),
+            ));
+        }
+    }
+    let lineage: BTreeMap<String, u32> = consistency::lineage_depths(&links).into_iter().collect();
+    let mut h: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for (shard, _, _) in &links {
+        h.insert(
+            shard.clone(),
+            snapshot.committed(shard).map(|p| p.sequence_number.clone()),
+        );
+    }
+    if !listed.is_empty() {
+        let session = query::session_with(
+            &cfg2,
+            &SessionOptions {
+                as_of_ms: Some(as_of_ms),
+                ..Shared::session_options(shared)
+            },
+        )
+        .await?;
+        let q = format!(
+            "SELECT shard_id, max(lpad(sequence_number, 128, '0')) AS s FROM live.{} GROUP BY shard_id",
+            query::quote(stream)
+        );
+        let batches = session
+            .sql(&q)
+            .await?
+            .collect()
+            .await
+            .map_err(|e| session.error(e))?;
+        for b in batches {
+            let shard = cast(b.column(0), &DataType::Utf8)?;
+            let seq = cast(b.column(1), &DataType::Utf8)?;
+            let (shard, seq) = (shard.as_string::<i32>(), seq.as_string::<i32>());
+            for i in 0..b.num_rows() {
+                if shard.is_null(i) || seq.is_null(i) {
+                    continue;
+                }
+                let s = seq.value(i).trim_start_matches('0');
+                let s = if s.is_empty() { "0" } else { s };
+                let e = h.entry(shard.value(i).to_string()).or_insert(None);
+                if e.as_deref()
+                    .is_none_or(|cur| crate::record::cmp_sequence(s, cur).is_gt())
+                {
+                    *e = Some(s.to_string());
+                }
+            }
+        }
+    }
+    Ok((h, lineage))
+}
+
+/// The SQL session and the table the selection reads.
+pub(super) async fn selection_session(
+    cfg: &Config,
+    m: &Manifest,
+    shared: Option<&Shared>,
+) -> Result<(QuerySession, String)> {
+    match &m.source {
+        Source::Stream { stream } => {
+            let (cfg, _) = with_stream(cfg, stream);
+            let s = query::session_with(
+                &cfg,
+                &SessionOptions {
+                    as_of_ms: Some(m.as_of_ms),
+                    ..Shared::session_options(shared)
+                },
+            )
+            .await?;
+            select::register(&s.ctx, m.horizon.as_ref(), &m.lineage);
+            Ok((s, query::quote(stream)))
+        }
+        Source::Parquet { location, .. } => {
+            let s = query::session_with(
+                cfg,
+                &SessionOptions {
+                    streams_optional: true,
+                    ..Shared::session_options(shared)
+                },
+            )
+            .await?;
+            select::register(&s.ctx, None, &m.lineage);
+            let table = register_parquet(cfg, &s, location).await?;
+            Ok((s, table))
+        }
+    }
+}
+
+/// Register a Parquet result set as the replay's source table; columns that
+/// a result set may lack (`subsequence_number`, `explicit_hash_key`) are
+/// filled in.
+async fn register_parquet(cfg: &Config, s: &QuerySession, location: &str) -> Result<String> {
+    use datafusion::prelude::ParquetReadOptions;
+    let loc = crate::config::ArchiveLocation::parse(location).map_err(Error::Usage)?;
+    let url = match &loc {
+        crate::config::ArchiveLocation::Local(p) => {
+            if !p.exists() {
+                return Err(Error::Usage(format!(
+                    "--from-parquet: {} does not exist",
+                    p.display()
+                )));
+            }
+            let mut u = p.display().to_string();
+            if p.is_dir() && !u.ends_with('/') {
+                u.push('/');
+            }
+            u
+        }
+        crate::config::ArchiveLocation::S3 { bucket, prefix } => {
+            let mut c = cfg.clone();
+            c.archive.location = format!("s3://{bucket}");
+            let a = Archive::open(&c).await?;
+            let base = format!("s3://{bucket}");
+            let u = url::Url::parse(&base).map_err(|e| Error::Usage(e.to_string()))?;
+            s.ctx.register_object_store(&u, a.store.clone());
+            if prefix.ends_with(".parquet") {
+                format!("{base}/{prefix}")
+            } else {
+                format!("{base}/{prefix}/")
+            }
+        }
+    };
+    s.ctx
+        .register_parquet("replay_source_raw", &url, ParquetReadOptions::default())
+        .await
+        .map_err(|e| {
+            Error::Usage(format!(
+                "--from-parquet {location}: {}",
+                e.strip_backtrace()
+            ))
+        })?;
+    let schema = s
+        .ctx
+        .table("replay_source_raw")
+        .await
+        .map_err(|e| s.error(e))?
+        .schema()
+        .clone();
+    let has = |c: &str| schema.field_with_unqualified_name(c).is_ok();
+    let required = [
+        crate::record::col::SHARD_ID,
+        crate::record::col::SEQUENCE_NUMBER,
+        crate::record::col::PARTITION_KEY,
+        crate::record::col::ARRIVAL,
+        crate::record::col::DATA,
+    ];
+    let missing: Vec<&str> = required.iter().copied().filter(|c| !has(c)).collect();
+    if !missing.is_empty() {
+        return Err(Error::Usage(format!(
+            "--from-parquet {location}: the files lack the record column(s) {} (they need {})",
+            missing.join(", "),
+            required.join(", ")
+        )));
+    }
+    let mut extra = Vec::new();
+    if !has(crate::record::col::SUBSEQUENCE_NUMBER) {
+        extra.push("CAST(0 AS BIGINT) AS subsequence_number".to_string());
+    }
+    if !has(crate::record::col::EXPLICIT_HASH_KEY) {
+        extra.push("CAST(NULL AS VARCHAR) AS explicit_hash_key".to_string());
+    }
+    let view = if extra.is_empty() {
+        "replay_source_raw".to_string()
+    } else {
+        format!("(SELECT *, {} FROM replay_source_raw)", extra.join(", "))
+    };
+    Ok(view)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_sort_by_time_and_have_a_fixed_length() {
+        let t = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default();
+        let a = new_id(t);
+        assert_eq!(a.len(), "r-20231114T221320Z-0000".len());
+        assert!(a.starts_with("r-20231114T221320Z-"));
+    }
+
+    #[test]
+    fn pairs() {
+        let p = parse_pairs(&["a=1".into(), "b = x=y".into()], "--annotate").unwrap_or_default();
+        assert_eq!(p.get("b").map(String::as_str), Some("x=y"));
+        assert!(parse_pairs(&["nope".into()], "--annotate").is_err());
+    }
+}

@@ -1,0 +1,628 @@
+//! Running a planned replay: reading the ordered selection, annotating each
+//! record, sending it to the sink (the Kinesis writer, a JSON-lines file or
+//! standard output, or only counting for a dry run), and saving progress as
+//! the acknowledged prefix of the order grows.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{DataType, Int64Type};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::archive::store::Archive;
+use crate::config::Config;
+use crate::consistency::{self, Annotation};
+use crate::error::{Error, Result};
+use crate::kinesis::writer::{Ack, OutRecord, ShardStats, TargetShards, Writer, WriterSettings};
+use crate::query::QuerySession;
+use crate::replay::report::{estimate, progress_bar, report};
+use crate::replay::select::{self, Columns, Row, cast};
+use crate::replay::state::{self, Manifest, Phase, Progress};
+use crate::replay::target::{Line, Target};
+use crate::replay::{Observer, ReplayOptions, Summary};
+
+/// Acknowledgement bookkeeping: the prefix of the output order that is
+/// completely acknowledged.
+#[derive(Debug, Default)]
+struct Watermark {
+    next: u64,
+    bytes: u64,
+    above: BTreeMap<u64, usize>,
+}
+
+impl Watermark {
+    fn ack(&mut self, idx: u64, bytes: usize) {
+        if idx < self.next {
+            return;
+        }
+        self.above.insert(idx, bytes);
+        while let Some(b) = self.above.remove(&self.next) {
+            self.bytes += b as u64;
+            self.next += 1;
+        }
+    }
+}
+
+enum Sink {
+    Kinesis {
+        writer: Writer,
+        acks: mpsc::UnboundedReceiver<Ack>,
+        ack_tx: mpsc::UnboundedSender<Ack>,
+    },
+    DryRun {
+        shards: Option<TargetShards>,
+        per_shard: Vec<ShardStats>,
+    },
+    Lines {
+        out: Box<dyn Write + Send>,
+        path: Option<std::path::PathBuf>,
+        offset: u64,
+    },
+}
+
+pub(super) struct Run {
+    cfg: Config,
+    archive: Archive,
+    manifest: Manifest,
+    opts: ReplayOptions,
+    target: Target,
+    /// Records before this ordinal were sent by earlier runs.
+    start: u64,
+    progress: Progress,
+    mark: Watermark,
+    rejected: Vec<String>,
+    enveloped: u64,
+    sent_records: u64,
+    sent_bytes: u64,
+    started: Instant,
+    last_save: Instant,
+    last_saved_sent: u64,
+    last_log: Instant,
+    bar: Option<indicatif::ProgressBar>,
+    shards: Vec<ShardStats>,
+    /// The manifest is in the store (progress may be saved).
+    recorded: bool,
+    /// Someone watching (the HTTP server).
+    observer: Option<Arc<Observer>>,
+}
+
+impl Run {
+    pub(super) fn new(
+        cfg: &Config,
+        archive: Archive,
+        manifest: Manifest,
+        progress: Option<Progress>,
+        opts: ReplayOptions,
+        target: Target,
+        observer: Option<Arc<Observer>>,
+    ) -> Self {
+        let start = progress.as_ref().map(|p| p.sent).unwrap_or(0);
+        let progress = progress.unwrap_or(Progress {
+            phase: Phase::Running,
+            sent: 0,
+            total: None,
+            bytes: 0,
+            file_offset: None,
+            rejected: 0,
+            shards: Vec::new(),
+            error: None,
+            updated_ms: 0,
+            host: crate::archive::lease::hostname(),
+            pid: std::process::id(),
+        });
+        let mark = Watermark {
+            next: start,
+            bytes: progress.bytes,
+            above: BTreeMap::new(),
+        };
+        if let Some(o) = &observer {
+            o.sent.store(start, Ordering::Relaxed);
+        }
+        Run {
+            observer,
+            cfg: cfg.clone(),
+            archive,
+            manifest,
+            opts,
+            target,
+            start,
+            progress,
+            mark,
+            rejected: Vec::new(),
+            enveloped: 0,
+            sent_records: 0,
+            sent_bytes: 0,
+            started: Instant::now(),
+            last_save: Instant::now(),
+            last_saved_sent: start,
+            last_log: Instant::now(),
+            bar: None,
+            shards: Vec::new(),
+            recorded: false,
+        }
+    }
+
+    async fn sink(&mut self) -> Result<Sink> {
+        let resume_offset = self.progress.file_offset.unwrap_or(0);
+        match &self.target {
+            Target::Kinesis(name) => {
+                let mut c = self.cfg.clone();
+                let r = &self.cfg.replay;
+                if let Some(x) = &r.target_region {
+                    c.aws.region = x.clone();
+                }
+                if let Some(x) = &r.target_profile {
+                    c.aws.profile = Some(x.clone());
+                }
+                if let Some(x) = &r.target_endpoint {
+                    c.aws.kinesis_endpoint = Some(x.clone());
+                }
+                let client = crate::kinesis::client(&c).await;
+                let shards =
+                    TargetShards::discover(&client, name, self.cfg.archiver.max_backoff.0).await?;
+                if self.opts.dry_run {
+                    let per_shard = shards
+                        .shards
+                        .iter()
+                        .map(|s| ShardStats {
+                            shard_id: s.shard_id.clone(),
+                            ..Default::default()
+                        })
+                        .collect();
+                    return Ok(Sink::DryRun {
+                        shards: Some(shards),
+                        per_shard,
+                    });
+                }
+                let (ack_tx, acks) = mpsc::unbounded_channel();
+                let settings = WriterSettings {
+                    shard_records_per_sec: r.shard_records_per_second,
+                    shard_bytes_per_sec: r.shard_bytes_per_second.0,
+                    rate: self.manifest.rate,
+                    max_attempts: r.retry_attempts,
+                    max_backoff: self.cfg.archiver.max_backoff.0,
+                };
+                let writer = Writer::start(
+                    client,
+                    name,
+                    shards,
+                    settings,
+                    ack_tx.clone(),
+                    CancellationToken::new(),
+                );
+                Ok(Sink::Kinesis {
+                    writer,
+                    acks,
+                    ack_tx,
+                })
+            }
+            _ if self.opts.dry_run => Ok(Sink::DryRun {
+                shards: None,
+                per_shard: vec![ShardStats {
+                    shard_id: self.manifest.target.clone(),
+                    ..Default::default()
+                }],
+            }),
+            Target::File(path) => {
+                let io = |e| Error::Io {
+                    path: path.clone(),
+                    source: e,
+                };
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(io)?;
+                }
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(self.start == 0)
+                    .open(path)
+                    .map_err(io)?;
+                if self.start > 0 {
+                    // Drop whatever was written after the last saved progress.
+                    f.set_len(resume_offset).map_err(io)?;
+                }
+                let mut f = f;
+                std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(resume_offset)).map_err(io)?;
+                Ok(Sink::Lines {
+                    out: Box::new(std::io::BufWriter::with_capacity(1 << 20, f)),
+                    path: Some(path.clone()),
+                    offset: resume_offset,
+                })
+            }
+            Target::Stdout => Ok(Sink::Lines {
+                out: Box::new(std::io::BufWriter::with_capacity(
+                    1 << 16,
+                    std::io::stdout(),
+                )),
+                path: None,
+                offset: 0,
+            }),
+        }
+    }
+
+    pub(super) async fn execute(
+        &mut self,
+        (session, table): (QuerySession, String),
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let m = self.manifest.clone();
+        let horizon = m.horizon.is_some();
+        let terminal = std::io::stderr().is_terminal() && !self.opts.dry_run && !self.opts.quiet;
+        let watched = self.observer.is_some() && !self.opts.dry_run;
+        if (terminal || watched) && self.progress.total.is_none() {
+            let q = select::sql(&table, &m.selection, horizon, false, 0);
+            let b = session
+                .sql(&q)
+                .await?
+                .collect()
+                .await
+                .map_err(|e| session.error(e))?;
+            if let Some(b) = b.first() {
+                let n = cast(b.column(0), &DataType::Int64)?;
+                let n = n.as_primitive::<Int64Type>();
+                if !n.is_empty() && !n.is_null(0) {
+                    self.progress.total = Some(n.value(0) as u64);
+                }
+            }
+        }
+        if let (Some(o), Some(t)) = (&self.observer, self.progress.total) {
+            o.total.store(t, Ordering::Relaxed);
+        }
+        if terminal {
+            self.bar = Some(progress_bar(self.progress.total, self.start));
+        }
+        let mut sink = self.sink().await?;
+        if !self.opts.dry_run {
+            // The source and target are usable: from here on the replay exists.
+            if self.opts.resume.is_none() {
+                state::save_manifest(&self.archive, &self.manifest).await?;
+            }
+            self.recorded = true;
+            self.save(Phase::Running, None).await;
+        }
+        let q = select::sql(&table, &m.selection, horizon, true, self.start);
+        tracing::debug!(sql = %q, "replay selection");
+        let df = session.sql(&q).await?;
+        let mut stream = df.execute_stream().await.map_err(|e| session.error(e))?;
+        let text = !m.annotate.binary;
+        let label = m.source.stream_label();
+        let max = self.cfg.replay.max_record_size.0 as usize;
+        let mut idx = self.start;
+        loop {
+            let batch = tokio::select! {
+                _ = cancel.cancelled() => return Err(Error::Interrupted),
+                b = stream.next() => b,
+            };
+            let Some(batch) = batch else { break };
+            let batch = batch.map_err(|e| session.error(e))?;
+            let cols = Columns::of(&batch)?;
+            for i in 0..batch.num_rows() {
+                let row = cols.row(i);
+                match &mut sink {
+                    Sink::Lines { out, path, offset } => {
+                        let (data, data_base64) = Line::payload(row.data, text);
+                        let line = Line {
+                            replay_id: m.annotate.enabled.then_some(m.id.as_str()),
+                            stream: &label,
+                            shard_id: row.shard,
+                            sequence_number: row.seq,
+                            subsequence_number: row.sub,
+                            partition_key: row.pk,
+                            explicit_hash_key: row.ehk,
+                            approximate_arrival_timestamp: Line::time(row.arrival_ms),
+                            data,
+                            data_base64,
+                            annotations: (m.annotate.enabled && !m.annotate.pairs.is_empty())
+                                .then_some(&m.annotate.pairs),
+                        };
+                        let mut buf = serde_json::to_vec(&line).map_err(|e| Error::Query {
+                            message: format!("encoding a JSON line: {e}"),
+                        })?;
+                        buf.push(b'\n');
+                        let io = |e| Error::Io {
+                            path: path.clone().unwrap_or_else(|| "<stdout>".into()),
+                            source: e,
+                        };
+                        out.write_all(&buf).map_err(io)?;
+                        *offset += buf.len() as u64;
+                        self.sent_records += 1;
+                        self.sent_bytes += (row.data.len() + row.pk.len()) as u64;
+                        self.mark.ack(idx, row.data.len() + row.pk.len());
+                        self.progress.file_offset = path.as_ref().map(|_| *offset);
+                        if self.due() {
+                            out.flush().map_err(io)?;
+                            self.save(Phase::Running, None).await;
+                        }
+                    }
+                    Sink::DryRun { shards, per_shard } => {
+                        let payload = self.payload(&row, &label);
+                        let size = payload.len() + row.pk.len();
+                        if matches!(self.target, Target::Kinesis(_)) && size > max {
+                            self.reject(&row, size);
+                        } else {
+                            let s = shards.as_ref().map_or(0, |t| t.route(row.pk, row.ehk));
+                            per_shard[s].records += 1;
+                            per_shard[s].bytes += size as u64;
+                        }
+                    }
+                    Sink::Kinesis {
+                        writer,
+                        acks,
+                        ack_tx,
+                    } => {
+                        let payload = self.payload(&row, &label);
+                        let size = payload.len() + row.pk.len();
+                        if size > max {
+                            self.reject(&row, size);
+                            let _ = ack_tx.send(Ack {
+                                idx,
+                                shard: usize::MAX,
+                                bytes: 0,
+                            });
+                        } else {
+                            let rec = OutRecord {
+                                idx,
+                                partition_key: row.pk.to_string(),
+                                explicit_hash_key: row.ehk.map(str::to_string),
+                                data: payload,
+                            };
+                            tokio::select! {
+                                _ = cancel.cancelled() => return Err(Error::Interrupted),
+                                r = writer.send(rec) => r?,
+                            }
+                        }
+                        while let Ok(a) = acks.try_recv() {
+                            self.on_ack(a);
+                        }
+                        if self.due() {
+                            self.save(Phase::Running, None).await;
+                        }
+                    }
+                }
+                idx += 1;
+            }
+            self.tick();
+        }
+        match sink {
+            Sink::Kinesis {
+                writer,
+                mut acks,
+                ack_tx,
+            } => {
+                drop(ack_tx);
+                let finish = writer.finish();
+                tokio::pin!(finish);
+                let stats = loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(Error::Interrupted),
+                        r = &mut finish => break r?,
+                        Some(a) = acks.recv() => {
+                            self.on_ack(a);
+                            if self.due() {
+                                self.save(Phase::Running, None).await;
+                            }
+                            self.tick();
+                        }
+                    }
+                };
+                while let Ok(a) = acks.try_recv() {
+                    self.on_ack(a);
+                }
+                self.shards = stats;
+            }
+            Sink::DryRun { per_shard, .. } => self.shards = per_shard,
+            Sink::Lines { mut out, path, .. } => {
+                out.flush().map_err(|e| Error::Io {
+                    path: path.unwrap_or_else(|| "<stdout>".into()),
+                    source: e,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_ack(&mut self, a: Ack) {
+        if a.shard != usize::MAX {
+            self.sent_records += 1;
+            self.sent_bytes += a.bytes as u64;
+        }
+        self.mark.ack(a.idx, a.bytes);
+    }
+
+    /// The payload as sent to Kinesis (annotated or not).
+    fn payload(&mut self, row: &Row<'_>, label: &str) -> Bytes {
+        let a = &self.manifest.annotate;
+        if !a.enabled {
+            return Bytes::copy_from_slice(row.data);
+        }
+        let ann = Annotation {
+            replay_id: self.manifest.id.clone(),
+            stream: label.to_string(),
+            shard_id: row.shard.to_string(),
+            lineage_depth: row.depth.max(0) as u32,
+            sequence_number: row.seq.to_string(),
+            subsequence_number: row.sub,
+            arrival: consistency::rfc3339_ms(row.arrival_ms),
+            arrival_ms: row.arrival_ms,
+            force_overwrite: a.force_overwrite,
+            annotations: a.pairs.clone(),
+            envelope: None,
+        };
+        if !a.binary && !a.envelope {
+            if let Some(v) = consistency::annotate_json(row.data, &a.field, &ann) {
+                return Bytes::from(v);
+            }
+            self.enveloped += 1;
+        }
+        Bytes::from(consistency::envelope(row.data, &a.field, &ann))
+    }
+
+    fn reject(&mut self, row: &Row<'_>, size: usize) {
+        tracing::warn!(
+            shard = row.shard,
+            sequence_number = row.seq,
+            size,
+            "record too large for the target ({} bytes > replay.max_record_size {}): not sent",
+            size,
+            self.cfg.replay.max_record_size.0
+        );
+        self.rejected.push(
+            serde_json::json!({
+                "shard_id": row.shard,
+                "sequence_number": row.seq,
+                "subsequence_number": row.sub,
+                "partition_key": row.pk,
+                "size": size,
+            })
+            .to_string(),
+        );
+    }
+
+    fn due(&self) -> bool {
+        self.mark.next - self.last_saved_sent >= self.cfg.replay.checkpoint_records
+            || (self.last_save.elapsed() >= self.cfg.replay.checkpoint_interval.0
+                && self.mark.next > self.last_saved_sent)
+    }
+
+    fn tick(&mut self) {
+        let done = self.mark.next;
+        if let Some(o) = &self.observer {
+            o.sent.store(done, Ordering::Relaxed);
+            o.sent_this_run.store(self.sent_records, Ordering::Relaxed);
+        }
+        if let Some(b) = &self.bar {
+            b.set_position(done);
+        } else if !self.opts.dry_run && self.last_log.elapsed() >= Duration::from_secs(10) {
+            self.last_log = Instant::now();
+            let secs = self.started.elapsed().as_secs_f64().max(0.001);
+            tracing::info!(
+                replay = %self.manifest.id,
+                "sent {done} records ({:.0} records/s)",
+                self.sent_records as f64 / secs
+            );
+        }
+    }
+
+    async fn save(&mut self, phase: Phase, error: Option<String>) {
+        self.progress.phase = phase;
+        self.progress.sent = self.mark.next;
+        self.progress.bytes = self.mark.bytes;
+        self.progress.rejected = self.rejected.len() as u64;
+        self.progress.error = error;
+        self.progress.updated_ms = chrono::Utc::now().timestamp_millis();
+        self.progress.host = crate::archive::lease::hostname();
+        self.progress.pid = std::process::id();
+        if !self.shards.is_empty() {
+            self.progress.shards = self.shards.clone();
+        }
+        if let Err(e) = state::save_progress(&self.archive, &self.manifest.id, &self.progress).await
+        {
+            tracing::warn!("could not save the replay's progress: {e}");
+        }
+        self.last_save = Instant::now();
+        self.last_saved_sent = self.mark.next;
+    }
+
+    pub(super) async fn finish(mut self, result: Result<()>) -> Result<Summary> {
+        // Watchers see the final counts, also when the run stopped early.
+        self.tick();
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+        let id = self.manifest.id.clone();
+        let rejected_path = if self.rejected.is_empty() || !self.recorded {
+            None
+        } else {
+            match state::save_rejected(&self.archive, &id, &self.rejected).await {
+                Ok(p) => Some(self.archive.describe(&p)),
+                Err(e) => {
+                    tracing::warn!("could not save the list of rejected records: {e}");
+                    None
+                }
+            }
+        };
+        if let Err(e) = result {
+            if self.recorded {
+                let msg = (!matches!(e, Error::Interrupted)).then(|| e.to_string());
+                self.save(Phase::Interrupted, msg).await;
+                if !self.opts.quiet {
+                    eprintln!(
+                        "replay {id} stopped after {} records; continue with: fluxcap replay --resume {id}",
+                        self.mark.next
+                    );
+                }
+            }
+            return Err(e);
+        }
+        let secs = self.started.elapsed().as_secs_f64();
+        let mut summary = Summary {
+            id: id.clone(),
+            target: self.manifest.target.clone(),
+            dry_run: self.opts.dry_run,
+            records: if self.opts.dry_run {
+                self.shards.iter().map(|s| s.records).sum()
+            } else {
+                self.sent_records
+            },
+            bytes: if self.opts.dry_run {
+                self.shards.iter().map(|s| s.bytes).sum()
+            } else {
+                self.sent_bytes
+            },
+            rejected: self.rejected.len() as u64,
+            enveloped: self.enveloped,
+            throttled: self.shards.iter().map(|s| s.throttled).sum(),
+            shards: self.shards.clone(),
+            seconds: secs,
+            estimated_seconds: None,
+        };
+        if self.opts.dry_run {
+            summary.estimated_seconds = Some(estimate(
+                &self.cfg.replay,
+                &self.target,
+                self.manifest.rate,
+                &summary,
+            ));
+        } else {
+            self.progress.total = Some(self.mark.next);
+            self.save(Phase::Done, None).await;
+        }
+        if !self.opts.quiet {
+            report(&summary, &self.opts, &self.target);
+        }
+        if let Some(p) = rejected_path {
+            return Err(Error::Rejected {
+                id,
+                count: self.rejected.len() as u64,
+                list: p,
+            });
+        }
+        Ok(summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watermark_advances_only_over_a_complete_prefix() {
+        let mut w = Watermark {
+            next: 10,
+            ..Default::default()
+        };
+        w.ack(11, 5);
+        assert_eq!(w.next, 10);
+        w.ack(10, 3);
+        assert_eq!((w.next, w.bytes), (12, 8));
+        w.ack(9, 100); // before the start: ignored
+        assert_eq!(w.next, 12);
+    }
+}
