@@ -213,12 +213,21 @@ pub async fn prepare(cfg: &Config, opts: ReplayOptions) -> Result<Prepared> {
         Some(s) => s.archive.clone(),
         None => Archive::open(cfg).await?,
     };
-    let (manifest, progress) = match &opts.resume {
-        Some(id) => plan::resume_manifest(&archive, &opts, id).await?,
-        None => (plan::new_manifest(cfg, &archive, &opts).await?, None),
+    let (manifest, progress, session) = match &opts.resume {
+        Some(id) => {
+            let (m, p) = plan::resume_manifest(&archive, &opts, id).await?;
+            (m, p, None)
+        }
+        None => {
+            let (m, s) = plan::new_manifest(cfg, &archive, &opts).await?;
+            (m, None, s)
+        }
     };
     let target = Target::parse(&manifest.target)?;
-    let session = plan::selection_session(cfg, &manifest, opts.shared.as_ref()).await?;
+    let session = match session {
+        Some(s) => s,
+        None => plan::selection_session(cfg, &manifest, opts.shared.as_ref()).await?,
+    };
     select::validate(&session.0, &session.1, &manifest.selection).await?;
     Ok(Prepared {
         session,

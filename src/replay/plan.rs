@@ -12,7 +12,7 @@ use crate::archive::store::Archive;
 use crate::config::{Config, PayloadFormat, StreamConfig};
 use crate::consistency;
 use crate::error::{Error, Result};
-use crate::query::{self, QuerySession, SessionOptions, Snapshot};
+use crate::query::{self, QuerySession, SessionOptions};
 use crate::replay::select::{self, cast};
 use crate::replay::state::{self, Annotate, Manifest, Phase, Progress, Selection, Source};
 use crate::replay::target::Target;
@@ -61,7 +61,7 @@ pub(super) async fn new_manifest(
     cfg: &Config,
     archive: &Archive,
     opts: &ReplayOptions,
-) -> Result<Manifest> {
+) -> Result<(Manifest, Option<(QuerySession, String)>)> {
     let to = opts.to.clone().ok_or_else(|| {
         Error::Usage("replay needs --to kinesis://<stream>, file://<path> or -".into())
     })?;
@@ -149,14 +149,18 @@ pub(super) async fn new_manifest(
         pairs: parse_pairs(&opts.annotate, "--annotate")?,
         force_overwrite: opts.force_overwrite,
     };
-    let (horizon, lineage) = match &source {
+    // One view for the horizon and the whole selection: the same snapshot,
+    // the same shard listing and one read of the live tail.
+    let (horizon, lineage, session) = match &source {
         Source::Stream { stream } => {
-            let (h, l) = horizon(cfg, archive, stream, now_ms, opts.shared.as_ref()).await?;
-            (Some(h), l)
+            let session = stream_session(cfg, stream, now_ms, opts.shared.as_ref()).await?;
+            let (h, l) = horizon(&session, stream).await?;
+            select::register(&session.ctx, Some(&h), &l);
+            (Some(h), l, Some((session, query::quote(stream))))
         }
-        Source::Parquet { .. } => (None, BTreeMap::new()),
+        Source::Parquet { .. } => (None, BTreeMap::new(), None),
     };
-    Ok(Manifest {
+    let manifest = Manifest {
         version: state::MANIFEST_VERSION,
         id,
         created_at: consistency::rfc3339_ms(now_ms),
@@ -168,7 +172,28 @@ pub(super) async fn new_manifest(
         rate: opts.rate,
         horizon,
         lineage,
-    })
+    };
+    Ok((manifest, session))
+}
+
+/// The session of a replay of `stream`: one view (snapshot, listing, live
+/// tail) for all of its statements, live records up to `as_of_ms`.
+async fn stream_session(
+    cfg: &Config,
+    stream: &str,
+    as_of_ms: i64,
+    shared: Option<&Shared>,
+) -> Result<QuerySession> {
+    let (cfg, _) = with_stream(cfg, stream);
+    query::session_with(
+        &cfg,
+        &SessionOptions {
+            as_of_ms: Some(as_of_ms),
+            pinned: true,
+            ..Shared::session_options(shared)
+        },
+    )
+    .await
 }
 
 /// Run the selection on Drill as a CTAS into the archive's scratch
@@ -250,37 +275,22 @@ pub(super) async fn resume_manifest(
     Ok((m, p))
 }
 
-/// The horizon of `stream` at `as_of_ms`: each shard's last sequence number
-/// (archived or in Kinesis), and the shards' lineage depths.
+/// The horizon of `stream` in the session's view: each shard's last
+/// sequence number (archived or in Kinesis), and the shards' lineage depths.
 async fn horizon(
-    cfg: &Config,
-    archive: &Archive,
+    session: &QuerySession,
     stream: &str,
-    as_of_ms: i64,
-    shared: Option<&Shared>,
 ) -> Result<(BTreeMap<String, Option<String>>, BTreeMap<String, u32>)> {
-    let (cfg2, _) = with_stream(cfg, stream);
-    let snapshot = Snapshot::load(archive, stream).await?;
-    let client = match shared {
-        Some(s) => s.kinesis.clone(),
-        None => crate::kinesis::client(cfg).await,
-    };
-    let listed = match crate::kinesis::shards::list_shards(
-        &client,
-        stream,
-        cfg.archiver.max_backoff.0,
-    )
-    .await
-    {
-        Ok(l) => l,
-        Err(Error::StreamNotFound { .. }) => {
+    let snapshot = session.snapshot(stream).await?;
+    let listed = match session.shards(stream).await? {
+        Some(l) => l,
+        None => {
             tracing::warn!(
                 stream,
                 "the stream is not in Kinesis: replaying archived records only"
             );
-            Vec::new()
+            Default::default()
         }
-        Err(e) => return Err(e),
     };
     let mut links: Vec<(String, Option<String>, Option<String>)> = listed
         .iter()
@@ -310,14 +320,6 @@ async fn horizon(
         );
     }
     if !listed.is_empty() {
-        let session = query::session_with(
-            &cfg2,
-            &SessionOptions {
-                as_of_ms: Some(as_of_ms),
-                ..Shared::session_options(shared)
-            },
-        )
-        .await?;
         let q = format!(
             "SELECT shard_id, max(lpad(sequence_number, 128, '0')) AS s FROM live.{} GROUP BY shard_id",
             query::quote(stream)
@@ -358,15 +360,7 @@ pub(super) async fn selection_session(
 ) -> Result<(QuerySession, String)> {
     match &m.source {
         Source::Stream { stream } => {
-            let (cfg, _) = with_stream(cfg, stream);
-            let s = query::session_with(
-                &cfg,
-                &SessionOptions {
-                    as_of_ms: Some(m.as_of_ms),
-                    ..Shared::session_options(shared)
-                },
-            )
-            .await?;
+            let s = stream_session(cfg, stream, m.as_of_ms, shared).await?;
             select::register(&s.ctx, m.horizon.as_ref(), &m.lineage);
             Ok((s, query::quote(stream)))
         }

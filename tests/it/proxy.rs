@@ -39,6 +39,8 @@ struct Ctl {
     empty_pages: std::sync::atomic::AtomicU32,
     /// Errors injected so far.
     injected: std::sync::atomic::AtomicU64,
+    /// Kinesis requests seen, per target (`GetRecords`, …).
+    calls: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 pub struct Proxy {
@@ -135,6 +137,17 @@ impl Proxy {
         self.ctl.injected.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Kinesis requests of `target` (e.g. `GetRecords`) seen so far.
+    pub fn calls(&self, target: &str) -> u64 {
+        self.ctl
+            .calls
+            .lock()
+            .unwrap()
+            .get(target)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Requests held now.
     pub fn held_count(&self) -> usize {
         self.ctl.held.lock().unwrap().len()
@@ -229,6 +242,9 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
                 .then(|| v.trim().rsplit('.').next().unwrap_or_default().to_string())
         })
         .unwrap_or_default();
+    if !target.is_empty() {
+        *ctl.calls.lock().unwrap().entry(target.clone()).or_default() += 1;
+    }
     let failure = {
         let mut failing = ctl.failing.lock().unwrap();
         failing
