@@ -150,9 +150,17 @@ struct ReplayArgs {
     /// The compaction key, a SQL expression such as json_get_str(data,'order_id').
     #[arg(long, value_name = "EXPR")]
     key: Option<String>,
-    /// Records matching this predicate delete their key: a key whose last record matches is not replayed.
+    /// Records matching this predicate delete their key (a key whose last record matches is deleted).
     #[arg(long, value_name = "PREDICATE")]
     tombstone: Option<String>,
+    /// What a deleted key sends: its last record, so consumers delete it too (emit), or nothing (drop).
+    /// Default: emit when --to is the source stream or with --force-overwrite, drop otherwise.
+    #[arg(long, value_name = "MODE", value_parser = ["emit", "drop"])]
+    tombstones: Option<String>,
+    /// Also select records that earlier replays sent (copies); they are ordered and compacted by
+    /// their original's position and sent unchanged.
+    #[arg(long)]
+    include_replayed: bool,
     /// Add KEY=VALUE to every record's annotation (repeatable).
     #[arg(long, value_name = "KEY=VALUE")]
     annotate: Vec<String>,
@@ -402,6 +410,8 @@ async fn run(cli: Cli) -> Result<()> {
                 compact: a.compact,
                 key: a.key,
                 tombstone: a.tombstone,
+                tombstones: a.tombstones,
+                include_replayed: a.include_replayed,
                 annotate: a.annotate,
                 no_annotate: a.no_annotate,
                 envelope: a.envelope,

@@ -38,6 +38,7 @@ pub mod cli;
 pub mod guard;
 pub mod json;
 pub mod live;
+pub mod origin;
 pub mod output;
 pub mod snapshot;
 pub mod view;
@@ -194,6 +195,9 @@ pub async fn session_with(cfg: &Config, opts: &SessionOptions) -> Result<QuerySe
         url.as_ref(),
         Arc::new(crate::archive::store::StagedFallback(archive.store.clone())),
     );
+    ctx.register_udf(datafusion::logical_expr::ScalarUDF::new_from_impl(
+        origin::OriginFn::new(&cfg.replay.annotation_field),
+    ));
     json::register(&ctx).map_err(|e| Error::Query {
         message: format!("registering JSON functions: {e}"),
     })?;
@@ -241,9 +245,11 @@ pub async fn session_with(cfg: &Config, opts: &SessionOptions) -> Result<QuerySe
                 live: live.clone(),
             })
         };
-        register(archive_schema.as_ref(), &s.name, table(Side::Archive))?;
-        register(live_schema.as_ref(), &s.name, table(Side::Live))?;
-        ctx.register_table(s.name.as_str(), table(Side::Both))
+        let field = cfg.replay.annotation_field.as_str();
+        let view = |side| origin::view(&s.name, table(side), field);
+        register(archive_schema.as_ref(), &s.name, view(Side::Archive)?)?;
+        register(live_schema.as_ref(), &s.name, view(Side::Live)?)?;
+        ctx.register_table(s.name.as_str(), view(Side::Both)?)
             .map_err(|e| Error::Query {
                 message: format!("registering table {}: {e}", s.name),
             })?;

@@ -80,6 +80,11 @@ pub struct ReplayOptions {
     pub key: Option<String>,
     /// `--tombstone`.
     pub tombstone: Option<String>,
+    /// `--tombstones emit|drop` (`None`: emit when the target is the source
+    /// stream or `force_overwrite` is set, drop otherwise).
+    pub tombstones: Option<String>,
+    /// `--include-replayed`: select replayed copies too.
+    pub include_replayed: bool,
     /// `--annotate k=v` (repeatable).
     pub annotate: Vec<String>,
     /// `--no-annotate`.

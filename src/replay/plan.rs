@@ -103,6 +103,8 @@ pub(super) async fn new_manifest(
         compact: opts.compact,
         key: opts.key.clone(),
         tombstone: opts.tombstone.clone(),
+        emit_tombstones: emit_tombstones(opts, &to)?,
+        include_replayed: opts.include_replayed,
     };
     let (source, binary) = match (&opts.from_parquet, &opts.stream) {
         (Some(loc), label) => {
@@ -174,6 +176,30 @@ pub(super) async fn new_manifest(
         lineage,
     };
     Ok((manifest, session))
+}
+
+/// `--tombstones`: emit by default when the target is the source stream or
+/// the replay forces overwrites (the consumers' state must lose the deleted
+/// keys), drop otherwise.
+fn emit_tombstones(opts: &ReplayOptions, to: &str) -> Result<bool> {
+    match opts.tombstones.as_deref() {
+        Some("emit") | Some("drop") if opts.tombstone.is_none() => Err(Error::Usage(
+            "--tombstones says what happens to the keys that --tombstone deletes: give --tombstone too"
+                .into(),
+        )),
+        Some("emit") => Ok(true),
+        Some("drop") => Ok(false),
+        Some(other) => Err(Error::Usage(format!(
+            "--tombstones expects emit or drop, got {other:?}"
+        ))),
+        None => {
+            let same = matches!(
+                (Target::parse(to), &opts.stream),
+                (Ok(Target::Kinesis(t)), Some(s)) if t == *s
+            );
+            Ok(opts.tombstone.is_some() && (same || opts.force_overwrite))
+        }
+    }
 }
 
 /// The session of a replay of `stream`: one view (snapshot, listing, live
@@ -248,6 +274,8 @@ pub(super) async fn resume_manifest(
         || opts.until.is_some()
         || opts.predicate.is_some()
         || opts.compact
+        || opts.tombstones.is_some()
+        || opts.include_replayed
         || opts.from_parquet.is_some()
         || !opts.annotate.is_empty()
         || opts.rate.is_some();
@@ -452,6 +480,15 @@ async fn register_parquet(cfg: &Config, s: &QuerySession, location: &str) -> Res
     }
     if !has(crate::record::col::EXPLICIT_HASH_KEY) {
         extra.push("CAST(NULL AS VARCHAR) AS explicit_hash_key".to_string());
+    }
+    // Copies are known as copies here too.
+    for c in crate::query::origin::columns() {
+        if !has(c) {
+            extra.push(format!(
+                "get_field({}(data), '{c}') AS {c}",
+                crate::query::origin::ORIGIN_FN
+            ));
+        }
     }
     let view = if extra.is_empty() {
         "replay_source_raw".to_string()

@@ -439,7 +439,9 @@ impl Run {
     /// The payload as sent to Kinesis (annotated or not).
     fn payload(&mut self, row: &Row<'_>, label: &str) -> Bytes {
         let a = &self.manifest.annotate;
-        if !a.enabled {
+        // A copy keeps its original's annotation: wrapping it again would
+        // give it this replay's position of a copy.
+        if !a.enabled || row.copy {
             return Bytes::copy_from_slice(row.data);
         }
         let ann = Annotation {

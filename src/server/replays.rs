@@ -40,6 +40,10 @@ pub(crate) struct ReplayRequest {
     #[serde(default)]
     tombstone: Option<String>,
     #[serde(default)]
+    tombstones: Option<String>,
+    #[serde(default)]
+    include_replayed: bool,
+    #[serde(default)]
     annotate: Annotations,
     #[serde(default)]
     no_annotate: bool,
@@ -361,6 +365,8 @@ pub(crate) async fn post(
         compact: r.compact,
         key: r.key.filter(|s| !s.trim().is_empty()),
         tombstone: r.tombstone.filter(|s| !s.trim().is_empty()),
+        tombstones: r.tombstones.filter(|s| !s.trim().is_empty()),
+        include_replayed: r.include_replayed,
         annotate: r.annotate.pairs(),
         no_annotate: r.no_annotate,
         rate: r.rate,
