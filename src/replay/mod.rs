@@ -103,6 +103,9 @@ pub struct ReplayOptions {
     pub list: bool,
     /// `--from-parquet <location>`.
     pub from_parquet: Option<String>,
+    /// `--confirm-same-stream` (`confirm_same_stream` over the API): the
+    /// target may be the stream the records come from.
+    pub confirm_same_stream: bool,
     /// `--json`: list, dry-run and summary as JSON on standard output.
     pub json: bool,
     /// Print nothing and show no progress bar (the HTTP server runs replays).
@@ -223,6 +226,7 @@ pub async fn prepare(cfg: &Config, opts: ReplayOptions) -> Result<Prepared> {
         None => (new_manifest(cfg, &archive, &opts).await?, None),
     };
     let target = Target::parse(&manifest.target)?;
+    target::check_same_stream(&manifest.source, &target, opts.confirm_same_stream)?;
     let session = selection_session(cfg, &manifest, opts.shared.as_ref()).await?;
     select::validate(&session.0, &session.1, &manifest.selection).await?;
     Ok(Prepared {
@@ -912,6 +916,7 @@ impl Run {
                     rate: self.manifest.rate,
                     max_attempts: r.retry_attempts,
                     max_backoff: self.cfg.archiver.max_backoff.0,
+                    share: self.share(),
                 };
                 let writer = Writer::start(
                     client,
@@ -1326,19 +1331,29 @@ impl Run {
         Ok(summary)
     }
 
+    /// Share of the target's per-shard limits the writer may use: less
+    /// when the target is the source stream (`replay.same_stream_share`).
+    fn share(&self) -> f64 {
+        match target::same_stream(&self.manifest.source, &self.target) {
+            Some(_) => self.cfg.replay.same_stream_share,
+            None => 1.0,
+        }
+    }
+
     /// Seconds the target's limits (and `--rate`) need for the counted records.
     fn estimate(&self, s: &Summary) -> f64 {
         let r = &self.cfg.replay;
         if !matches!(self.target, Target::Kinesis(_)) {
             return 0.0;
         }
+        let share = self.share();
         let mut t: f64 = 0.0;
         for sh in &s.shards {
             if r.shard_records_per_second > 0 {
-                t = t.max(sh.records as f64 / f64::from(r.shard_records_per_second));
+                t = t.max(sh.records as f64 / (f64::from(r.shard_records_per_second) * share));
             }
             if r.shard_bytes_per_second.0 > 0 {
-                t = t.max(sh.bytes as f64 / r.shard_bytes_per_second.0 as f64);
+                t = t.max(sh.bytes as f64 / (r.shard_bytes_per_second.0 as f64 * share));
             }
         }
         if let Some(rate) = self.manifest.rate {
