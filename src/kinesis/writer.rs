@@ -734,8 +734,12 @@ impl Sender {
             if throttled {
                 self.stats.throttled_calls += 1;
             }
-            pacing.adapt(throttled);
-            self.record_rate(&pacing);
+            // Throttling lowers the rate; a batch written without any
+            // throttling raises it (a call that failed otherwise does neither).
+            if throttled || written > 0 {
+                pacing.adapt(throttled);
+                self.record_rate(&pacing);
+            }
             if written == 0 && !picked.is_empty() {
                 // No progress at all: back off.
                 let d = backoff.next_delay();
