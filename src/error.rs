@@ -62,7 +62,7 @@ pub enum Error {
     /// row as `replay.retry_attempts` allows.
     #[error(
         "kinesis PutRecords refused a record {attempts} times in a row (stream `{stream}`, shard `{shard}`, \
-         partition key {partition_key:?}, record {record} of the replay): {code}: {message}"
+         partition key {partition_key:?}, record {record} of the replay), last with {error}"
     )]
     RecordRefused {
         /// Target stream.
@@ -75,10 +75,8 @@ pub enum Error {
         record: u64,
         /// Consecutive failed attempts.
         attempts: u32,
-        /// The last ErrorCode (per entry, or of the whole call).
-        code: String,
-        /// The last error message.
-        message: String,
+        /// The last ErrorCode (per entry, or of the whole call) and its message.
+        error: String,
     },
 
     /// A replay into the stream it reads from, without the confirmation.

@@ -722,8 +722,7 @@ impl Sender {
                     partition_key: p.rec.partition_key.clone(),
                     record: p.rec.idx,
                     attempts: p.attempts,
-                    code: f.code,
-                    message: f.message,
+                    error: format!("{}: {}", f.code, f.message),
                 });
             }
             let mut k = 0;
