@@ -173,6 +173,10 @@ struct ReplayArgs {
     /// Set force_overwrite in the annotation (see docs/replay-consistency.md).
     #[arg(long)]
     force_overwrite: bool,
+    /// Allow --to kinesis://<the stream the records come from> (also to resume
+    /// such a replay); it starts at replay.same_stream_share of the limits.
+    #[arg(long)]
+    confirm_same_stream: bool,
     /// At most this many records per second overall.
     #[arg(long, value_name = "RECORDS_PER_SEC")]
     rate: Option<f64>,
@@ -421,6 +425,7 @@ async fn run(cli: Cli) -> Result<()> {
                 resume: a.resume,
                 list: a.list,
                 from_parquet: a.from_parquet,
+                confirm_same_stream: a.confirm_same_stream,
                 json: a.json,
                 quiet: false,
                 engine: a.engine,

@@ -103,6 +103,9 @@ pub struct ReplayOptions {
     pub list: bool,
     /// `--from-parquet <location>`.
     pub from_parquet: Option<String>,
+    /// `--confirm-same-stream` (`confirm_same_stream` over the API): the
+    /// target may be the stream the records come from.
+    pub confirm_same_stream: bool,
     /// `--json`: list, dry-run and summary as JSON on standard output.
     pub json: bool,
     /// Print nothing and show no progress bar (the HTTP server runs replays).
@@ -229,6 +232,7 @@ pub async fn prepare(cfg: &Config, opts: ReplayOptions) -> Result<Prepared> {
         }
     };
     let target = Target::parse(&manifest.target)?;
+    target::check_same_stream(&manifest.source, &target, opts.confirm_same_stream)?;
     let session = match session {
         Some(s) => s,
         None => plan::selection_session(cfg, &manifest, opts.shared.as_ref()).await?,

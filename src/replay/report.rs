@@ -61,18 +61,24 @@ pub(super) async fn list(archive: &Archive, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Seconds the target's limits (and `--rate`) need for the counted records.
-pub(super) fn estimate(r: &ReplayConfig, target: &Target, rate: Option<f64>, s: &Summary) -> f64 {
+/// Seconds the target's limits (times `share`, and `--rate`) need for the counted records.
+pub(super) fn estimate(
+    r: &ReplayConfig,
+    target: &Target,
+    rate: Option<f64>,
+    share: f64,
+    s: &Summary,
+) -> f64 {
     if !matches!(target, Target::Kinesis(_)) {
         return 0.0;
     }
     let mut t: f64 = 0.0;
     for sh in &s.shards {
         if r.shard_records_per_second > 0 {
-            t = t.max(sh.records as f64 / f64::from(r.shard_records_per_second));
+            t = t.max(sh.records as f64 / (f64::from(r.shard_records_per_second) * share));
         }
         if r.shard_bytes_per_second.0 > 0 {
-            t = t.max(sh.bytes as f64 / r.shard_bytes_per_second.0 as f64);
+            t = t.max(sh.bytes as f64 / (r.shard_bytes_per_second.0 as f64 * share));
         }
     }
     if let Some(rate) = rate {

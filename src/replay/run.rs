@@ -188,6 +188,7 @@ impl Run {
                     rate: self.manifest.rate,
                     max_attempts: r.retry_attempts,
                     max_backoff: self.cfg.archiver.max_backoff.0,
+                    share: share(&self.cfg, &self.manifest, &self.target),
                 };
                 let writer = Writer::start(
                     client,
@@ -590,6 +591,7 @@ impl Run {
                 &self.cfg.replay,
                 &self.target,
                 self.manifest.rate,
+                share(&self.cfg, &self.manifest, &self.target),
                 &summary,
             ));
         } else {
@@ -607,6 +609,15 @@ impl Run {
             });
         }
         Ok(summary)
+    }
+}
+
+/// Share of the target's per-shard limits the writer may use: less when
+/// the target is the source stream (`replay.same_stream_share`).
+fn share(cfg: &Config, manifest: &Manifest, target: &Target) -> f64 {
+    match crate::replay::target::same_stream(&manifest.source, target) {
+        Some(_) => cfg.replay.same_stream_share,
+        None => 1.0,
     }
 }
 

@@ -17,6 +17,7 @@ mod proxy;
 mod publish_hour;
 mod replay;
 mod replay_view;
+mod replay_writer;
 mod resharding;
 mod retention;
 mod server;

@@ -903,6 +903,7 @@ fn compacted_replay_into_the_live_source_converges_for_a_protocol_consumer() {
             &stream,
             "--to",
             &format!("kinesis://{stream}"),
+            "--confirm-same-stream",
             "--compact",
             "--rate",
             "60",
