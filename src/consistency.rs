@@ -30,7 +30,8 @@
 //!                              k1@1'  k1@7  k2@2'  k1@3'  k2@8  k2@4'
 //!   holding k1@3 and k2@4:     stale  apply stale  stale  apply stale  ⇒ k1@7, k2@8
 //!
-//!   consumer decision for a record of key k at position p:
+//!   consumer decision for a record of key k at position p (a delete keeps a
+//!   marker with its position: [`Applier::offer_delete`]):
 //!     held[k] absent or p > held[k] ? ──yes──▶ apply; held[k] := p
 //!        │ no (p ≤ held[k]; p = held[k] is a duplicate)
 //!     replayed and force_overwrite ? ──yes──▶ apply the value; held[k] unchanged
@@ -39,10 +40,11 @@
 //! ```
 //!
 //! **Why it converges.** Positions are totally ordered ([`Position`]:
-//! arrival time first, then lineage depth, shard, sequence number,
-//! sub-sequence number). Every replayed record was in the stream before the
-//! replay started, so its position is at or before `H`; every record written
-//! after the replay started is after `H` in its key's shard lineage. A
+//! lineage depth, shard, sequence number, sub-sequence number — the order
+//! Kinesis promises for a key; arrival times play no part). Every replayed
+//! record was in the stream before the replay started, so its position is at
+//! or before `H`; every record written after the replay started is after `H`
+//! in its key's shard lineage. A
 //! replayed copy therefore can never replace a newer write, and an equal
 //! position (the same record seen twice, e.g. a duplicate from a resumed
 //! replay) is stale. Each key's held position only grows, and the record that
@@ -215,6 +217,59 @@ pub fn lineage_depths(shards: &[(String, Option<String>, Option<String>)]) -> Ha
             }
         }
     }
+    depth
+}
+
+/// The lineage depths a replay annotates with, so that they mean the same
+/// as a consumer's [`lineage_depths`] of the stream's ListShards answer.
+///
+/// `listed`: the shards ListShards reports now (what a consumer sees);
+/// `archived`: shards known only from the archive (they aged out of the
+/// stream's retention). A listed shard gets exactly the consumer's depth.
+/// An archived shard gets its depth in the archive's fuller lineage, capped
+/// below every descendant that is listed (and below its archived children),
+/// never under 0: so a copy of an aged-out ancestor's record always sorts
+/// before the live records of its listed descendants, as the consumer
+/// computes them. (Two aged-out generations can both be capped to 0; their
+/// records then compare by shard id.)
+pub fn replay_depths(
+    listed: &[(String, Option<String>, Option<String>)],
+    archived: &[(String, Option<String>, Option<String>)],
+) -> HashMap<String, u32> {
+    let mut depth = lineage_depths(listed);
+    let all: Vec<_> = listed.iter().chain(archived).cloned().collect();
+    let full = lineage_depths(&all);
+    let parents: HashMap<&str, Vec<&str>> = all
+        .iter()
+        .map(|(id, p, a)| {
+            (
+                id.as_str(),
+                p.iter().chain(a.iter()).map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    let mut cap: HashMap<String, u32> = archived
+        .iter()
+        .map(|(id, _, _)| (id.clone(), full.get(id).copied().unwrap_or(0)))
+        .collect();
+    // Walk up from every listed shard: each archived ancestor is capped one
+    // below the shard it was reached from (the walk only ever lowers caps,
+    // so it ends).
+    let mut stack: Vec<(&str, u32)> = listed
+        .iter()
+        .map(|(id, _, _)| (id.as_str(), depth.get(id).copied().unwrap_or(0)))
+        .collect();
+    while let Some((s, d)) = stack.pop() {
+        for p in parents.get(s).map(Vec::as_slice).unwrap_or(&[]) {
+            let Some(c) = cap.get_mut(*p) else { continue };
+            let below = d.saturating_sub(1);
+            if below < *c {
+                *c = below;
+                stack.push((p, below));
+            }
+        }
+    }
+    depth.extend(cap);
     depth
 }
 
@@ -928,6 +983,26 @@ mod tests {
         // Then the sub-sequence number.
         assert!(pos(1000, 0, "s-1", "100", 1) > base);
         assert_eq!(base.cmp(&base.clone()), Ordering::Equal);
+    }
+
+    #[test]
+    fn replay_depths_agree_with_the_consumers_and_stay_below_listed_descendants() {
+        let l = |id: &str, p: Option<&str>| (id.to_string(), p.map(String::from), None);
+        // a → b → c → d; a and b aged out of the stream (archived only).
+        let listed = [l("c", Some("b")), l("d", Some("c"))];
+        let archived = [l("a", None), l("b", Some("a"))];
+        let consumer = lineage_depths(&listed);
+        let replay = replay_depths(&listed, &archived);
+        assert_eq!(consumer["c"], replay["c"]);
+        assert_eq!(consumer["d"], replay["d"]);
+        assert!(replay["b"] < replay["c"] && replay["a"] <= replay["b"]);
+        // Without aged-out ancestors it is the plain lineage.
+        let listed = [l("x", None), l("y", Some("x"))];
+        assert_eq!(replay_depths(&listed, &[]), lineage_depths(&listed));
+        // Archived shards without listed descendants keep their full depth.
+        let archived = [l("p", None), l("q", Some("p")), l("r", Some("q"))];
+        let d = replay_depths(&[], &archived);
+        assert_eq!((d["p"], d["q"], d["r"]), (0, 1, 2));
     }
 
     #[test]

@@ -320,7 +320,7 @@ async fn horizon(
             Default::default()
         }
     };
-    let mut links: Vec<(String, Option<String>, Option<String>)> = listed
+    let links: Vec<(String, Option<String>, Option<String>)> = listed
         .iter()
         .map(|s| {
             (
@@ -330,18 +330,21 @@ async fn horizon(
             )
         })
         .collect();
+    let mut archived = Vec::new();
     for c in snapshot.shards.values() {
         if !listed.iter().any(|s| s.shard_id == c.shard_id) {
-            links.push((
+            archived.push((
                 c.shard_id.clone(),
                 c.parents.first().cloned(),
                 c.parents.get(1).cloned(),
             ));
         }
     }
-    let lineage: BTreeMap<String, u32> = consistency::lineage_depths(&links).into_iter().collect();
+    let lineage: BTreeMap<String, u32> = consistency::replay_depths(&links, &archived)
+        .into_iter()
+        .collect();
     let mut h: BTreeMap<String, Option<String>> = BTreeMap::new();
-    for (shard, _, _) in &links {
+    for (shard, _, _) in links.iter().chain(&archived) {
         h.insert(
             shard.clone(),
             snapshot.committed(shard).map(|p| p.sequence_number.clone()),
