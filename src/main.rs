@@ -161,6 +161,10 @@ struct ReplayArgs {
     /// their original's position and sent unchanged.
     #[arg(long)]
     include_replayed: bool,
+    /// Send a key's records without waiting for each other (faster with few keys); they can land
+    /// out of order, so only for consumers that apply the replay consistency protocol.
+    #[arg(long)]
+    unordered: bool,
     /// Add KEY=VALUE to every record's annotation (repeatable).
     #[arg(long, value_name = "KEY=VALUE")]
     annotate: Vec<String>,
@@ -416,6 +420,7 @@ async fn run(cli: Cli) -> Result<()> {
                 tombstone: a.tombstone,
                 tombstones: a.tombstones,
                 include_replayed: a.include_replayed,
+                unordered: a.unordered,
                 annotate: a.annotate,
                 no_annotate: a.no_annotate,
                 envelope: a.envelope,

@@ -16,7 +16,9 @@
 //! record is only taken once its previous one is acknowledged: when an entry
 //! fails (throttled) and the rest succeed, no later record of the same key
 //! can overtake it. Failed entries stay at their place in `pending` and are
-//! retried.
+//! retried. (So a key's records go one per round trip; with
+//! [`WriterSettings::unordered`] a batch takes any records, in order but
+//! without that guarantee.)
 //!
 //! Retries count per record: a batch written in part is progress (the
 //! backoff starts over) and only its refused entries count an attempt; a
@@ -90,6 +92,11 @@ pub struct WriterSettings {
     /// above, in (0, 1]: 1 normally, `replay.same_stream_share` when the
     /// target is the source stream.
     pub share: f64,
+    /// Send a key's records without waiting for each other (`--unordered`):
+    /// a batch may hold several records of one key, so a key's records can
+    /// land out of order in the target (consumers that apply the protocol
+    /// of [`crate::consistency`] do not mind).
+    pub unordered: bool,
 }
 
 /// Per target shard counters.
@@ -561,7 +568,7 @@ impl Sender {
                 if picked.len() >= max_recs {
                     break;
                 }
-                if !keys.insert(p.rec.partition_key.as_str()) {
+                if !self.settings.unordered && !keys.insert(p.rec.partition_key.as_str()) {
                     continue;
                 }
                 let sz = p.rec.size();
@@ -844,6 +851,7 @@ mod tests {
             max_attempts: 30,
             max_backoff: Duration::from_secs(1),
             share: 0.5,
+            unordered: false,
         };
         let mut p = Pacing::new(&s);
         assert_eq!(p.rate(), Some(500.0));

@@ -85,6 +85,8 @@ pub struct ReplayOptions {
     pub tombstones: Option<String>,
     /// `--include-replayed`: select replayed copies too.
     pub include_replayed: bool,
+    /// `--unordered`: do not keep a key's records in order in the target.
+    pub unordered: bool,
     /// `--annotate k=v` (repeatable).
     pub annotate: Vec<String>,
     /// `--no-annotate`.
@@ -166,6 +168,10 @@ pub struct Summary {
     pub seconds: f64,
     /// Dry run: the time the target's limits (and `--rate`) need for this.
     pub estimated_seconds: Option<f64>,
+    /// Dry run into Kinesis, in order: the records of the busiest partition
+    /// key, which go one per PutRecords round trip (`--unordered` lifts it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub busiest_key_records: Option<u64>,
 }
 
 /// Run `fluxcap replay` (the CLI).

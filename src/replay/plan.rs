@@ -77,6 +77,12 @@ pub(super) async fn new_manifest(
                 .into(),
         ));
     }
+    if opts.unordered && opts.no_annotate {
+        return Err(Error::Usage(
+            "--unordered needs the annotation (consumers order a key's records by it): drop --no-annotate"
+                .into(),
+        ));
+    }
     if let Some(r) = opts.rate
         && !(r > 0.0 && r.is_finite())
     {
@@ -172,6 +178,7 @@ pub(super) async fn new_manifest(
         selection,
         annotate,
         rate: opts.rate,
+        unordered: opts.unordered,
         horizon,
         lineage,
     };
@@ -276,6 +283,7 @@ pub(super) async fn resume_manifest(
         || opts.compact
         || opts.tombstones.is_some()
         || opts.include_replayed
+        || opts.unordered
         || opts.from_parquet.is_some()
         || !opts.annotate.is_empty()
         || opts.rate.is_some();

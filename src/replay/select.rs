@@ -135,6 +135,25 @@ const OUT: &str = "shard_id, sequence_number, subsequence_number, partition_key,
 /// The selection query over `table` (already quoted). `horizon`: apply the
 /// registered horizon function. Without `ordered`, the query is for counting.
 pub fn sql(table: &str, sel: &Selection, horizon: bool, ordered: bool, offset: u64) -> String {
+    let inner = selection(table, sel, horizon);
+    if ordered {
+        let mut q = format!(
+            "SELECT {OUT} FROM ({inner}) AS __r ORDER BY {}",
+            order(false)
+        );
+        if offset > 0 {
+            q.push_str(&format!(" OFFSET {offset}"));
+        }
+        q
+    } else {
+        format!(
+            "SELECT count(*) AS n, sum(octet_length(data) + octet_length(partition_key)) AS b FROM ({inner}) AS __r"
+        )
+    }
+}
+
+/// The selected records, unordered, with the columns of [`OUT`] (and more).
+fn selection(table: &str, sel: &Selection, horizon: bool) -> String {
     let mut conds = vec!["TRUE".to_string()];
     if let Some(t) = sel.since_ms {
         conds.push(format!("{} >= {}", col::ARRIVAL, ts(t)));
@@ -192,7 +211,7 @@ pub fn sql(table: &str, sel: &Selection, horizon: bool, ordered: bool, offset: u
         .as_deref()
         .map(|p| format!("({p})"))
         .unwrap_or_else(|| "TRUE".into());
-    let inner = if sel.compact {
+    if sel.compact {
         let key = sel
             .key
             .as_deref()
@@ -249,21 +268,16 @@ pub fn sql(table: &str, sel: &Selection, horizon: bool, ordered: bool, offset: u
         )
     } else {
         format!("SELECT * FROM ({positioned}) AS __s WHERE {predicate}")
-    };
-    if ordered {
-        let mut q = format!(
-            "SELECT {OUT} FROM ({inner}) AS __r ORDER BY {}",
-            order(false)
-        );
-        if offset > 0 {
-            q.push_str(&format!(" OFFSET {offset}"));
-        }
-        q
-    } else {
-        format!(
-            "SELECT count(*) AS n, sum(octet_length(data) + octet_length(partition_key)) AS b FROM ({inner}) AS __r"
-        )
     }
+}
+
+/// The records of the selection's busiest partition key (a dry run's
+/// estimate: in order, a key's records go one per PutRecords round trip).
+pub fn busiest_key_sql(table: &str, sel: &Selection, horizon: bool) -> String {
+    let q = selection(table, sel, horizon);
+    format!(
+        "SELECT max(n) AS n FROM (SELECT partition_key, count(*) AS n FROM ({q}) AS __b GROUP BY 1) AS __k"
+    )
 }
 
 /// Check `--where`, `--key` and `--tombstone` on their own before the

@@ -125,6 +125,9 @@ pub struct Manifest {
     pub annotate: Annotate,
     /// Overall records/s cap.
     pub rate: Option<f64>,
+    /// A key's records are sent without waiting for each other (`--unordered`).
+    #[serde(default)]
+    pub unordered: bool,
     /// Per source shard, the last sequence number at the start (`None`: the
     /// shard was empty). Shards not listed did not exist at the start; both
     /// are excluded past this point. `None` for Parquet sources.

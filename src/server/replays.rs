@@ -44,6 +44,8 @@ pub(crate) struct ReplayRequest {
     #[serde(default)]
     include_replayed: bool,
     #[serde(default)]
+    unordered: bool,
+    #[serde(default)]
     annotate: Annotations,
     #[serde(default)]
     no_annotate: bool,
@@ -360,6 +362,7 @@ pub(crate) async fn post(
         tombstone: r.tombstone.filter(|s| !s.trim().is_empty()),
         tombstones: r.tombstones.filter(|s| !s.trim().is_empty()),
         include_replayed: r.include_replayed,
+        unordered: r.unordered,
         annotate: r.annotate.pairs(),
         no_annotate: r.no_annotate,
         rate: r.rate,
@@ -643,6 +646,7 @@ mod tests {
                     force_overwrite: false,
                 },
                 rate: None,
+                unordered: false,
                 horizon: None,
                 lineage: BTreeMap::new(),
             }),

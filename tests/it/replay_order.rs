@@ -534,3 +534,77 @@ fn a_consumer_converges_beside_two_overlapping_replays_and_a_delete() {
         .collect();
     assert_eq!(state, truth);
 }
+
+/// With few partition keys an ordered replay sends a key's records one per
+/// round trip: the dry run says so (and counts it in its estimate), and
+/// `--unordered` sends them in full batches.
+#[test]
+fn unordered_sends_a_hot_keys_records_in_full_batches_and_the_dry_run_counts_the_skew() {
+    let k = kinesis();
+    let rt = rt();
+    let proxy = rt.block_on(crate::proxy::Proxy::start(k.port));
+    let stream = unique("hot");
+    let target = unique("hot-t");
+    let ws = Workspace::new(&proxy.endpoint(), None, None, "", &[(&stream, "json")]);
+    let c = kinesis_client(&k.endpoint());
+    let n = 60;
+    rt.block_on(async {
+        create_stream(&c, &stream, 1).await;
+        create_stream(&c, &target, 1).await;
+        let recs: Vec<(String, Vec<u8>)> = (0..n)
+            .map(|v| ("hot".to_string(), format!(r#"{{"v":{v}}}"#).into_bytes()))
+            .collect();
+        put_records(&c, &stream, &recs).await;
+    });
+    let to = format!("kinesis://{target}");
+    let dry = ws.ok(&[
+        "replay",
+        "--stream",
+        &stream,
+        "--to",
+        &to,
+        "--dry-run",
+        "--json",
+    ]);
+    let summary: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!(summary["busiest_key_records"], n);
+    assert!(summary["estimated_seconds"].as_f64().unwrap() >= n as f64 * 0.03 - 1e-9);
+
+    let before = proxy.calls("PutRecords");
+    ws.ok(&["replay", "--stream", &stream, "--to", &to]);
+    let ordered = proxy.calls("PutRecords") - before;
+    assert!(
+        ordered >= n,
+        "ordered: {ordered} PutRecords calls for {n} records of one key"
+    );
+
+    let before = proxy.calls("PutRecords");
+    ws.ok(&["replay", "--stream", &stream, "--to", &to, "--unordered"]);
+    let unordered = proxy.calls("PutRecords") - before;
+    assert!(unordered <= 3, "unordered: {unordered} PutRecords calls");
+
+    // Every record arrived twice (two replays), each copy annotated.
+    let got = rt.block_on(read_stream(&c, &target));
+    assert_eq!(got.len(), 2 * n as usize);
+    let mut vs: Vec<i64> = decode_all(&got)
+        .into_iter()
+        .map(|(a, p)| {
+            assert!(a.is_some());
+            v_of(&p)
+        })
+        .collect();
+    vs.sort();
+    let want: Vec<i64> = (0..n as i64).flat_map(|v| [v, v]).collect();
+    assert_eq!(vs, want);
+    // --unordered without the annotation is refused.
+    let o = ws.run(&[
+        "replay",
+        "--stream",
+        &stream,
+        "--to",
+        &to,
+        "--unordered",
+        "--no-annotate",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+}
