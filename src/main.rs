@@ -165,6 +165,10 @@ struct ReplayArgs {
     /// out of order, so only for consumers that apply the replay consistency protocol.
     #[arg(long)]
     unordered: bool,
+    /// After the selection, keep forwarding records as they arrive (same filter, annotation and
+    /// order) until stopped; --resume continues where it stopped.
+    #[arg(long)]
+    follow: bool,
     /// Add KEY=VALUE to every record's annotation (repeatable).
     #[arg(long, value_name = "KEY=VALUE")]
     annotate: Vec<String>,
@@ -421,6 +425,7 @@ async fn run(cli: Cli) -> Result<()> {
                 tombstones: a.tombstones,
                 include_replayed: a.include_replayed,
                 unordered: a.unordered,
+                follow: a.follow,
                 annotate: a.annotate,
                 no_annotate: a.no_annotate,
                 envelope: a.envelope,

@@ -35,6 +35,7 @@
 //! the consumer rule makes those duplicates harmless. File targets are
 //! truncated to the saved offset, so they get no duplicates at all.
 
+mod follow;
 mod plan;
 mod report;
 mod run;
@@ -87,6 +88,8 @@ pub struct ReplayOptions {
     pub include_replayed: bool,
     /// `--unordered`: do not keep a key's records in order in the target.
     pub unordered: bool,
+    /// `--follow`: after the selection, keep forwarding records as they arrive.
+    pub follow: bool,
     /// `--annotate k=v` (repeatable).
     pub annotate: Vec<String>,
     /// `--no-annotate`.

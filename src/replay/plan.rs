@@ -77,6 +77,25 @@ pub(super) async fn new_manifest(
                 .into(),
         ));
     }
+    if opts.follow {
+        let conflicting: Vec<&str> = [
+            (opts.compact, "--compact"),
+            (opts.until.is_some(), "--until"),
+            (!opts.to_sequence.is_empty(), "--to-sequence"),
+            (opts.from_parquet.is_some(), "--from-parquet"),
+            (opts.engine.is_some(), "--engine"),
+            (opts.dry_run, "--dry-run"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        if !conflicting.is_empty() {
+            return Err(Error::Usage(format!(
+                "--follow keeps reading new records, which {} cannot bound or compact",
+                conflicting.join(", ")
+            )));
+        }
+    }
     if opts.unordered && opts.no_annotate {
         return Err(Error::Usage(
             "--unordered needs the annotation (consumers order a key's records by it): drop --no-annotate"
@@ -179,6 +198,7 @@ pub(super) async fn new_manifest(
         annotate,
         rate: opts.rate,
         unordered: opts.unordered,
+        follow: opts.follow,
         horizon,
         lineage,
     };
@@ -284,6 +304,7 @@ pub(super) async fn resume_manifest(
         || opts.tombstones.is_some()
         || opts.include_replayed
         || opts.unordered
+        || opts.follow
         || opts.from_parquet.is_some()
         || !opts.annotate.is_empty()
         || opts.rate.is_some();

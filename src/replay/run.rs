@@ -22,6 +22,7 @@ use crate::consistency::{self, Annotation};
 use crate::error::{Error, Result};
 use crate::kinesis::writer::{Ack, OutRecord, ShardStats, TargetShards, Writer, WriterSettings};
 use crate::query::QuerySession;
+use crate::replay::follow::{self, Followed};
 use crate::replay::report::{estimate, progress_bar, report};
 use crate::replay::select::{self, Columns, Row, cast};
 use crate::replay::state::{self, Manifest, Phase, Progress};
@@ -50,7 +51,7 @@ impl Watermark {
     }
 }
 
-enum Sink {
+pub(super) enum Sink {
     Kinesis {
         writer: Writer,
         acks: mpsc::UnboundedReceiver<Ack>,
@@ -93,6 +94,15 @@ pub(super) struct Run {
     observer: Option<Arc<Observer>>,
     /// Dry run into Kinesis, in order: the records of the busiest key.
     busiest_key: Option<u64>,
+    /// The stream name annotations carry.
+    label: String,
+    /// `--follow`: what was forwarded after the horizon.
+    follow: Followed,
+    /// `--follow` was stopped (its normal end): resumable, not done.
+    stopped_following: bool,
+    /// No progress save now: a followed batch is half sent, and its shard's
+    /// position is only known once all of it is.
+    pub(super) hold_saves: bool,
 }
 
 impl Run {
@@ -118,6 +128,8 @@ impl Run {
             updated_ms: 0,
             host: crate::archive::lease::hostname(),
             pid: std::process::id(),
+            selection_done: false,
+            follow: BTreeMap::new(),
         });
         let mark = Watermark {
             next: start,
@@ -127,7 +139,12 @@ impl Run {
         if let Some(o) = &observer {
             o.sent.store(start, Ordering::Relaxed);
         }
+        let follow = Followed::new(progress.follow.clone());
         Run {
+            follow,
+            stopped_following: false,
+            hold_saves: false,
+            label: manifest.source.stream_label(),
             observer,
             cfg: cfg.clone(),
             archive,
@@ -308,15 +325,17 @@ impl Run {
             self.recorded = true;
             self.save(Phase::Running, None).await;
         }
-        let q = select::sql(&table, &m.selection, horizon, true, self.start);
-        tracing::debug!(sql = %q, "replay selection");
-        let df = session.sql(&q).await?;
-        let mut stream = df.execute_stream().await.map_err(|e| session.error(e))?;
-        let text = !m.annotate.binary;
-        let label = m.source.stream_label();
-        let max = self.cfg.replay.max_record_size.0 as usize;
         let mut idx = self.start;
-        loop {
+        // A follow that is resumed after its selection was sent only follows.
+        let mut stream = if self.progress.selection_done {
+            None
+        } else {
+            let q = select::sql(&table, &m.selection, horizon, true, self.start);
+            tracing::debug!(sql = %q, "replay selection");
+            let df = session.sql(&q).await?;
+            Some(df.execute_stream().await.map_err(|e| session.error(e))?)
+        };
+        while let Some(stream) = stream.as_mut() {
             let batch = tokio::select! {
                 _ = cancel.cancelled() => return Err(Error::Interrupted),
                 b = stream.next() => b,
@@ -326,91 +345,26 @@ impl Run {
             let cols = Columns::of(&batch)?;
             for i in 0..batch.num_rows() {
                 let row = cols.row(i);
-                match &mut sink {
-                    Sink::Lines { out, path, offset } => {
-                        let (data, data_base64) = Line::payload(row.data, text);
-                        let line = Line {
-                            replay_id: m.annotate.enabled.then_some(m.id.as_str()),
-                            stream: &label,
-                            shard_id: row.shard,
-                            sequence_number: row.seq,
-                            subsequence_number: row.sub,
-                            partition_key: row.pk,
-                            explicit_hash_key: row.ehk,
-                            approximate_arrival_timestamp: Line::time(row.arrival_ms),
-                            data,
-                            data_base64,
-                            annotations: (m.annotate.enabled && !m.annotate.pairs.is_empty())
-                                .then_some(&m.annotate.pairs),
-                        };
-                        let mut buf = serde_json::to_vec(&line).map_err(|e| Error::Query {
-                            message: format!("encoding a JSON line: {e}"),
-                        })?;
-                        buf.push(b'\n');
-                        let io = |e| Error::Io {
-                            path: path.clone().unwrap_or_else(|| "<stdout>".into()),
-                            source: e,
-                        };
-                        out.write_all(&buf).map_err(io)?;
-                        *offset += buf.len() as u64;
-                        self.sent_records += 1;
-                        self.sent_bytes += (row.data.len() + row.pk.len()) as u64;
-                        self.mark.ack(idx, row.data.len() + row.pk.len());
-                        self.progress.file_offset = path.as_ref().map(|_| *offset);
-                        if self.due() {
-                            out.flush().map_err(io)?;
-                            self.save(Phase::Running, None).await;
-                        }
-                    }
-                    Sink::DryRun { shards, per_shard } => {
-                        let payload = self.payload(&row, &label);
-                        let size = payload.len() + row.pk.len();
-                        if matches!(self.target, Target::Kinesis(_)) && size > max {
-                            self.reject(&row, size);
-                        } else {
-                            let s = shards.as_ref().map_or(0, |t| t.route(row.pk, row.ehk));
-                            per_shard[s].records += 1;
-                            per_shard[s].bytes += size as u64;
-                        }
-                    }
-                    Sink::Kinesis {
-                        writer,
-                        acks,
-                        ack_tx,
-                    } => {
-                        let payload = self.payload(&row, &label);
-                        let size = payload.len() + row.pk.len();
-                        if size > max {
-                            self.reject(&row, size);
-                            let _ = ack_tx.send(Ack {
-                                idx,
-                                shard: usize::MAX,
-                                bytes: 0,
-                            });
-                        } else {
-                            let rec = OutRecord {
-                                idx,
-                                partition_key: row.pk.to_string(),
-                                explicit_hash_key: row.ehk.map(str::to_string),
-                                data: payload,
-                            };
-                            tokio::select! {
-                                _ = cancel.cancelled() => return Err(Error::Interrupted),
-                                r = writer.send(rec) => r?,
-                            }
-                        }
-                        while let Ok(a) = acks.try_recv() {
-                            self.on_ack(a);
-                        }
-                        if self.due() {
-                            self.save(Phase::Running, None).await;
-                        }
-                    }
-                }
+                self.emit(&mut sink, &row, idx, cancel).await?;
                 idx += 1;
             }
             self.tick();
         }
+        if m.follow && !self.opts.dry_run {
+            if !self.progress.selection_done {
+                self.progress.selection_done = true;
+                self.after_batch(&mut sink).await;
+                self.save(Phase::Running, None).await;
+            }
+            follow::run(self, &session, &mut sink, idx, cancel).await?;
+            self.stopped_following = true;
+        }
+        // A stopped follow still waits for what it sent.
+        let cancel = &if self.stopped_following {
+            CancellationToken::new()
+        } else {
+            cancel.clone()
+        };
         match sink {
             Sink::Kinesis {
                 writer,
@@ -444,6 +398,103 @@ impl Run {
                     path: path.unwrap_or_else(|| "<stdout>".into()),
                     source: e,
                 })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Send (or write, or count) one selected record as number `idx` of the
+    /// output order.
+    pub(super) async fn emit(
+        &mut self,
+        sink: &mut Sink,
+        row: &Row<'_>,
+        idx: u64,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let m = &self.manifest;
+        let text = !m.annotate.binary;
+        let max = self.cfg.replay.max_record_size.0 as usize;
+        let label = self.label.clone();
+        match sink {
+            Sink::Lines { out, path, offset } => {
+                let (data, data_base64) = Line::payload(row.data, text);
+                let line = Line {
+                    replay_id: m.annotate.enabled.then_some(m.id.as_str()),
+                    stream: &label,
+                    shard_id: row.shard,
+                    sequence_number: row.seq,
+                    subsequence_number: row.sub,
+                    partition_key: row.pk,
+                    explicit_hash_key: row.ehk,
+                    approximate_arrival_timestamp: Line::time(row.arrival_ms),
+                    data,
+                    data_base64,
+                    annotations: (m.annotate.enabled && !m.annotate.pairs.is_empty())
+                        .then_some(&m.annotate.pairs),
+                };
+                let mut buf = serde_json::to_vec(&line).map_err(|e| Error::Query {
+                    message: format!("encoding a JSON line: {e}"),
+                })?;
+                buf.push(b'\n');
+                let io = |e| Error::Io {
+                    path: path.clone().unwrap_or_else(|| "<stdout>".into()),
+                    source: e,
+                };
+                out.write_all(&buf).map_err(io)?;
+                *offset += buf.len() as u64;
+                self.sent_records += 1;
+                self.sent_bytes += (row.data.len() + row.pk.len()) as u64;
+                self.mark.ack(idx, row.data.len() + row.pk.len());
+                self.progress.file_offset = path.as_ref().map(|_| *offset);
+                if !self.hold_saves && self.due() {
+                    out.flush().map_err(io)?;
+                    self.save(Phase::Running, None).await;
+                }
+            }
+            Sink::DryRun { shards, per_shard } => {
+                let payload = self.payload(&row, &label);
+                let size = payload.len() + row.pk.len();
+                if matches!(self.target, Target::Kinesis(_)) && size > max {
+                    self.reject(&row, size);
+                } else {
+                    let s = shards.as_ref().map_or(0, |t| t.route(row.pk, row.ehk));
+                    per_shard[s].records += 1;
+                    per_shard[s].bytes += size as u64;
+                }
+            }
+            Sink::Kinesis {
+                writer,
+                acks,
+                ack_tx,
+            } => {
+                let payload = self.payload(&row, &label);
+                let size = payload.len() + row.pk.len();
+                if size > max {
+                    self.reject(&row, size);
+                    let _ = ack_tx.send(Ack {
+                        idx,
+                        shard: usize::MAX,
+                        bytes: 0,
+                    });
+                } else {
+                    let rec = OutRecord {
+                        idx,
+                        partition_key: row.pk.to_string(),
+                        explicit_hash_key: row.ehk.map(str::to_string),
+                        data: payload,
+                    };
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(Error::Interrupted),
+                        r = writer.send(rec) => r?,
+                    }
+                }
+                while let Ok(a) = acks.try_recv() {
+                    self.on_ack(a);
+                }
+                if !self.hold_saves && self.due() {
+                    self.save(Phase::Running, None).await;
+                }
             }
         }
         Ok(())
@@ -514,7 +565,57 @@ impl Run {
                 && self.mark.next > self.last_saved_sent)
     }
 
-    fn tick(&mut self) {
+    /// The replay's manifest.
+    pub(super) fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The configuration.
+    pub(super) fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The member annotations are carried in.
+    pub(super) fn annotation_field(&self) -> &str {
+        &self.manifest.annotate.field
+    }
+
+    /// `--follow`: per shard, the last sequence number forwarded and acknowledged.
+    pub(super) fn follow_positions(&self) -> &BTreeMap<String, String> {
+        &self.follow.positions
+    }
+
+    /// `--follow`: `shard` was read up to `seq`; its selected records end before `need`.
+    pub(super) fn followed(&mut self, need: u64, shard: &str, seq: String) {
+        self.follow.read(need, shard, seq);
+    }
+
+    /// `--follow`: after a batch, take acknowledgements in and save the
+    /// progress when due (also when nothing of the batch was selected).
+    pub(super) async fn after_batch(&mut self, sink: &mut Sink) {
+        if let Sink::Kinesis { acks, .. } = sink {
+            while let Ok(a) = acks.try_recv() {
+                self.on_ack(a);
+            }
+        }
+        let before = self.follow.positions.len();
+        self.follow.acknowledged(self.mark.next);
+        let moved =
+            self.follow.positions.len() != before || self.progress.follow != self.follow.positions;
+        if self.due()
+            || (moved && self.last_save.elapsed() >= self.cfg.replay.checkpoint_interval.0)
+        {
+            if let Sink::Lines { out, .. } = sink
+                && let Err(e) = out.flush()
+            {
+                tracing::warn!("flushing the replay's output: {e}");
+                return;
+            }
+            self.save(Phase::Running, None).await;
+        }
+    }
+
+    pub(super) fn tick(&mut self) {
         let done = self.mark.next;
         if let Some(o) = &self.observer {
             o.sent.store(done, Ordering::Relaxed);
@@ -542,6 +643,8 @@ impl Run {
         self.progress.updated_ms = chrono::Utc::now().timestamp_millis();
         self.progress.host = crate::archive::lease::hostname();
         self.progress.pid = std::process::id();
+        self.follow.acknowledged(self.mark.next);
+        self.progress.follow = self.follow.positions.clone();
         if !self.shards.is_empty() {
             self.progress.shards = self.shards.clone();
         }
@@ -571,6 +674,15 @@ impl Run {
                 }
             }
         };
+        if result.is_ok() && self.stopped_following {
+            self.save(Phase::Interrupted, None).await;
+            if !self.opts.quiet {
+                eprintln!(
+                    "replay {id} stopped following after {} records; continue with: fluxcap replay --resume {id}",
+                    self.mark.next
+                );
+            }
+        }
         if let Err(e) = result {
             if self.recorded {
                 let msg = (!matches!(e, Error::Interrupted)).then(|| e.to_string());
@@ -615,7 +727,7 @@ impl Run {
                 share(&self.cfg, &self.manifest, &self.target),
                 &summary,
             ));
-        } else {
+        } else if !self.stopped_following {
             self.progress.total = Some(self.mark.next);
             self.save(Phase::Done, None).await;
         }

@@ -128,6 +128,9 @@ pub struct Manifest {
     /// A key's records are sent without waiting for each other (`--unordered`).
     #[serde(default)]
     pub unordered: bool,
+    /// After the selection, keep forwarding new records (`--follow`).
+    #[serde(default)]
+    pub follow: bool,
     /// Per source shard, the last sequence number at the start (`None`: the
     /// shard was empty). Shards not listed did not exist at the start; both
     /// are excluded past this point. `None` for Parquet sources.
@@ -177,6 +180,13 @@ pub struct Progress {
     /// Its process id (a resume refuses while it is alive).
     #[serde(default)]
     pub pid: u32,
+    /// `--follow`: the selection is completely sent (a resume only follows).
+    #[serde(default)]
+    pub selection_done: bool,
+    /// `--follow`: per source shard, the last sequence number whose selected
+    /// records are acknowledged (a resume reads after it).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub follow: BTreeMap<String, String>,
 }
 
 /// Paths of a replay's objects.

@@ -647,6 +647,7 @@ mod tests {
                 },
                 rate: None,
                 unordered: false,
+                follow: false,
                 horizon: None,
                 lineage: BTreeMap::new(),
             }),

@@ -16,6 +16,7 @@ mod kpl;
 mod proxy;
 mod publish_hour;
 mod replay;
+mod replay_follow;
 mod replay_order;
 mod replay_view;
 mod replay_writer;
