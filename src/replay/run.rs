@@ -453,10 +453,10 @@ impl Run {
                 }
             }
             Sink::DryRun { shards, per_shard } => {
-                let payload = self.payload(&row, &label);
+                let payload = self.payload(row, &label);
                 let size = payload.len() + row.pk.len();
                 if matches!(self.target, Target::Kinesis(_)) && size > max {
-                    self.reject(&row, size);
+                    self.reject(row, size);
                 } else {
                     let s = shards.as_ref().map_or(0, |t| t.route(row.pk, row.ehk));
                     per_shard[s].records += 1;
@@ -468,10 +468,10 @@ impl Run {
                 acks,
                 ack_tx,
             } => {
-                let payload = self.payload(&row, &label);
+                let payload = self.payload(row, &label);
                 let size = payload.len() + row.pk.len();
                 if size > max {
-                    self.reject(&row, size);
+                    self.reject(row, size);
                     let _ = ack_tx.send(Ack {
                         idx,
                         shard: usize::MAX,
