@@ -2,8 +2,14 @@
 //! record, sending it to the sink (the Kinesis writer, a JSON-lines file or
 //! standard output, or only counting for a dry run), and saving progress as
 //! the acknowledged prefix of the order grows.
+//!
+//! A line target acknowledges a record once its bytes are written through to
+//! the file or pipe (not while they sit in the buffer). When the reader of
+//! standard output goes away (`--to - | head`), the write fails with a
+//! broken pipe: the run stops there, cleanly ([`Stop::OutputClosed`]), with
+//! the records written through counted as sent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -61,10 +67,41 @@ enum Sink {
         per_shard: Vec<ShardStats>,
     },
     Lines {
-        out: Box<dyn Write + Send>,
+        out: std::io::BufWriter<Box<dyn Write + Send>>,
         path: Option<std::path::PathBuf>,
+        /// Bytes written to `out` (buffered ones included).
         offset: u64,
+        /// Records whose line is still in `out`'s buffer: (ordinal, size,
+        /// offset after the line).
+        pending: Vec<(u64, usize, u64)>,
     },
+}
+
+/// How a run that did not fail ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stop {
+    /// Every selected record was sent (or counted).
+    Complete,
+    /// The reader of the output went away (a broken pipe).
+    OutputClosed,
+}
+
+/// What writing to a line target can end in.
+enum LineError {
+    /// The reader went away.
+    Closed,
+    /// Any other failure.
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for LineError {
+    fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            LineError::Closed
+        } else {
+            LineError::Io(e)
+        }
+    }
 }
 
 pub(super) struct Run {
@@ -77,7 +114,13 @@ pub(super) struct Run {
     start: u64,
     progress: Progress,
     mark: Watermark,
+    /// Records the target cannot take, earlier runs' first (`rejected.jsonl`).
     rejected: Vec<String>,
+    /// Their (shard, sequence, sub-sequence): a record rejected again (sent
+    /// again after a resume) is listed once.
+    rejected_keys: HashSet<(String, String, i64)>,
+    /// How many of `rejected` are in the store.
+    rejected_saved: usize,
     enveloped: u64,
     sent_records: u64,
     sent_bytes: u64,
@@ -99,10 +142,16 @@ impl Run {
         archive: Archive,
         manifest: Manifest,
         progress: Option<Progress>,
+        rejected: Vec<String>,
         opts: ReplayOptions,
         target: Target,
         observer: Option<Arc<Observer>>,
     ) -> Self {
+        let rejected_keys = rejected
+            .iter()
+            .filter_map(|l| state::rejected_key(l))
+            .collect();
+        let rejected_saved = rejected.len();
         let start = progress.as_ref().map(|p| p.sent).unwrap_or(0);
         let progress = progress.unwrap_or(Progress {
             phase: Phase::Running,
@@ -135,7 +184,9 @@ impl Run {
             start,
             progress,
             mark,
-            rejected: Vec::new(),
+            rejected,
+            rejected_keys,
+            rejected_saved,
             enveloped: 0,
             sent_records: 0,
             sent_bytes: 0,
@@ -232,18 +283,17 @@ impl Run {
                 let mut f = f;
                 std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(resume_offset)).map_err(io)?;
                 Ok(Sink::Lines {
-                    out: Box::new(std::io::BufWriter::with_capacity(1 << 20, f)),
+                    out: std::io::BufWriter::with_capacity(1 << 20, Box::new(f)),
                     path: Some(path.clone()),
                     offset: resume_offset,
+                    pending: Vec::new(),
                 })
             }
             Target::Stdout => Ok(Sink::Lines {
-                out: Box::new(std::io::BufWriter::with_capacity(
-                    1 << 16,
-                    std::io::stdout(),
-                )),
+                out: std::io::BufWriter::with_capacity(1 << 16, Box::new(std::io::stdout())),
                 path: None,
                 offset: 0,
+                pending: Vec::new(),
             }),
         }
     }
@@ -252,7 +302,7 @@ impl Run {
         &mut self,
         (session, table): (QuerySession, String),
         cancel: &CancellationToken,
-    ) -> Result<()> {
+    ) -> Result<Stop> {
         let m = self.manifest.clone();
         let horizon = m.horizon.is_some();
         let terminal = std::io::stderr().is_terminal() && !self.opts.dry_run && !self.opts.quiet;
@@ -307,7 +357,12 @@ impl Run {
             for i in 0..batch.num_rows() {
                 let row = cols.row(i);
                 match &mut sink {
-                    Sink::Lines { out, path, offset } => {
+                    Sink::Lines {
+                        out,
+                        path,
+                        offset,
+                        pending,
+                    } => {
                         let (data, data_base64) = Line::payload(row.data, text);
                         let line = Line {
                             replay_id: m.annotate.enabled.then_some(m.id.as_str()),
@@ -327,19 +382,39 @@ impl Run {
                             message: format!("encoding a JSON line: {e}"),
                         })?;
                         buf.push(b'\n');
-                        let io = |e| Error::Io {
-                            path: path.clone().unwrap_or_else(|| "<stdout>".into()),
-                            source: e,
+                        let size = row.data.len() + row.pk.len();
+                        let file = path.is_some();
+                        // Ok(true): flushed for a progress save.
+                        let mut write = || -> std::result::Result<bool, LineError> {
+                            if out.buffer().len() + buf.len() > out.capacity() {
+                                out.flush()?;
+                                self.acked_lines(pending, file);
+                            }
+                            out.write_all(&buf)?;
+                            *offset += buf.len() as u64;
+                            pending.push((idx, size, *offset));
+                            if out.buffer().is_empty() {
+                                // Longer than the buffer: written through.
+                                self.acked_lines(pending, file);
+                            }
+                            if self.due(pending.len() as u64) {
+                                out.flush()?;
+                                self.acked_lines(pending, file);
+                                return Ok(true);
+                            }
+                            Ok(false)
                         };
-                        out.write_all(&buf).map_err(io)?;
-                        *offset += buf.len() as u64;
-                        self.sent_records += 1;
-                        self.sent_bytes += (row.data.len() + row.pk.len()) as u64;
-                        self.mark.ack(idx, row.data.len() + row.pk.len());
-                        self.progress.file_offset = path.as_ref().map(|_| *offset);
-                        if self.due() {
-                            out.flush().map_err(io)?;
-                            self.save(Phase::Running, None).await;
+                        let written = write();
+                        match written {
+                            Ok(true) => self.save(Phase::Running, None).await,
+                            Ok(false) => {}
+                            Err(LineError::Closed) => return Ok(Stop::OutputClosed),
+                            Err(LineError::Io(e)) => {
+                                return Err(Error::Io {
+                                    path: path.clone().unwrap_or_else(|| "<stdout>".into()),
+                                    source: e,
+                                });
+                            }
                         }
                     }
                     Sink::DryRun { shards, per_shard } => {
@@ -382,7 +457,7 @@ impl Run {
                         while let Ok(a) = acks.try_recv() {
                             self.on_ack(a);
                         }
-                        if self.due() {
+                        if self.due(0) {
                             self.save(Phase::Running, None).await;
                         }
                     }
@@ -406,7 +481,7 @@ impl Run {
                         r = &mut finish => break r?,
                         Some(a) = acks.recv() => {
                             self.on_ack(a);
-                            if self.due() {
+                            if self.due(0) {
                                 self.save(Phase::Running, None).await;
                             }
                             self.tick();
@@ -419,14 +494,35 @@ impl Run {
                 self.shards = stats;
             }
             Sink::DryRun { per_shard, .. } => self.shards = per_shard,
-            Sink::Lines { mut out, path, .. } => {
-                out.flush().map_err(|e| Error::Io {
-                    path: path.unwrap_or_else(|| "<stdout>".into()),
-                    source: e,
-                })?;
+            Sink::Lines {
+                mut out,
+                path,
+                mut pending,
+                ..
+            } => match out.flush().map_err(LineError::from) {
+                Ok(()) => self.acked_lines(&mut pending, path.is_some()),
+                Err(LineError::Closed) => return Ok(Stop::OutputClosed),
+                Err(LineError::Io(e)) => {
+                    return Err(Error::Io {
+                        path: path.unwrap_or_else(|| "<stdout>".into()),
+                        source: e,
+                    });
+                }
+            },
+        }
+        Ok(Stop::Complete)
+    }
+
+    /// The lines in `pending` are written through: acknowledge them.
+    fn acked_lines(&mut self, pending: &mut Vec<(u64, usize, u64)>, file: bool) {
+        for (idx, size, end) in pending.drain(..) {
+            self.sent_records += 1;
+            self.sent_bytes += size as u64;
+            self.mark.ack(idx, size);
+            if file {
+                self.progress.file_offset = Some(end);
             }
         }
-        Ok(())
     }
 
     fn on_ack(&mut self, a: Ack) {
@@ -468,6 +564,11 @@ impl Run {
     }
 
     fn reject(&mut self, row: &Row<'_>, size: usize) {
+        let key = (row.shard.to_string(), row.seq.to_string(), row.sub);
+        if !self.rejected_keys.insert(key) {
+            // Rejected before (by an earlier run, before its last save).
+            return;
+        }
         tracing::warn!(
             shard = row.shard,
             sequence_number = row.seq,
@@ -488,10 +589,13 @@ impl Run {
         );
     }
 
-    fn due(&self) -> bool {
-        self.mark.next - self.last_saved_sent >= self.cfg.replay.checkpoint_records
+    /// Time to save progress, counting `buffered` records that a flush
+    /// would acknowledge.
+    fn due(&self, buffered: u64) -> bool {
+        let next = self.mark.next + buffered;
+        next - self.last_saved_sent >= self.cfg.replay.checkpoint_records
             || (self.last_save.elapsed() >= self.cfg.replay.checkpoint_interval.0
-                && self.mark.next > self.last_saved_sent)
+                && next > self.last_saved_sent)
     }
 
     fn tick(&mut self) {
@@ -513,7 +617,21 @@ impl Run {
         }
     }
 
+    /// Save progress (and, first, the records rejected since the last save:
+    /// progress never moves past a rejected record that is not listed).
     async fn save(&mut self, phase: Phase, error: Option<String>) {
+        if self.rejected.len() > self.rejected_saved {
+            match state::save_rejected(&self.archive, &self.manifest.id, &self.rejected).await {
+                Ok(_) => self.rejected_saved = self.rejected.len(),
+                Err(e) => {
+                    tracing::warn!(
+                        "could not save the list of rejected records ({e}); progress is not saved either, \
+                         so a resumed run rejects them again"
+                    );
+                    return;
+                }
+            }
+        }
         self.progress.phase = phase;
         self.progress.sent = self.mark.next;
         self.progress.bytes = self.mark.bytes;
@@ -533,37 +651,29 @@ impl Run {
         self.last_saved_sent = self.mark.next;
     }
 
-    pub(super) async fn finish(mut self, result: Result<()>) -> Result<Summary> {
+    pub(super) async fn finish(mut self, result: Result<Stop>) -> Result<Summary> {
         // Watchers see the final counts, also when the run stopped early.
         self.tick();
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
         let id = self.manifest.id.clone();
-        let rejected_path = if self.rejected.is_empty() || !self.recorded {
-            None
-        } else {
-            match state::save_rejected(&self.archive, &id, &self.rejected).await {
-                Ok(p) => Some(self.archive.describe(&p)),
-                Err(e) => {
-                    tracing::warn!("could not save the list of rejected records: {e}");
-                    None
+        let stop = match result {
+            Ok(stop) => stop,
+            Err(e) => {
+                if self.recorded {
+                    let msg = (!matches!(e, Error::Interrupted)).then(|| e.to_string());
+                    self.save(Phase::Interrupted, msg).await;
+                    if !self.opts.quiet {
+                        eprintln!(
+                            "replay {id} stopped after {} records; continue with: fluxcap replay --resume {id}",
+                            self.mark.next
+                        );
+                    }
                 }
+                return Err(e);
             }
         };
-        if let Err(e) = result {
-            if self.recorded {
-                let msg = (!matches!(e, Error::Interrupted)).then(|| e.to_string());
-                self.save(Phase::Interrupted, msg).await;
-                if !self.opts.quiet {
-                    eprintln!(
-                        "replay {id} stopped after {} records; continue with: fluxcap replay --resume {id}",
-                        self.mark.next
-                    );
-                }
-            }
-            return Err(e);
-        }
         let secs = self.started.elapsed().as_secs_f64();
         let mut summary = Summary {
             id: id.clone(),
@@ -594,6 +704,14 @@ impl Run {
                 share(&self.cfg, &self.manifest, &self.target),
                 &summary,
             ));
+        } else if stop == Stop::OutputClosed {
+            // Its reader has what it wanted: a clean stop, nothing to report.
+            self.save(Phase::OutputClosed, None).await;
+            tracing::info!(
+                "replay {id}: the output was closed after {} records; continue with: fluxcap replay --resume {id}",
+                self.mark.next
+            );
+            return Ok(summary);
         } else {
             self.progress.total = Some(self.mark.next);
             self.save(Phase::Done, None).await;
@@ -601,11 +719,14 @@ impl Run {
         if !self.opts.quiet {
             report(&summary, &self.opts, &self.target);
         }
-        if let Some(p) = rejected_path {
+        if self.recorded && !self.rejected.is_empty() {
+            // Also when this run rejected nothing: earlier runs did.
             return Err(Error::Rejected {
-                id,
+                id: id.clone(),
                 count: self.rejected.len() as u64,
-                list: p,
+                list: self
+                    .archive
+                    .describe(&state::rejected_path(&self.archive, &id)),
             });
         }
         Ok(summary)

@@ -16,6 +16,7 @@ mod kpl;
 mod proxy;
 mod publish_hour;
 mod replay;
+mod replay_resume;
 mod replay_view;
 mod replay_writer;
 mod resharding;
