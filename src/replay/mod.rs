@@ -63,8 +63,8 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::kinesis::writer::ShardStats;
 use crate::query::{QuerySession, SessionOptions};
-use crate::replay::run::Run;
-use crate::replay::state::{Manifest, Progress};
+use crate::replay::run::{Earlier, Run};
+use crate::replay::state::Manifest;
 use crate::replay::target::Target;
 
 /// What the command line asks for.
@@ -219,9 +219,8 @@ pub struct Prepared {
     cfg: Config,
     archive: Archive,
     manifest: Manifest,
-    progress: Option<Progress>,
-    /// The rejected list of earlier runs (a resume).
-    rejected: Vec<String>,
+    /// What earlier runs left (a resume).
+    earlier: Earlier,
     opts: ReplayOptions,
     target: Target,
 }
@@ -233,16 +232,23 @@ pub async fn prepare(cfg: &Config, opts: ReplayOptions) -> Result<Prepared> {
         Some(s) => s.archive.clone(),
         None => Archive::open(cfg).await?,
     };
-    let (manifest, progress, rejected, session) = match &opts.resume {
+    let (manifest, earlier, session) = match &opts.resume {
         Some(id) => {
             let (m, p) = plan::resume_manifest(&archive, &opts, id).await?;
             // Earlier runs' rejected records stay on the list.
             let rejected = state::load_rejected(&archive, id).await?;
-            (m, p, rejected, None)
+            (
+                m,
+                Earlier {
+                    progress: p,
+                    rejected,
+                },
+                None,
+            )
         }
         None => {
             let (m, s) = plan::new_manifest(cfg, &archive, &opts).await?;
-            (m, None, Vec::new(), s)
+            (m, Earlier::default(), s)
         }
     };
     let target = Target::parse(&manifest.target)?;
@@ -258,8 +264,7 @@ pub async fn prepare(cfg: &Config, opts: ReplayOptions) -> Result<Prepared> {
         cfg: cfg.clone(),
         archive,
         manifest,
-        progress,
-        rejected,
+        earlier,
         opts,
         target,
     })
@@ -287,14 +292,11 @@ impl Prepared {
             cfg,
             archive,
             manifest,
-            progress,
-            rejected,
+            earlier,
             opts,
             target,
         } = self;
-        let mut run = Run::new(
-            &cfg, archive, manifest, progress, rejected, opts, target, observer,
-        );
+        let mut run = Run::new(&cfg, archive, manifest, earlier, opts, target, observer);
         let result = run.execute(session, &cancel).await;
         run.finish(result).await
     }

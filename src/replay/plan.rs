@@ -400,10 +400,18 @@ fn resume_conflicts(m: &Manifest, opts: &ReplayOptions) -> Result<Vec<String>> {
     }
     for (opt, given, stored) in [
         ("--compact", opts.compact, sel.compact),
-        ("--include-replayed", opts.include_replayed, sel.include_replayed),
+        (
+            "--include-replayed",
+            opts.include_replayed,
+            sel.include_replayed,
+        ),
         ("--no-annotate", opts.no_annotate, !m.annotate.enabled),
         ("--envelope", opts.envelope, m.annotate.envelope),
-        ("--force-overwrite", opts.force_overwrite, m.annotate.force_overwrite),
+        (
+            "--force-overwrite",
+            opts.force_overwrite,
+            m.annotate.force_overwrite,
+        ),
     ] {
         if given && !stored {
             differ(opt, on_off(stored), on_off(given));

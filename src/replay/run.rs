@@ -104,6 +104,15 @@ impl From<std::io::Error> for LineError {
     }
 }
 
+/// What earlier runs of a resumed replay left in the store.
+#[derive(Debug, Default)]
+pub(super) struct Earlier {
+    /// Their progress.
+    pub(super) progress: Option<Progress>,
+    /// Their rejected list (`rejected.jsonl`).
+    pub(super) rejected: Vec<String>,
+}
+
 pub(super) struct Run {
     cfg: Config,
     archive: Archive,
@@ -141,12 +150,12 @@ impl Run {
         cfg: &Config,
         archive: Archive,
         manifest: Manifest,
-        progress: Option<Progress>,
-        rejected: Vec<String>,
+        earlier: Earlier,
         opts: ReplayOptions,
         target: Target,
         observer: Option<Arc<Observer>>,
     ) -> Self {
+        let Earlier { progress, rejected } = earlier;
         let rejected_keys = rejected
             .iter()
             .filter_map(|l| state::rejected_key(l))

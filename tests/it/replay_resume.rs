@@ -304,10 +304,17 @@ fn replay_resume_pins_now_and_refuses_random() {
         } else {
             "uuid()"
         };
-        assert!(err.contains(f) && err.contains(args[args.len() - 2]), "{err}");
+        assert!(
+            err.contains(f) && err.contains(args[args.len() - 2]),
+            "{err}"
+        );
         assert!(err.trim().lines().count() <= 2, "{err}");
     }
-    assert!(walk(&ws.archive).iter().all(|p| !p.ends_with("manifest.json")));
+    assert!(
+        walk(&ws.archive)
+            .iter()
+            .all(|p| !p.ends_with("manifest.json"))
+    );
 
     read_then_close(
         &ws,
@@ -316,7 +323,9 @@ fn replay_resume_pins_now_and_refuses_random() {
     );
     let dir = replay_dir(&ws);
     let id = id_of(&dir);
-    let as_of = json(&dir.join("manifest.json"))["as_of_ms"].as_i64().unwrap();
+    let as_of = json(&dir.join("manifest.json"))["as_of_ms"]
+        .as_i64()
+        .unwrap();
     assert!(
         as_of < future_from,
         "the replay started after the 'future' records' arrival: the machine is too slow for this test"
@@ -340,7 +349,10 @@ fn replay_resume_pins_now_and_refuses_random() {
     let o = ws.ok(&["replay", "--resume", &id]);
     let rest: Vec<String> = parse_json_lines(&o.stdout).iter().map(seq_of).collect();
     assert_eq!(rest.len(), want.len() - sent);
-    assert!(rest == want[sent..], "the resumed run selected other records");
+    assert!(
+        rest == want[sent..],
+        "the resumed run selected other records"
+    );
 }
 
 /// Old code kept the rejected list in memory and wrote it when the run
@@ -443,7 +455,8 @@ fn replay_resume_keeps_records_rejected_before_a_kill_9() {
         .enumerate()
         .map(|(i, p)| (p.sequence_number.as_str(), i))
         .collect();
-    let listed_before = parse_json_lines(&std::fs::read(dir.join("rejected.jsonl")).unwrap_or_default());
+    let listed_before =
+        parse_json_lines(&std::fs::read(dir.join("rejected.jsonl")).unwrap_or_default());
     let in_window = listed_before
         .iter()
         .filter(|l| index[l["sequence_number"].as_str().unwrap()] >= sent_before)
@@ -453,7 +466,13 @@ fn replay_resume_keeps_records_rejected_before_a_kill_9() {
         listed_before.len()
     );
 
-    let o = ws.run(&["replay", "--resume", &id, "--set", "replay.max_record_size=400"]);
+    let o = ws.run(&[
+        "replay",
+        "--resume",
+        &id,
+        "--set",
+        "replay.max_record_size=400",
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(3), "{err}");
     assert!(err.contains("30 record(s)"), "{err}");
