@@ -687,6 +687,76 @@ mod tests {
         assert!(a.starts_with("r-20231114T221320Z-"));
     }
 
+    fn manifest() -> Manifest {
+        let as_of_ms = 1_700_000_000_000;
+        Manifest {
+            version: state::MANIFEST_VERSION,
+            id: "r".into(),
+            created_at: String::new(),
+            as_of_ms,
+            source: Source::Stream { stream: "s".into() },
+            target: "-".into(),
+            selection: Selection {
+                predicate: Some("a = 1".into()),
+                since_ms: Some(as_of_ms - 7_200_000),
+                ..Default::default()
+            },
+            annotate: Annotate {
+                enabled: true,
+                envelope: false,
+                binary: false,
+                field: "_fluxcap".into(),
+                pairs: BTreeMap::new(),
+                force_overwrite: false,
+            },
+            rate: None,
+            horizon: None,
+            lineage: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn resume_accepts_the_stored_options_and_a_new_rate() {
+        let same = ReplayOptions {
+            stream: Some("s".into()),
+            to: Some("-".into()),
+            predicate: Some("a = 1".into()),
+            since: Some("2h".into()),
+            rate: Some(5.0),
+            confirm_same_stream: true,
+            json: true,
+            ..Default::default()
+        };
+        let c = resume_conflicts(&manifest(), &same).map_err(|e| e.to_string());
+        assert_eq!(c, Ok(vec![]));
+    }
+
+    #[test]
+    fn resume_names_every_option_that_differs() {
+        let other = ReplayOptions {
+            predicate: Some("a = 2".into()),
+            since: Some("3h".into()),
+            compact: true,
+            annotate: vec!["t=x".into()],
+            tombstones: Some("emit".into()),
+            engine: Some("drill".into()),
+            ..Default::default()
+        };
+        let c = resume_conflicts(&manifest(), &other).unwrap_or_default();
+        assert_eq!(
+            c,
+            vec![
+                "--since: stored \"2023-11-14T20:13:20.000Z\", given \"3h\" (2023-11-14T19:13:20.000Z)"
+                    .to_string(),
+                "--annotate: stored (none), given \"t=x\"".into(),
+                "--where: stored \"a = 1\", given \"a = 2\"".into(),
+                "--tombstones: stored \"drop\", given \"emit\"".into(),
+                "--compact: stored off, given on".into(),
+                "--engine: only applies when a replay starts".into(),
+            ]
+        );
+    }
+
     #[test]
     fn pairs() {
         let p = parse_pairs(&["a=1".into(), "b = x=y".into()], "--annotate").unwrap_or_default();

@@ -350,3 +350,39 @@ pub fn describe_phase(p: Option<&Progress>, alive: impl Fn(&Progress) -> bool) -
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejected_lines_are_known_by_their_position() {
+        let line = r#"{"shard_id":"s-1","sequence_number":"42","subsequence_number":3,"partition_key":"k","size":9}"#;
+        assert_eq!(rejected_key(line), Some(("s-1".into(), "42".into(), 3)));
+        assert_eq!(rejected_key(r#"{"shard_id":"s-1"}"#), None);
+        assert_eq!(rejected_key("not json"), None);
+    }
+
+    #[test]
+    fn a_closed_output_is_a_stop_of_its_own() {
+        let p = Progress {
+            phase: Phase::OutputClosed,
+            sent: 5,
+            total: None,
+            bytes: 0,
+            file_offset: None,
+            rejected: 0,
+            shards: Vec::new(),
+            error: None,
+            updated_ms: 0,
+            host: String::new(),
+            pid: 0,
+        };
+        assert_eq!(
+            describe_phase(Some(&p), |_| false),
+            "stopped (output closed)"
+        );
+        let v = serde_json::to_value(&p).unwrap_or_default();
+        assert_eq!(v["phase"], "output_closed");
+    }
+}
