@@ -32,8 +32,10 @@
 //! ```
 //!
 //! Records acknowledged after the last progress save are sent again by a
-//! resumed run (at most `checkpoint_records` plus one batch per target shard);
-//! the consumer rule makes those duplicates harmless. File targets are
+//! resumed run: fewer than `checkpoint_records` plus the writer's read-ahead
+//! past the first unacknowledged record (until the next record's target shard
+//! has 3,000 waiting; `docs/replay-consistency.md` states the bound); the
+//! consumer rule makes those duplicates harmless. File targets are
 //! truncated to the saved offset, so they get no duplicates at all.
 //!
 //! A resumed run selects the same records: `now()` and the other time
