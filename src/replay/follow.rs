@@ -42,7 +42,7 @@ use crate::kinesis::reader::{ReadBatch, ShardReader, StartAt};
 use crate::kinesis::shards::ShardInfo;
 use crate::query::{QuerySession, origin};
 use crate::record::{self, RecordBatchBuilder};
-use crate::replay::run::{Run, Sink};
+use crate::replay::run::{Run, Sink, Stop};
 use crate::replay::select::{self, Columns};
 use crate::replay::state::Selection;
 
@@ -56,14 +56,15 @@ const RELIST: Duration = Duration::from_secs(10);
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
 /// Forward the records after the horizon until `cancel`; `idx` is the next
-/// ordinal of the output. Returns when stopped (not an error).
+/// ordinal of the output. Returns when stopped (not an error), or when the
+/// reader of the output went away.
 pub(super) async fn run(
     run: &mut Run,
     session: &QuerySession,
     sink: &mut Sink,
     mut idx: u64,
     cancel: &CancellationToken,
-) -> Result<()> {
+) -> Result<Stop> {
     let m = run.manifest().clone();
     let stream = m.source.stream_label();
     let selection = Selection {
@@ -131,11 +132,19 @@ pub(super) async fn run(
                             match run.emit(sink, &cols.row(i), idx, cancel).await {
                                 // Stopped while the writer was full: a clean stop.
                                 Err(Error::Interrupted) if cancel.is_cancelled() => {
+                                    run.hold_saves = false;
                                     stop.cancel();
                                     tasks.shutdown().await;
-                                    return Ok(());
+                                    return Ok(Stop::Complete);
                                 }
-                                r => r?,
+                                Ok(true) => {
+                                    stop.cancel();
+                                    tasks.shutdown().await;
+                                    return Ok(Stop::OutputClosed);
+                                }
+                                r => {
+                                    r?;
+                                }
                             }
                             idx += 1;
                         }
@@ -150,13 +159,17 @@ pub(super) async fn run(
                     ended.insert(shard);
                     relist.reset_immediately();
                 }
-                run.after_batch(sink).await;
+                if run.after_batch(sink).await {
+                    stop.cancel();
+                    tasks.shutdown().await;
+                    return Ok(Stop::OutputClosed);
+                }
             }
         }
     }
     stop.cancel();
     tasks.shutdown().await;
-    Ok(())
+    Ok(Stop::Complete)
 }
 
 /// Shards that can be read now: not started, and every parent either ended

@@ -18,6 +18,7 @@ mod publish_hour;
 mod replay;
 mod replay_follow;
 mod replay_order;
+mod replay_resume;
 mod replay_view;
 mod replay_writer;
 mod resharding;

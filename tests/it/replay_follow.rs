@@ -117,7 +117,7 @@ fn follow_hands_over_from_archive_to_live_without_loss_or_duplicates() {
         .unwrap();
 
     // Resumed while the writer and the archiver go on.
-    let mut replay = spawn(&["replay", "--resume", &id]);
+    let replay = spawn(&["replay", "--resume", &id]);
     let grown = lines_before_kill + 200;
     wait_until(60, "the resumed follow to forward new records", || {
         complete_lines(&out).len() >= grown
