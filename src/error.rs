@@ -131,6 +131,20 @@ pub enum Error {
         expires: String,
     },
 
+    /// Another process is running (or resuming) this replay.
+    #[error(
+        "replay {id} is being run by another process ({owner}); its lease expires at {expires}. \
+         Stop it first, or wait for the lease to expire if it died on another host"
+    )]
+    ReplayHeld {
+        /// Replay id.
+        id: String,
+        /// Description of the holder (host, pid, start time).
+        owner: String,
+        /// RFC 3339 expiry of the holder's lease.
+        expires: String,
+    },
+
     /// A conditional write lost: another writer changed the state we based our
     /// work on. The process stops instead of corrupting the archive.
     #[error(
@@ -301,7 +315,7 @@ impl Error {
             | Error::TooComplex { .. }
             | Error::ReadOnly { .. } => 2,
             Error::VerifyFailed { .. } | Error::Rejected { .. } => 3,
-            Error::LeaseHeld { .. } | Error::Fenced { .. } => 4,
+            Error::LeaseHeld { .. } | Error::Fenced { .. } | Error::ReplayHeld { .. } => 4,
             Error::Interrupted => 130,
             _ => 1,
         }

@@ -201,11 +201,70 @@ impl LeaseClock {
     }
 }
 
-/// A held per-stream lease. Renew it at least every `ttl / 3`.
+/// What a lease is held on: a stream (its archiver) or a replay (its
+/// sender, so that two resumes of one replay cannot run at once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    /// `<stream>/_fluxcap/lease/`.
+    Stream(String),
+    /// `_fluxcap/replays/<id>/lease/`.
+    Replay(String),
+}
+
+impl Subject {
+    fn dir(&self, archive: &Archive) -> Path {
+        match self {
+            Subject::Stream(s) => archive.layout.lease_dir(s),
+            Subject::Replay(id) => archive
+                .layout
+                .global_state_dir()
+                .join("replays")
+                .join(id.as_str())
+                .join("lease"),
+        }
+    }
+
+    fn path(&self, archive: &Archive, epoch: u64) -> Path {
+        self.dir(archive).join(format!("{epoch:020}.json"))
+    }
+
+    /// The error for a lease that someone else holds.
+    fn held(&self, owner: String, expires: String) -> Error {
+        match self {
+            Subject::Stream(s) => Error::LeaseHeld {
+                stream: s.clone(),
+                owner,
+                expires,
+            },
+            Subject::Replay(id) => Error::ReplayHeld {
+                id: id.clone(),
+                owner,
+                expires,
+            },
+        }
+    }
+
+    /// The error for a lease that was taken over while we held it.
+    fn fenced(&self, object: String) -> Error {
+        match self {
+            Subject::Stream(s) => Error::Fenced {
+                stream: s.clone(),
+                object,
+            },
+            Subject::Replay(id) => Error::ReplayHeld {
+                id: id.clone(),
+                owner: "another process, which took it over".into(),
+                expires: "(unknown)".into(),
+            },
+        }
+    }
+}
+
+/// A held lease (per stream, or per replay). Renew it at least every `ttl / 3`.
 #[derive(Debug)]
 pub struct Lease {
     archive: Archive,
-    stream: String,
+    subject: Subject,
     record: LeaseRecord,
     /// Version (S3 ETag) of our object as last written, for conditional updates.
     version: Option<String>,
@@ -227,8 +286,26 @@ impl Lease {
         ttl: Duration,
         min_epoch: u64,
     ) -> Result<Self> {
+        Self::acquire_on(
+            archive,
+            Subject::Stream(stream.to_string()),
+            owner,
+            ttl,
+            min_epoch,
+        )
+        .await
+    }
+
+    /// [`Lease::acquire`] on any [`Subject`].
+    pub async fn acquire_on(
+        archive: &Archive,
+        subject: Subject,
+        owner: &str,
+        ttl: Duration,
+        min_epoch: u64,
+    ) -> Result<Self> {
         let me = Identity::current();
-        let dir = archive.layout.lease_dir(stream);
+        let dir = subject.dir(archive);
         let (latest, older) = list_epochs(archive, &dir).await?;
         let next_epoch = match &latest {
             None => 1,
@@ -243,14 +320,14 @@ impl Lease {
                         Some(ProcState::Stopped) | None => watch(archive, path, &rec, ttl).await?,
                     };
                     if !lapsed {
-                        return Err(held(stream, &rec));
+                        return Err(held(&subject, &rec));
                     }
                     tracing::info!(
-                        stream,
+                        subject = ?subject,
                         "taking over the lease of {} (epoch {e}): it is not renewed any more",
                         rec.describe()
                     );
-                    revoke(archive, stream, path, rec, version, e + 1).await?;
+                    revoke(archive, &subject, path, rec, version, e + 1).await?;
                 }
                 e + 1
             }
@@ -270,16 +347,15 @@ impl Lease {
             renewals: 0,
             revoked_by: None,
         };
-        let path = archive.layout.lease(stream, next_epoch);
+        let path = subject.path(archive, next_epoch);
         let body = to_json(archive, &path, &record)?;
         create_object(archive, &path, body)
             .await
             .map_err(|e| match e {
-                Error::Fenced { .. } => Error::LeaseHeld {
-                    stream: stream.into(),
-                    owner: "another archiver that started at the same moment".into(),
-                    expires: "(unknown)".into(),
-                },
+                Error::Fenced { .. } => subject.held(
+                    "another process that started at the same moment".into(),
+                    "(unknown)".into(),
+                ),
                 other => other,
             })?;
         let version = archive.store.head(&path).await.ok().and_then(|m| m.e_tag);
@@ -290,7 +366,7 @@ impl Lease {
         }
         Ok(Lease {
             archive: archive.clone(),
-            stream: stream.into(),
+            subject,
             record,
             version,
             ttl,
@@ -312,14 +388,11 @@ impl Lease {
     /// or our object was changed by someone else.
     pub async fn renew(&mut self) -> Result<()> {
         let sent = Instant::now();
-        let dir = self.archive.layout.lease_dir(&self.stream);
-        let path = self.archive.layout.lease(&self.stream, self.record.epoch);
+        let dir = self.subject.dir(&self.archive);
+        let path = self.subject.path(&self.archive, self.record.epoch);
         let fenced = |me: &Self| {
             me.clock.lose();
-            Error::Fenced {
-                stream: me.stream.clone(),
-                object: me.archive.describe(&path),
-            }
+            me.subject.fenced(me.archive.describe(&path))
         };
         let (latest, _) = list_epochs(&self.archive, &dir).await?;
         if latest.is_some_and(|(e, _)| e > self.record.epoch) {
@@ -353,7 +426,7 @@ impl Lease {
     /// a plain overwrite on a local directory (which has no such update; the
     /// listing of newer epochs before it does the fencing there).
     async fn write(&mut self, rec: &LeaseRecord) -> Result<()> {
-        let path = self.archive.layout.lease(&self.stream, rec.epoch);
+        let path = self.subject.path(&self.archive, rec.epoch);
         let body = Bytes::from(to_json(&self.archive, &path, rec)?);
         match (&self.archive.location, &self.version) {
             (ArchiveLocation::S3 { .. }, Some(etag)) => {
@@ -377,10 +450,7 @@ impl Lease {
                         Ok(())
                     }
                     Err(object_store::Error::Precondition { .. })
-                    | Err(object_store::Error::NotFound { .. }) => Err(Error::Fenced {
-                        stream: self.stream.clone(),
-                        object: what,
-                    }),
+                    | Err(object_store::Error::NotFound { .. }) => Err(self.subject.fenced(what)),
                     Err(e) => Err(Error::store(what, e)),
                 }
             }
@@ -392,14 +462,13 @@ impl Lease {
     }
 }
 
-fn held(stream: &str, rec: &LeaseRecord) -> Error {
-    Error::LeaseHeld {
-        stream: stream.into(),
-        owner: rec.describe(),
-        expires: chrono::DateTime::from_timestamp_millis(rec.expires_at_ms)
+fn held(subject: &Subject, rec: &LeaseRecord) -> Error {
+    subject.held(
+        rec.describe(),
+        chrono::DateTime::from_timestamp_millis(rec.expires_at_ms)
             .map(|t| t.to_rfc3339())
             .unwrap_or_default(),
-    }
+    )
 }
 
 fn to_json(archive: &Archive, path: &Path, rec: &LeaseRecord) -> Result<Vec<u8>> {
@@ -480,7 +549,7 @@ async fn watch(archive: &Archive, path: &Path, seen: &LeaseRecord, ttl: Duration
 /// (and then we are refused), and that holder's next renewal fails otherwise.
 async fn revoke(
     archive: &Archive,
-    stream: &str,
+    subject: &Subject,
     path: &Path,
     mut rec: LeaseRecord,
     version: Option<String>,
@@ -507,11 +576,10 @@ async fn revoke(
             .await
             {
                 Ok(_) => Ok(()),
-                Err(object_store::Error::Precondition { .. }) => Err(Error::LeaseHeld {
-                    stream: stream.into(),
-                    owner: format!("{} (renewed while we took over)", rec.describe()),
-                    expires: "(unknown)".into(),
-                }),
+                Err(object_store::Error::Precondition { .. }) => Err(subject.held(
+                    format!("{} (renewed while we took over)", rec.describe()),
+                    "(unknown)".into(),
+                )),
                 Err(e) => Err(Error::store(what, e)),
             }
         }

@@ -63,7 +63,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::archive::store::Archive;
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kinesis::writer::ShardStats;
 use crate::query::{QuerySession, SessionOptions};
 use crate::replay::run::{Earlier, Run};
@@ -307,8 +307,25 @@ impl Prepared {
             opts,
             target,
         } = self;
+        // The heartbeat: one process at a time runs a replay.
+        let heartbeat = if opts.dry_run {
+            None
+        } else {
+            let ttl = cfg.archiver.lease_ttl.0;
+            Some(state::Heartbeat::start(&archive, &manifest.id, ttl, cancel.clone()).await?)
+        };
+        let id = manifest.id.clone();
         let mut run = Run::new(&cfg, archive, manifest, earlier, opts, target, observer);
-        let result = run.execute(session, &cancel).await;
+        let mut result = run.execute(session, &cancel).await;
+        if let Some(h) = heartbeat
+            && h.stop().await
+        {
+            result = Err(Error::ReplayHeld {
+                id,
+                owner: "another process, which took it over".into(),
+                expires: "(unknown)".into(),
+            });
+        }
         run.finish(result).await
     }
 }

@@ -364,6 +364,78 @@ pub fn describe_phase(p: Option<&Progress>, alive: impl Fn(&Progress) -> bool) -
     }
 }
 
+/// The lease a running replay holds and renews (its heartbeat): a second
+/// `--resume` of the same replay, on this host or another, is refused while
+/// it is renewed, and takes over once it is not (the holder died).
+///
+/// ```text
+///   acquire  _fluxcap/replays/<id>/lease/<epoch>.json   (conditional create)
+///   every ttl/3: renew (conditional update) ── fails ──▶ the run is cancelled
+///   end: release (expires now)
+/// ```
+pub struct Heartbeat {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Option<crate::archive::lease::Lease>>,
+    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Heartbeat {
+    /// Take the lease of replay `id` (waiting out a holder on another host
+    /// for up to `ttl` and a margin) and renew it until [`Heartbeat::stop`];
+    /// if a renewal finds it taken over, `run` is cancelled.
+    pub async fn start(
+        archive: &Archive,
+        id: &str,
+        ttl: std::time::Duration,
+        run: tokio_util::sync::CancellationToken,
+    ) -> Result<Heartbeat> {
+        use crate::archive::lease::{Lease, Subject};
+        let mut lease = Lease::acquire_on(
+            archive,
+            Subject::Replay(id.to_string()),
+            "fluxcap replay",
+            ttl,
+            0,
+        )
+        .await?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, l, id) = (stop.clone(), lost.clone(), id.to_string());
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = s.cancelled() => return Some(lease),
+                    _ = tokio::time::sleep(ttl / 3) => {}
+                }
+                if let Err(e) = lease.renew().await {
+                    if matches!(e, Error::ReplayHeld { .. }) {
+                        tracing::error!(replay = %id, "{e}");
+                        l.store(true, std::sync::atomic::Ordering::SeqCst);
+                        run.cancel();
+                        return None;
+                    }
+                    // A store hiccup: the next renewal may work (the lease
+                    // lasts ttl, renewals come every ttl/3).
+                    tracing::warn!(replay = %id, "renewing the replay's lease: {e}");
+                }
+            }
+        });
+        Ok(Heartbeat { stop, task, lost })
+    }
+
+    /// Stop renewing and release the lease; `true` when it was lost to
+    /// another process meanwhile.
+    pub async fn stop(self) -> bool {
+        self.stop.cancel();
+        if let Ok(Some(lease)) = self.task.await
+            && let Err(e) = lease.release().await
+        {
+            tracing::warn!("releasing the replay's lease: {e}");
+        }
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

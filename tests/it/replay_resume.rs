@@ -495,3 +495,67 @@ fn replay_resume_keeps_records_rejected_before_a_kill_9() {
     // Finished, and still failed: a second look says the same.
     assert_eq!(state_of(&ws, &id), "done");
 }
+
+/// The replay's lease: a second run of the same replay is refused while the
+/// first one renews it, even when the first one's progress looks like
+/// another host's (the pid check cannot see it). Old code started a second,
+/// concurrent run.
+#[test]
+fn replay_resume_is_refused_while_another_process_holds_the_replay() {
+    let k = kinesis();
+    let stream = unique("held");
+    let ws = Workspace::new(
+        &k.endpoint(),
+        None,
+        None,
+        "[replay]\ncheckpoint_interval = \"1h\"\ncheckpoint_records = 1000000\n[archiver]\nlease_ttl = \"3s\"",
+        &[(&stream, "json")],
+    );
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    rt.block_on(async {
+        create_stream(&c, &stream, 1).await;
+        let recs: Vec<(String, Vec<u8>)> = (0..200)
+            .map(|i| (format!("k{i}"), body(i).into_bytes()))
+            .collect();
+        put_records(&c, &stream, &recs).await;
+    });
+    let out = ws.dir.path().join("slow.jsonl");
+    // A slow replay to a pipe nobody reads fast: --rate keeps it running.
+    let mut first = ws
+        .cmd()
+        .args(["replay", "--stream", &stream, "--rate", "5", "--to"])
+        .arg(format!("file://{}", out.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let progress = loop {
+        if let Some(p) = walk(&ws.archive)
+            .into_iter()
+            .find(|p| p.ends_with("progress.json"))
+        {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replay never saved its progress"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let id = id_of(progress.parent().unwrap());
+    // Make its progress look like another host's, long silent.
+    let mut p = json(&progress);
+    p["host"] = "elsewhere".into();
+    p["updated_ms"] = 0.into();
+    std::fs::write(&progress, serde_json::to_vec(&p).unwrap()).unwrap();
+
+    let second = ws.run(&["replay", "--resume", &id]);
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(4), "{err}");
+    assert!(err.contains("being run by another process"), "{err}");
+    assert!(first.try_wait().unwrap().is_none(), "the first run goes on");
+    let _ = first.kill();
+    let _ = first.wait();
+}
