@@ -58,6 +58,15 @@ pub enum Error {
         message: String,
     },
 
+    /// Drill refused or failed a query, or could not be reached.
+    #[error("Drill at {url}: {message}")]
+    Drill {
+        /// Drill's REST address.
+        url: String,
+        /// Drill's own message (or why Drill could not be asked).
+        message: String,
+    },
+
     /// An EMR call failed, or a cluster is not in the state asked for.
     #[error("emr {operation} failed: {message}")]
     Emr {

@@ -166,6 +166,11 @@ pub async fn run(cfg: &Config, opts: ReplayOptions, cancel: CancellationToken) -
         let archive = Archive::open(cfg).await?;
         return report::list(&archive, opts.json).await;
     }
+    if opts.dry_run && opts.engine.as_deref() == Some("drill") && opts.resume.is_none() {
+        // No CTAS for a dry run: Drill only counts.
+        let archive = Archive::open(cfg).await?;
+        return plan::drill_dry_run(cfg, &archive, &opts).await;
+    }
     prepare(cfg, opts)
         .await?
         .run(cancel, None)
@@ -257,8 +262,19 @@ impl Prepared {
             opts,
             target,
         } = self;
+        // A Drill selection's scratch table: deleted when done, kept on failure.
+        let scratch = match &manifest.source {
+            state::Source::Parquet { location, .. } if !opts.dry_run => {
+                Some((archive.clone(), manifest.id.clone(), location.clone()))
+            }
+            _ => None,
+        };
         let mut run = Run::new(&cfg, archive, manifest, progress, opts, target, observer);
         let result = run.execute(session, &cancel).await;
-        run.finish(result).await
+        let result = run.finish(result).await;
+        if let Some((archive, id, location)) = scratch {
+            crate::cluster::drill::after_replay(&archive, &id, &location, result.is_ok()).await;
+        }
+        result
     }
 }
