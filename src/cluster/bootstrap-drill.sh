@@ -29,7 +29,8 @@
 #                   primary node (ZooKeeper's host), instance.json tells whether this is it
 #   ZK_HOST         ZooKeeper's host, instead of job-flow.json's masterPrivateDnsName
 #   ZK_PORT         2181                  ZK_WAIT_SECS  give up waiting after this long (3600)
-#   DRILL_BIND_ADDR Drill's listening address (0.0.0.0)
+#   DRILL_BIND_ADDR Drill's listening address (0.0.0.0); DRILL_ALLOW_LOOPBACK=true lets it be
+#                   127.0.0.1 (Drill refuses a loopback address in distributed mode otherwise)
 #   DRILL_HTTP_PORT 8047   DRILL_USER_PORT 31010   DRILL_BIT_PORT 31011
 #   ISBUSY_FILE     EMR's idle auto-termination marker (/emr/metricscollector/isbusy)
 #   BUSY_INTERVAL   seconds between checks for running Drill queries (60)
@@ -71,11 +72,13 @@ done
 user="$(id -un)"
 base="${DRILL_BASE:-/mnt/drill}"
 log_dir="${DRILL_LOG_DIR:-/mnt/var/log/drill}"
-fetch="${FETCH:-aws s3 cp}"
+fetch="${FETCH:-aws s3 cp --only-show-errors}"
 info_dir="${EMR_INFO_DIR:-/mnt/var/lib/info}"
 zk_port="${ZK_PORT:-2181}"
 zk_wait="${ZK_WAIT_SECS:-3600}"
 bind_addr="${DRILL_BIND_ADDR:-0.0.0.0}"
+allow_loopback="${DRILL_ALLOW_LOOPBACK:-false}"
+[[ "$allow_loopback" == true || "$allow_loopback" == false ]] || die "DRILL_ALLOW_LOOPBACK must be true or false"
 http_port="${DRILL_HTTP_PORT:-8047}"
 user_port="${DRILL_USER_PORT:-31010}"
 bit_port="${DRILL_BIT_PORT:-31011}"
@@ -141,6 +144,7 @@ drill.exec: {
   cluster-id: "$cluster_id",
   zk.connect: "$zk_host:$zk_port",
   rpc.bind_addr: "$bind_addr",
+  allow_loopback_address_binding: $allow_loopback,
   rpc.user.server.port: $user_port,
   rpc.bit.server.port: $bit_port,
   http.bind_addr: "$bind_addr",
@@ -153,6 +157,11 @@ drill.exec: {
   sys.store.provider.local.path: "$base/tmp/store",
   udf.directory.fs: "file:///",
   udf.directory.root: "$base/udf"
+}
+# Drill 1.22's asynchronous Parquet page reader fails intermittently ("Stream is
+# closed!") on the archive's files read through S3A; the synchronous one does not.
+drill.exec.options: {
+  store.parquet.reader.pagereader.async: false
 }
 CONF
 cat > "$home/conf/drill-env.sh" <<CONF

@@ -202,7 +202,12 @@ pub fn query_body(sql: &str) -> String {
     serde_json::json!({
         "queryType": "SQL",
         "query": sql,
-        "options": { VERBOSE_ERRORS: "true" }
+        "options": {
+            VERBOSE_ERRORS: "true",
+            // Drill 1.22's asynchronous Parquet page reader fails
+            // intermittently through S3A ("Stream is closed!").
+            "store.parquet.reader.pagereader.async": "false"
+        }
     })
     .to_string()
 }

@@ -139,6 +139,23 @@ fn hive_ddl_reads_the_archive_in_spark_and_hive_readers() {
     assert!(athena.contains("'projection.enabled'='true'"));
     assert!(athena.contains("approximate_arrival_timestamp TIMESTAMP"));
     assert!(!athena.contains("ADD IF NOT EXISTS PARTITION"));
+    // The projection starts at the archive's first day, not at a fixed date.
+    let first_day = std::fs::read_dir(ws.archive.join(&stream))
+        .unwrap()
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix("dt=")
+                .map(str::to_string)
+        })
+        .min()
+        .unwrap();
+    assert!(
+        athena.contains(&format!("'projection.dt.range'='{first_day},NOW'")),
+        "{athena}"
+    );
+    assert!(athena.contains("one statement per query"), "{athena}");
     let drill: serde_json::Value =
         serde_json::from_slice(&ws.ok(&["catalog", "drill"]).stdout).unwrap();
     assert_eq!(drill["type"], "file");
