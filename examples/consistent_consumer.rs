@@ -5,7 +5,13 @@
 //!
 //! ```text
 //! cargo run --example consistent_consumer -- --stream orders [--field _fluxcap] [--idle-ms 2000] [--json]
+//!     [--delete-when op=delete]
 //! ```
+//!
+//! With `--delete-when MEMBER=VALUE`, a record whose (original) payload is a
+//! JSON object with that top-level string member deletes its key: the
+//! consumer keeps a delete marker at the record's position, so a replayed
+//! copy of an older write cannot bring the key back.
 //!
 //! Every shard is read from TRIM_HORIZON, parents before children (level by
 //! level of lineage depth, so each key's records come in order), until it
@@ -45,6 +51,9 @@ struct Args {
     /// Print the final state as one JSON object.
     #[arg(long)]
     json: bool,
+    /// A payload with this top-level JSON member and string value is a delete (`op=delete`).
+    #[arg(long, value_name = "MEMBER=VALUE")]
+    delete_when: Option<String>,
     /// fluxcap configuration file (region, endpoint, profile).
     #[arg(long, env = "FLUXCAP_CONFIG")]
     config: Option<PathBuf>,
@@ -73,6 +82,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let depths: HashMap<String, u32> = lineage_depths(&lineage);
     let max_depth = depths.values().copied().max().unwrap_or(0);
+    let delete_when = match &args.delete_when {
+        Some(d) => {
+            let (m, v) = d
+                .split_once('=')
+                .ok_or("--delete-when expects MEMBER=VALUE")?;
+            Some((m.to_string(), v.to_string()))
+        }
+        None => None,
+    };
 
     let mut state: Applier<String> = Applier::new();
     for level in 0..=max_depth {
@@ -98,7 +116,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         while let Some(done) = reads.join_next().await {
             for record in done?? {
                 let depth = depths.get(record.shard_id.as_ref()).copied().unwrap_or(0);
-                apply(&mut state, &record, depth, &args.field);
+                apply(
+                    &mut state,
+                    &record,
+                    depth,
+                    &args.field,
+                    delete_when.as_ref(),
+                );
             }
         }
     }
@@ -117,7 +141,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// The consumer rule for one record: decode it, then offer it at its
 /// original position (replayed copy) or its own (live record).
-fn apply(state: &mut Applier<String>, record: &Record, depth: u32, field: &str) {
+fn apply(
+    state: &mut Applier<String>,
+    record: &Record,
+    depth: u32,
+    field: &str,
+    delete_when: Option<&(String, String)>,
+) {
     let (position, replayed, force, payload) = match decode(&record.data, field) {
         Decoded::Original(data) => (
             Position::of_record(record, depth),
@@ -135,6 +165,14 @@ fn apply(state: &mut Applier<String>, record: &Record, depth: u32, field: &str) 
             payload,
         ),
     };
+    let deletes = delete_when.is_some_and(|(member, value)| {
+        serde_json::from_slice::<serde_json::Value>(&payload)
+            .is_ok_and(|v| v.get(member).and_then(|m| m.as_str()) == Some(value.as_str()))
+    });
+    if deletes {
+        state.offer_delete(&record.partition_key, position, replayed, force);
+        return;
+    }
     let value = String::from_utf8_lossy(&payload).into_owned();
     state.offer(&record.partition_key, position, replayed, force, value);
 }

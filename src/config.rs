@@ -195,8 +195,11 @@ pub struct ReplayConfig {
     pub shard_bytes_per_second: ByteSize,
     /// Largest record the target accepts (payload + partition key).
     pub max_record_size: ByteSize,
-    /// Consecutive failed PutRecords attempts before a replay stops.
+    /// Consecutive failed PutRecords attempts of one record before a replay stops.
     pub retry_attempts: u32,
+    /// Share of the per-shard limits a replay into its own source stream
+    /// starts at and never exceeds, in (0, 1].
+    pub same_stream_share: f64,
     /// Region of `kinesis://` targets (default: `aws.region`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_region: Option<String>,
@@ -1031,6 +1034,21 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
         return Err(bad(
             "replay.checkpoint_records",
             "expected a positive number of records".into(),
+        ));
+    }
+    if !(r.same_stream_share > 0.0 && r.same_stream_share <= 1.0) {
+        return Err(bad(
+            "replay.same_stream_share",
+            format!(
+                "expected a share of the limits above 0 and at most 1, got {}",
+                r.same_stream_share
+            ),
+        ));
+    }
+    if r.retry_attempts == 0 {
+        return Err(bad(
+            "replay.retry_attempts",
+            "expected a positive number of attempts".into(),
         ));
     }
     if r.max_record_size.0 == 0 {

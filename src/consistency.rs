@@ -30,7 +30,8 @@
 //!                              k1@1'  k1@7  k2@2'  k1@3'  k2@8  k2@4'
 //!   holding k1@3 and k2@4:     stale  apply stale  stale  apply stale  ⇒ k1@7, k2@8
 //!
-//!   consumer decision for a record of key k at position p:
+//!   consumer decision for a record of key k at position p (a delete keeps a
+//!   marker with its position: [`Applier::offer_delete`]):
 //!     held[k] absent or p > held[k] ? ──yes──▶ apply; held[k] := p
 //!        │ no (p ≤ held[k]; p = held[k] is a duplicate)
 //!     replayed and force_overwrite ? ──yes──▶ apply the value; held[k] unchanged
@@ -39,10 +40,11 @@
 //! ```
 //!
 //! **Why it converges.** Positions are totally ordered ([`Position`]:
-//! arrival time first, then lineage depth, shard, sequence number,
-//! sub-sequence number). Every replayed record was in the stream before the
-//! replay started, so its position is at or before `H`; every record written
-//! after the replay started is after `H` in its key's shard lineage. A
+//! lineage depth, shard, sequence number, sub-sequence number — the order
+//! Kinesis promises for a key; arrival times play no part). Every replayed
+//! record was in the stream before the replay started, so its position is at
+//! or before `H`; every record written after the replay started is after `H`
+//! in its key's shard lineage. A
 //! replayed copy therefore can never replace a newer write, and an equal
 //! position (the same record seen twice, e.g. a duplicate from a resumed
 //! replay) is stale. Each key's held position only grows, and the record that
@@ -77,16 +79,24 @@ pub const ENVELOPE_VERSION: u32 = 1;
 
 /// A record's place in a stream's history, totally ordered across shards.
 ///
-/// Compared by `(arrival_ms, lineage_depth, shard_id, sequence_number,
+/// Compared by `(lineage_depth, shard_id, sequence_number,
 /// subsequence_number)` in that order; sequence numbers are compared
-/// numerically as decimal strings (they can exceed `u128`). The lineage depth
-/// breaks ties between a parent shard and its children (a child is deeper),
-/// so per-key order holds across resharding even within one millisecond.
-/// Equality follows the order (`"0100"` and `"100"` are the same sequence
-/// number).
+/// numerically as decimal strings (they can exceed `u128`). This is the
+/// order Kinesis does promise: within a shard, sequence numbers increase; a
+/// child shard's records come after its parents' (a child is deeper, see
+/// [`lineage_depths`]). The records of one partition key (or explicit hash
+/// key) are always in one shard or in a chain of ancestors, so for them this
+/// is the true write order. Arrival times play no part: Kinesis does not
+/// promise that they increase, even within a shard. Shards that are not
+/// ancestors of one another (siblings after a split) have no true order
+/// between them; they are ordered by depth and then shard id, which is
+/// arbitrary but the same everywhere (compaction, replay order, annotations,
+/// [`Applier`]). Equality follows the order (`"0100"` and `"100"` are the
+/// same sequence number). [`position_key`] is the same order as bytes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Position {
-    /// Approximate arrival timestamp, epoch milliseconds UTC.
+    /// Approximate arrival timestamp, epoch milliseconds UTC (information
+    /// only: it does not take part in the order).
     pub arrival_ms: i64,
     /// Depth of the shard in the stream's lineage ([`lineage_depths`]).
     pub lineage_depth: u32,
@@ -113,9 +123,8 @@ impl Position {
 
 impl Ord for Position {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.arrival_ms
-            .cmp(&other.arrival_ms)
-            .then(self.lineage_depth.cmp(&other.lineage_depth))
+        self.lineage_depth
+            .cmp(&other.lineage_depth)
             .then_with(|| self.shard_id.cmp(&other.shard_id))
             .then_with(|| cmp_sequence(&self.sequence_number, &other.sequence_number))
             .then(self.subsequence_number.cmp(&other.subsequence_number))
@@ -135,6 +144,30 @@ impl PartialEq for Position {
 }
 
 impl Eq for Position {}
+
+/// The [`Position`] order as bytes: `position_key(a…) < position_key(b…)`
+/// exactly when the positions compare so (SQL engines sort and aggregate
+/// it as one binary value). Depth (4 bytes, big-endian), the shard id and a
+/// NUL (shard ids hold no NUL), the sequence number without leading zeros
+/// prefixed by its length (2 bytes), and the sub-sequence number (8 bytes,
+/// sign bit flipped).
+pub fn position_key(
+    lineage_depth: u32,
+    shard_id: &str,
+    sequence_number: &str,
+    sub: i64,
+) -> Vec<u8> {
+    let seq = sequence_number.trim_start_matches('0');
+    let len = u16::try_from(seq.len()).unwrap_or(u16::MAX);
+    let mut k = Vec::with_capacity(4 + shard_id.len() + 1 + 2 + seq.len() + 8);
+    k.extend_from_slice(&lineage_depth.to_be_bytes());
+    k.extend_from_slice(shard_id.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&len.to_be_bytes());
+    k.extend_from_slice(seq.as_bytes());
+    k.extend_from_slice(&((sub as u64) ^ (1 << 63)).to_be_bytes());
+    k
+}
 
 /// The lineage depth of every listed shard: 0 for a shard without parents,
 /// otherwise 1 + the greatest depth of its parents. A parent that is not
@@ -184,6 +217,59 @@ pub fn lineage_depths(shards: &[(String, Option<String>, Option<String>)]) -> Ha
             }
         }
     }
+    depth
+}
+
+/// The lineage depths a replay annotates with, so that they mean the same
+/// as a consumer's [`lineage_depths`] of the stream's ListShards answer.
+///
+/// `listed`: the shards ListShards reports now (what a consumer sees);
+/// `archived`: shards known only from the archive (they aged out of the
+/// stream's retention). A listed shard gets exactly the consumer's depth.
+/// An archived shard gets its depth in the archive's fuller lineage, capped
+/// below every descendant that is listed (and below its archived children),
+/// never under 0: so a copy of an aged-out ancestor's record always sorts
+/// before the live records of its listed descendants, as the consumer
+/// computes them. (Two aged-out generations can both be capped to 0; their
+/// records then compare by shard id.)
+pub fn replay_depths(
+    listed: &[(String, Option<String>, Option<String>)],
+    archived: &[(String, Option<String>, Option<String>)],
+) -> HashMap<String, u32> {
+    let mut depth = lineage_depths(listed);
+    let all: Vec<_> = listed.iter().chain(archived).cloned().collect();
+    let full = lineage_depths(&all);
+    let parents: HashMap<&str, Vec<&str>> = all
+        .iter()
+        .map(|(id, p, a)| {
+            (
+                id.as_str(),
+                p.iter().chain(a.iter()).map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    let mut cap: HashMap<String, u32> = archived
+        .iter()
+        .map(|(id, _, _)| (id.clone(), full.get(id).copied().unwrap_or(0)))
+        .collect();
+    // Walk up from every listed shard: each archived ancestor is capped one
+    // below the shard it was reached from (the walk only ever lowers caps,
+    // so it ends).
+    let mut stack: Vec<(&str, u32)> = listed
+        .iter()
+        .map(|(id, _, _)| (id.as_str(), depth.get(id).copied().unwrap_or(0)))
+        .collect();
+    while let Some((s, d)) = stack.pop() {
+        for p in parents.get(s).map(Vec::as_slice).unwrap_or(&[]) {
+            let Some(c) = cap.get_mut(*p) else { continue };
+            let below = d.saturating_sub(1);
+            if below < *c {
+                *c = below;
+                stack.push((p, below));
+            }
+        }
+    }
+    depth.extend(cap);
     depth
 }
 
@@ -710,10 +796,12 @@ pub enum Outcome {
 }
 
 /// Per-key state kept by the consumer rule: for each key the greatest
-/// position applied so far and the current value.
+/// position applied so far and the current value — or, for a deleted key, a
+/// *delete marker* that keeps the delete's position, so that an older copy
+/// replayed later cannot bring the key back.
 #[derive(Debug, Clone)]
 pub struct Applier<V> {
-    state: HashMap<String, (Position, V)>,
+    state: HashMap<String, (Position, Option<V>)>,
     applied: u64,
     stale: u64,
 }
@@ -749,6 +837,31 @@ impl<V> Applier<V> {
         force_overwrite: bool,
         value: V,
     ) -> Outcome {
+        self.offer_entry(key, position, replayed, force_overwrite, Some(value))
+    }
+
+    /// Offer a delete of `key` at `position` (a record the application reads
+    /// as a delete — a tombstone — live or replayed). The same rule as
+    /// [`Applier::offer`]; when applied the value is removed and a marker
+    /// with the position is kept.
+    pub fn offer_delete(
+        &mut self,
+        key: &str,
+        position: Position,
+        replayed: bool,
+        force_overwrite: bool,
+    ) -> Outcome {
+        self.offer_entry(key, position, replayed, force_overwrite, None)
+    }
+
+    fn offer_entry(
+        &mut self,
+        key: &str,
+        position: Position,
+        replayed: bool,
+        force_overwrite: bool,
+        value: Option<V>,
+    ) -> Outcome {
         let outcome = match self.state.get_mut(key) {
             None => {
                 self.state.insert(key.to_string(), (position, value));
@@ -771,29 +884,36 @@ impl<V> Applier<V> {
         outcome
     }
 
-    /// The current value of `key`.
+    /// The current value of `key` (`None` also for a deleted key).
     pub fn get(&self, key: &str) -> Option<&V> {
-        self.state.get(key).map(|(_, v)| v)
+        self.state.get(key).and_then(|(_, v)| v.as_ref())
     }
 
-    /// The greatest position applied for `key`.
+    /// The greatest position applied for `key` (a delete's too).
     pub fn position(&self, key: &str) -> Option<&Position> {
         self.state.get(key).map(|(p, _)| p)
     }
 
-    /// Every key with its held position and value, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Position, &V)> {
-        self.state.iter().map(|(k, (p, v))| (k.as_str(), p, v))
+    /// Whether `key` holds a delete marker.
+    pub fn is_deleted(&self, key: &str) -> bool {
+        self.state.get(key).is_some_and(|(_, v)| v.is_none())
     }
 
-    /// Number of keys.
+    /// Every key that holds a value, with its position, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Position, &V)> {
+        self.state
+            .iter()
+            .filter_map(|(k, (p, v))| v.as_ref().map(|v| (k.as_str(), p, v)))
+    }
+
+    /// Number of keys that hold a value.
     pub fn len(&self) -> usize {
-        self.state.len()
+        self.state.values().filter(|(_, v)| v.is_some()).count()
     }
 
     /// No key holds a value.
     pub fn is_empty(&self) -> bool {
-        self.state.is_empty()
+        self.len() == 0
     }
 
     /// Records applied so far.
@@ -806,8 +926,8 @@ impl<V> Applier<V> {
         self.stale
     }
 
-    /// The state, key → (held position, value).
-    pub fn into_inner(self) -> HashMap<String, (Position, V)> {
+    /// The state: per key the held position and the value (`None`: deleted).
+    pub fn into_inner(self) -> HashMap<String, (Position, Option<V>)> {
         self.state
     }
 }
@@ -845,10 +965,12 @@ mod tests {
     #[test]
     fn position_order() {
         let base = pos(1000, 0, "s-1", "100", 0);
-        // Arrival time decides first, whatever the rest says.
-        assert!(pos(999, 9, "s-9", "999999", 9) < base);
-        // Then lineage depth: a child after its parent in the same millisecond.
-        assert!(pos(1000, 1, "s-0", "1", 0) > base);
+        // Arrival time plays no part: sequence order within a shard.
+        assert!(pos(5, 0, "s-1", "101", 0) > base);
+        assert!(pos(9999, 0, "s-1", "99", 0) < base);
+        // Lineage depth first: a child after its parent, whatever the times.
+        assert!(pos(1, 1, "s-0", "1", 0) > base);
+        assert!(pos(999_999, 0, "s-9", "999999", 9) < pos(1, 1, "s-0", "1", 0));
         // Then shard id, then the sequence number compared as a number.
         assert!(pos(1000, 0, "s-2", "1", 0) > base);
         assert!(pos(1000, 0, "s-1", "99", 0) < base);
@@ -861,6 +983,54 @@ mod tests {
         // Then the sub-sequence number.
         assert!(pos(1000, 0, "s-1", "100", 1) > base);
         assert_eq!(base.cmp(&base.clone()), Ordering::Equal);
+    }
+
+    #[test]
+    fn replay_depths_agree_with_the_consumers_and_stay_below_listed_descendants() {
+        let l = |id: &str, p: Option<&str>| (id.to_string(), p.map(String::from), None);
+        // a → b → c → d; a and b aged out of the stream (archived only).
+        let listed = [l("c", Some("b")), l("d", Some("c"))];
+        let archived = [l("a", None), l("b", Some("a"))];
+        let consumer = lineage_depths(&listed);
+        let replay = replay_depths(&listed, &archived);
+        assert_eq!(consumer["c"], replay["c"]);
+        assert_eq!(consumer["d"], replay["d"]);
+        assert!(replay["b"] < replay["c"] && replay["a"] <= replay["b"]);
+        // Without aged-out ancestors it is the plain lineage.
+        let listed = [l("x", None), l("y", Some("x"))];
+        assert_eq!(replay_depths(&listed, &[]), lineage_depths(&listed));
+        // Archived shards without listed descendants keep their full depth.
+        let archived = [l("p", None), l("q", Some("p")), l("r", Some("q"))];
+        let d = replay_depths(&[], &archived);
+        assert_eq!((d["p"], d["q"], d["r"]), (0, 1, 2));
+    }
+
+    #[test]
+    fn position_key_sorts_like_positions() {
+        let all = [
+            pos(0, 0, "s-1", "100", 0),
+            pos(0, 0, "s-1", "0100", 1),
+            pos(0, 0, "s-1", "99", 7),
+            pos(0, 0, "s-1", &"9".repeat(70), 0),
+            pos(0, 0, "s-10", "1", 0),
+            pos(0, 0, "s", "5", 0),
+            pos(0, 1, "a", "1", 0),
+            pos(0, 2, "a", "1", -1),
+            pos(0, 300, "a", "1", i64::MAX),
+        ];
+        let key = |p: &Position| {
+            position_key(
+                p.lineage_depth,
+                &p.shard_id,
+                &p.sequence_number,
+                p.subsequence_number,
+            )
+        };
+        for a in &all {
+            for b in &all {
+                assert_eq!(a.cmp(b), key(a).cmp(&key(b)), "{a:?} vs {b:?}");
+            }
+        }
     }
 
     #[test]
@@ -1119,7 +1289,7 @@ mod tests {
     #[test]
     fn applier_rule() {
         let mut ap = Applier::new();
-        let p = |ms| pos(ms, 0, "s", "1", 0);
+        let p = |n: i64| pos(0, 0, "s", &n.to_string(), 0);
         assert_eq!(ap.offer("k", p(10), false, false, "v10"), Outcome::Applied);
         assert_eq!(ap.offer("k", p(20), true, false, "v20"), Outcome::Applied);
         // Older and equal positions are stale, live or replayed.
@@ -1145,6 +1315,27 @@ mod tests {
         let mut keys: Vec<_> = ap.iter().map(|(k, _, v)| (k, *v)).collect();
         keys.sort();
         assert_eq!(keys, vec![("j", "j2"), ("k", "v30")]);
+    }
+
+    #[test]
+    fn a_delete_keeps_its_position_so_older_copies_cannot_resurrect_the_key() {
+        let mut ap = Applier::new();
+        let p = |n: i64| pos(0, 0, "s", &n.to_string(), 0);
+        assert_eq!(ap.offer("k", p(1), false, false, "v1"), Outcome::Applied);
+        assert_eq!(ap.offer_delete("k", p(5), false, false), Outcome::Applied);
+        assert_eq!(ap.get("k"), None);
+        assert!(ap.is_deleted("k"));
+        // A replayed copy of an older write is stale: the key stays deleted.
+        assert_eq!(ap.offer("k", p(3), true, false, "v3"), Outcome::Stale);
+        assert_eq!(ap.get("k"), None);
+        assert_eq!(ap.position("k"), Some(&p(5)));
+        // A replayed delete of a key that was written again later is stale.
+        assert_eq!(ap.offer("j", p(9), false, false, "j9"), Outcome::Applied);
+        assert_eq!(ap.offer_delete("j", p(4), true, false), Outcome::Stale);
+        assert_eq!(ap.get("j"), Some(&"j9"));
+        // A newer write brings a deleted key back.
+        assert_eq!(ap.offer("k", p(7), false, false, "v7"), Outcome::Applied);
+        assert_eq!((ap.get("k"), ap.len()), (Some(&"v7"), 2));
     }
 
     #[test]

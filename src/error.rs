@@ -67,6 +67,37 @@ pub enum Error {
         message: String,
     },
 
+    /// The target stream refused one record of a replay as many times in a
+    /// row as `replay.retry_attempts` allows.
+    #[error(
+        "kinesis PutRecords refused a record {attempts} times in a row (stream `{stream}`, shard `{shard}`, \
+         partition key {partition_key:?}, record {record} of the replay), last with {error}"
+    )]
+    RecordRefused {
+        /// Target stream.
+        stream: String,
+        /// Target shard id.
+        shard: String,
+        /// The record's partition key.
+        partition_key: String,
+        /// The record's ordinal in the replay's order.
+        record: u64,
+        /// Consecutive failed attempts.
+        attempts: u32,
+        /// The last ErrorCode (per entry, or of the whole call) and its message.
+        error: String,
+    },
+
+    /// A replay into the stream it reads from, without the confirmation.
+    #[error(
+        "the target is the source stream `{stream}`: its consumers will read the replayed records again \
+         (see docs/replay-consistency.md); pass --confirm-same-stream to go ahead"
+    )]
+    SameStream {
+        /// The stream.
+        stream: String,
+    },
+
     /// An EMR call failed, or a cluster is not in the state asked for.
     #[error("emr {operation} failed: {message}")]
     Emr {
@@ -260,6 +291,7 @@ impl Error {
             Error::Config { .. }
             | Error::ConfigFile { .. }
             | Error::Usage(_)
+            | Error::SameStream { .. }
             | Error::Sql { .. }
             | Error::TooComplex { .. }
             | Error::ReadOnly { .. } => 2,

@@ -150,9 +150,21 @@ struct ReplayArgs {
     /// The compaction key, a SQL expression such as json_get_str(data,'order_id').
     #[arg(long, value_name = "EXPR")]
     key: Option<String>,
-    /// Records matching this predicate delete their key: a key whose last record matches is not replayed.
+    /// Records matching this predicate delete their key (a key whose last record matches is deleted).
     #[arg(long, value_name = "PREDICATE")]
     tombstone: Option<String>,
+    /// What a deleted key sends: its last record, so consumers delete it too (emit), or nothing (drop).
+    /// Default: emit when --to is the source stream or with --force-overwrite, drop otherwise.
+    #[arg(long, value_name = "MODE", value_parser = ["emit", "drop"])]
+    tombstones: Option<String>,
+    /// Also select records that earlier replays sent (copies); they are ordered and compacted by
+    /// their original's position and sent unchanged.
+    #[arg(long)]
+    include_replayed: bool,
+    /// Send a key's records without waiting for each other (faster with few keys); they can land
+    /// out of order, so only for consumers that apply the replay consistency protocol.
+    #[arg(long)]
+    unordered: bool,
     /// Add KEY=VALUE to every record's annotation (repeatable).
     #[arg(long, value_name = "KEY=VALUE")]
     annotate: Vec<String>,
@@ -165,6 +177,10 @@ struct ReplayArgs {
     /// Set force_overwrite in the annotation (see docs/replay-consistency.md).
     #[arg(long)]
     force_overwrite: bool,
+    /// Allow --to kinesis://<the stream the records come from> (also to resume
+    /// such a replay); it starts at replay.same_stream_share of the limits.
+    #[arg(long)]
+    confirm_same_stream: bool,
     /// At most this many records per second overall.
     #[arg(long, value_name = "RECORDS_PER_SEC")]
     rate: Option<f64>,
@@ -402,6 +418,9 @@ async fn run(cli: Cli) -> Result<()> {
                 compact: a.compact,
                 key: a.key,
                 tombstone: a.tombstone,
+                tombstones: a.tombstones,
+                include_replayed: a.include_replayed,
+                unordered: a.unordered,
                 annotate: a.annotate,
                 no_annotate: a.no_annotate,
                 envelope: a.envelope,
@@ -411,6 +430,7 @@ async fn run(cli: Cli) -> Result<()> {
                 resume: a.resume,
                 list: a.list,
                 from_parquet: a.from_parquet,
+                confirm_same_stream: a.confirm_same_stream,
                 json: a.json,
                 quiet: false,
                 engine: a.engine,

@@ -33,6 +33,24 @@ pub async fn write_flush(
     write_flush_with(archive, &policy, stream, shard, records, None).await
 }
 
+/// [`write_flush`] for a shard made by resharding: its first flush records
+/// `parents` (the shards it was split or merged from) in its checkpoint, as
+/// the archiver does, so the lineage (and the order of positions) knows it.
+pub async fn write_child_flush(
+    archive: &Archive,
+    settings: &ParquetSettings,
+    stream: &str,
+    shard: &str,
+    parents: &[String],
+    records: &[Record],
+) -> Result<Vec<Path>> {
+    let policy = PublishPolicy {
+        settings: settings.clone(),
+        ..PublishPolicy::default()
+    };
+    write(archive, &policy, stream, shard, parents, records, None).await
+}
+
 /// [`write_flush`] under a publication policy: with hourly publication, the
 /// hours that ended at or before `closed_before_ms` are published (merged)
 /// after the commit, the others stay staged.
@@ -41,6 +59,27 @@ pub async fn write_flush_with(
     policy: &PublishPolicy,
     stream: &str,
     shard: &str,
+    records: &[Record],
+    closed_before_ms: Option<i64>,
+) -> Result<Vec<Path>> {
+    write(
+        archive,
+        policy,
+        stream,
+        shard,
+        &[],
+        records,
+        closed_before_ms,
+    )
+    .await
+}
+
+async fn write(
+    archive: &Archive,
+    policy: &PublishPolicy,
+    stream: &str,
+    shard: &str,
+    parents: &[String],
     records: &[Record],
     closed_before_ms: Option<i64>,
 ) -> Result<Vec<Path>> {
@@ -56,7 +95,7 @@ pub async fn write_flush_with(
         archive,
         stream,
         shard,
-        vec![],
+        parents.to_vec(),
         "fluxcap-ingest",
         epoch,
         policy.clone(),

@@ -74,7 +74,7 @@ fn seq_cmp(op: &str, seq: &str) -> String {
 const COLUMNS: &str = "shard_id, sequence_number, subsequence_number, partition_key, explicit_hash_key, approximate_arrival_timestamp, data";
 
 /// A shard's lineage depth (parents before children) as a Drill expression:
-/// the same tie-break the local engine uses after the arrival time.
+/// the first part of the local engine's position.
 fn depth_expr(depth: &BTreeMap<String, u32>) -> String {
     if depth.values().all(|d| *d == 0) {
         return "0".into();
@@ -89,10 +89,12 @@ fn depth_expr(depth: &BTreeMap<String, u32>) -> String {
 
 /// The selection of `stream` as a Drill `SELECT` (unordered: the replay
 /// orders the result by position). Compaction keeps each key's last record
-/// by position (arrival time, lineage depth, shard, sequence, sub-sequence),
-/// drops keys whose last record is a tombstone, and leaves records whose
-/// key is NULL uncompacted; `--where` filters the result — as the local
-/// engine does ([`crate::replay::select`]).
+/// by position (lineage depth, shard, sequence, sub-sequence — not arrival
+/// time), drops keys whose last record is a tombstone unless the replay
+/// emits tombstones, and leaves records whose key is NULL uncompacted;
+/// `--where` filters the result — as the local engine does
+/// ([`crate::replay::select`]). Unlike the local engine, Drill does not tell
+/// replayed copies (records carrying a replay annotation) from originals.
 pub fn selection_sql(
     plugin: &str,
     stream: &str,
@@ -142,22 +144,28 @@ pub fn selection_sql(
         .as_deref()
         .map(|t| format!("COALESCE(({t}), FALSE)"))
         .unwrap_or_else(|| "FALSE".into());
+    // Tombstones are sent (the key's last record) when the replay emits them.
+    let (deleted, deleted_raw) = if sel.emit_tombstones {
+        ("FALSE".to_string(), "FALSE".to_string())
+    } else {
+        ("__tomb".to_string(), tomb.clone())
+    };
     let depth = depth_expr(depth);
     let mut parts = vec![format!(
         "SELECT {COLUMNS} FROM (\
            SELECT {COLUMNS}, __tomb, ROW_NUMBER() OVER (PARTITION BY __key ORDER BY \
-             approximate_arrival_timestamp DESC, __depth DESC, shard_id DESC, \
-             CHAR_LENGTH(sequence_number) DESC, sequence_number DESC, subsequence_number DESC) AS __rn \
+             __depth DESC, shard_id DESC, CHAR_LENGTH(sequence_number) DESC, \
+             sequence_number DESC, subsequence_number DESC) AS __rn \
            FROM (\
              SELECT {COLUMNS}, {key} AS __key, {tomb} AS __tomb, {depth} AS __depth \
              FROM {source} WHERE {conds}\
            ) AS s WHERE __key IS NOT NULL\
-         ) AS r WHERE __rn = 1 AND NOT __tomb"
+         ) AS r WHERE __rn = 1 AND NOT {deleted}"
     )];
     if sel.key.is_some() {
         // Records without a key are not compacted.
         parts.push(format!(
-            "SELECT {COLUMNS} FROM {source} WHERE {conds} AND ({key}) IS NULL AND NOT {tomb}"
+            "SELECT {COLUMNS} FROM {source} WHERE {conds} AND ({key}) IS NULL AND NOT {deleted_raw}"
         ));
     }
     format!(
@@ -440,7 +448,7 @@ mod tests {
         let depth = BTreeMap::from([("shardId-0".to_string(), 0), ("shardId-2".to_string(), 1)]);
         let q = replay_sql("archive", "orders", "replay_x", &sel, &depth);
         assert!(q.contains(
-            "ROW_NUMBER() OVER (PARTITION BY __key ORDER BY approximate_arrival_timestamp DESC, __depth DESC"
+            "ROW_NUMBER() OVER (PARTITION BY __key ORDER BY __depth DESC, shard_id DESC"
         ));
         assert!(q.contains("(substr(partition_key, 1, 3)) AS __key"));
         assert!(q.contains("CASE shard_id WHEN 'shardId-2' THEN 1 ELSE 0 END AS __depth"));

@@ -15,22 +15,24 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use arrow::datatypes::SchemaRef;
+use arrow::array::{AsArray, BooleanArray, RecordBatch};
+use arrow::datatypes::{SchemaRef, TimestampMillisecondType};
 use datafusion::common::Result as DfResult;
+use datafusion::error::DataFusionError;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
+use futures::TryStreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::Error;
 use crate::kinesis::reader::{ShardReader, StartAt};
-use crate::kinesis::shards::list_shards;
 use crate::query::bounds::TimeRange;
 use crate::query::df_err;
 use crate::query::snapshot::Snapshot;
+use crate::query::view::View;
 use crate::record::{self, Position, RecordBatchBuilder};
 
 /// A record arriving this long after the upper time bound ends a shard's read
@@ -46,9 +48,6 @@ pub struct LiveSettings {
     pub max_backoff: Duration,
     /// Consecutive failed calls before the query fails.
     pub attempts: u32,
-    /// The horizon: records that arrived after this time (epoch ms) are not
-    /// read. `None`: each scan's start.
-    pub as_of_ms: Option<i64>,
 }
 
 /// `live.<stream>`.
@@ -69,13 +68,15 @@ impl LiveTable {
         }
     }
 
-    /// The scan plan, reading each shard after its position in `snapshot`.
+    /// The scan plan, reading each shard after its position in `snapshot`,
+    /// up to the horizon of `view` (and sharing its live reads).
     pub async fn scan_at(
         &self,
         projection: Option<&Vec<usize>>,
         filters: &[Expr],
         limit: Option<usize>,
         snapshot: &Snapshot,
+        view: &Arc<View>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let schema = record::table_schema();
         let empty = || -> DfResult<Arc<dyn ExecutionPlan>> {
@@ -86,17 +87,19 @@ impl LiveTable {
             Ok(Arc::new(EmptyExec::new(s)))
         };
         let range = TimeRange::from_filters(filters);
-        let now = chrono::Utc::now().timestamp_millis();
-        let started_ms = self.settings.as_of_ms.map_or(now, |t| t.min(now));
+        let started_ms = view.as_of_ms;
         // Records arriving after the scan starts are past the horizon (and
         // Kinesis refuses AT_TIMESTAMP in the future).
         if range.is_empty() || range.start_ms.is_some_and(|t| t > started_ms) {
             return empty();
         }
-        let shards = match list_shards(&self.client, &self.stream, self.settings.max_backoff).await
+        let shards = match view
+            .shards(&self.client, &self.stream, self.settings.max_backoff)
+            .await
+            .map_err(df_err)?
         {
-            Ok(s) => s,
-            Err(Error::StreamNotFound { .. }) => {
+            Some(s) => s,
+            None => {
                 tracing::warn!(
                     stream = %self.stream,
                     "the stream does not exist in Kinesis: live.{} is empty",
@@ -104,10 +107,10 @@ impl LiveTable {
                 );
                 return empty();
             }
-            Err(e) => return Err(df_err(e)),
         };
+        view.count_scan(&self.stream);
         let mut partitions: Vec<Arc<dyn PartitionStream>> = Vec::new();
-        for s in shards {
+        for s in shards.iter() {
             if snapshot.finished(&s.shard_id) {
                 continue;
             }
@@ -123,16 +126,22 @@ impl LiveTable {
                 (_, Some(p)) => StartAt::AfterSequence(p.sequence_number.clone()),
                 (None, None) => StartAt::TrimHorizon,
             };
+            let from = match &after {
+                Some(p) => StartAt::AfterSequence(p.sequence_number.clone()),
+                None => StartAt::TrimHorizon,
+            };
             partitions.push(Arc::new(LiveShard {
                 schema: schema.clone(),
                 client: self.client.clone(),
                 stream: self.stream.clone(),
-                shard: s.shard_id,
+                shard: s.shard_id.clone(),
                 start,
+                from,
                 after,
                 started_ms,
                 range,
                 settings: self.settings.clone(),
+                view: view.clone(),
             }));
         }
         if partitions.is_empty() {
@@ -156,13 +165,18 @@ struct LiveShard {
     client: crate::kinesis::Client,
     stream: String,
     shard: String,
+    /// Where this scan's own read starts (may skip ahead with `AT_TIMESTAMP`).
     start: StartAt,
+    /// Where a read of the whole tail starts (the shared read of the view).
+    from: StartAt,
     /// Records at or before this position are archived.
     after: Option<Position>,
     /// When the scan started: the horizon of the read.
     started_ms: i64,
     range: TimeRange,
     settings: LiveSettings,
+    /// The statement's view, which may share this shard's tail between scans.
+    view: Arc<View>,
 }
 
 impl LiveShard {
@@ -190,48 +204,103 @@ impl PartitionStream for LiveShard {
     }
 
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let Some(tail) = self.view.tail(&self.stream, &self.shard) else {
+            return Box::pin(RecordBatchStreamAdapter::new(
+                self.schema.clone(),
+                self.clone().read(),
+            ));
+        };
+        // Shared: the first scan to run reads the whole tail (no time range),
+        // every scan then takes its own range from it.
         let me = self.clone();
-        let reader = self.reader();
-        let stream =
-            futures::stream::unfold((reader, false, me), |(mut reader, done, me)| async move {
-                if done {
-                    return None;
-                }
-                let cancel = CancellationToken::new();
-                loop {
-                    let batch = match reader.next(&cancel).await {
-                        Err(e) => return Some((Err(df_err(e)), (reader, true, me))),
-                        Ok(None) => return None,
-                        Ok(Some(b)) => b,
-                    };
-                    let last_arrival = batch.records.last().map(|r| r.arrival_ms);
-                    let finished = batch.end_of_shard
-                        || (batch.kinesis_records == 0 && batch.millis_behind.unwrap_or(0) == 0)
-                        || last_arrival.is_some_and(|a| a >= me.started_ms)
-                        || me
-                            .range
-                            .end_ms
-                            .zip(last_arrival)
-                            .is_some_and(|(e, a)| a > e.saturating_add(PAST_END_SLACK_MS));
-                    let mut b = RecordBatchBuilder::with_capacity(batch.records.len(), batch.bytes);
-                    for r in &batch.records {
-                        let archived = me.after.as_ref().is_some_and(|a| r.position() <= *a);
-                        let before_horizon = r.arrival_ms <= me.started_ms;
-                        if !archived && before_horizon && me.range.contains(r.arrival_ms) {
-                            b.push(r);
-                        }
-                    }
-                    if b.is_empty() {
-                        if finished {
-                            return None;
-                        }
-                        continue;
-                    }
-                    let out = record::with_partition_columns(&b.finish())
-                        .map_err(datafusion::error::DataFusionError::from);
-                    return Some((out, (reader, finished, me)));
-                }
-            });
+        let stream = futures::stream::once(async move {
+            let whole = LiveShard {
+                start: me.from.clone(),
+                range: TimeRange::default(),
+                ..me.clone()
+            };
+            let data = tail
+                .cell
+                .get_or_try_init(|| async move {
+                    let batches: Vec<RecordBatch> = whole.read().try_collect().await?;
+                    let kept = me.view.keep(batches).map_err(df_err)?;
+                    Ok::<_, DataFusionError>(Arc::new(kept))
+                })
+                .await?;
+            let batches = data.batches().map_err(df_err)?;
+            let range = me.range;
+            let out: Vec<DfResult<RecordBatch>> = batches
+                .into_iter()
+                .filter_map(|b| in_range(&b, &range).transpose())
+                .collect();
+            Ok::<_, DataFusionError>(futures::stream::iter(out))
+        })
+        .try_flatten();
         Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream))
+    }
+}
+
+/// The rows of `b` whose arrival time is in `range` (`None` when none is).
+fn in_range(b: &RecordBatch, range: &TimeRange) -> DfResult<Option<RecordBatch>> {
+    if *range == TimeRange::default() {
+        return Ok((b.num_rows() > 0).then(|| b.clone()));
+    }
+    let idx = b.schema().index_of(record::col::ARRIVAL)?;
+    let arrival = arrow::compute::cast(
+        b.column(idx),
+        &arrow::datatypes::DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None),
+    )?;
+    let arrival = arrival.as_primitive::<TimestampMillisecondType>();
+    let keep: BooleanArray = arrival
+        .iter()
+        .map(|a| Some(a.is_some_and(|t| range.contains(t))))
+        .collect();
+    let out = arrow::compute::filter_record_batch(b, &keep)?;
+    Ok((out.num_rows() > 0).then_some(out))
+}
+
+impl LiveShard {
+    /// Read this shard from `start` up to the horizon, in this scan's range.
+    fn read(self) -> impl futures::Stream<Item = DfResult<RecordBatch>> + Send + 'static {
+        let reader = self.reader();
+        futures::stream::unfold((reader, false, self), |(mut reader, done, me)| async move {
+            if done {
+                return None;
+            }
+            let cancel = CancellationToken::new();
+            loop {
+                let batch = match reader.next(&cancel).await {
+                    Err(e) => return Some((Err(df_err(e)), (reader, true, me))),
+                    Ok(None) => return None,
+                    Ok(Some(b)) => b,
+                };
+                let last_arrival = batch.records.last().map(|r| r.arrival_ms);
+                let finished = batch.end_of_shard
+                    || (batch.kinesis_records == 0 && batch.millis_behind.unwrap_or(0) == 0)
+                    || last_arrival.is_some_and(|a| a >= me.started_ms)
+                    || me
+                        .range
+                        .end_ms
+                        .zip(last_arrival)
+                        .is_some_and(|(e, a)| a > e.saturating_add(PAST_END_SLACK_MS));
+                let mut b = RecordBatchBuilder::with_capacity(batch.records.len(), batch.bytes);
+                for r in &batch.records {
+                    let archived = me.after.as_ref().is_some_and(|a| r.position() <= *a);
+                    let before_horizon = r.arrival_ms <= me.started_ms;
+                    if !archived && before_horizon && me.range.contains(r.arrival_ms) {
+                        b.push(r);
+                    }
+                }
+                if b.is_empty() {
+                    if finished {
+                        return None;
+                    }
+                    continue;
+                }
+                let out = record::with_partition_columns(&b.finish())
+                    .map_err(datafusion::error::DataFusionError::from);
+                return Some((out, (reader, finished, me)));
+            }
+        })
     }
 }

@@ -38,8 +38,10 @@ pub mod cli;
 pub mod guard;
 pub mod json;
 pub mod live;
+pub mod origin;
 pub mod output;
 pub mod snapshot;
+pub mod view;
 
 use std::sync::Arc;
 
@@ -65,6 +67,7 @@ use crate::query::live::{LiveSettings, LiveTable};
 use crate::record;
 
 pub use snapshot::Snapshot;
+pub use view::View;
 
 /// The URL the archive's object store is registered under.
 const STORE_URL: &str = "fluxcap://archive";
@@ -77,6 +80,15 @@ pub struct QuerySession {
     pub tables: Vec<String>,
     /// Length and depth limits of statements (`query.max_statement_bytes`, `query.max_expression_depth`).
     pub limits: guard::StatementLimits,
+    /// The one view every statement shares ([`SessionOptions::pinned`]);
+    /// `None`: each statement gets its own.
+    pub view: Option<Arc<View>>,
+    /// The archive the session reads.
+    pub archive: Archive,
+    /// The Kinesis client of live reads.
+    pub kinesis: crate::kinesis::Client,
+    /// `archiver.max_backoff`, for ListShards.
+    max_backoff: std::time::Duration,
 }
 
 /// Build the session and catalog for `cfg`: the one place the CLI, replay and
@@ -100,6 +112,10 @@ pub struct SessionOptions {
     pub kinesis: Option<aws_sdk_kinesis::Client>,
     /// The HTTP server's limits (`None`: the CLI's, i.e. `query.memory_limit` and no others).
     pub server: Option<ServerLimits>,
+    /// Every statement of the session sees one view ([`View`]): one
+    /// checkpoint snapshot per stream, one horizon and one live read (a
+    /// replay). Otherwise each statement gets its own.
+    pub pinned: bool,
 }
 
 /// What the server's session limits beyond the CLI's.
@@ -152,9 +168,18 @@ pub async fn session_with(cfg: &Config, opts: &SessionOptions) -> Result<QuerySe
         let per = (memory_limit as usize / (4 * partitions)).clamp(256 * 1024, 10 << 20);
         options.execution.sort_spill_reservation_bytes = per;
     }
-    let config = SessionConfig::from(options)
+    let view = opts
+        .pinned
+        .then(|| Arc::new(View::new(opts.as_of_ms, true)));
+    let mut config = SessionConfig::from(options)
         .with_target_partitions(partitions)
         .with_information_schema(true);
+    if let Some(v) = &view {
+        config = config.with_extension(v.clone());
+    }
+    if let Some(t) = opts.as_of_ms {
+        config = config.with_extension(Arc::new(AsOf(t)));
+    }
     let mut runtime = RuntimeEnvBuilder::new();
     if memory_limit > 0 {
         runtime = runtime.with_memory_limit(memory_limit as usize, 1.0);
@@ -170,6 +195,9 @@ pub async fn session_with(cfg: &Config, opts: &SessionOptions) -> Result<QuerySe
         url.as_ref(),
         Arc::new(crate::archive::store::StagedFallback(archive.store.clone())),
     );
+    ctx.register_udf(datafusion::logical_expr::ScalarUDF::new_from_impl(
+        origin::OriginFn::new(&cfg.replay.annotation_field),
+    ));
     json::register(&ctx).map_err(|e| Error::Query {
         message: format!("registering JSON functions: {e}"),
     })?;
@@ -193,7 +221,6 @@ pub async fn session_with(cfg: &Config, opts: &SessionOptions) -> Result<QuerySe
         limit: cfg.archiver.max_records_per_call,
         max_backoff: cfg.archiver.max_backoff.0,
         attempts: q.live_retry_attempts,
-        as_of_ms: opts.as_of_ms,
     };
     let archive_schema = Arc::new(MemorySchemaProvider::new());
     let live_schema = Arc::new(MemorySchemaProvider::new());
@@ -218,9 +245,11 @@ pub async fn session_with(cfg: &Config, opts: &SessionOptions) -> Result<QuerySe
                 live: live.clone(),
             })
         };
-        register(archive_schema.as_ref(), &s.name, table(Side::Archive))?;
-        register(live_schema.as_ref(), &s.name, table(Side::Live))?;
-        ctx.register_table(s.name.as_str(), table(Side::Both))
+        let field = cfg.replay.annotation_field.as_str();
+        let view = |side| origin::view(&s.name, table(side), field);
+        register(archive_schema.as_ref(), &s.name, view(Side::Archive)?)?;
+        register(live_schema.as_ref(), &s.name, view(Side::Live)?)?;
+        ctx.register_table(s.name.as_str(), view(Side::Both)?)
             .map_err(|e| Error::Query {
                 message: format!("registering table {}: {e}", s.name),
             })?;
@@ -245,6 +274,10 @@ pub async fn session_with(cfg: &Config, opts: &SessionOptions) -> Result<QuerySe
             max_bytes: usize::try_from(q.max_statement_bytes.0).unwrap_or(usize::MAX),
             max_depth: q.max_expression_depth,
         },
+        view,
+        archive,
+        kinesis: client,
+        max_backoff: cfg.archiver.max_backoff.0,
     })
 }
 
@@ -346,10 +379,49 @@ impl QuerySession {
                 message: "statements that change the session are not allowed".into(),
             });
         }
+        // Queries only from here (DDL and statements were refused above):
+        // the statement runs on a copy of the session state that carries its view.
+        let mut state = self.ctx.state();
+        if self.view.is_none() {
+            state
+                .config_mut()
+                .set_extension(Arc::new(View::new(self.as_of_ms(), false)));
+        }
+        Ok(DataFrame::new(state, plan))
+    }
+
+    /// The live horizon of a new statement's view.
+    fn as_of_ms(&self) -> Option<i64> {
         self.ctx
-            .execute_logical_plan(plan)
-            .await
-            .map_err(|e| self.error(e))
+            .state()
+            .config()
+            .get_extension::<AsOf>()
+            .map(|a| a.0)
+    }
+
+    /// The checkpoint snapshot of `stream` that the session's statements
+    /// see: the pinned view's, or a fresh one.
+    pub async fn snapshot(&self, stream: &str) -> Result<Arc<Snapshot>> {
+        match &self.view {
+            Some(v) => v.snapshot(&self.archive, stream).await,
+            None => Ok(Arc::new(Snapshot::load(&self.archive, stream).await?)),
+        }
+    }
+
+    /// The shards of `stream` in Kinesis as the session's statements see
+    /// them (`None`: the stream does not exist).
+    pub async fn shards(
+        &self,
+        stream: &str,
+    ) -> Result<Option<Arc<Vec<crate::kinesis::shards::ShardInfo>>>> {
+        match &self.view {
+            Some(v) => v.shards(&self.kinesis, stream, self.max_backoff).await,
+            None => {
+                View::new(None, false)
+                    .shards(&self.kinesis, stream, self.max_backoff)
+                    .await
+            }
+        }
     }
 
     /// One SQL statement to a DataFrame.
@@ -419,6 +491,10 @@ fn first_words(s: &str) -> String {
     s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
 
+/// The live horizon a session was built with ([`SessionOptions::as_of_ms`]).
+#[derive(Debug)]
+struct AsOf(i64);
+
 /// Which part of a stream a table shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
@@ -468,7 +544,14 @@ impl TableProvider for StreamTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let snapshot = Snapshot::load(&self.archive, &self.stream)
+        // The statement's view (a scan outside of `QuerySession::plan`, e.g.
+        // `ctx.table(..)`, gets a view of its own).
+        let view = state
+            .config()
+            .get_extension::<View>()
+            .unwrap_or_else(|| Arc::new(View::new(None, false)));
+        let snapshot = view
+            .snapshot(&self.archive, &self.stream)
             .await
             .map_err(df_err)?;
         let mut plans = Vec::with_capacity(2);
@@ -482,7 +565,7 @@ impl TableProvider for StreamTable {
         if self.side != Side::Archive {
             plans.push(
                 self.live
-                    .scan_at(projection, filters, limit, &snapshot)
+                    .scan_at(projection, filters, limit, &snapshot, &view)
                     .await?,
             );
         }

@@ -80,6 +80,13 @@ pub struct ReplayOptions {
     pub key: Option<String>,
     /// `--tombstone`.
     pub tombstone: Option<String>,
+    /// `--tombstones emit|drop` (`None`: emit when the target is the source
+    /// stream or `force_overwrite` is set, drop otherwise).
+    pub tombstones: Option<String>,
+    /// `--include-replayed`: select replayed copies too.
+    pub include_replayed: bool,
+    /// `--unordered`: do not keep a key's records in order in the target.
+    pub unordered: bool,
     /// `--annotate k=v` (repeatable).
     pub annotate: Vec<String>,
     /// `--no-annotate`.
@@ -98,6 +105,9 @@ pub struct ReplayOptions {
     pub list: bool,
     /// `--from-parquet <location>`.
     pub from_parquet: Option<String>,
+    /// `--confirm-same-stream` (`confirm_same_stream` over the API): the
+    /// target may be the stream the records come from.
+    pub confirm_same_stream: bool,
     /// `--json`: list, dry-run and summary as JSON on standard output.
     pub json: bool,
     /// Print nothing and show no progress bar (the HTTP server runs replays).
@@ -158,6 +168,10 @@ pub struct Summary {
     pub seconds: f64,
     /// Dry run: the time the target's limits (and `--rate`) need for this.
     pub estimated_seconds: Option<f64>,
+    /// Dry run into Kinesis, in order: the records of the busiest partition
+    /// key, which go one per PutRecords round trip (`--unordered` lifts it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub busiest_key_records: Option<u64>,
 }
 
 /// Run `fluxcap replay` (the CLI).
@@ -218,12 +232,22 @@ pub async fn prepare(cfg: &Config, opts: ReplayOptions) -> Result<Prepared> {
         Some(s) => s.archive.clone(),
         None => Archive::open(cfg).await?,
     };
-    let (manifest, progress) = match &opts.resume {
-        Some(id) => plan::resume_manifest(&archive, &opts, id).await?,
-        None => (plan::new_manifest(cfg, &archive, &opts).await?, None),
+    let (manifest, progress, session) = match &opts.resume {
+        Some(id) => {
+            let (m, p) = plan::resume_manifest(&archive, &opts, id).await?;
+            (m, p, None)
+        }
+        None => {
+            let (m, s) = plan::new_manifest(cfg, &archive, &opts).await?;
+            (m, None, s)
+        }
     };
     let target = Target::parse(&manifest.target)?;
-    let session = plan::selection_session(cfg, &manifest, opts.shared.as_ref()).await?;
+    target::check_same_stream(&manifest.source, &target, opts.confirm_same_stream)?;
+    let session = match session {
+        Some(s) => s,
+        None => plan::selection_session(cfg, &manifest, opts.shared.as_ref()).await?,
+    };
     select::validate(&session.0, &session.1, &manifest.selection).await?;
     Ok(Prepared {
         session,

@@ -12,7 +12,7 @@ use crate::archive::store::Archive;
 use crate::config::{Config, PayloadFormat, StreamConfig};
 use crate::consistency;
 use crate::error::{Error, Result};
-use crate::query::{self, QuerySession, SessionOptions, Snapshot};
+use crate::query::{self, QuerySession, SessionOptions};
 use crate::replay::select::{self, cast};
 use crate::replay::state::{self, Annotate, Manifest, Phase, Progress, Selection, Source};
 use crate::replay::target::Target;
@@ -61,7 +61,7 @@ pub(super) async fn new_manifest(
     cfg: &Config,
     archive: &Archive,
     opts: &ReplayOptions,
-) -> Result<Manifest> {
+) -> Result<(Manifest, Option<(QuerySession, String)>)> {
     let to = opts.to.clone().ok_or_else(|| {
         Error::Usage("replay needs --to kinesis://<stream>, file://<path> or -".into())
     })?;
@@ -74,6 +74,12 @@ pub(super) async fn new_manifest(
     if opts.no_annotate && (!opts.annotate.is_empty() || opts.envelope || opts.force_overwrite) {
         return Err(Error::Usage(
             "--no-annotate cannot be combined with --annotate, --envelope or --force-overwrite"
+                .into(),
+        ));
+    }
+    if opts.unordered && opts.no_annotate {
+        return Err(Error::Usage(
+            "--unordered needs the annotation (consumers order a key's records by it): drop --no-annotate"
                 .into(),
         ));
     }
@@ -103,6 +109,8 @@ pub(super) async fn new_manifest(
         compact: opts.compact,
         key: opts.key.clone(),
         tombstone: opts.tombstone.clone(),
+        emit_tombstones: emit_tombstones(opts, &to)?,
+        include_replayed: opts.include_replayed,
     };
     let (source, binary) = match (&opts.from_parquet, &opts.stream) {
         (Some(loc), label) => {
@@ -153,15 +161,19 @@ pub(super) async fn new_manifest(
         pairs: parse_pairs(&opts.annotate, "--annotate")?,
         force_overwrite: opts.force_overwrite,
     };
-    let (horizon, lineage) = match &source {
+    // One view for the horizon and the whole selection: the same snapshot,
+    // the same shard listing and one read of the live tail.
+    let (horizon, lineage, session) = match &source {
         Source::Stream { stream } => {
-            let (h, l) = horizon(cfg, archive, stream, now_ms, opts.shared.as_ref()).await?;
-            (Some(h), l)
+            let session = stream_session(cfg, stream, now_ms, opts.shared.as_ref()).await?;
+            let (h, l) = horizon(&session, stream).await?;
+            select::register(&session.ctx, Some(&h), &l);
+            (Some(h), l, Some((session, query::quote(stream))))
         }
         // Drill's result is ordered with the source stream's lineage.
-        Source::Parquet { .. } => (None, drill_lineage.unwrap_or_default()),
+        Source::Parquet { .. } => (None, drill_lineage.unwrap_or_default(), None),
     };
-    Ok(Manifest {
+    let manifest = Manifest {
         version: state::MANIFEST_VERSION,
         id,
         created_at: consistency::rfc3339_ms(now_ms),
@@ -171,9 +183,55 @@ pub(super) async fn new_manifest(
         selection,
         annotate,
         rate: opts.rate,
+        unordered: opts.unordered,
         horizon,
         lineage,
-    })
+    };
+    Ok((manifest, session))
+}
+
+/// `--tombstones`: emit by default when the target is the source stream or
+/// the replay forces overwrites (the consumers' state must lose the deleted
+/// keys), drop otherwise.
+fn emit_tombstones(opts: &ReplayOptions, to: &str) -> Result<bool> {
+    match opts.tombstones.as_deref() {
+        Some("emit") | Some("drop") if opts.tombstone.is_none() => Err(Error::Usage(
+            "--tombstones says what happens to the keys that --tombstone deletes: give --tombstone too"
+                .into(),
+        )),
+        Some("emit") => Ok(true),
+        Some("drop") => Ok(false),
+        Some(other) => Err(Error::Usage(format!(
+            "--tombstones expects emit or drop, got {other:?}"
+        ))),
+        None => {
+            let same = matches!(
+                (Target::parse(to), &opts.stream),
+                (Ok(Target::Kinesis(t)), Some(s)) if t == *s
+            );
+            Ok(opts.tombstone.is_some() && (same || opts.force_overwrite))
+        }
+    }
+}
+
+/// The session of a replay of `stream`: one view (snapshot, listing, live
+/// tail) for all of its statements, live records up to `as_of_ms`.
+async fn stream_session(
+    cfg: &Config,
+    stream: &str,
+    as_of_ms: i64,
+    shared: Option<&Shared>,
+) -> Result<QuerySession> {
+    let (cfg, _) = with_stream(cfg, stream);
+    query::session_with(
+        &cfg,
+        &SessionOptions {
+            as_of_ms: Some(as_of_ms),
+            pinned: true,
+            ..Shared::session_options(shared)
+        },
+    )
+    .await
 }
 
 /// Run the selection on Drill as a CTAS into the archive's scratch
@@ -194,7 +252,8 @@ async fn drill_selection(
             "--engine drill replays a stream's archive: give --stream, not --from-parquet".into(),
         ));
     };
-    let (_, lineage) = horizon(cfg, archive, &stream, now_ms, opts.shared.as_ref()).await?;
+    let session = stream_session(cfg, &stream, now_ms, opts.shared.as_ref()).await?;
+    let (_, lineage) = horizon(&session, &stream).await?;
     if opts.dry_run {
         return Ok((Source::Stream { stream }, selection, lineage));
     }
@@ -229,7 +288,7 @@ pub(super) async fn drill_dry_run(
     archive: &Archive,
     opts: &ReplayOptions,
 ) -> Result<()> {
-    let m = new_manifest(cfg, archive, opts).await?;
+    let (m, _) = new_manifest(cfg, archive, opts).await?;
     let Source::Stream { stream } = &m.source else {
         return Err(Error::Usage(
             "--engine drill replays a stream's archive: give --stream, not --from-parquet".into(),
@@ -272,6 +331,9 @@ pub(super) async fn resume_manifest(
         || opts.until.is_some()
         || opts.predicate.is_some()
         || opts.compact
+        || opts.tombstones.is_some()
+        || opts.include_replayed
+        || opts.unordered
         || opts.from_parquet.is_some()
         || !opts.annotate.is_empty()
         || opts.rate.is_some();
@@ -299,39 +361,24 @@ pub(super) async fn resume_manifest(
     Ok((m, p))
 }
 
-/// The horizon of `stream` at `as_of_ms`: each shard's last sequence number
-/// (archived or in Kinesis), and the shards' lineage depths.
+/// The horizon of `stream` in the session's view: each shard's last
+/// sequence number (archived or in Kinesis), and the shards' lineage depths.
 async fn horizon(
-    cfg: &Config,
-    archive: &Archive,
+    session: &QuerySession,
     stream: &str,
-    as_of_ms: i64,
-    shared: Option<&Shared>,
 ) -> Result<(BTreeMap<String, Option<String>>, BTreeMap<String, u32>)> {
-    let (cfg2, _) = with_stream(cfg, stream);
-    let snapshot = Snapshot::load(archive, stream).await?;
-    let client = match shared {
-        Some(s) => s.kinesis.clone(),
-        None => crate::kinesis::client(cfg).await,
-    };
-    let listed = match crate::kinesis::shards::list_shards(
-        &client,
-        stream,
-        cfg.archiver.max_backoff.0,
-    )
-    .await
-    {
-        Ok(l) => l,
-        Err(Error::StreamNotFound { .. }) => {
+    let snapshot = session.snapshot(stream).await?;
+    let listed = match session.shards(stream).await? {
+        Some(l) => l,
+        None => {
             tracing::warn!(
                 stream,
                 "the stream is not in Kinesis: replaying archived records only"
             );
-            Vec::new()
+            Default::default()
         }
-        Err(e) => return Err(e),
     };
-    let mut links: Vec<(String, Option<String>, Option<String>)> = listed
+    let links: Vec<(String, Option<String>, Option<String>)> = listed
         .iter()
         .map(|s| {
             (
@@ -341,32 +388,27 @@ async fn horizon(
             )
         })
         .collect();
+    let mut archived = Vec::new();
     for c in snapshot.shards.values() {
         if !listed.iter().any(|s| s.shard_id == c.shard_id) {
-            links.push((
+            archived.push((
                 c.shard_id.clone(),
                 c.parents.first().cloned(),
                 c.parents.get(1).cloned(),
             ));
         }
     }
-    let lineage: BTreeMap<String, u32> = consistency::lineage_depths(&links).into_iter().collect();
+    let lineage: BTreeMap<String, u32> = consistency::replay_depths(&links, &archived)
+        .into_iter()
+        .collect();
     let mut h: BTreeMap<String, Option<String>> = BTreeMap::new();
-    for (shard, _, _) in &links {
+    for (shard, _, _) in links.iter().chain(&archived) {
         h.insert(
             shard.clone(),
             snapshot.committed(shard).map(|p| p.sequence_number.clone()),
         );
     }
     if !listed.is_empty() {
-        let session = query::session_with(
-            &cfg2,
-            &SessionOptions {
-                as_of_ms: Some(as_of_ms),
-                ..Shared::session_options(shared)
-            },
-        )
-        .await?;
         let q = format!(
             "SELECT shard_id, max(lpad(sequence_number, 128, '0')) AS s FROM live.{} GROUP BY shard_id",
             query::quote(stream)
@@ -407,15 +449,7 @@ pub(super) async fn selection_session(
 ) -> Result<(QuerySession, String)> {
     match &m.source {
         Source::Stream { stream } => {
-            let (cfg, _) = with_stream(cfg, stream);
-            let s = query::session_with(
-                &cfg,
-                &SessionOptions {
-                    as_of_ms: Some(m.as_of_ms),
-                    ..Shared::session_options(shared)
-                },
-            )
-            .await?;
+            let s = stream_session(cfg, stream, m.as_of_ms, shared).await?;
             select::register(&s.ctx, m.horizon.as_ref(), &m.lineage);
             Ok((s, query::quote(stream)))
         }
@@ -507,6 +541,15 @@ async fn register_parquet(cfg: &Config, s: &QuerySession, location: &str) -> Res
     }
     if !has(crate::record::col::EXPLICIT_HASH_KEY) {
         extra.push("CAST(NULL AS VARCHAR) AS explicit_hash_key".to_string());
+    }
+    // Copies are known as copies here too.
+    for c in crate::query::origin::columns() {
+        if !has(c) {
+            extra.push(format!(
+                "get_field({}(data), '{c}') AS {c}",
+                crate::query::origin::ORIGIN_FN
+            ));
+        }
     }
     let view = if extra.is_empty() {
         "replay_source_raw".to_string()

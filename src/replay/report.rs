@@ -61,19 +61,33 @@ pub(super) async fn list(archive: &Archive, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Seconds the target's limits (and `--rate`) need for the counted records.
-pub(super) fn estimate(r: &ReplayConfig, target: &Target, rate: Option<f64>, s: &Summary) -> f64 {
+/// What the estimate assumes one PutRecords round trip takes.
+pub(super) const ROUND_TRIP_SECONDS: f64 = 0.03;
+
+/// Seconds the target's limits (times `share`, and `--rate`) need for the
+/// counted records, and the round trips of the busiest key when in order.
+pub(super) fn estimate(
+    r: &ReplayConfig,
+    target: &Target,
+    rate: Option<f64>,
+    share: f64,
+    s: &Summary,
+) -> f64 {
     if !matches!(target, Target::Kinesis(_)) {
         return 0.0;
     }
     let mut t: f64 = 0.0;
     for sh in &s.shards {
         if r.shard_records_per_second > 0 {
-            t = t.max(sh.records as f64 / f64::from(r.shard_records_per_second));
+            t = t.max(sh.records as f64 / (f64::from(r.shard_records_per_second) * share));
         }
         if r.shard_bytes_per_second.0 > 0 {
-            t = t.max(sh.bytes as f64 / r.shard_bytes_per_second.0 as f64);
+            t = t.max(sh.bytes as f64 / (r.shard_bytes_per_second.0 as f64 * share));
         }
+    }
+    if let Some(n) = s.busiest_key_records {
+        // In order, a key's records go one per round trip.
+        t = t.max(n as f64 * ROUND_TRIP_SECONDS);
     }
     if let Some(rate) = rate {
         t = t.max(s.records as f64 / rate);
@@ -103,6 +117,14 @@ pub(super) fn report(s: &Summary, opts: &ReplayOptions, target: &Target) {
             text.push_str(&format!(
                 "  {:<28} {:>10} records {:>14} bytes\n",
                 sh.shard_id, sh.records, sh.bytes
+            ));
+        }
+        if let Some(n) = s.busiest_key_records.filter(|n| *n > 1) {
+            text.push_str(&format!(
+                "the busiest partition key has {n} records: in order they take {n} PutRecords round trips \
+                 (~{:.1} s at {} ms each); --unordered sends them without waiting\n",
+                n as f64 * ROUND_TRIP_SECONDS,
+                (ROUND_TRIP_SECONDS * 1000.0) as u64
             ));
         }
     } else {

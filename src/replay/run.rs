@@ -91,6 +91,8 @@ pub(super) struct Run {
     recorded: bool,
     /// Someone watching (the HTTP server).
     observer: Option<Arc<Observer>>,
+    /// Dry run into Kinesis, in order: the records of the busiest key.
+    busiest_key: Option<u64>,
 }
 
 impl Run {
@@ -146,6 +148,7 @@ impl Run {
             bar: None,
             shards: Vec::new(),
             recorded: false,
+            busiest_key: None,
         }
     }
 
@@ -188,6 +191,8 @@ impl Run {
                     rate: self.manifest.rate,
                     max_attempts: r.retry_attempts,
                     max_backoff: self.cfg.archiver.max_backoff.0,
+                    share: share(&self.cfg, &self.manifest, &self.target),
+                    unordered: self.manifest.unordered,
                 };
                 let writer = Writer::start(
                     client,
@@ -279,6 +284,22 @@ impl Run {
             self.bar = Some(progress_bar(self.progress.total, self.start));
         }
         let mut sink = self.sink().await?;
+        if self.opts.dry_run && matches!(self.target, Target::Kinesis(_)) && !m.unordered {
+            let q = select::busiest_key_sql(&table, &m.selection, horizon);
+            let b = session
+                .sql(&q)
+                .await?
+                .collect()
+                .await
+                .map_err(|e| session.error(e))?;
+            if let Some(b) = b.first() {
+                let n = cast(b.column(0), &DataType::Int64)?;
+                let n = n.as_primitive::<Int64Type>();
+                if !n.is_empty() && !n.is_null(0) {
+                    self.busiest_key = Some(n.value(0) as u64);
+                }
+            }
+        }
         if !self.opts.dry_run {
             // The source and target are usable: from here on the replay exists.
             if self.opts.resume.is_none() {
@@ -439,7 +460,9 @@ impl Run {
     /// The payload as sent to Kinesis (annotated or not).
     fn payload(&mut self, row: &Row<'_>, label: &str) -> Bytes {
         let a = &self.manifest.annotate;
-        if !a.enabled {
+        // A copy keeps its original's annotation: wrapping it again would
+        // give it this replay's position of a copy.
+        if !a.enabled || row.copy {
             return Bytes::copy_from_slice(row.data);
         }
         let ann = Annotation {
@@ -582,12 +605,14 @@ impl Run {
             shards: self.shards.clone(),
             seconds: secs,
             estimated_seconds: None,
+            busiest_key_records: self.busiest_key,
         };
         if self.opts.dry_run {
             summary.estimated_seconds = Some(estimate(
                 &self.cfg.replay,
                 &self.target,
                 self.manifest.rate,
+                share(&self.cfg, &self.manifest, &self.target),
                 &summary,
             ));
         } else {
@@ -605,6 +630,15 @@ impl Run {
             });
         }
         Ok(summary)
+    }
+}
+
+/// Share of the target's per-shard limits the writer may use: less when
+/// the target is the source stream (`replay.same_stream_share`).
+fn share(cfg: &Config, manifest: &Manifest, target: &Target) -> f64 {
+    match crate::replay::target::same_stream(&manifest.source, target) {
+        Some(_) => cfg.replay.same_stream_share,
+        None => 1.0,
     }
 }
 

@@ -6,16 +6,25 @@
 //!     ─▶ --where ─▶ ORDER BY position ─▶ OFFSET <records already sent>
 //! ```
 //!
-//! The order is the lineage-aware position — arrival time, then lineage
-//! depth, shard, sequence and sub-sequence — a total order, so a resumed
-//! replay re-runs the same query and skips exactly what was sent. Records of
-//! one partition key stay in their original order: within a shard arrival
-//! times follow sequence numbers, and a child shard's records come after its
-//! parents' (greater depth).
+//! The order is the position of [`crate::consistency::Position`]: lineage
+//! depth, shard, sequence and sub-sequence number — the shard's own sequence
+//! order, and a child shard after its parents (it is deeper). Arrival times
+//! play no part (Kinesis does not promise that they increase). It is a total
+//! order, so a resumed replay re-runs the same query and skips exactly what
+//! was sent, and the records of one partition key (always in one shard or in
+//! a chain of ancestors) keep their original order.
+//!
+//! Replayed copies (records whose payload carries a replay annotation, see
+//! [`crate::query::origin`]) are left out unless `--include-replayed`; when
+//! included they are ordered and compacted by their original's position and
+//! sent unchanged, with the original annotation.
 //!
 //! With `--compact`, `--where` filters the compacted state (each key's last
 //! record), so a key whose last record fails the predicate is not replayed
-//! with an older value; records whose key is NULL are not compacted.
+//! with an older value; records whose key is NULL are not compacted. A key
+//! whose last record matches `--tombstone` is deleted: with `--tombstones
+//! drop` nothing of it is sent, with `emit` that last record is sent so that
+//! consumers delete the key too.
 //! Sorting and the compaction window spill to disk under the configured
 //! `query.memory_limit`.
 
@@ -31,6 +40,7 @@ use datafusion::logical_expr::{
 use datafusion::prelude::SessionContext;
 
 use crate::error::{Error, Result};
+use crate::query::origin;
 use crate::record::{cmp_sequence, col};
 use crate::replay::state::Selection;
 
@@ -38,6 +48,8 @@ use crate::replay::state::Selection;
 pub const HORIZON_FN: &str = "fluxcap_in_horizon";
 /// Name of the lineage-depth function registered in a replay's session.
 pub const DEPTH_FN: &str = "fluxcap_lineage_depth";
+/// Name of the position-key function registered in a replay's session.
+pub const POSITION_FN: &str = "fluxcap_position";
 
 /// Parse `--since`/`--until`: RFC 3339 (`2026-11-26T01:00:00Z`), a date
 /// (`2026-11-26`, midnight UTC), or a duration before `now_ms` (`90s`, `15m`, `2h`, `7d`).
@@ -93,16 +105,21 @@ fn ts(ms: i64) -> String {
     format!("TIMESTAMP '{}'", t.format("%Y-%m-%dT%H:%M:%S%.3fZ"))
 }
 
-/// The order of a replay: the lineage-aware position.
+/// The order of a replay: the position of the record (of its original, for
+/// an included copy).
 fn order(desc: bool) -> String {
     let d = if desc { " DESC" } else { "" };
     [
-        col::ARRIVAL.to_string(),
-        "__depth".into(),
-        col::SHARD_ID.into(),
-        format!("octet_length({})", col::SEQUENCE_NUMBER),
-        col::SEQUENCE_NUMBER.into(),
-        col::SUBSEQUENCE_NUMBER.into(),
+        "__depth",
+        "__pshard",
+        "octet_length(__pseq)",
+        "__pseq",
+        "__psub",
+        "__copy",
+        col::SHARD_ID,
+        "octet_length(sequence_number)",
+        col::SEQUENCE_NUMBER,
+        col::SUBSEQUENCE_NUMBER,
     ]
     .iter()
     .map(|c| format!("{c}{d}"))
@@ -110,9 +127,33 @@ fn order(desc: bool) -> String {
     .join(", ")
 }
 
+/// The columns the selection's rows have (see [`Columns`]).
+const OUT: &str = "shard_id, sequence_number, subsequence_number, partition_key, \
+                   explicit_hash_key, approximate_arrival_timestamp, data, __depth, __copy, \
+                   __pshard, __pseq, __psub";
+
 /// The selection query over `table` (already quoted). `horizon`: apply the
 /// registered horizon function. Without `ordered`, the query is for counting.
 pub fn sql(table: &str, sel: &Selection, horizon: bool, ordered: bool, offset: u64) -> String {
+    let inner = selection(table, sel, horizon);
+    if ordered {
+        let mut q = format!(
+            "SELECT {OUT} FROM ({inner}) AS __r ORDER BY {}",
+            order(false)
+        );
+        if offset > 0 {
+            q.push_str(&format!(" OFFSET {offset}"));
+        }
+        q
+    } else {
+        format!(
+            "SELECT count(*) AS n, sum(octet_length(data) + octet_length(partition_key)) AS b FROM ({inner}) AS __r"
+        )
+    }
+}
+
+/// The selected records, unordered, with the columns of [`OUT`] (and more).
+fn selection(table: &str, sel: &Selection, horizon: bool) -> String {
     let mut conds = vec!["TRUE".to_string()];
     if let Some(t) = sel.since_ms {
         conds.push(format!("{} >= {}", col::ARRIVAL, ts(t)));
@@ -143,22 +184,34 @@ pub fn sql(table: &str, sel: &Selection, horizon: bool, ordered: bool, offset: u
             col::SEQUENCE_NUMBER
         ));
     }
-    let base = [
-        col::SHARD_ID,
-        col::SEQUENCE_NUMBER,
-        col::SUBSEQUENCE_NUMBER,
-        col::PARTITION_KEY,
-        col::EXPLICIT_HASH_KEY,
-        col::ARRIVAL,
-        col::DATA,
-    ]
-    .join(", ");
+    if !sel.include_replayed {
+        conds.push(format!("{} IS NULL", origin::REPLAY_ID));
+    }
+    // Every record with its position (its original's, for a copy).
+    let positioned = format!(
+        "SELECT *, \
+           coalesce({odepth}, {DEPTH_FN}({shard})) AS __depth, \
+           coalesce({oshard}, {shard}) AS __pshard, \
+           coalesce({oseq}, {seq}) AS __pseq, \
+           coalesce({osub}, {sub}) AS __psub, \
+           ({rid} IS NOT NULL) AS __copy \
+         FROM {table} WHERE {conds}",
+        odepth = origin::ORIGIN_LINEAGE_DEPTH,
+        oshard = origin::ORIGIN_SHARD_ID,
+        oseq = origin::ORIGIN_SEQUENCE_NUMBER,
+        osub = origin::ORIGIN_SUBSEQUENCE_NUMBER,
+        rid = origin::REPLAY_ID,
+        shard = col::SHARD_ID,
+        seq = col::SEQUENCE_NUMBER,
+        sub = col::SUBSEQUENCE_NUMBER,
+        conds = conds.join(" AND "),
+    );
     let predicate = sel
         .predicate
         .as_deref()
         .map(|p| format!("({p})"))
         .unwrap_or_else(|| "TRUE".into());
-    let inner = if sel.compact {
+    if sel.compact {
         let key = sel
             .key
             .as_deref()
@@ -169,61 +222,62 @@ pub fn sql(table: &str, sel: &Selection, horizon: bool, ordered: bool, offset: u
             .as_deref()
             .map(|t| format!("coalesce(({t}), FALSE)"))
             .unwrap_or_else(|| "FALSE".into());
+        let deleted = if sel.emit_tombstones {
+            "FALSE".to_string()
+        } else {
+            format!("({tomb})")
+        };
         // Not a window over every record (that would sort the payloads):
-        // first each key's latest arrival time (a hash aggregate over two
-        // small columns), then the records at that time (a hash join whose
-        // build side is one row per key), then the exact winner among those
-        // few candidates by the full position. Memory follows the number of
+        // first each key's greatest position (a hash aggregate over a small
+        // sortable key), then the records at that position (a hash join whose
+        // build side is one row per key), then one of those few candidates
+        // (an original before its copies). Memory follows the number of
         // keys, not the data.
-        let conds = conds.join(" AND ");
-        let last = format!(
-            "SELECT {key} AS __lk, max({arrival}) AS __la FROM {table} \
-             WHERE {conds} AND {key} IS NOT NULL GROUP BY 1",
-            arrival = col::ARRIVAL,
-        );
         let records = format!(
-            "SELECT {base}, {DEPTH_FN}({shard}) AS __depth, {key} AS __key FROM {table} WHERE {conds}",
-            shard = col::SHARD_ID,
+            "SELECT *, {key} AS __key, {POSITION_FN}(__depth, __pshard, __pseq, __psub) AS __pos \
+             FROM ({positioned}) AS __p"
+        );
+        let last = format!(
+            "SELECT __key AS __lk, max(__pos) AS __lp FROM ({records}) AS __a \
+             WHERE __key IS NOT NULL GROUP BY 1"
         );
         let mut parts = vec![format!(
-            "SELECT {base}, __depth FROM (\
-               SELECT __r.*, row_number() OVER (PARTITION BY __r.__key ORDER BY {desc}) AS __rn \
+            "SELECT {OUT} FROM (\
+               SELECT __r.*, row_number() OVER (PARTITION BY __r.__key ORDER BY {asc}) AS __rn \
                FROM ({last}) AS __l JOIN ({records}) AS __r \
-                 ON __r.__key = __l.__lk AND __r.{arrival} = __l.__la\
-             ) AS __w WHERE __rn = 1 AND NOT {tomb}",
-            desc = order(true),
-            arrival = col::ARRIVAL,
+                 ON __r.__key = __l.__lk AND __r.__pos = __l.__lp\
+             ) AS __w WHERE __rn = 1 AND NOT {deleted}",
+            asc = order(false),
         )];
         if sel.key.is_some() {
             // Records without a key are not compacted.
             parts.push(format!(
-                "SELECT {base}, {DEPTH_FN}({shard}) AS __depth FROM {table} \
-                 WHERE {conds} AND {key} IS NULL AND NOT {tomb}",
-                shard = col::SHARD_ID,
+                "SELECT {OUT} FROM ({records}) AS __n WHERE __key IS NULL AND NOT {deleted}"
             ));
         }
+        // `--where` filters the compacted state; an emitted tombstone is
+        // sent whatever the predicate says of it (it deletes the key).
+        let keep = if sel.emit_tombstones && sel.tombstone.is_some() {
+            format!("({predicate} OR {tomb})")
+        } else {
+            predicate
+        };
         format!(
-            "SELECT * FROM ({}) AS __c WHERE {predicate}",
+            "SELECT * FROM ({}) AS __c WHERE {keep}",
             parts.join(" UNION ALL ")
         )
     } else {
-        format!(
-            "SELECT {base}, {DEPTH_FN}({shard}) AS __depth FROM {table} WHERE {conds} AND {predicate}",
-            shard = col::SHARD_ID,
-            conds = conds.join(" AND "),
-        )
-    };
-    if ordered {
-        let mut q = format!("SELECT * FROM ({inner}) AS __r ORDER BY {}", order(false));
-        if offset > 0 {
-            q.push_str(&format!(" OFFSET {offset}"));
-        }
-        q
-    } else {
-        format!(
-            "SELECT count(*) AS n, sum(octet_length(data) + octet_length(partition_key)) AS b FROM ({inner}) AS __r"
-        )
+        format!("SELECT * FROM ({positioned}) AS __s WHERE {predicate}")
     }
+}
+
+/// The records of the selection's busiest partition key (a dry run's
+/// estimate: in order, a key's records go one per PutRecords round trip).
+pub fn busiest_key_sql(table: &str, sel: &Selection, horizon: bool) -> String {
+    let q = selection(table, sel, horizon);
+    format!(
+        "SELECT max(n) AS n FROM (SELECT partition_key, count(*) AS n FROM ({q}) AS __b GROUP BY 1) AS __k"
+    )
 }
 
 /// Check `--where`, `--key` and `--tombstone` on their own before the
@@ -274,6 +328,9 @@ pub fn register(
             signature: Signature::any(2, Volatility::Immutable),
         }));
     }
+    ctx.register_udf(ScalarUDF::new_from_impl(PositionFn {
+        signature: Signature::any(4, Volatility::Immutable),
+    }));
     ctx.register_udf(ScalarUDF::new_from_impl(DepthFn {
         depth: lineage
             .iter()
@@ -348,6 +405,58 @@ impl ScalarUDFImpl for HorizonFn {
     }
 }
 
+/// `fluxcap_position(depth, shard_id, sequence_number, subsequence_number)`:
+/// a binary key whose byte order is the order of
+/// [`crate::consistency::Position`] ([`crate::consistency::position_key`]).
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct PositionFn {
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for PositionFn {
+    fn name(&self) -> &str {
+        POSITION_FN
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _arg_types: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Binary)
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let [depth, shard, seq, sub] = arrays.as_slice() else {
+            return exec_err!(
+                "{POSITION_FN} takes (depth, shard_id, sequence_number, subsequence_number)"
+            );
+        };
+        let depth = arrow::compute::cast(depth, &DataType::Int64)?;
+        let sub = arrow::compute::cast(sub, &DataType::Int64)?;
+        let (shard, seq) = (strings(shard)?, strings(seq)?);
+        let (depth, sub) = (
+            depth.as_primitive::<Int64Type>(),
+            sub.as_primitive::<Int64Type>(),
+        );
+        let (shard, seq) = (shard.as_string_view(), seq.as_string_view());
+        let mut out = arrow::array::BinaryBuilder::with_capacity(shard.len(), shard.len() * 48);
+        for i in 0..shard.len() {
+            if shard.is_null(i) || seq.is_null(i) {
+                out.append_null();
+                continue;
+            }
+            let d = if depth.is_null(i) { 0 } else { depth.value(i) };
+            let u = if sub.is_null(i) { 0 } else { sub.value(i) };
+            out.append_value(crate::consistency::position_key(
+                u32::try_from(d.max(0)).unwrap_or(u32::MAX),
+                shard.value(i),
+                seq.value(i),
+                u,
+            ));
+        }
+        Ok(ColumnarValue::Array(Arc::new(out.finish())))
+    }
+}
+
 /// `fluxcap_lineage_depth(shard_id)`: the shard's lineage depth (0 when unknown).
 #[derive(Debug)]
 struct DepthFn {
@@ -412,6 +521,8 @@ pub(crate) struct Row<'a> {
     pub(crate) arrival_ms: i64,
     pub(crate) data: &'a [u8],
     pub(crate) depth: i32,
+    /// A replayed copy (sent unchanged, with its original annotation).
+    pub(crate) copy: bool,
 }
 
 /// A batch's columns in canonical types.
@@ -424,6 +535,7 @@ pub(crate) struct Columns {
     arrival: ArrayRef,
     pub(crate) data: ArrayRef,
     pub(crate) depth: ArrayRef,
+    copy: ArrayRef,
 }
 
 impl Columns {
@@ -441,6 +553,7 @@ impl Columns {
             )?,
             data: c(6, DataType::Binary)?,
             depth: c(7, DataType::Int32)?,
+            copy: c(8, DataType::Boolean)?,
         })
     }
 
@@ -463,6 +576,10 @@ impl Columns {
             arrival_ms: if arr.is_null(i) { 0 } else { arr.value(i) },
             data: if data.is_null(i) { &[] } else { data.value(i) },
             depth: if depth.is_null(i) { 0 } else { depth.value(i) },
+            copy: {
+                let c = self.copy.as_boolean();
+                !c.is_null(i) && c.value(i)
+            },
         }
     }
 }

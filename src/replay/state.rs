@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::kinesis::writer::ShardStats;
 
 /// Version of the manifest format.
-pub const MANIFEST_VERSION: u32 = 1;
+pub const MANIFEST_VERSION: u32 = 2;
 
 /// Where the records come from.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -70,6 +70,21 @@ pub struct Selection {
     pub key: Option<String>,
     /// Records matching this predicate delete their key (`--tombstone`).
     pub tombstone: Option<String>,
+    /// A deleted key's last record (its tombstone) is sent, so consumers
+    /// delete the key too (`--tombstones emit`); otherwise nothing of the
+    /// key is sent (`drop`).
+    #[serde(default)]
+    pub emit_tombstones: bool,
+    /// Replayed copies are selected too (`--include-replayed`), ordered and
+    /// compacted by their original's position and sent unchanged. Manifests
+    /// written before this option existed treated copies as originals: they
+    /// read as `true`, so a resumed replay selects what it selected before.
+    #[serde(default = "older_manifests_included_copies")]
+    pub include_replayed: bool,
+}
+
+fn older_manifests_included_copies() -> bool {
+    true
 }
 
 /// How records are annotated.
@@ -110,6 +125,9 @@ pub struct Manifest {
     pub annotate: Annotate,
     /// Overall records/s cap.
     pub rate: Option<f64>,
+    /// A key's records are sent without waiting for each other (`--unordered`).
+    #[serde(default)]
+    pub unordered: bool,
     /// Per source shard, the last sequence number at the start (`None`: the
     /// shard was empty). Shards not listed did not exist at the start; both
     /// are excluded past this point. `None` for Parquet sources.

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::consistency::rfc3339_ms;
 use crate::error::{Error, Result};
+use crate::replay::state::Source;
 
 /// A parsed `--to`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +47,31 @@ impl Target {
         Err(Error::Usage(format!(
             "unknown replay target {s:?}: expected kinesis://<stream>, file://<path.jsonl> or - (standard output)"
         )))
+    }
+}
+
+/// The stream a replay reads from, when `target` is that same stream.
+pub fn same_stream<'a>(source: &'a Source, target: &Target) -> Option<&'a str> {
+    let source = match source {
+        Source::Stream { stream } => stream.as_str(),
+        Source::Parquet {
+            stream: Some(stream),
+            ..
+        } => stream.as_str(),
+        Source::Parquet { stream: None, .. } => return None,
+    };
+    matches!(target, Target::Kinesis(t) if t == source).then_some(source)
+}
+
+/// Refuse a replay into the stream it reads from unless the caller
+/// confirmed it (`--confirm-same-stream`, or `confirm_same_stream` over the
+/// API): its consumers will read the replayed records again.
+pub fn check_same_stream(source: &Source, target: &Target, confirmed: bool) -> Result<()> {
+    match same_stream(source, target) {
+        Some(stream) if !confirmed => Err(Error::SameStream {
+            stream: stream.to_string(),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -115,6 +141,28 @@ mod tests {
         assert_eq!(Target::parse("-").ok(), Some(Target::Stdout));
         assert!(Target::parse("s3://b/x").is_err());
         assert!(Target::parse("kinesis://").is_err());
+    }
+
+    #[test]
+    fn same_stream_needs_confirmation() {
+        let s = Source::Stream {
+            stream: "orders".into(),
+        };
+        let to = |t: &str| Target::Kinesis(t.into());
+        assert!(check_same_stream(&s, &to("orders"), false).is_err());
+        assert!(check_same_stream(&s, &to("orders"), true).is_ok());
+        assert!(check_same_stream(&s, &to("other"), false).is_ok());
+        assert!(check_same_stream(&s, &Target::Stdout, false).is_ok());
+        let labelled = Source::Parquet {
+            location: "/r".into(),
+            stream: Some("orders".into()),
+        };
+        assert_eq!(same_stream(&labelled, &to("orders")), Some("orders"));
+        let unlabelled = Source::Parquet {
+            location: "/r".into(),
+            stream: None,
+        };
+        assert_eq!(same_stream(&unlabelled, &to("orders")), None);
     }
 
     #[test]

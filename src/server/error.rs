@@ -46,6 +46,13 @@ impl From<Error> for ApiError {
             | Error::Sql { .. }
             | Error::ReadOnly { .. }
             | Error::TooComplex { .. } => ApiError::bad(e.to_string()),
+            Error::SameStream { stream } => ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "the target is the source stream `{stream}`: replayed records will be read again by its \
+                     consumers; send {{\"confirm_same_stream\": true}} to go ahead"
+                ),
+            ),
             Error::Config { key, message, .. } => {
                 tracing::warn!("{e}");
                 ApiError::bad(format!("configuration key `{key}`: {message}"))

@@ -40,6 +40,12 @@ pub(crate) struct ReplayRequest {
     #[serde(default)]
     tombstone: Option<String>,
     #[serde(default)]
+    tombstones: Option<String>,
+    #[serde(default)]
+    include_replayed: bool,
+    #[serde(default)]
+    unordered: bool,
+    #[serde(default)]
     annotate: Annotations,
     #[serde(default)]
     no_annotate: bool,
@@ -315,22 +321,15 @@ pub(crate) async fn post(
 ) -> Result<Response, ApiError> {
     let r: ReplayRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad(format!("bad replay request: {e}")))?;
-    match Target::parse(&r.to)? {
-        Target::Kinesis(t) if t == r.stream && !r.confirm_same_stream => {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!(
-                    "the target is the source stream `{t}`: replayed records will be read again by its consumers; \
-                     send \"confirm_same_stream\": true to go ahead"
-                ),
-            ));
-        }
-        Target::Kinesis(_) => {}
-        _ => {
-            return Err(ApiError::bad(
-                "over the API a replay goes to kinesis://<stream>; file targets are for the CLI",
-            ));
-        }
+    let target = Target::parse(&r.to)?;
+    let source = Source::Stream {
+        stream: r.stream.clone(),
+    };
+    replay::target::check_same_stream(&source, &target, r.confirm_same_stream)?;
+    if !matches!(target, Target::Kinesis(_)) {
+        return Err(ApiError::bad(
+            "over the API a replay goes to kinesis://<stream>; file targets are for the CLI",
+        ));
     }
     if let Some(rate) = r.rate
         && !(0.01..=1e9).contains(&rate)
@@ -361,10 +360,14 @@ pub(crate) async fn post(
         compact: r.compact,
         key: r.key.filter(|s| !s.trim().is_empty()),
         tombstone: r.tombstone.filter(|s| !s.trim().is_empty()),
+        tombstones: r.tombstones.filter(|s| !s.trim().is_empty()),
+        include_replayed: r.include_replayed,
+        unordered: r.unordered,
         annotate: r.annotate.pairs(),
         no_annotate: r.no_annotate,
         rate: r.rate,
         dry_run: r.dry_run,
+        confirm_same_stream: r.confirm_same_stream,
         quiet: true,
         shared: Some(shared(&state)),
         ..Default::default()
@@ -521,7 +524,7 @@ fn check_remit(
 ) -> Result<(), ApiError> {
     let id = &m.id;
     let target = match Target::parse(&m.target) {
-        Ok(Target::Kinesis(t)) => t,
+        Ok(t @ Target::Kinesis(_)) => t,
         _ => {
             tracing::warn!(replay = %id, target = %m.target, "API resume refused: not a kinesis:// target");
             return Err(ApiError(
@@ -533,14 +536,12 @@ fn check_remit(
             ));
         }
     };
-    let source = match &m.source {
-        Source::Stream { stream } if state.cfg.streams.iter().any(|s| &s.name == stream) => {
-            stream.clone()
-        }
+    match &m.source {
+        Source::Stream { stream } if state.cfg.streams.iter().any(|s| &s.name == stream) => {}
         Source::Parquet {
             location,
-            stream: Some(stream),
-        } if in_scratch(&state.archive, location) => stream.clone(),
+            stream: Some(_),
+        } if in_scratch(&state.archive, location) => {}
         _ => {
             tracing::warn!(replay = %id, source = ?m.source, "API resume refused: source outside the archive");
             return Err(ApiError(
@@ -551,16 +552,8 @@ fn check_remit(
                 ),
             ));
         }
-    };
-    if target == source && !confirm_same_stream {
-        return Err(ApiError(
-            StatusCode::CONFLICT,
-            format!(
-                "the target is the source stream `{target}`: replayed records will be read again by its \
-                 consumers; send {{\"confirm_same_stream\": true}} to go ahead"
-            ),
-        ));
     }
+    replay::target::check_same_stream(&m.source, &target, confirm_same_stream)?;
     Ok(())
 }
 
@@ -604,6 +597,7 @@ pub(crate) async fn resume(
     check_remit(&state, &m, req.confirm_same_stream)?;
     let opts = ReplayOptions {
         resume: Some(id.clone()),
+        confirm_same_stream: req.confirm_same_stream,
         quiet: true,
         shared: Some(shared(&state)),
         ..Default::default()
@@ -652,6 +646,7 @@ mod tests {
                     force_overwrite: false,
                 },
                 rate: None,
+                unordered: false,
                 horizon: None,
                 lineage: BTreeMap::new(),
             }),

@@ -522,6 +522,16 @@ fn replay_on_drill_sends_what_the_local_engine_sends() {
             ],
         ),
         ("compacted by partition key", vec!["--compact"]),
+        (
+            "compacted, tombstones emitted",
+            vec![
+                "--compact",
+                "--tombstone",
+                "CAST(data AS VARCHAR) LIKE '%\"type\":\"cancelled\"%'",
+                "--tombstones",
+                "emit",
+            ],
+        ),
     ];
     for (name, opts) in &cases {
         let mut arrivals = Vec::new();

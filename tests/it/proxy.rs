@@ -3,7 +3,9 @@
 //! test releases it — so that a kill lands inside an upload, or a request of
 //! a dead process reaches the store late, deterministically — and leave a
 //! shard out of Kinesis `ListShards` answers, as AWS does once a closed shard
-//! is older than the retention period.
+//! is older than the retention period — and answer PutRecords calls in part
+//! (some entries throttled or refused, the rest forwarded), as a busy target
+//! does.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,6 +41,14 @@ struct Ctl {
     empty_pages: std::sync::atomic::AtomicU32,
     /// Errors injected so far.
     injected: std::sync::atomic::AtomicU64,
+    /// Kinesis requests seen, per target (`GetRecords`, …).
+    calls: Mutex<std::collections::HashMap<String, u64>>,
+    /// PutRecords calls still to be throttled in part (every second entry).
+    throttled_puts: std::sync::atomic::AtomicU32,
+    /// PutRecords entries of this partition key are refused with this ErrorCode.
+    refused_key: Mutex<Option<(String, String)>>,
+    /// Entries refused because of `refused_key` so far.
+    refused: std::sync::atomic::AtomicU64,
 }
 
 pub struct Proxy {
@@ -130,9 +140,48 @@ impl Proxy {
             .store(times, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Throttle the next `calls` PutRecords calls of two or more entries in
+    /// part, as a busy shard does: every second entry is answered
+    /// `ProvisionedThroughputExceededException`, the others are forwarded (as
+    /// one PutRecords) and answered as the server answered them.
+    pub fn throttle_put_records(&self, calls: u32) {
+        self.ctl
+            .throttled_puts
+            .store(calls, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// PutRecords calls still to be throttled in part.
+    pub fn throttled_puts_left(&self) -> u32 {
+        self.ctl
+            .throttled_puts
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// From now on, refuse every PutRecords entry with partition key `key`
+    /// with the per-entry ErrorCode `code` (the others are forwarded).
+    pub fn refuse_key(&self, key: &str, code: &str) {
+        *self.ctl.refused_key.lock().unwrap() = Some((key.into(), code.into()));
+    }
+
+    /// Entries refused by [`Proxy::refuse_key`] so far.
+    pub fn refused(&self) -> u64 {
+        self.ctl.refused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Errors injected by [`Proxy::fail_kinesis`] so far.
     pub fn injected(&self) -> u64 {
         self.ctl.injected.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Kinesis requests of `target` (e.g. `GetRecords`) seen so far.
+    pub fn calls(&self, target: &str) -> u64 {
+        self.ctl
+            .calls
+            .lock()
+            .unwrap()
+            .get(target)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Requests held now.
@@ -229,6 +278,9 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
                 .then(|| v.trim().rsplit('.').next().unwrap_or_default().to_string())
         })
         .unwrap_or_default();
+    if !target.is_empty() {
+        *ctl.calls.lock().unwrap().entry(target.clone()).or_default() += 1;
+    }
     let failure = {
         let mut failing = ctl.failing.lock().unwrap();
         failing
@@ -276,6 +328,12 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
         sock.write_all(resp.as_bytes()).await?;
         return Ok(());
     }
+    if target == "PutRecords"
+        && let Some(resp) = put_records_in_part(upstream, &head, &body, &ctl).await?
+    {
+        sock.write_all(&resp).await?;
+        return Ok(());
+    }
     let matched = {
         let mut rule = ctl.rule.lock().unwrap();
         let hit = rule.as_ref().is_some_and(|r| {
@@ -316,6 +374,119 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
     sock.write_all(&resp).await?;
     sock.shutdown().await?;
     Ok(())
+}
+
+/// The body of an HTTP response (de-chunked).
+fn body_of(resp: &[u8]) -> Vec<u8> {
+    let Some(i) = resp.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Vec::new();
+    };
+    let head = String::from_utf8_lossy(&resp[..i]).to_ascii_lowercase();
+    let raw = &resp[i + 4..];
+    if head.contains("transfer-encoding: chunked") {
+        dechunk(raw)
+    } else {
+        raw.to_vec()
+    }
+}
+
+fn json_response(status: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/x-amz-json-1.1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Answer a PutRecords call in part when the test asked for it
+/// ([`Proxy::throttle_put_records`], [`Proxy::refuse_key`]): the entries let
+/// through are forwarded as one PutRecords, the others get an ErrorCode, and
+/// the answer lists them all in request order. `None`: forward as is.
+async fn put_records_in_part(
+    upstream: u16,
+    head: &str,
+    body: &[u8],
+    ctl: &Ctl,
+) -> std::io::Result<Option<Vec<u8>>> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let refused_key = ctl.refused_key.lock().unwrap().clone();
+    if refused_key.is_none() && ctl.throttled_puts.load(SeqCst) == 0 {
+        return Ok(None);
+    }
+    let Ok(mut req) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Ok(None);
+    };
+    let entries = req["Records"].as_array().cloned().unwrap_or_default();
+    let throttle = entries.len() >= 2
+        && ctl
+            .throttled_puts
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+    // Per entry: Some(code) when refused here.
+    let verdict: Vec<Option<String>> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            if let Some((key, code)) = &refused_key
+                && e["PartitionKey"].as_str() == Some(key.as_str())
+            {
+                ctl.refused.fetch_add(1, SeqCst);
+                return Some(code.clone());
+            }
+            (throttle && i % 2 == 1).then(|| "ProvisionedThroughputExceededException".to_string())
+        })
+        .collect();
+    if verdict.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    if throttle {
+        ctl.injected.fetch_add(1, SeqCst);
+    }
+    let kept: Vec<serde_json::Value> = entries
+        .iter()
+        .zip(&verdict)
+        .filter(|(_, v)| v.is_none())
+        .map(|(e, _)| e.clone())
+        .collect();
+    let mut written: Vec<serde_json::Value> = Vec::new();
+    if !kept.is_empty() {
+        req["Records"] = serde_json::Value::Array(kept);
+        let new_body = serde_json::to_vec(&req).unwrap();
+        let mut new_head = String::new();
+        for line in head.split("\r\n") {
+            if line.is_empty() || line.to_ascii_lowercase().starts_with("content-length:") {
+                continue;
+            }
+            new_head.push_str(line);
+            new_head.push_str("\r\n");
+        }
+        new_head.push_str(&format!("content-length: {}\r\n\r\n", new_body.len()));
+        let resp = forward(upstream, &new_head, &new_body).await?;
+        if status_of(&resp) != 200 {
+            return Ok(Some(resp));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body_of(&resp)).unwrap_or_default();
+        written = v["Records"].as_array().cloned().unwrap_or_default();
+    }
+    let mut written = written.into_iter();
+    let mut failed = 0;
+    let records: Vec<serde_json::Value> = verdict
+        .into_iter()
+        .map(|v| {
+            let r = match v {
+                Some(code) => serde_json::json!({"ErrorCode": code, "ErrorMessage": "injected by the test proxy"}),
+                None => written.next().unwrap_or_else(
+                    || serde_json::json!({"ErrorCode": "InternalFailure", "ErrorMessage": "no answer"}),
+                ),
+            };
+            if r.get("ErrorCode").is_some_and(|c| !c.is_null()) {
+                failed += 1;
+            }
+            r
+        })
+        .collect();
+    let answer = serde_json::json!({"FailedRecordCount": failed, "Records": records}).to_string();
+    Ok(Some(json_response("200 OK", &answer)))
 }
 
 /// A ListShards response without `shard` (the body re-encoded with a length).

@@ -26,7 +26,7 @@ fn events(n: usize, keys: usize, from: usize) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-fn lines(path: &Path) -> Vec<serde_json::Value> {
+pub(crate) fn lines(path: &Path) -> Vec<serde_json::Value> {
     parse_json_lines(&std::fs::read(path).unwrap())
 }
 
@@ -55,7 +55,7 @@ fn put_order(puts: &[Put]) -> BTreeMap<String, Vec<Put>> {
     m
 }
 
-fn v_of(data: &[u8]) -> i64 {
+pub(crate) fn v_of(data: &[u8]) -> i64 {
     serde_json::from_slice::<serde_json::Value>(data).unwrap()["v"]
         .as_i64()
         .unwrap()
@@ -322,7 +322,7 @@ fn replay_to_files_bounds_filter_compaction_and_parquet_results() {
 }
 
 /// Decode what a target received into (annotation, original payload).
-fn decode_all(got: &[Got]) -> Vec<(Option<consistency::Annotation>, Vec<u8>)> {
+pub(crate) fn decode_all(got: &[Got]) -> Vec<(Option<consistency::Annotation>, Vec<u8>)> {
     got.iter()
         .map(
             |g| match consistency::decode(&g.data, consistency::DEFAULT_FIELD) {
@@ -672,7 +672,7 @@ fn replay_paces_and_retries_against_a_throttling_target_and_dry_run_matches() {
 }
 
 /// Every file under `dir`.
-fn walk(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir(dir) else {
         return out;
@@ -849,7 +849,7 @@ fn replay_keeps_per_key_order_across_a_resharded_source() {
 }
 
 /// The example consumer, built by `cargo test` next to the test binary.
-fn consumer_bin() -> PathBuf {
+pub(crate) fn consumer_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let debug = exe.parent().unwrap().parent().unwrap();
     let bin = debug.join("examples").join("consistent_consumer");
@@ -903,6 +903,7 @@ fn compacted_replay_into_the_live_source_converges_for_a_protocol_consumer() {
             &stream,
             "--to",
             &format!("kinesis://{stream}"),
+            "--confirm-same-stream",
             "--compact",
             "--rate",
             "60",
