@@ -827,6 +827,58 @@ pub fn free_port_pair() -> u16 {
     }
 }
 
+/// A directory with an `aws` that the user `hadoop` can run: `.local/awscli/bin`,
+/// or — when the checkout is not readable by other users (under /root, say)
+/// — a copy of the same pinned CLI in a venv under /var/tmp, made once.
+pub fn aws_cli_for_hadoop() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let runs = |aws: &Path| {
+            Command::new("sudo")
+                .args(["-n", "-u", hadoop_user()])
+                .arg(aws)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let local = local_tool("awscli/bin");
+        if runs(&local.join("aws")) {
+            return local;
+        }
+        let pin = std::fs::read_to_string(root().join(".local/awscli/.fluxcap-stamp"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next().map(str::to_string))
+            .unwrap_or_else(|| "awscli==1.46.2".into());
+        let dir = PathBuf::from(format!("/var/tmp/fluxcap-{}", pin.replace("==", "-")));
+        if !runs(&dir.join("bin/aws")) {
+            let ok = Command::new("/usr/bin/python3")
+                .args(["-m", "venv"])
+                .arg(&dir)
+                .status()
+                .is_ok_and(|s| s.success())
+                && Command::new(dir.join("bin/python"))
+                    .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", &pin])
+                    .status()
+                    .is_ok_and(|s| s.success())
+                && Command::new("chmod")
+                    .args(["-R", "a+rX"])
+                    .arg(&dir)
+                    .status()
+                    .is_ok_and(|s| s.success());
+            assert!(
+                ok && runs(&dir.join("bin/aws")),
+                "user hadoop can run neither {} nor {}: run scripts/setup from a checkout other users can read",
+                local.display(),
+                dir.display()
+            );
+        }
+        dir.join("bin")
+    })
+    .clone()
+}
+
 /// Run the AWS CLI (`.local/awscli`) against the local S3 server.
 pub fn aws_cli(s3: &Server) -> Command {
     let mut c = Command::new(local_tool("awscli/bin/aws"));
@@ -892,7 +944,7 @@ impl BootstrapEnv {
         let user = hadoop_user();
         let path = format!(
             "{}:/usr/local/bin:/usr/bin:/bin",
-            local_tool("awscli/bin").display()
+            aws_cli_for_hadoop().display()
         );
         let mut c = Command::new("sudo");
         c.args(["-n", "-u", user, "env"])
