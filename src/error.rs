@@ -264,6 +264,19 @@ pub enum Error {
         list: String,
     },
 
+    /// `--resume` was given options that differ from the ones the replay
+    /// was started with (or that only apply when a replay starts).
+    #[error(
+        "replay {id} continues with the options it was started with (only --rate may change); these differ:\n  {}",
+        .conflicts.join("\n  ")
+    )]
+    ResumeConflict {
+        /// Replay id.
+        id: String,
+        /// One `--option: stored …, given …` per conflicting option.
+        conflicts: Vec<String>,
+    },
+
     /// The work was interrupted before it could finish (SIGINT/SIGTERM).
     #[error("interrupted")]
     Interrupted,
@@ -292,6 +305,7 @@ impl Error {
             | Error::ConfigFile { .. }
             | Error::Usage(_)
             | Error::SameStream { .. }
+            | Error::ResumeConflict { .. }
             | Error::Sql { .. }
             | Error::TooComplex { .. }
             | Error::ReadOnly { .. } => 2,

@@ -165,6 +165,10 @@ struct ReplayArgs {
     /// out of order, so only for consumers that apply the replay consistency protocol.
     #[arg(long)]
     unordered: bool,
+    /// After the selection, keep forwarding records as they arrive (same filter, annotation and
+    /// order) until stopped; --resume continues where it stopped.
+    #[arg(long)]
+    follow: bool,
     /// Add KEY=VALUE to every record's annotation (repeatable).
     #[arg(long, value_name = "KEY=VALUE")]
     annotate: Vec<String>,
@@ -181,13 +185,14 @@ struct ReplayArgs {
     /// such a replay); it starts at replay.same_stream_share of the limits.
     #[arg(long)]
     confirm_same_stream: bool,
-    /// At most this many records per second overall.
+    /// At most this many records per second overall (with --resume: for this run).
     #[arg(long, value_name = "RECORDS_PER_SEC")]
     rate: Option<f64>,
     /// Count records and bytes per target shard and estimate the duration; send nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Continue an interrupted replay.
+    /// Continue an interrupted or stopped replay with its stored options
+    /// (options given again must equal them; only --rate may change).
     #[arg(long, value_name = "ID", conflicts_with_all = ["list", "dry_run"])]
     resume: Option<String>,
     /// Show the replays in the archive store and their state.
@@ -421,6 +426,7 @@ async fn run(cli: Cli) -> Result<()> {
                 tombstones: a.tombstones,
                 include_replayed: a.include_replayed,
                 unordered: a.unordered,
+                follow: a.follow,
                 annotate: a.annotate,
                 no_annotate: a.no_annotate,
                 envelope: a.envelope,

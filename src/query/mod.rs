@@ -116,6 +116,11 @@ pub struct SessionOptions {
     /// checkpoint snapshot per stream, one horizon and one live read (a
     /// replay). Otherwise each statement gets its own.
     pub pinned: bool,
+    /// The time (epoch ms) that `now()`, `current_timestamp`, `current_date`,
+    /// `current_time` and `today()` return in every statement, instead of
+    /// each statement's start: a replay pins them to its own start so that
+    /// a resumed run selects the same records.
+    pub now_ms: Option<i64>,
 }
 
 /// What the server's session limits beyond the CLI's.
@@ -179,6 +184,9 @@ pub async fn session_with(cfg: &Config, opts: &SessionOptions) -> Result<QuerySe
     }
     if let Some(t) = opts.as_of_ms {
         config = config.with_extension(Arc::new(AsOf(t)));
+    }
+    if let Some(t) = opts.now_ms {
+        config = config.with_extension(Arc::new(PinnedNow(t)));
     }
     let mut runtime = RuntimeEnvBuilder::new();
     if memory_limit > 0 {
@@ -355,7 +363,8 @@ impl QuerySession {
 
     /// Plan one statement (on the large stack), refusing anything that is not a read.
     pub async fn plan(&self, statement: Statement) -> Result<DataFrame> {
-        let state = self.ctx.state();
+        let mut state = self.ctx.state();
+        pin_now(&mut state);
         let tables = self.tables.clone();
         let max_depth = self.limits.max_depth;
         let (plan, text) = guard::on_big_stack(move |rt| {
@@ -382,6 +391,7 @@ impl QuerySession {
         // Queries only from here (DDL and statements were refused above):
         // the statement runs on a copy of the session state that carries its view.
         let mut state = self.ctx.state();
+        pin_now(&mut state);
         if self.view.is_none() {
             state
                 .config_mut()
@@ -494,6 +504,23 @@ fn first_words(s: &str) -> String {
 /// The live horizon a session was built with ([`SessionOptions::as_of_ms`]).
 #[derive(Debug)]
 struct AsOf(i64);
+
+/// The time a session's time functions return ([`SessionOptions::now_ms`]).
+#[derive(Debug)]
+struct PinnedNow(i64);
+
+/// Give a statement's state the session's pinned start time, if it has one:
+/// DataFusion folds `now()` and the other time functions into literals of
+/// `query_execution_start_time` while optimizing, which
+/// [`SessionContext::state`] sets to the wall clock.
+fn pin_now(state: &mut datafusion::execution::SessionState) {
+    let Some(ms) = state.config().get_extension::<PinnedNow>().map(|n| n.0) else {
+        return;
+    };
+    if let Some(t) = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms) {
+        state.execution_props_mut().query_execution_start_time = Some(t);
+    }
+}
 
 /// Which part of a stream a table shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

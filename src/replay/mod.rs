@@ -27,14 +27,27 @@
 //!   manifest.json (once)  ──  options, source, target, horizon, as_of
 //!   progress.json (every checkpoint_records / checkpoint_interval)
 //!        sent = N: records 0‥N-1 of the ordered selection are all acknowledged
-//!   --resume id: same query (same horizon, same order) OFFSET N
+//!   rejected.jsonl (before any progress past a rejected record; only grows)
+//!   --resume id: same query (same horizon, same order, now() = as_of) OFFSET N
 //! ```
 //!
 //! Records acknowledged after the last progress save are sent again by a
-//! resumed run (at most `checkpoint_records` plus one batch per target shard);
-//! the consumer rule makes those duplicates harmless. File targets are
+//! resumed run: fewer than `checkpoint_records` plus the writer's read-ahead
+//! past the first unacknowledged record (until the next record's target shard
+//! has 3,000 waiting; `docs/replay-consistency.md` states the bound); the
+//! consumer rule makes those duplicates harmless. File targets are
 //! truncated to the saved offset, so they get no duplicates at all.
+//!
+//! A resumed run selects the same records: `now()` and the other time
+//! functions in `--where`, `--key` and `--tombstone` return the replay's start
+//! (`as_of_ms`) in every run, volatile functions (`random()`, `uuid()`) are
+//! refused, and `--resume` refuses options that differ from the stored ones
+//! (only `--rate` may change). Records rejected as too large stay on
+//! `rejected.jsonl` across runs, and every run that ends with any on it exits
+//! 3. A reader that closes standard output (`--to - | head`) stops the
+//! replay cleanly (exit 0, state `stopped (output closed)`), resumable.
 
+mod follow;
 mod plan;
 mod report;
 mod run;
@@ -53,8 +66,8 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::kinesis::writer::ShardStats;
 use crate::query::{QuerySession, SessionOptions};
-use crate::replay::run::Run;
-use crate::replay::state::{Manifest, Progress};
+use crate::replay::run::{Earlier, Run};
+use crate::replay::state::Manifest;
 use crate::replay::target::Target;
 
 /// What the command line asks for.
@@ -87,6 +100,8 @@ pub struct ReplayOptions {
     pub include_replayed: bool,
     /// `--unordered`: do not keep a key's records in order in the target.
     pub unordered: bool,
+    /// `--follow`: after the selection, keep forwarding records as they arrive.
+    pub follow: bool,
     /// `--annotate k=v` (repeatable).
     pub annotate: Vec<String>,
     /// `--no-annotate`.
@@ -220,7 +235,8 @@ pub struct Prepared {
     cfg: Config,
     archive: Archive,
     manifest: Manifest,
-    progress: Option<Progress>,
+    /// What earlier runs left (a resume).
+    earlier: Earlier,
     opts: ReplayOptions,
     target: Target,
 }
@@ -232,14 +248,23 @@ pub async fn prepare(cfg: &Config, opts: ReplayOptions) -> Result<Prepared> {
         Some(s) => s.archive.clone(),
         None => Archive::open(cfg).await?,
     };
-    let (manifest, progress, session) = match &opts.resume {
+    let (manifest, earlier, session) = match &opts.resume {
         Some(id) => {
             let (m, p) = plan::resume_manifest(&archive, &opts, id).await?;
-            (m, p, None)
+            // Earlier runs' rejected records stay on the list.
+            let rejected = state::load_rejected(&archive, id).await?;
+            (
+                m,
+                Earlier {
+                    progress: p,
+                    rejected,
+                },
+                None,
+            )
         }
         None => {
             let (m, s) = plan::new_manifest(cfg, &archive, &opts).await?;
-            (m, None, s)
+            (m, Earlier::default(), s)
         }
     };
     let target = Target::parse(&manifest.target)?;
@@ -249,12 +274,13 @@ pub async fn prepare(cfg: &Config, opts: ReplayOptions) -> Result<Prepared> {
         None => plan::selection_session(cfg, &manifest, opts.shared.as_ref()).await?,
     };
     select::validate(&session.0, &session.1, &manifest.selection).await?;
+    plan::check_deterministic(&session.0, &session.1, &manifest.selection).await?;
     Ok(Prepared {
         session,
         cfg: cfg.clone(),
         archive,
         manifest,
-        progress,
+        earlier,
         opts,
         target,
     })
@@ -282,7 +308,7 @@ impl Prepared {
             cfg,
             archive,
             manifest,
-            progress,
+            earlier,
             opts,
             target,
         } = self;
@@ -293,7 +319,7 @@ impl Prepared {
             }
             _ => None,
         };
-        let mut run = Run::new(&cfg, archive, manifest, progress, opts, target, observer);
+        let mut run = Run::new(&cfg, archive, manifest, earlier, opts, target, observer);
         let result = run.execute(session, &cancel).await;
         let result = run.finish(result).await;
         if let Some((archive, id, location)) = scratch {

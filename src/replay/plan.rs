@@ -77,18 +77,33 @@ pub(super) async fn new_manifest(
                 .into(),
         ));
     }
+    if opts.follow {
+        let conflicting: Vec<&str> = [
+            (opts.compact, "--compact"),
+            (opts.until.is_some(), "--until"),
+            (!opts.to_sequence.is_empty(), "--to-sequence"),
+            (opts.from_parquet.is_some(), "--from-parquet"),
+            (opts.engine.is_some(), "--engine"),
+            (opts.dry_run, "--dry-run"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        if !conflicting.is_empty() {
+            return Err(Error::Usage(format!(
+                "--follow keeps reading new records, which {} cannot bound or compact",
+                conflicting.join(", ")
+            )));
+        }
+    }
     if opts.unordered && opts.no_annotate {
         return Err(Error::Usage(
             "--unordered needs the annotation (consumers order a key's records by it): drop --no-annotate"
                 .into(),
         ));
     }
-    if let Some(r) = opts.rate
-        && !(r > 0.0 && r.is_finite())
-    {
-        return Err(Error::Usage(format!(
-            "--rate expects records per second > 0, got {r}"
-        )));
+    if let Some(r) = opts.rate {
+        check_rate(r)?;
     }
     let now = chrono::Utc::now();
     let now_ms = now.timestamp_millis();
@@ -184,6 +199,7 @@ pub(super) async fn new_manifest(
         annotate,
         rate: opts.rate,
         unordered: opts.unordered,
+        follow: opts.follow,
         horizon,
         lineage,
     };
@@ -227,6 +243,7 @@ async fn stream_session(
         &cfg,
         &SessionOptions {
             as_of_ms: Some(as_of_ms),
+            now_ms: Some(as_of_ms),
             pinned: true,
             ..Shared::session_options(shared)
         },
@@ -326,24 +343,19 @@ pub(super) async fn resume_manifest(
     opts: &ReplayOptions,
     id: &str,
 ) -> Result<(Manifest, Option<Progress>)> {
-    let given = opts.to.is_some()
-        || opts.since.is_some()
-        || opts.until.is_some()
-        || opts.predicate.is_some()
-        || opts.compact
-        || opts.tombstones.is_some()
-        || opts.include_replayed
-        || opts.unordered
-        || opts.from_parquet.is_some()
-        || !opts.annotate.is_empty()
-        || opts.rate.is_some();
-    if given {
-        return Err(Error::Usage(
-            "--resume continues a replay with the options it was started with; give only the id"
-                .into(),
-        ));
+    let (mut m, p) = state::load(archive, id).await?;
+    let conflicts = resume_conflicts(&m, opts)?;
+    if !conflicts.is_empty() {
+        return Err(Error::ResumeConflict {
+            id: id.to_string(),
+            conflicts,
+        });
     }
-    let (m, p) = state::load(archive, id).await?;
+    if let Some(r) = opts.rate {
+        check_rate(r)?;
+        // This run's pace only: the manifest keeps the rate it started with.
+        m.rate = Some(r);
+    }
     if let Some(p) = &p {
         if p.phase == Phase::Done {
             return Err(Error::Usage(format!(
@@ -359,6 +371,191 @@ pub(super) async fn resume_manifest(
         }
     }
     Ok((m, p))
+}
+
+fn check_rate(r: f64) -> Result<()> {
+    if r > 0.0 && r.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::Usage(format!(
+            "--rate expects records per second > 0, got {r}"
+        )))
+    }
+}
+
+/// A stored or given option's value as `--resume` shows it.
+fn shown(v: Option<&str>) -> String {
+    v.map_or_else(|| "(none)".to_string(), |s| format!("{s:?}"))
+}
+
+fn shown_pairs(p: &BTreeMap<String, String>) -> String {
+    if p.is_empty() {
+        return "(none)".into();
+    }
+    let items: Vec<String> = p.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{:?}", items.join(" "))
+}
+
+fn on_off(b: bool) -> String {
+    if b { "on" } else { "off" }.to_string()
+}
+
+/// The options given with `--resume` that differ from the ones the replay
+/// was started with (`--where: stored "…", given "…"`), and those that only
+/// apply when a replay starts. Options equal to the stored ones are
+/// accepted, and `--rate` may change (it only paces this run).
+fn resume_conflicts(m: &Manifest, opts: &ReplayOptions) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut differ = |opt: &str, stored: String, given: String| {
+        out.push(format!("{opt}: stored {stored}, given {given}"));
+    };
+    let sel = &m.selection;
+    let (stored_stream, stored_parquet) = match &m.source {
+        Source::Stream { stream } => (Some(stream.as_str()), None),
+        Source::Parquet { location, stream } => (stream.as_deref(), Some(location.as_str())),
+    };
+    if let Some(s) = &opts.stream
+        && stored_stream != Some(s.as_str())
+    {
+        differ("--stream", shown(stored_stream), shown(Some(s)));
+    }
+    if let Some(l) = &opts.from_parquet
+        && stored_parquet != Some(l.as_str())
+    {
+        differ("--from-parquet", shown(stored_parquet), shown(Some(l)));
+    }
+    if let Some(t) = &opts.to
+        && Target::parse(t)? != Target::parse(&m.target)?
+    {
+        differ("--to", shown(Some(&m.target)), shown(Some(t)));
+    }
+    // Relative times (`2h`) count from the replay's start, as they did then.
+    let time = |ms: Option<i64>| ms.map(consistency::rfc3339_ms);
+    for (opt, given, stored) in [
+        ("--since", &opts.since, sel.since_ms),
+        ("--until", &opts.until, sel.until_ms),
+    ] {
+        if let Some(g) = given {
+            let ms = select::parse_time(g, m.as_of_ms)?;
+            if Some(ms) != stored {
+                differ(
+                    opt,
+                    shown(time(stored).as_deref()),
+                    format!("{g:?} ({})", consistency::rfc3339_ms(ms)),
+                );
+            }
+        }
+    }
+    for (opt, given, stored) in [
+        ("--from-sequence", &opts.from_sequence, &sel.from_sequence),
+        ("--to-sequence", &opts.to_sequence, &sel.to_sequence),
+        ("--annotate", &opts.annotate, &m.annotate.pairs),
+    ] {
+        if !given.is_empty() {
+            let g = parse_pairs(given, opt)?;
+            if &g != stored {
+                differ(opt, shown_pairs(stored), shown_pairs(&g));
+            }
+        }
+    }
+    for (opt, given, stored) in [
+        ("--where", &opts.predicate, &sel.predicate),
+        ("--key", &opts.key, &sel.key),
+        ("--tombstone", &opts.tombstone, &sel.tombstone),
+    ] {
+        if let Some(g) = given
+            && Some(g) != stored.as_ref()
+        {
+            differ(opt, shown(stored.as_deref()), shown(Some(g)));
+        }
+    }
+    if let Some(t) = &opts.tombstones {
+        let stored = if sel.emit_tombstones { "emit" } else { "drop" };
+        if t != stored {
+            differ("--tombstones", shown(Some(stored)), shown(Some(t)));
+        }
+    }
+    for (opt, given, stored) in [
+        ("--compact", opts.compact, sel.compact),
+        (
+            "--include-replayed",
+            opts.include_replayed,
+            sel.include_replayed,
+        ),
+        ("--no-annotate", opts.no_annotate, !m.annotate.enabled),
+        ("--envelope", opts.envelope, m.annotate.envelope),
+        ("--unordered", opts.unordered, m.unordered),
+        ("--follow", opts.follow, m.follow),
+        (
+            "--force-overwrite",
+            opts.force_overwrite,
+            m.annotate.force_overwrite,
+        ),
+    ] {
+        if given && !stored {
+            differ(opt, on_off(stored), on_off(given));
+        }
+    }
+    for (opt, given) in [
+        ("--engine", opts.engine.is_some()),
+        ("--drill-url", opts.drill_url.is_some()),
+        ("--drill-plugin", opts.drill_plugin.is_some()),
+        ("--dry-run", opts.dry_run),
+    ] {
+        if given {
+            out.push(format!("{opt}: only applies when a replay starts"));
+        }
+    }
+    Ok(out)
+}
+
+/// Refuse `--where`, `--key` and `--tombstone` expressions that call a
+/// volatile function (`random()`, `uuid()`, …): they select other records
+/// each time the query runs, so a resumed run would skip the wrong ones.
+/// Time functions are not volatile here: the replay's session pins them to
+/// its start ([`SessionOptions::now_ms`]).
+pub(super) async fn check_deterministic(
+    session: &QuerySession,
+    table: &str,
+    sel: &Selection,
+) -> Result<()> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::{Expr, Volatility};
+    let exprs = [
+        ("--where", sel.predicate.as_deref()),
+        ("--key", sel.key.as_deref()),
+        ("--tombstone", sel.tombstone.as_deref()),
+    ];
+    for (option, expr) in exprs {
+        let Some(expr) = expr else { continue };
+        let df = session
+            .sql(&format!("SELECT ({expr}) AS __x FROM {table} LIMIT 0"))
+            .await?;
+        let mut volatile: Option<String> = None;
+        df.logical_plan()
+            .apply_with_subqueries(|p| {
+                p.apply_expressions(|e| {
+                    e.apply(|e| match e {
+                        Expr::ScalarFunction(f)
+                            if f.func.signature().volatility == Volatility::Volatile =>
+                        {
+                            volatile = Some(f.func.name().to_string());
+                            Ok(TreeNodeRecursion::Stop)
+                        }
+                        _ => Ok(TreeNodeRecursion::Continue),
+                    })
+                })
+            })
+            .map_err(|e| session.error(e))?;
+        if let Some(f) = volatile {
+            return Err(Error::Usage(format!(
+                "{option}: {f}() gives other values each time the selection runs, so a resumed replay \
+                 would skip other records; use a deterministic expression (now() and the other time \
+                 functions are fixed at the replay's start)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The horizon of `stream` in the session's view: each shard's last
@@ -458,6 +655,7 @@ pub(super) async fn selection_session(
                 cfg,
                 &SessionOptions {
                     streams_optional: true,
+                    now_ms: Some(m.as_of_ms),
                     ..Shared::session_options(shared)
                 },
             )
@@ -569,6 +767,78 @@ mod tests {
         let a = new_id(t);
         assert_eq!(a.len(), "r-20231114T221320Z-0000".len());
         assert!(a.starts_with("r-20231114T221320Z-"));
+    }
+
+    fn manifest() -> Manifest {
+        let as_of_ms = 1_700_000_000_000;
+        Manifest {
+            version: state::MANIFEST_VERSION,
+            id: "r".into(),
+            created_at: String::new(),
+            as_of_ms,
+            source: Source::Stream { stream: "s".into() },
+            target: "-".into(),
+            selection: Selection {
+                predicate: Some("a = 1".into()),
+                since_ms: Some(as_of_ms - 7_200_000),
+                ..Default::default()
+            },
+            annotate: Annotate {
+                enabled: true,
+                envelope: false,
+                binary: false,
+                field: "_fluxcap".into(),
+                pairs: BTreeMap::new(),
+                force_overwrite: false,
+            },
+            rate: None,
+            unordered: false,
+            follow: false,
+            horizon: None,
+            lineage: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn resume_accepts_the_stored_options_and_a_new_rate() {
+        let same = ReplayOptions {
+            stream: Some("s".into()),
+            to: Some("-".into()),
+            predicate: Some("a = 1".into()),
+            since: Some("2h".into()),
+            rate: Some(5.0),
+            confirm_same_stream: true,
+            json: true,
+            ..Default::default()
+        };
+        let c = resume_conflicts(&manifest(), &same).map_err(|e| e.to_string());
+        assert_eq!(c, Ok(vec![]));
+    }
+
+    #[test]
+    fn resume_names_every_option_that_differs() {
+        let other = ReplayOptions {
+            predicate: Some("a = 2".into()),
+            since: Some("3h".into()),
+            compact: true,
+            annotate: vec!["t=x".into()],
+            tombstones: Some("emit".into()),
+            engine: Some("drill".into()),
+            ..Default::default()
+        };
+        let c = resume_conflicts(&manifest(), &other).unwrap_or_default();
+        assert_eq!(
+            c,
+            vec![
+                "--since: stored \"2023-11-14T20:13:20.000Z\", given \"3h\" (2023-11-14T19:13:20.000Z)"
+                    .to_string(),
+                "--annotate: stored (none), given \"t=x\"".into(),
+                "--where: stored \"a = 1\", given \"a = 2\"".into(),
+                "--tombstones: stored \"drop\", given \"emit\"".into(),
+                "--compact: stored off, given on".into(),
+                "--engine: only applies when a replay starts".into(),
+            ]
+        );
     }
 
     #[test]

@@ -2,8 +2,14 @@
 //! record, sending it to the sink (the Kinesis writer, a JSON-lines file or
 //! standard output, or only counting for a dry run), and saving progress as
 //! the acknowledged prefix of the order grows.
+//!
+//! A line target acknowledges a record once its bytes are written through to
+//! the file or pipe (not while they sit in the buffer). When the reader of
+//! standard output goes away (`--to - | head`), the write fails with a
+//! broken pipe: the run stops there, cleanly ([`Stop::OutputClosed`]), with
+//! the records written through counted as sent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,6 +28,7 @@ use crate::consistency::{self, Annotation};
 use crate::error::{Error, Result};
 use crate::kinesis::writer::{Ack, OutRecord, ShardStats, TargetShards, Writer, WriterSettings};
 use crate::query::QuerySession;
+use crate::replay::follow::{self, Followed};
 use crate::replay::report::{estimate, progress_bar, report};
 use crate::replay::select::{self, Columns, Row, cast};
 use crate::replay::state::{self, Manifest, Phase, Progress};
@@ -50,7 +57,7 @@ impl Watermark {
     }
 }
 
-enum Sink {
+pub(super) enum Sink {
     Kinesis {
         writer: Writer,
         acks: mpsc::UnboundedReceiver<Ack>,
@@ -61,10 +68,50 @@ enum Sink {
         per_shard: Vec<ShardStats>,
     },
     Lines {
-        out: Box<dyn Write + Send>,
+        out: std::io::BufWriter<Box<dyn Write + Send>>,
         path: Option<std::path::PathBuf>,
+        /// Bytes written to `out` (buffered ones included).
         offset: u64,
+        /// Records whose line is still in `out`'s buffer: (ordinal, size,
+        /// offset after the line).
+        pending: Vec<(u64, usize, u64)>,
     },
+}
+
+/// How a run that did not fail ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stop {
+    /// Every selected record was sent (or counted).
+    Complete,
+    /// The reader of the output went away (a broken pipe).
+    OutputClosed,
+}
+
+/// What writing to a line target can end in.
+enum LineError {
+    /// The reader went away.
+    Closed,
+    /// Any other failure.
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for LineError {
+    fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            LineError::Closed
+        } else {
+            LineError::Io(e)
+        }
+    }
+}
+
+/// What earlier runs of a resumed replay left in the store.
+#[derive(Debug, Default)]
+pub(super) struct Earlier {
+    /// Their progress.
+    pub(super) progress: Option<Progress>,
+    /// Their rejected list (`rejected.jsonl`).
+    pub(super) rejected: Vec<String>,
 }
 
 pub(super) struct Run {
@@ -77,7 +124,13 @@ pub(super) struct Run {
     start: u64,
     progress: Progress,
     mark: Watermark,
+    /// Records the target cannot take, earlier runs' first (`rejected.jsonl`).
     rejected: Vec<String>,
+    /// Their (shard, sequence, sub-sequence): a record rejected again (sent
+    /// again after a resume) is listed once.
+    rejected_keys: HashSet<(String, String, i64)>,
+    /// How many of `rejected` are in the store.
+    rejected_saved: usize,
     enveloped: u64,
     sent_records: u64,
     sent_bytes: u64,
@@ -93,6 +146,15 @@ pub(super) struct Run {
     observer: Option<Arc<Observer>>,
     /// Dry run into Kinesis, in order: the records of the busiest key.
     busiest_key: Option<u64>,
+    /// The stream name annotations carry.
+    label: String,
+    /// `--follow`: what was forwarded after the horizon.
+    follow: Followed,
+    /// `--follow` was stopped (its normal end): resumable, not done.
+    stopped_following: bool,
+    /// No progress save now: a followed batch is half sent, and its shard's
+    /// position is only known once all of it is.
+    pub(super) hold_saves: bool,
 }
 
 impl Run {
@@ -100,11 +162,17 @@ impl Run {
         cfg: &Config,
         archive: Archive,
         manifest: Manifest,
-        progress: Option<Progress>,
+        earlier: Earlier,
         opts: ReplayOptions,
         target: Target,
         observer: Option<Arc<Observer>>,
     ) -> Self {
+        let Earlier { progress, rejected } = earlier;
+        let rejected_keys = rejected
+            .iter()
+            .filter_map(|l| state::rejected_key(l))
+            .collect();
+        let rejected_saved = rejected.len();
         let start = progress.as_ref().map(|p| p.sent).unwrap_or(0);
         let progress = progress.unwrap_or(Progress {
             phase: Phase::Running,
@@ -118,6 +186,8 @@ impl Run {
             updated_ms: 0,
             host: crate::archive::lease::hostname(),
             pid: std::process::id(),
+            selection_done: false,
+            follow: BTreeMap::new(),
         });
         let mark = Watermark {
             next: start,
@@ -127,7 +197,13 @@ impl Run {
         if let Some(o) = &observer {
             o.sent.store(start, Ordering::Relaxed);
         }
+        let follow = Followed::new(progress.follow.clone());
         Run {
+            busiest_key: None,
+            label: manifest.source.stream_label(),
+            follow,
+            stopped_following: false,
+            hold_saves: false,
             observer,
             cfg: cfg.clone(),
             archive,
@@ -137,7 +213,9 @@ impl Run {
             start,
             progress,
             mark,
-            rejected: Vec::new(),
+            rejected,
+            rejected_keys,
+            rejected_saved,
             enveloped: 0,
             sent_records: 0,
             sent_bytes: 0,
@@ -148,7 +226,6 @@ impl Run {
             bar: None,
             shards: Vec::new(),
             recorded: false,
-            busiest_key: None,
         }
     }
 
@@ -236,18 +313,17 @@ impl Run {
                 let mut f = f;
                 std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(resume_offset)).map_err(io)?;
                 Ok(Sink::Lines {
-                    out: Box::new(std::io::BufWriter::with_capacity(1 << 20, f)),
+                    out: std::io::BufWriter::with_capacity(1 << 20, Box::new(f)),
                     path: Some(path.clone()),
                     offset: resume_offset,
+                    pending: Vec::new(),
                 })
             }
             Target::Stdout => Ok(Sink::Lines {
-                out: Box::new(std::io::BufWriter::with_capacity(
-                    1 << 16,
-                    std::io::stdout(),
-                )),
+                out: std::io::BufWriter::with_capacity(1 << 16, Box::new(std::io::stdout())),
                 path: None,
                 offset: 0,
+                pending: Vec::new(),
             }),
         }
     }
@@ -256,7 +332,7 @@ impl Run {
         &mut self,
         (session, table): (QuerySession, String),
         cancel: &CancellationToken,
-    ) -> Result<()> {
+    ) -> Result<Stop> {
         let m = self.manifest.clone();
         let horizon = m.horizon.is_some();
         let terminal = std::io::stderr().is_terminal() && !self.opts.dry_run && !self.opts.quiet;
@@ -308,15 +384,17 @@ impl Run {
             self.recorded = true;
             self.save(Phase::Running, None).await;
         }
-        let q = select::sql(&table, &m.selection, horizon, true, self.start);
-        tracing::debug!(sql = %q, "replay selection");
-        let df = session.sql(&q).await?;
-        let mut stream = df.execute_stream().await.map_err(|e| session.error(e))?;
-        let text = !m.annotate.binary;
-        let label = m.source.stream_label();
-        let max = self.cfg.replay.max_record_size.0 as usize;
         let mut idx = self.start;
-        loop {
+        // A follow that is resumed after its selection was sent only follows.
+        let mut stream = if self.progress.selection_done {
+            None
+        } else {
+            let q = select::sql(&table, &m.selection, horizon, true, self.start);
+            tracing::debug!(sql = %q, "replay selection");
+            let df = session.sql(&q).await?;
+            Some(df.execute_stream().await.map_err(|e| session.error(e))?)
+        };
+        while let Some(stream) = stream.as_mut() {
             let batch = tokio::select! {
                 _ = cancel.cancelled() => return Err(Error::Interrupted),
                 b = stream.next() => b,
@@ -326,91 +404,32 @@ impl Run {
             let cols = Columns::of(&batch)?;
             for i in 0..batch.num_rows() {
                 let row = cols.row(i);
-                match &mut sink {
-                    Sink::Lines { out, path, offset } => {
-                        let (data, data_base64) = Line::payload(row.data, text);
-                        let line = Line {
-                            replay_id: m.annotate.enabled.then_some(m.id.as_str()),
-                            stream: &label,
-                            shard_id: row.shard,
-                            sequence_number: row.seq,
-                            subsequence_number: row.sub,
-                            partition_key: row.pk,
-                            explicit_hash_key: row.ehk,
-                            approximate_arrival_timestamp: Line::time(row.arrival_ms),
-                            data,
-                            data_base64,
-                            annotations: (m.annotate.enabled && !m.annotate.pairs.is_empty())
-                                .then_some(&m.annotate.pairs),
-                        };
-                        let mut buf = serde_json::to_vec(&line).map_err(|e| Error::Query {
-                            message: format!("encoding a JSON line: {e}"),
-                        })?;
-                        buf.push(b'\n');
-                        let io = |e| Error::Io {
-                            path: path.clone().unwrap_or_else(|| "<stdout>".into()),
-                            source: e,
-                        };
-                        out.write_all(&buf).map_err(io)?;
-                        *offset += buf.len() as u64;
-                        self.sent_records += 1;
-                        self.sent_bytes += (row.data.len() + row.pk.len()) as u64;
-                        self.mark.ack(idx, row.data.len() + row.pk.len());
-                        self.progress.file_offset = path.as_ref().map(|_| *offset);
-                        if self.due() {
-                            out.flush().map_err(io)?;
-                            self.save(Phase::Running, None).await;
-                        }
-                    }
-                    Sink::DryRun { shards, per_shard } => {
-                        let payload = self.payload(&row, &label);
-                        let size = payload.len() + row.pk.len();
-                        if matches!(self.target, Target::Kinesis(_)) && size > max {
-                            self.reject(&row, size);
-                        } else {
-                            let s = shards.as_ref().map_or(0, |t| t.route(row.pk, row.ehk));
-                            per_shard[s].records += 1;
-                            per_shard[s].bytes += size as u64;
-                        }
-                    }
-                    Sink::Kinesis {
-                        writer,
-                        acks,
-                        ack_tx,
-                    } => {
-                        let payload = self.payload(&row, &label);
-                        let size = payload.len() + row.pk.len();
-                        if size > max {
-                            self.reject(&row, size);
-                            let _ = ack_tx.send(Ack {
-                                idx,
-                                shard: usize::MAX,
-                                bytes: 0,
-                            });
-                        } else {
-                            let rec = OutRecord {
-                                idx,
-                                partition_key: row.pk.to_string(),
-                                explicit_hash_key: row.ehk.map(str::to_string),
-                                data: payload,
-                            };
-                            tokio::select! {
-                                _ = cancel.cancelled() => return Err(Error::Interrupted),
-                                r = writer.send(rec) => r?,
-                            }
-                        }
-                        while let Ok(a) = acks.try_recv() {
-                            self.on_ack(a);
-                        }
-                        if self.due() {
-                            self.save(Phase::Running, None).await;
-                        }
-                    }
+                if self.emit(&mut sink, &row, idx, cancel).await? {
+                    return Ok(Stop::OutputClosed);
                 }
                 idx += 1;
             }
             self.tick();
         }
+        if m.follow && !self.opts.dry_run {
+            if !self.progress.selection_done {
+                self.progress.selection_done = true;
+                if self.after_batch(&mut sink).await {
+                    return Ok(Stop::OutputClosed);
+                }
+                self.save(Phase::Running, None).await;
+            }
+            if follow::run(self, &session, &mut sink, idx, cancel).await? == Stop::OutputClosed {
+                return Ok(Stop::OutputClosed);
+            }
+            self.stopped_following = true;
+        }
+        // A stopped follow still waits for what it sent.
+        let cancel = &if self.stopped_following {
+            CancellationToken::new()
+        } else {
+            cancel.clone()
+        };
         match sink {
             Sink::Kinesis {
                 writer,
@@ -426,7 +445,7 @@ impl Run {
                         r = &mut finish => break r?,
                         Some(a) = acks.recv() => {
                             self.on_ack(a);
-                            if self.due() {
+                            if self.due(0) {
                                 self.save(Phase::Running, None).await;
                             }
                             self.tick();
@@ -439,14 +458,157 @@ impl Run {
                 self.shards = stats;
             }
             Sink::DryRun { per_shard, .. } => self.shards = per_shard,
-            Sink::Lines { mut out, path, .. } => {
-                out.flush().map_err(|e| Error::Io {
-                    path: path.unwrap_or_else(|| "<stdout>".into()),
-                    source: e,
+            Sink::Lines {
+                mut out,
+                path,
+                mut pending,
+                ..
+            } => match out.flush().map_err(LineError::from) {
+                Ok(()) => self.acked_lines(&mut pending, path.is_some()),
+                Err(LineError::Closed) => return Ok(Stop::OutputClosed),
+                Err(LineError::Io(e)) => {
+                    return Err(Error::Io {
+                        path: path.unwrap_or_else(|| "<stdout>".into()),
+                        source: e,
+                    });
+                }
+            },
+        }
+        Ok(Stop::Complete)
+    }
+
+    /// Send (or write, or count) one selected record as number `idx` of the
+    /// output order. `Ok(true)`: the reader of the output went away.
+    pub(super) async fn emit(
+        &mut self,
+        sink: &mut Sink,
+        row: &Row<'_>,
+        idx: u64,
+        cancel: &CancellationToken,
+    ) -> Result<bool> {
+        let m = &self.manifest;
+        let text = !m.annotate.binary;
+        let max = self.cfg.replay.max_record_size.0 as usize;
+        let label = self.label.clone();
+        match sink {
+            Sink::Lines {
+                out,
+                path,
+                offset,
+                pending,
+            } => {
+                let (data, data_base64) = Line::payload(row.data, text);
+                let line = Line {
+                    replay_id: m.annotate.enabled.then_some(m.id.as_str()),
+                    stream: &label,
+                    shard_id: row.shard,
+                    sequence_number: row.seq,
+                    subsequence_number: row.sub,
+                    partition_key: row.pk,
+                    explicit_hash_key: row.ehk,
+                    approximate_arrival_timestamp: Line::time(row.arrival_ms),
+                    data,
+                    data_base64,
+                    annotations: (m.annotate.enabled && !m.annotate.pairs.is_empty())
+                        .then_some(&m.annotate.pairs),
+                };
+                let mut buf = serde_json::to_vec(&line).map_err(|e| Error::Query {
+                    message: format!("encoding a JSON line: {e}"),
                 })?;
+                buf.push(b'\n');
+                let size = row.data.len() + row.pk.len();
+                let file = path.is_some();
+                // Ok(true): flushed for a progress save.
+                let mut write = || -> std::result::Result<bool, LineError> {
+                    if out.buffer().len() + buf.len() > out.capacity() {
+                        out.flush()?;
+                        self.acked_lines(pending, file);
+                    }
+                    out.write_all(&buf)?;
+                    *offset += buf.len() as u64;
+                    pending.push((idx, size, *offset));
+                    if out.buffer().is_empty() {
+                        // Longer than the buffer: written through.
+                        self.acked_lines(pending, file);
+                    }
+                    if !self.hold_saves && self.due(pending.len() as u64) {
+                        out.flush()?;
+                        self.acked_lines(pending, file);
+                        return Ok(true);
+                    }
+                    Ok(false)
+                };
+                let written = write();
+                match written {
+                    Ok(true) => self.save(Phase::Running, None).await,
+                    Ok(false) => {}
+                    Err(LineError::Closed) => return Ok(true),
+                    Err(LineError::Io(e)) => {
+                        return Err(Error::Io {
+                            path: path.clone().unwrap_or_else(|| "<stdout>".into()),
+                            source: e,
+                        });
+                    }
+                }
+            }
+            Sink::DryRun { shards, per_shard } => {
+                let payload = self.payload(row, &label);
+                let size = payload.len() + row.pk.len();
+                if matches!(self.target, Target::Kinesis(_)) && size > max {
+                    self.reject(row, size);
+                } else {
+                    let s = shards.as_ref().map_or(0, |t| t.route(row.pk, row.ehk));
+                    per_shard[s].records += 1;
+                    per_shard[s].bytes += size as u64;
+                }
+            }
+            Sink::Kinesis {
+                writer,
+                acks,
+                ack_tx,
+            } => {
+                let payload = self.payload(row, &label);
+                let size = payload.len() + row.pk.len();
+                if size > max {
+                    self.reject(row, size);
+                    let _ = ack_tx.send(Ack {
+                        idx,
+                        shard: usize::MAX,
+                        bytes: 0,
+                    });
+                } else {
+                    let rec = OutRecord {
+                        idx,
+                        partition_key: row.pk.to_string(),
+                        explicit_hash_key: row.ehk.map(str::to_string),
+                        data: payload,
+                    };
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(Error::Interrupted),
+                        r = writer.send(rec) => r?,
+                    }
+                }
+                while let Ok(a) = acks.try_recv() {
+                    self.on_ack(a);
+                }
+                if !self.hold_saves && self.due(0) {
+                    self.save(Phase::Running, None).await;
+                }
             }
         }
-        Ok(())
+        Ok(false)
+    }
+
+    /// The lines in `pending` are written through: acknowledge them.
+    fn acked_lines(&mut self, pending: &mut Vec<(u64, usize, u64)>, file: bool) {
+        for (idx, size, end) in pending.drain(..) {
+            self.sent_records += 1;
+            self.sent_bytes += size as u64;
+            self.mark.ack(idx, size);
+            if file {
+                self.progress.file_offset = Some(end);
+            }
+        }
     }
 
     fn on_ack(&mut self, a: Ack) {
@@ -488,6 +650,11 @@ impl Run {
     }
 
     fn reject(&mut self, row: &Row<'_>, size: usize) {
+        let key = (row.shard.to_string(), row.seq.to_string(), row.sub);
+        if !self.rejected_keys.insert(key) {
+            // Rejected before (by an earlier run, before its last save).
+            return;
+        }
         tracing::warn!(
             shard = row.shard,
             sequence_number = row.seq,
@@ -508,13 +675,80 @@ impl Run {
         );
     }
 
-    fn due(&self) -> bool {
-        self.mark.next - self.last_saved_sent >= self.cfg.replay.checkpoint_records
+    /// Time to save progress, counting `buffered` records that a flush
+    /// would acknowledge.
+    fn due(&self, buffered: u64) -> bool {
+        let next = self.mark.next + buffered;
+        next - self.last_saved_sent >= self.cfg.replay.checkpoint_records
             || (self.last_save.elapsed() >= self.cfg.replay.checkpoint_interval.0
-                && self.mark.next > self.last_saved_sent)
+                && next > self.last_saved_sent)
     }
 
-    fn tick(&mut self) {
+    /// The replay's manifest.
+    pub(super) fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The configuration.
+    pub(super) fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The member annotations are carried in.
+    pub(super) fn annotation_field(&self) -> &str {
+        &self.manifest.annotate.field
+    }
+
+    /// `--follow`: per shard, the last sequence number forwarded and acknowledged.
+    pub(super) fn follow_positions(&self) -> &BTreeMap<String, String> {
+        &self.follow.positions
+    }
+
+    /// `--follow`: `shard` was read up to `seq`; its selected records end before `need`.
+    pub(super) fn followed(&mut self, need: u64, shard: &str, seq: String) {
+        self.follow.read(need, shard, seq);
+    }
+
+    /// `--follow`: after a batch, take acknowledgements in and save the
+    /// progress when due (also when nothing of the batch was selected).
+    /// `true`: the reader of the output went away.
+    pub(super) async fn after_batch(&mut self, sink: &mut Sink) -> bool {
+        let mut buffered = 0;
+        match sink {
+            Sink::Kinesis { acks, .. } => {
+                while let Ok(a) = acks.try_recv() {
+                    self.on_ack(a);
+                }
+            }
+            Sink::Lines { pending, .. } => buffered = pending.len() as u64,
+            Sink::DryRun { .. } => {}
+        }
+        self.follow.acknowledged(self.mark.next);
+        let moved = self.progress.follow != self.follow.positions;
+        if !(self.due(buffered)
+            || (moved && self.last_save.elapsed() >= self.cfg.replay.checkpoint_interval.0))
+        {
+            return false;
+        }
+        if let Sink::Lines {
+            out, pending, path, ..
+        } = sink
+        {
+            let file = path.is_some();
+            match out.flush().map_err(LineError::from) {
+                Ok(()) => self.acked_lines(pending, file),
+                Err(LineError::Closed) => return true,
+                Err(LineError::Io(e)) => {
+                    tracing::warn!("writing the replay's output: {e}");
+                    return false;
+                }
+            }
+        }
+        self.save(Phase::Running, None).await;
+        false
+    }
+
+    pub(super) fn tick(&mut self) {
         let done = self.mark.next;
         if let Some(o) = &self.observer {
             o.sent.store(done, Ordering::Relaxed);
@@ -533,7 +767,23 @@ impl Run {
         }
     }
 
+    /// Save progress (and, first, the records rejected since the last save:
+    /// progress never moves past a rejected record that is not listed).
     async fn save(&mut self, phase: Phase, error: Option<String>) {
+        if self.rejected.len() > self.rejected_saved {
+            match state::save_rejected(&self.archive, &self.manifest.id, &self.rejected).await {
+                Ok(_) => self.rejected_saved = self.rejected.len(),
+                Err(e) => {
+                    tracing::warn!(
+                        "could not save the list of rejected records ({e}); progress is not saved either, \
+                         so a resumed run rejects them again"
+                    );
+                    return;
+                }
+            }
+        }
+        self.follow.acknowledged(self.mark.next);
+        self.progress.follow = self.follow.positions.clone();
         self.progress.phase = phase;
         self.progress.sent = self.mark.next;
         self.progress.bytes = self.mark.bytes;
@@ -553,37 +803,29 @@ impl Run {
         self.last_saved_sent = self.mark.next;
     }
 
-    pub(super) async fn finish(mut self, result: Result<()>) -> Result<Summary> {
+    pub(super) async fn finish(mut self, result: Result<Stop>) -> Result<Summary> {
         // Watchers see the final counts, also when the run stopped early.
         self.tick();
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
         let id = self.manifest.id.clone();
-        let rejected_path = if self.rejected.is_empty() || !self.recorded {
-            None
-        } else {
-            match state::save_rejected(&self.archive, &id, &self.rejected).await {
-                Ok(p) => Some(self.archive.describe(&p)),
-                Err(e) => {
-                    tracing::warn!("could not save the list of rejected records: {e}");
-                    None
+        let stop = match result {
+            Ok(stop) => stop,
+            Err(e) => {
+                if self.recorded {
+                    let msg = (!matches!(e, Error::Interrupted)).then(|| e.to_string());
+                    self.save(Phase::Interrupted, msg).await;
+                    if !self.opts.quiet {
+                        eprintln!(
+                            "replay {id} stopped after {} records; continue with: fluxcap replay --resume {id}",
+                            self.mark.next
+                        );
+                    }
                 }
+                return Err(e);
             }
         };
-        if let Err(e) = result {
-            if self.recorded {
-                let msg = (!matches!(e, Error::Interrupted)).then(|| e.to_string());
-                self.save(Phase::Interrupted, msg).await;
-                if !self.opts.quiet {
-                    eprintln!(
-                        "replay {id} stopped after {} records; continue with: fluxcap replay --resume {id}",
-                        self.mark.next
-                    );
-                }
-            }
-            return Err(e);
-        }
         let secs = self.started.elapsed().as_secs_f64();
         let mut summary = Summary {
             id: id.clone(),
@@ -615,6 +857,22 @@ impl Run {
                 share(&self.cfg, &self.manifest, &self.target),
                 &summary,
             ));
+        } else if stop == Stop::OutputClosed {
+            // Its reader has what it wanted: a clean stop, nothing to report.
+            self.save(Phase::OutputClosed, None).await;
+            tracing::info!(
+                "replay {id}: the output was closed after {} records; continue with: fluxcap replay --resume {id}",
+                self.mark.next
+            );
+            return Ok(summary);
+        } else if self.stopped_following {
+            self.save(Phase::Interrupted, None).await;
+            if !self.opts.quiet {
+                eprintln!(
+                    "replay {id} stopped following after {} records; continue with: fluxcap replay --resume {id}",
+                    self.mark.next
+                );
+            }
         } else {
             self.progress.total = Some(self.mark.next);
             self.save(Phase::Done, None).await;
@@ -622,11 +880,14 @@ impl Run {
         if !self.opts.quiet {
             report(&summary, &self.opts, &self.target);
         }
-        if let Some(p) = rejected_path {
+        if self.recorded && !self.rejected.is_empty() {
+            // Also when this run rejected nothing: earlier runs did.
             return Err(Error::Rejected {
-                id,
+                id: id.clone(),
                 count: self.rejected.len() as u64,
-                list: p,
+                list: self
+                    .archive
+                    .describe(&state::rejected_path(&self.archive, &id)),
             });
         }
         Ok(summary)

@@ -5,8 +5,13 @@
 //! ```text
 //! <root>/_fluxcap/replays/<id>/manifest.json   options, source, target, horizon
 //! <root>/_fluxcap/replays/<id>/progress.json   state, records acknowledged in order, counters
-//! <root>/_fluxcap/replays/<id>/rejected.jsonl  records the target cannot take (too large)
+//! <root>/_fluxcap/replays/<id>/rejected.jsonl  records the target cannot take (too large), of every run
 //! ```
+//!
+//! The rejected list only grows: a resumed run starts from the stored list,
+//! adds the records it rejects that are not on it yet (by shard, sequence and
+//! sub-sequence number), and writes it before any progress that moves past
+//! them, so a record rejected before a crash is never forgotten.
 
 use std::collections::BTreeMap;
 
@@ -128,6 +133,9 @@ pub struct Manifest {
     /// A key's records are sent without waiting for each other (`--unordered`).
     #[serde(default)]
     pub unordered: bool,
+    /// After the selection, keep forwarding new records (`--follow`).
+    #[serde(default)]
+    pub follow: bool,
     /// Per source shard, the last sequence number at the start (`None`: the
     /// shard was empty). Shards not listed did not exist at the start; both
     /// are excluded past this point. `None` for Parquet sources.
@@ -144,6 +152,9 @@ pub enum Phase {
     Running,
     /// Stopped by a signal or an error; `--resume` continues.
     Interrupted,
+    /// Stopped because its reader closed the output (`--to - | head`): a
+    /// clean stop, and `--resume` continues.
+    OutputClosed,
     /// Everything was sent.
     Done,
 }
@@ -162,7 +173,8 @@ pub struct Progress {
     pub bytes: u64,
     /// File targets: bytes written up to `sent` (a resume truncates to it).
     pub file_offset: Option<u64>,
-    /// Records not sent because the target cannot take them.
+    /// Records not sent because the target cannot take them, in all runs
+    /// (the lines of `rejected.jsonl`).
     pub rejected: u64,
     /// Per target shard counters of the last run.
     #[serde(default)]
@@ -177,6 +189,13 @@ pub struct Progress {
     /// Its process id (a resume refuses while it is alive).
     #[serde(default)]
     pub pid: u32,
+    /// `--follow`: the selection is completely sent (a resume only follows).
+    #[serde(default)]
+    pub selection_done: bool,
+    /// `--follow`: per source shard, the last sequence number whose selected
+    /// records are acknowledged (a resume reads after it).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub follow: BTreeMap<String, String>,
 }
 
 /// Paths of a replay's objects.
@@ -208,13 +227,58 @@ pub async fn save_progress(archive: &Archive, id: &str, p: &Progress) -> Result<
     archive.put_bytes(&path, json(p)).await
 }
 
-/// Append-style write of the rejected records' list (rewritten whole).
+/// Where a replay's rejected records are listed.
+pub fn rejected_path(archive: &Archive, id: &str) -> Path {
+    dir(archive, id).join("rejected.jsonl")
+}
+
+/// Write the rejected records' list: the whole list, the lines of earlier
+/// runs first ([`load_rejected`]), so it only ever grows.
 pub async fn save_rejected(archive: &Archive, id: &str, lines: &[String]) -> Result<Path> {
-    let path = dir(archive, id).join("rejected.jsonl");
+    let path = rejected_path(archive, id);
     let mut body = lines.join("\n");
     body.push('\n');
     archive.put_bytes(&path, body.into()).await?;
     Ok(path)
+}
+
+/// The stored rejected list of a replay (empty when there is none).
+pub async fn load_rejected(archive: &Archive, id: &str) -> Result<Vec<String>> {
+    let path = rejected_path(archive, id);
+    let bytes = match archive.store.get(&path).await {
+        Ok(r) => r
+            .bytes()
+            .await
+            .map_err(|e| Error::store(archive.describe(&path), e))?,
+        Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+        Err(e) => return Err(Error::store(archive.describe(&path), e)),
+    };
+    let text = std::str::from_utf8(&bytes).map_err(|e| Error::CorruptState {
+        object: archive.describe(&path),
+        message: e.to_string(),
+    })?;
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        if rejected_key(line).is_none() {
+            return Err(Error::CorruptState {
+                object: archive.describe(&path),
+                message: format!("not a rejected record: {line:?}"),
+            });
+        }
+        out.push(line.to_string());
+    }
+    Ok(out)
+}
+
+/// The identity of a line of the rejected list: (shard, sequence number,
+/// sub-sequence number).
+pub fn rejected_key(line: &str) -> Option<(String, String, i64)> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    Some((
+        v.get("shard_id")?.as_str()?.to_string(),
+        v.get("sequence_number")?.as_str()?.to_string(),
+        v.get("subsequence_number")?.as_i64()?,
+    ))
 }
 
 /// Read a replay's manifest and progress.
@@ -293,8 +357,47 @@ pub fn describe_phase(p: Option<&Progress>, alive: impl Fn(&Progress) -> bool) -
         Some(p) => match p.phase {
             Phase::Done => "done",
             Phase::Interrupted => "interrupted",
+            Phase::OutputClosed => "stopped (output closed)",
             Phase::Running if !alive(p) => "interrupted (process died)",
             Phase::Running => "running",
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejected_lines_are_known_by_their_position() {
+        let line = r#"{"shard_id":"s-1","sequence_number":"42","subsequence_number":3,"partition_key":"k","size":9}"#;
+        assert_eq!(rejected_key(line), Some(("s-1".into(), "42".into(), 3)));
+        assert_eq!(rejected_key(r#"{"shard_id":"s-1"}"#), None);
+        assert_eq!(rejected_key("not json"), None);
+    }
+
+    #[test]
+    fn a_closed_output_is_a_stop_of_its_own() {
+        let p = Progress {
+            phase: Phase::OutputClosed,
+            sent: 5,
+            total: None,
+            bytes: 0,
+            file_offset: None,
+            rejected: 0,
+            shards: Vec::new(),
+            error: None,
+            updated_ms: 0,
+            host: String::new(),
+            pid: 0,
+            selection_done: false,
+            follow: BTreeMap::new(),
+        };
+        assert_eq!(
+            describe_phase(Some(&p), |_| false),
+            "stopped (output closed)"
+        );
+        let v = serde_json::to_value(&p).unwrap_or_default();
+        assert_eq!(v["phase"], "output_closed");
     }
 }

@@ -46,6 +46,7 @@ impl From<Error> for ApiError {
             | Error::Sql { .. }
             | Error::ReadOnly { .. }
             | Error::TooComplex { .. } => ApiError::bad(e.to_string()),
+            Error::ResumeConflict { .. } => ApiError(StatusCode::CONFLICT, e.to_string()),
             Error::SameStream { stream } => ApiError(
                 StatusCode::CONFLICT,
                 format!(

@@ -271,7 +271,8 @@ fn info(m: &state::Manifest, p: Option<&Progress>, job: Option<&JobView>) -> ser
         None => "queued",
         Some(Phase::Done) => "done",
         Some(Phase::Interrupted) if error.is_some() => "failed",
-        Some(Phase::Interrupted) => "cancelled",
+        // Stopped by its reader (a CLI replay to standard output): resumable.
+        Some(Phase::Interrupted) | Some(Phase::OutputClosed) => "cancelled",
         Some(Phase::Running) => match state::describe_phase(p, state::process_alive) {
             "running" => "running",
             _ => {
@@ -647,6 +648,7 @@ mod tests {
                 },
                 rate: None,
                 unordered: false,
+                follow: false,
                 horizon: None,
                 lineage: BTreeMap::new(),
             }),
