@@ -8,6 +8,32 @@ use aws_credential_types::provider::ProvideCredentials;
 
 use crate::config::AwsConfig;
 
+/// An SDK error as a person reads it: the messages of its chain of causes on
+/// one line, without the SDK's debug dump (requests, headers, bodies). A
+/// missing credential chain is said plainly.
+pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(x) = cur {
+        let m = x.to_string();
+        if !m.is_empty() && !parts.iter().any(|p| p.contains(&m)) {
+            parts.push(m);
+        }
+        cur = x.source();
+    }
+    let text = parts.join(": ");
+    if text.contains("loading credentials") || text.contains("no credentials") {
+        return "no AWS credentials: set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY \
+                (or run where an instance role is available)"
+            .into();
+    }
+    let mut short: String = text.chars().take(400).collect();
+    if short.len() < text.len() {
+        short.push('…');
+    }
+    short
+}
+
 /// Load the SDK configuration for `aws` (region, profile; credentials from the default chain).
 pub async fn sdk_config(aws: &AwsConfig) -> SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())

@@ -272,6 +272,14 @@ pub struct ClusterConfig {
     pub drill_tarball: String,
     /// SHA-256 of the tarball; the bootstrap action refuses any other file.
     pub drill_sha256: String,
+    /// Drill's heap on each node ("": sized from the node's memory).
+    pub drill_heap: String,
+    /// Drill's direct memory on each node ("": sized from the node's memory).
+    pub drill_direct_memory: String,
+    /// Drill's code cache ("": 512M).
+    pub drill_code_cache: String,
+    /// Share of a core or task node's memory YARN's containers take (Drill sizes itself from the rest).
+    pub yarn_memory_fraction: f64,
     /// Cluster name (also the Drill cluster id).
     pub name: String,
     /// EMR release.
@@ -975,6 +983,44 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
         return Err(bad(
             "query.max_statement_bytes",
             "expected at least 64 bytes".into(),
+        ));
+    }
+    let c = &cfg.cluster;
+    let idle = c.idle_timeout.0.as_secs();
+    if !(60..=604_800).contains(&idle) || c.idle_timeout.0.subsec_nanos() != 0 {
+        return Err(bad(
+            "cluster.idle_timeout",
+            format!(
+                "EMR's idle auto-termination takes whole seconds from 60s to 7d, got {}s",
+                c.idle_timeout.0.as_secs_f64()
+            ),
+        ));
+    }
+    for (key, v) in [
+        ("cluster.drill_heap", &c.drill_heap),
+        ("cluster.drill_direct_memory", &c.drill_direct_memory),
+        ("cluster.drill_code_cache", &c.drill_code_cache),
+    ] {
+        let ok = v.is_empty()
+            || (v.len() >= 2
+                && v[..v.len() - 1].chars().all(|x| x.is_ascii_digit())
+                && v.ends_with(['K', 'M', 'G', 'k', 'm', 'g']));
+        if !ok {
+            return Err(bad(
+                key,
+                format!(
+                    "expected a size such as \"512M\" or \"8G\" (or \"\" to size it from the node), got {v:?}"
+                ),
+            ));
+        }
+    }
+    if !(0.0..0.95).contains(&c.yarn_memory_fraction) {
+        return Err(bad(
+            "cluster.yarn_memory_fraction",
+            format!(
+                "expected a share from 0 to 0.95, got {}",
+                c.yarn_memory_fraction
+            ),
         ));
     }
     let r = &cfg.replay;

@@ -58,6 +58,15 @@ pub enum Error {
         message: String,
     },
 
+    /// Drill refused or failed a query, or could not be reached.
+    #[error("Drill at {url}: {message}")]
+    Drill {
+        /// Drill's REST address.
+        url: String,
+        /// Drill's own message (or why Drill could not be asked).
+        message: String,
+    },
+
     /// The target stream refused one record of a replay as many times in a
     /// row as `replay.retry_attempts` allows.
     #[error(

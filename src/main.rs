@@ -233,7 +233,7 @@ enum ClusterAction {
         #[arg(long)]
         json: bool,
     },
-    /// Wait until the cluster is ready and Drill answers.
+    /// Wait until the cluster is ready and Drill answers (checked over SSH on the primary node).
     Wait {
         /// Cluster id (j-…).
         id: String,
@@ -244,7 +244,7 @@ enum ClusterAction {
         #[arg(long)]
         skip_drill: bool,
     },
-    /// Forward Drill's web UI and REST API (port 8047) to localhost over SSH.
+    /// Forward Drill's web UI and REST API (port 8047) and JDBC/ODBC port (31010) to localhost over SSH.
     Tunnel {
         /// Cluster id.
         id: String,
@@ -473,18 +473,16 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("{w}");
             }
             if output_dir.is_none() {
-                let (bucket, prefix) = fluxcap::cluster::resources::location(&cfg)?;
-                let base = format!("s3://{bucket}/{prefix}");
-                let base = base.trim_end_matches('/');
+                let base = fluxcap::cluster::resources::base_url(&cfg)?;
+                let mut args = fluxcap::cluster::resources::bootstrap_args(&cfg)?;
+                if let Some(i) = args.iter().position(|a| a == "--sha256")
+                    && args.get(i + 1).is_some_and(|v| v.is_empty())
+                {
+                    args[i + 1] = "<cluster.drill_sha256>".into();
+                }
                 eprintln!(
-                    "bootstrap action: {base}/bootstrap-drill.sh --tarball {} --sha256 {} --version {} --plugins {base}/drill/storage-plugins-override.conf",
-                    fluxcap::cluster::resources::drill_tarball(&cfg)?,
-                    if cfg.cluster.drill_sha256.is_empty() {
-                        "<cluster.drill_sha256>"
-                    } else {
-                        &cfg.cluster.drill_sha256
-                    },
-                    cfg.cluster.drill_version,
+                    "bootstrap action: {base}/bootstrap-drill.sh {}",
+                    args.join(" ")
                 );
             }
             Ok(())
@@ -539,7 +537,7 @@ async fn run(cli: Cli) -> Result<()> {
             let cmd = fluxcap::cluster::emr::ssh_command(&cfg, &id, tunnel).await?;
             if tunnel {
                 eprintln!(
-                    "Drill: http://localhost:8047/  (REST: POST http://localhost:8047/query.json); Ctrl-C closes the tunnel"
+                    "Drill: http://localhost:8047/  (REST: POST http://localhost:8047/query.json), JDBC/ODBC: localhost:31010; Ctrl-C closes the tunnel"
                 );
             }
             let status = std::process::Command::new(&cmd[0])

@@ -299,7 +299,7 @@ pub async fn abort_stale_uploads(cfg: &Config, archive: &Archive, prefix: &Path)
             .set_upload_id_marker(id_marker.clone())
             .send()
             .await
-            .map_err(|e| fail(aws_sdk_s3::error::DisplayErrorContext(&e).to_string()))?;
+            .map_err(|e| fail(crate::aws::error_text(&e)))?;
         for u in page.uploads() {
             if let (Some(key), Some(id)) = (u.key(), u.upload_id()) {
                 match client
@@ -313,7 +313,7 @@ pub async fn abort_stale_uploads(cfg: &Config, archive: &Archive, prefix: &Path)
                     Ok(_) => aborted += 1,
                     Err(e) => tracing::warn!(
                         "could not abort the incomplete upload of s3://{bucket}/{key} (grant s3:AbortMultipartUpload, or add a lifecycle rule): {}",
-                        aws_sdk_s3::error::DisplayErrorContext(&e)
+                        crate::aws::error_text(&e)
                     ),
                 }
             }
@@ -363,7 +363,7 @@ async fn check_bucket(
             ))),
             _ => Err(fail(format!(
                 "cannot reach the bucket: {}",
-                aws_sdk_s3::error::DisplayErrorContext(&e)
+                crate::aws::error_text(&e)
             ))),
         },
     }

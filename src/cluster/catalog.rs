@@ -1,14 +1,16 @@
 //! `fluxcap catalog hive|glue|athena|drill`: what a cluster engine needs to
 //! read the archive as a table — DDL for an external Parquet table partitioned
-//! by `dt`/`hr` (with `ADD PARTITION` for the partitions present), Athena
-//! partition projection, or Drill's storage plugin.
+//! by `dt`/`hr` (with batched `ADD PARTITION` statements for the partitions
+//! present, or `MSCK REPAIR TABLE` where they are not listed), Athena
+//! partition projection from the archive's first day, or Drill's storage
+//! plugin (made from the configuration alone: no AWS call).
 //!
 //! Hive's own Parquet reader (Hive 3 on EMR) cannot read INT64 timestamps, so
 //! the Hive and Glue DDL declares `approximate_arrival_timestamp` as `BIGINT`
 //! (epoch milliseconds, UTC) — the same file, read without conversion;
 //! Athena and Spark read it as `TIMESTAMP`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::archive::store::Archive;
 use crate::config::{ArchiveLocation, Config};
@@ -111,13 +113,41 @@ pub async fn partitions(archive: &Archive, stream: &str) -> Result<BTreeSet<(Str
     Ok(out)
 }
 
-/// The catalog text for `opts`.
+/// Partitions per stream, as listed from the archive.
+pub type Partitions = BTreeMap<String, BTreeSet<(String, String)>>;
+
+/// Most partitions in one `ALTER TABLE … ADD` statement (Hive and Athena take
+/// many `PARTITION (…) LOCATION …` clauses in one statement).
+const PARTITIONS_PER_STATEMENT: usize = 100;
+
+/// The catalog text for `opts`. The Drill plugin is made from the
+/// configuration alone (no AWS call); the DDL lists the archive's partitions.
 pub async fn generate(cfg: &Config, opts: &CatalogOptions) -> Result<String> {
-    let archive = Archive::open(cfg).await?;
-    let root = root_url(&archive.location);
+    let loc = cfg.location()?;
     if opts.engine == Engine::Drill {
-        return Ok(drill_plugin(&archive.location));
+        return Ok(drill_plugin(&loc));
     }
+    let archive = Archive::open(cfg).await?;
+    let mut parts = Partitions::new();
+    if !opts.no_partitions || opts.engine == Engine::Athena {
+        for s in cfg.selected_streams(opts.stream.as_deref())? {
+            parts.insert(s.name.clone(), partitions(&archive, &s.name).await?);
+        }
+    }
+    hive_ddl(cfg, opts, &loc, Some(&parts))
+}
+
+/// Hive, Glue or Athena DDL for the archive at `loc`. With `parts` (the
+/// partitions present), partitions are added in batched `ALTER TABLE … ADD`
+/// statements and Athena's projection starts at the first day; without,
+/// `MSCK REPAIR TABLE` finds them on the cluster.
+pub fn hive_ddl(
+    cfg: &Config,
+    opts: &CatalogOptions,
+    loc: &ArchiveLocation,
+    parts: Option<&Partitions>,
+) -> Result<String> {
+    let root = root_url(loc);
     let streams = cfg.selected_streams(opts.stream.as_deref())?;
     let db = ident(&opts.database);
     let mut out = String::new();
@@ -130,6 +160,11 @@ pub async fn generate(cfg: &Config, opts: &CatalogOptions) -> Result<String> {
         )
         .to_lowercase(),
     );
+    if opts.engine != Engine::Hive {
+        out.push_str(
+            "-- Athena runs one statement per query: run each statement below on its own.\n",
+        );
+    }
     out.push_str(&format!("CREATE DATABASE IF NOT EXISTS {db};\n\n"));
     for s in streams {
         let table = format!("{db}.{}", ident(&table_name(&s.name)));
@@ -154,20 +189,28 @@ pub async fn generate(cfg: &Config, opts: &CatalogOptions) -> Result<String> {
              LOCATION {}",
             quote(&location)
         ));
+        let present = parts.and_then(|p| p.get(&s.name));
         match opts.engine {
             Engine::Athena => {
+                // The projection starts at the archive's first day (today
+                // for an empty archive): days before it hold nothing.
+                let first = present
+                    .and_then(|p| p.iter().next())
+                    .map(|(dt, _)| dt.clone())
+                    .unwrap_or_else(|| chrono::Utc::now().format("%Y-%m-%d").to_string());
                 out.push_str(&format!(
                     "\nTBLPROPERTIES (\n  \
                        'projection.enabled'='true',\n  \
                        'projection.dt.type'='date',\n  \
                        'projection.dt.format'='yyyy-MM-dd',\n  \
-                       'projection.dt.range'='2020-01-01,NOW',\n  \
+                       'projection.dt.range'={},\n  \
                        'projection.dt.interval'='1',\n  \
                        'projection.dt.interval.unit'='DAYS',\n  \
                        'projection.hr.type'='integer',\n  \
                        'projection.hr.range'='0,23',\n  \
                        'projection.hr.digits'='2',\n  \
                        'storage.location.template'={}\n);\n\n",
+                    quote(&format!("{first},NOW")),
                     quote(&format!("{location}dt=${{dt}}/hr=${{hr}}/"))
                 ));
                 continue;
@@ -180,13 +223,26 @@ pub async fn generate(cfg: &Config, opts: &CatalogOptions) -> Result<String> {
             _ => out.push_str(";\n"),
         }
         if !opts.no_partitions {
-            for (dt, hr) in partitions(&archive, &s.name).await? {
-                out.push_str(&format!(
-                    "ALTER TABLE {table} ADD IF NOT EXISTS PARTITION (dt={}, hr={}) LOCATION {};\n",
-                    quote(&dt),
-                    quote(&hr),
-                    quote(&format!("{location}dt={dt}/hr={hr}/"))
-                ));
+            match present {
+                Some(p) => {
+                    let all: Vec<&(String, String)> = p.iter().collect();
+                    for chunk in all.chunks(PARTITIONS_PER_STATEMENT) {
+                        out.push_str(&format!("ALTER TABLE {table} ADD IF NOT EXISTS"));
+                        for (dt, hr) in chunk {
+                            out.push_str(&format!(
+                                "\n  PARTITION (dt={}, hr={}) LOCATION {}",
+                                quote(dt),
+                                quote(hr),
+                                quote(&format!("{location}dt={dt}/hr={hr}/"))
+                            ));
+                        }
+                        out.push_str(";\n");
+                    }
+                }
+                None => out.push_str(&format!(
+                    "-- every dt=/hr= partition present when this runs (run it again for new hours)\n\
+                     MSCK REPAIR TABLE {table};\n"
+                )),
             }
         }
         out.push('\n');
@@ -196,7 +252,7 @@ pub async fn generate(cfg: &Config, opts: &CatalogOptions) -> Result<String> {
 
 /// Drill's `file` storage plugin over the archive: one read-only workspace
 /// whose tables are the streams, and a writable scratch workspace for CTAS.
-fn drill_plugin(loc: &ArchiveLocation) -> String {
+pub fn drill_plugin(loc: &ArchiveLocation) -> String {
     let (connection, base) = match loc {
         ArchiveLocation::Local(dir) => ("file:///".to_string(), dir.display().to_string()),
         ArchiveLocation::S3 { bucket, prefix } => (format!("s3a://{bucket}"), format!("/{prefix}")),
@@ -207,7 +263,11 @@ fn drill_plugin(loc: &ArchiveLocation) -> String {
     } else {
         base
     };
-    let scratch = format!("{}/_fluxcap/drill-scratch", base.trim_end_matches('/'));
+    let scratch = format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        crate::cluster::resources::SCRATCH_DIR
+    );
     let v = serde_json::json!({
         "type": "file",
         "enabled": true,

@@ -7,7 +7,7 @@
 //!                         bootstrap action: bootstrap-drill.sh (Drill from your tarball, checksum)
 //!                         step: hive -f register-tables.hql (the archive's tables)
 //!                         auto-termination after cluster.idle_timeout, tag fluxcap:managed
-//!                  ─▶ wait (ready, then Drill answers) ─▶ tunnel (8047 → localhost) / ssh ─▶ terminate
+//!                  ─▶ wait (ready, then Drill answers, checked over SSH) ─▶ tunnel (8047, 31010 → localhost) / ssh ─▶ terminate
 //! ```
 
 use std::time::{Duration, Instant};
@@ -32,15 +32,8 @@ fn emr_err(op: &'static str, e: impl std::fmt::Display) -> Error {
     }
 }
 
-fn err_text<E: std::error::Error>(e: &E) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
+fn err_text<E: std::error::Error + 'static>(e: &E) -> String {
+    crate::aws::error_text(e)
 }
 
 async fn client(cfg: &Config) -> aws_sdk_emr::Client {
@@ -64,15 +57,18 @@ fn bad(key: &str, message: String) -> Error {
 fn configurations(cfg: &Config) -> Result<Vec<Configuration>> {
     let mut out = Vec::new();
     if cfg.cluster.glue_catalog {
-        out.push(
-            Configuration::builder()
-                .classification("hive-site")
-                .properties(
-                    "hive.metastore.client.factory.class",
-                    "com.amazonaws.glue.catalog.metastore.AWSGlueDataCatalogHiveClientFactory",
-                )
-                .build(),
-        );
+        // Hive and Spark each read their own classification.
+        for class in ["hive-site", "spark-hive-site"] {
+            out.push(
+                Configuration::builder()
+                    .classification(class)
+                    .properties(
+                        "hive.metastore.client.factory.class",
+                        "com.amazonaws.glue.catalog.metastore.AWSGlueDataCatalogHiveClientFactory",
+                    )
+                    .build(),
+            );
+        }
     }
     let extra = cfg.cluster.configurations_json.trim();
     if !extra.is_empty() {
@@ -114,8 +110,15 @@ fn configuration(v: &serde_json::Value) -> Result<Configuration> {
     Ok(b.build())
 }
 
+/// The tag EMR's v2 managed policies (`AmazonEMRServicePolicy_v2`) require on
+/// the resources the service role may act on; cluster tags reach the EC2 instances.
+pub const MANAGED_POLICY_TAG: &str = "for-use-with-amazon-emr-managed-policies";
+
 fn tags(cfg: &Config) -> Result<Vec<Tag>> {
-    let mut out = vec![Tag::builder().key(MANAGED_TAG).value("true").build()];
+    let mut out = vec![
+        Tag::builder().key(MANAGED_TAG).value("true").build(),
+        Tag::builder().key(MANAGED_POLICY_TAG).value("true").build(),
+    ];
     for t in &cfg.cluster.tags {
         let (k, v) = t
             .split_once('=')
@@ -128,12 +131,7 @@ fn tags(cfg: &Config) -> Result<Vec<Tag>> {
 /// Launch the cluster; its id.
 pub async fn launch(cfg: &Config) -> Result<String> {
     let c = &cfg.cluster;
-    let (bucket, prefix) = resources::location(cfg)?;
-    let base = if prefix.is_empty() {
-        format!("s3://{bucket}")
-    } else {
-        format!("s3://{bucket}/{prefix}")
-    };
+    let base = resources::base_url(cfg)?;
     if c.drill_sha256.len() != 64 || !c.drill_sha256.chars().all(|x| x.is_ascii_hexdigit()) {
         return Err(bad(
             "cluster.drill_sha256",
@@ -187,18 +185,7 @@ pub async fn launch(cfg: &Config) -> Result<String> {
         .script_bootstrap_action(
             ScriptBootstrapActionConfig::builder()
                 .path(format!("{base}/bootstrap-drill.sh"))
-                .set_args(Some(vec![
-                    "--tarball".into(),
-                    resources::drill_tarball(cfg)?,
-                    "--sha256".into(),
-                    c.drill_sha256.clone(),
-                    "--version".into(),
-                    c.drill_version.clone(),
-                    "--plugins".into(),
-                    format!("{base}/drill/storage-plugins-override.conf"),
-                    "--cluster-id".into(),
-                    c.name.clone(),
-                ]))
+                .set_args(Some(resources::bootstrap_args(cfg)?))
                 .build(),
         )
         .build();
@@ -240,7 +227,8 @@ pub async fn launch(cfg: &Config) -> Result<String> {
         .set_tags(Some(tags(cfg)?))
         .auto_termination_policy(
             AutoTerminationPolicy::builder()
-                .idle_timeout(c.idle_timeout.0.as_secs().max(60) as i64)
+                // validated in the configuration: 60 s to 7 days
+                .idle_timeout(c.idle_timeout.0.as_secs() as i64)
                 .build(),
         )
         .send()
@@ -340,8 +328,12 @@ pub async fn terminate(cfg: &Config, ids: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Wait until the cluster is ready (and, unless `skip_drill`, Drill answers
-/// on the primary node's port 8047). Progress goes to stderr.
+/// Wait until the cluster is ready and, unless `skip_drill`, Drill answers
+/// on the primary node — checked through SSH (`curl` on the node itself):
+/// EMR's security groups and block-public-access let only SSH in from
+/// outside, so the public `:8047` is never probed. Without `cluster.key_pair`
+/// there is no SSH, and only the cluster's state is waited for (said on
+/// stderr). Progress goes to stderr.
 pub async fn wait(
     cfg: &Config,
     id: &str,
@@ -351,6 +343,12 @@ pub async fn wait(
     let client = client(cfg).await;
     let started = Instant::now();
     let mut last = String::new();
+    let check_drill = !skip_drill && !cfg.cluster.key_pair.is_empty();
+    if !skip_drill && !check_drill {
+        eprintln!(
+            "cluster.key_pair is not set: waiting for the cluster's state only (Drill is checked over SSH)"
+        );
+    }
     loop {
         let (info, _) = describe(&client, id).await?;
         if info.state != last {
@@ -363,13 +361,13 @@ pub async fn wait(
         }
         match info.state.as_str() {
             "WAITING" | "RUNNING" => {
-                if skip_drill {
+                if !check_drill {
                     return Ok(info);
                 }
                 if let Some(dns) = &info.primary_dns
-                    && drill_answers(dns).await
+                    && drill_answers_over_ssh(cfg, dns).await
                 {
-                    eprintln!("Drill answers at http://{dns}:8047/");
+                    eprintln!("Drill answers on the primary node (checked over SSH)");
                     return Ok(info);
                 }
             }
@@ -398,22 +396,49 @@ pub async fn wait(
     }
 }
 
-async fn drill_answers(host: &str) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let connect = tokio::net::TcpStream::connect((host, 8047));
-    let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(5), connect).await else {
-        return false;
-    };
-    let req = format!("GET /status HTTP/1.0\r\nHost: {host}\r\n\r\n");
-    if s.write_all(req.as_bytes()).await.is_err() {
-        return false;
+/// The SSH command that asks Drill's `/status` on the primary node itself.
+pub fn drill_probe_command(cfg: &Config, dns: &str) -> Vec<String> {
+    let mut cmd = ssh_base(cfg);
+    cmd.extend([
+        "-o".into(),
+        "BatchMode=yes".into(),
+        "-o".into(),
+        "ConnectTimeout=10".into(),
+        format!("hadoop@{dns}"),
+        "curl -sf -o /dev/null http://localhost:8047/status".into(),
+    ]);
+    cmd
+}
+
+async fn drill_answers_over_ssh(cfg: &Config, dns: &str) -> bool {
+    let cmd = drill_probe_command(cfg, dns);
+    let run = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+    });
+    matches!(
+        tokio::time::timeout(Duration::from_secs(60), run).await,
+        Ok(Ok(Ok(s))) if s.success()
+    )
+}
+
+fn ssh_base(cfg: &Config) -> Vec<String> {
+    let c = &cfg.cluster;
+    let mut cmd = vec![c.ssh_command.clone()];
+    if !c.ssh_key_file.is_empty() {
+        cmd.extend(["-i".into(), c.ssh_key_file.clone()]);
     }
-    let mut buf = vec![0u8; 64];
-    matches!(tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await, Ok(Ok(n)) if n >= 12 && buf[9..12] == *b"200")
+    cmd.extend(["-o".into(), "ServerAliveInterval=30".into()]);
+    cmd
 }
 
 /// The SSH command line for the cluster's primary node (`tunnel`: forward
-/// Drill's port 8047 to localhost instead of a shell).
+/// Drill's ports 8047 (web UI, REST) and 31010 (JDBC/ODBC) to localhost
+/// instead of a shell).
 pub async fn ssh_command(cfg: &Config, id: &str, tunnel: bool) -> Result<Vec<String>> {
     let client = client(cfg).await;
     let (info, _) = describe(&client, id).await?;
@@ -423,14 +448,16 @@ pub async fn ssh_command(cfg: &Config, id: &str, tunnel: bool) -> Result<Vec<Str
             format!("cluster {id} has no primary node address yet ({}): run `fluxcap cluster wait {id}`", info.state),
         )
     })?;
-    let c = &cfg.cluster;
-    let mut cmd = vec![c.ssh_command.clone()];
-    if !c.ssh_key_file.is_empty() {
-        cmd.extend(["-i".into(), c.ssh_key_file.clone()]);
-    }
-    cmd.extend(["-o".into(), "ServerAliveInterval=30".into()]);
+    let mut cmd = ssh_base(cfg);
     if tunnel {
-        cmd.extend(["-N".into(), "-L".into(), "8047:localhost:8047".into()]);
+        // Drill's web UI and REST API, and its JDBC/ODBC (user RPC) port.
+        cmd.extend([
+            "-N".into(),
+            "-L".into(),
+            "8047:localhost:8047".into(),
+            "-L".into(),
+            "31010:localhost:31010".into(),
+        ]);
     }
     cmd.push(format!("hadoop@{dns}"));
     Ok(cmd)

@@ -4,9 +4,14 @@
 //!
 //! ```text
 //! <resources>/bootstrap-drill.sh                   bootstrap action: Drill from your tarball, checksum verified
-//! <resources>/drill/storage-plugins-override.conf  plugins `archive` (file, s3a) and `hive` (the cluster's metastore)
-//! <resources>/hive/register-tables.hql             the archive's tables and partitions (fluxcap catalog hive)
+//! <resources>/drill/storage-plugins-override.conf  plugin `archive` (file, s3a): workspaces archive + scratch
+//! <resources>/drill/hive-plugin.conf               plugin `hive` (the cluster's metastore; not with Glue)
+//! <resources>/hive/register-tables.hql             the archive's tables; partitions by MSCK REPAIR TABLE
+//! <archive>/_fluxcap/drill-scratch/.fluxcap-scratch  makes the scratch workspace exist for Drill
 //! ```
+//!
+//! Generating them makes no AWS call (`--output-dir`); uploading writes to
+//! `cluster.resources` and the archive.
 
 use std::path::Path;
 
@@ -47,69 +52,134 @@ pub fn location(cfg: &Config) -> Result<(String, String)> {
     }
 }
 
-/// Generate the resources.
-pub async fn generate(cfg: &Config) -> Result<Vec<Resource>> {
+/// Where Drill's scratch workspace lives under the archive root (CTAS results of `replay --engine drill`).
+pub const SCRATCH_DIR: &str = "_fluxcap/drill-scratch";
+
+/// The marker object that makes the scratch workspace exist on S3: Drill
+/// drops a workspace whose location does not exist, and an empty S3 prefix
+/// does not (the name starts with `.`, so Drill never reads it as data).
+pub const SCRATCH_MARKER: &str = ".fluxcap-scratch";
+
+/// Generate the resources. Only text: no AWS call (the archive's location is
+/// read from the configuration, its partitions are found by Hive's `MSCK
+/// REPAIR TABLE` on the cluster).
+pub fn generate(cfg: &Config) -> Result<Vec<Resource>> {
     location(cfg)?;
-    let archive = Archive::open(cfg).await?;
-    if matches!(archive.location, ArchiveLocation::Local(_)) {
+    let loc = cfg.location()?;
+    if matches!(loc, ArchiveLocation::Local(_)) {
         tracing::warn!(
-            "the archive is a local directory ({}): a cluster cannot read it; archive to S3 for cluster use",
-            archive.location
+            "the archive is a local directory ({loc}): a cluster cannot read it; archive to S3 for cluster use"
         );
     }
-    let archive_plugin: serde_json::Value = serde_json::from_str(
-        &catalog::generate(
-            cfg,
-            &CatalogOptions {
-                engine: Engine::Drill,
-                stream: None,
-                database: String::new(),
-                no_partitions: true,
-            },
-        )
-        .await?,
-    )
-    .map_err(|e| Error::Query {
-        message: format!("generating the Drill plugin: {e}"),
-    })?;
-    let plugins = serde_json::json!({
-        "storage": {
-            "archive": archive_plugin,
-            "hive": {
-                "type": "hive",
-                "enabled": true,
-                "configProps": {
-                    "hive.metastore.uris": "thrift://__PRIMARY__:9083",
-                    "hive.metastore.sasl.enabled": "false",
-                    "fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem"
-                }
-            }
-        }
-    });
-    let hql = catalog::generate(
-        cfg,
-        &CatalogOptions {
-            engine: Engine::Hive,
-            stream: None,
-            database: "kinesis_archive".into(),
-            no_partitions: false,
-        },
-    )
-    .await?;
-    Ok(vec![
+    let archive_plugin: serde_json::Value = serde_json::from_str(&catalog::drill_plugin(&loc))
+        .map_err(|e| Error::Query {
+            message: format!("generating the Drill plugin: {e}"),
+        })?;
+    let plugins = format!(
+        "# Drill storage plugins written by `fluxcap cluster upload-resources` (HOCON; Drill\n\
+         # reads it at its first start). The bootstrap action appends hive-plugin.conf when\n\
+         # the Drill installation has the Hive plugin.\n\
+         \"storage\": {{\n  \"archive\": {}\n}}\n",
+        serde_json::to_string_pretty(&archive_plugin)
+            .unwrap_or_default()
+            .replace('\n', "\n  ")
+    );
+    let mut out = vec![
         Resource {
             name: "bootstrap-drill.sh",
             text: BOOTSTRAP_DRILL.to_string(),
         },
         Resource {
             name: "drill/storage-plugins-override.conf",
-            text: serde_json::to_string_pretty(&plugins).unwrap_or_default() + "\n",
+            text: plugins,
         },
-        Resource {
-            name: "hive/register-tables.hql",
-            text: hql,
-        },
-    ])
+    ];
+    if !cfg.cluster.glue_catalog {
+        // Drill's hive plugin speaks Thrift to the cluster's metastore; with
+        // Glue as the metastore it would see no tables, so it is left out.
+        let hive = serde_json::json!({
+            "type": "hive",
+            "enabled": true,
+            "configProps": {
+                "hive.metastore.uris": "thrift://__PRIMARY__:9083",
+                "hive.metastore.sasl.enabled": "false",
+                "fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem"
+            }
+        });
+        out.push(Resource {
+            name: "drill/hive-plugin.conf",
+            text: format!(
+                "# Drill's hive plugin (the cluster's Hive metastore), added by the bootstrap action\n\
+                 \"storage\": {{\n  \"hive\": {}\n}}\n",
+                serde_json::to_string_pretty(&hive)
+                    .unwrap_or_default()
+                    .replace('\n', "\n  ")
+            ),
+        });
+    }
+    out.push(Resource {
+        name: "hive/register-tables.hql",
+        text: catalog::hive_ddl(
+            cfg,
+            &CatalogOptions {
+                engine: Engine::Hive,
+                stream: None,
+                database: "kinesis_archive".into(),
+                no_partitions: false,
+            },
+            &loc,
+            None,
+        )?,
+    });
+    Ok(out)
+}
+
+/// The bootstrap action's arguments for `cfg` (what `launch` passes EMR).
+pub fn bootstrap_args(cfg: &Config) -> Result<Vec<String>> {
+    let c = &cfg.cluster;
+    let base = base_url(cfg)?;
+    let mut args = vec![
+        "--tarball".to_string(),
+        drill_tarball(cfg)?,
+        "--sha256".into(),
+        c.drill_sha256.clone(),
+        "--version".into(),
+        c.drill_version.clone(),
+        "--plugins".into(),
+        format!("{base}/drill/storage-plugins-override.conf"),
+        "--cluster-id".into(),
+        c.name.clone(),
+    ];
+    if !c.glue_catalog {
+        args.extend([
+            "--hive-plugin".into(),
+            format!("{base}/drill/hive-plugin.conf"),
+        ]);
+    }
+    for (flag, v) in [
+        ("--heap", &c.drill_heap),
+        ("--direct-memory", &c.drill_direct_memory),
+        ("--code-cache", &c.drill_code_cache),
+    ] {
+        if !v.is_empty() {
+            args.extend([flag.to_string(), v.clone()]);
+        }
+    }
+    args.extend([
+        "--yarn-fraction".into(),
+        format!("{}", c.yarn_memory_fraction),
+    ]);
+    Ok(args)
+}
+
+/// `s3://bucket[/prefix]` of `cluster.resources`, without a trailing `/`.
+pub fn base_url(cfg: &Config) -> Result<String> {
+    let (bucket, prefix) = location(cfg)?;
+    Ok(if prefix.is_empty() {
+        format!("s3://{bucket}")
+    } else {
+        format!("s3://{bucket}/{prefix}")
+    })
 }
 
 /// The Drill tarball's location.
@@ -118,19 +188,18 @@ pub fn drill_tarball(cfg: &Config) -> Result<String> {
     if !c.drill_tarball.is_empty() {
         return Ok(c.drill_tarball.clone());
     }
-    let (bucket, prefix) = location(cfg)?;
-    let base = if prefix.is_empty() {
-        format!("s3://{bucket}")
-    } else {
-        format!("s3://{bucket}/{prefix}")
-    };
-    Ok(format!("{base}/apache-drill-{}.tar.gz", c.drill_version))
+    Ok(format!(
+        "{}/apache-drill-{}.tar.gz",
+        base_url(cfg)?,
+        c.drill_version
+    ))
 }
 
-/// Write the resources to `dir` (to inspect them) or upload them to
-/// `cluster.resources`; returns where each went.
+/// Write the resources to `dir` (to inspect them; no AWS call) or upload
+/// them to `cluster.resources`, and create the archive's scratch workspace
+/// (its marker object); returns where each went.
 pub async fn upload(cfg: &Config, dir: Option<&Path>) -> Result<Vec<String>> {
-    let files = generate(cfg).await?;
+    let files = generate(cfg)?;
     let mut out = Vec::new();
     if let Some(dir) = dir {
         for f in &files {
@@ -158,5 +227,26 @@ pub async fn upload(cfg: &Config, dir: Option<&Path>) -> Result<Vec<String>> {
         store.put_bytes(&p, f.text.clone().into()).await?;
         out.push(store.describe(&p));
     }
+    let archive = Archive::open(cfg).await?;
+    out.push(ensure_scratch(&archive).await?);
     Ok(out)
+}
+
+/// Create the scratch workspace's marker object under the archive root (a
+/// no-op when it exists); where it is.
+pub async fn ensure_scratch(archive: &Archive) -> Result<String> {
+    let p = SCRATCH_DIR
+        .split('/')
+        .chain([SCRATCH_MARKER])
+        .fold(archive.layout.root().clone(), |p, part| p.join(part));
+    archive
+        .put_bytes(
+            &p,
+            "Drill's scratch workspace (fluxcap): this object makes the S3 prefix exist\n"
+                .as_bytes()
+                .to_vec()
+                .into(),
+        )
+        .await?;
+    Ok(archive.describe(&p))
 }

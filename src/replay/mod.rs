@@ -195,6 +195,11 @@ pub async fn run(cfg: &Config, opts: ReplayOptions, cancel: CancellationToken) -
         let archive = Archive::open(cfg).await?;
         return report::list(&archive, opts.json).await;
     }
+    if opts.dry_run && opts.engine.as_deref() == Some("drill") && opts.resume.is_none() {
+        // No CTAS for a dry run: Drill only counts.
+        let archive = Archive::open(cfg).await?;
+        return plan::drill_dry_run(cfg, &archive, &opts).await;
+    }
     prepare(cfg, opts)
         .await?
         .run(cancel, None)
@@ -314,6 +319,13 @@ impl Prepared {
             let ttl = cfg.archiver.lease_ttl.0;
             Some(state::Heartbeat::start(&archive, &manifest.id, ttl, cancel.clone()).await?)
         };
+        // A Drill selection's scratch table: deleted when done, kept on failure.
+        let scratch = match &manifest.source {
+            state::Source::Parquet { location, .. } if !opts.dry_run => {
+                Some((archive.clone(), manifest.id.clone(), location.clone()))
+            }
+            _ => None,
+        };
         let id = manifest.id.clone();
         let mut run = Run::new(&cfg, archive, manifest, earlier, opts, target, observer);
         let mut result = run.execute(session, &cancel).await;
@@ -326,6 +338,10 @@ impl Prepared {
                 expires: "(unknown)".into(),
             });
         }
-        run.finish(result).await
+        let result = run.finish(result).await;
+        if let Some((archive, id, location)) = scratch {
+            crate::cluster::drill::after_replay(&archive, &id, &location, result.is_ok()).await;
+        }
+        result
     }
 }

@@ -155,9 +155,13 @@ pub(super) async fn new_manifest(
         }
     };
     let id = new_id(now);
-    let (source, selection) = match opts.engine.as_deref() {
-        None => (source, selection),
-        Some("drill") => drill_selection(archive, source, selection, &id, opts).await?,
+    let (source, selection, drill_lineage) = match opts.engine.as_deref() {
+        None => (source, selection, None),
+        Some("drill") => {
+            let (source, selection, lineage) =
+                drill_selection(cfg, archive, source, selection, &id, opts, now_ms).await?;
+            (source, selection, Some(lineage))
+        }
         Some(other) => {
             return Err(Error::Usage(format!(
                 "unknown --engine {other:?}: expected drill"
@@ -181,7 +185,8 @@ pub(super) async fn new_manifest(
             select::register(&session.ctx, Some(&h), &l);
             (Some(h), l, Some((session, query::quote(stream))))
         }
-        Source::Parquet { .. } => (None, BTreeMap::new(), None),
+        // Drill's result is ordered with the source stream's lineage.
+        Source::Parquet { .. } => (None, drill_lineage.unwrap_or_default(), None),
     };
     let manifest = Manifest {
         version: state::MANIFEST_VERSION,
@@ -247,37 +252,34 @@ async fn stream_session(
 }
 
 /// Run the selection on Drill as a CTAS into the archive's scratch
-/// workspace; the replay then reads those files.
+/// workspace; the replay then reads those files, ordered with the source
+/// stream's lineage (also Drill's tie-break). A dry run leaves the source as
+/// it is: [`drill_dry_run`] only counts on Drill.
 async fn drill_selection(
+    cfg: &Config,
     archive: &Archive,
     source: Source,
     selection: Selection,
     id: &str,
     opts: &ReplayOptions,
-) -> Result<(Source, Selection)> {
+    now_ms: i64,
+) -> Result<(Source, Selection, BTreeMap<String, u32>)> {
     let Source::Stream { stream } = source else {
         return Err(Error::Usage(
             "--engine drill replays a stream's archive: give --stream, not --from-parquet".into(),
         ));
     };
-    let url = opts.drill_url.as_deref().unwrap_or("http://localhost:8047");
-    let plugin = opts.drill_plugin.as_deref().unwrap_or("archive");
-    let table = format!("replay_{id}");
-    let sql = crate::cluster::drill::replay_sql(plugin, &stream, &table, &selection);
-    tracing::info!(%url, "running the selection on Drill: {sql}");
-    let rows = crate::cluster::drill::run(url, &sql).await?;
-    tracing::info!("Drill wrote the selection: {rows:?}");
-    let dir = archive
-        .layout
-        .global_state_dir()
-        .join("drill-scratch")
-        .join(table.as_str());
-    let location = match &archive.location {
-        crate::config::ArchiveLocation::Local(root) => {
-            root.join(dir.as_ref()).display().to_string()
-        }
-        crate::config::ArchiveLocation::S3 { bucket, .. } => format!("s3://{bucket}/{dir}"),
-    };
+    let session = stream_session(cfg, &stream, now_ms, opts.shared.as_ref()).await?;
+    let (_, lineage) = horizon(&session, &stream).await?;
+    if opts.dry_run {
+        return Ok((Source::Stream { stream }, selection, lineage));
+    }
+    let (url, plugin) = drill_target(opts);
+    let table = crate::cluster::drill::scratch_table(id);
+    let location = crate::cluster::drill::materialise(
+        archive, url, plugin, &stream, &table, &selection, &lineage,
+    )
+    .await?;
     Ok((
         Source::Parquet {
             location,
@@ -285,7 +287,55 @@ async fn drill_selection(
         },
         // Drill applied the bounds, filter and compaction.
         Selection::default(),
+        lineage,
     ))
+}
+
+fn drill_target(opts: &ReplayOptions) -> (&str, &str) {
+    (
+        opts.drill_url.as_deref().unwrap_or("http://localhost:8047"),
+        opts.drill_plugin.as_deref().unwrap_or("archive"),
+    )
+}
+
+/// `replay --engine drill --dry-run`: count the selection on Drill (no
+/// CTAS, nothing written, nothing sent) and report it.
+pub(super) async fn drill_dry_run(
+    cfg: &Config,
+    archive: &Archive,
+    opts: &ReplayOptions,
+) -> Result<()> {
+    let (m, _) = new_manifest(cfg, archive, opts).await?;
+    let Source::Stream { stream } = &m.source else {
+        return Err(Error::Usage(
+            "--engine drill replays a stream's archive: give --stream, not --from-parquet".into(),
+        ));
+    };
+    let (url, plugin) = drill_target(opts);
+    let n = crate::cluster::drill::count(url, plugin, stream, &m.selection, &m.lineage).await?;
+    let sql = crate::cluster::drill::replay_sql(
+        plugin,
+        stream,
+        &crate::cluster::drill::scratch_table(&m.id),
+        &m.selection,
+        &m.lineage,
+    );
+    if opts.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "dry_run": true, "engine": "drill", "target": m.target,
+                "records": n, "ctas": sql,
+            })
+        );
+    } else {
+        println!(
+            "dry run on Drill ({url}): {n} records would be replayed to {}",
+            m.target
+        );
+        println!("the replay would run: {sql}");
+    }
+    Ok(())
 }
 
 pub(super) async fn resume_manifest(

@@ -33,7 +33,12 @@ fn hive_ddl_reads_the_archive_in_spark_and_hive_readers() {
     let ddl = ws.ok(&["catalog", "hive", "--stream", &stream, "--database", "arch"]);
     let ddl_text = String::from_utf8(ddl.stdout).unwrap();
     assert!(ddl_text.contains("approximate_arrival_timestamp BIGINT"));
-    assert!(ddl_text.contains("ADD IF NOT EXISTS PARTITION"));
+    // Partitions are added in batches, several per ALTER TABLE statement.
+    assert!(
+        ddl_text.contains("ADD IF NOT EXISTS\n  PARTITION (dt="),
+        "{ddl_text}"
+    );
+    assert_eq!(ddl_text.matches("ALTER TABLE").count(), 1, "{ddl_text}");
     let ddl_file = ws.dir.path().join("hive.sql");
     std::fs::write(&ddl_file, &ddl_text).unwrap();
     let table = format!("arch.{}", fluxcap::cluster::catalog::table_name(&stream));
@@ -138,7 +143,24 @@ fn hive_ddl_reads_the_archive_in_spark_and_hive_readers() {
     let athena = String::from_utf8(ws.ok(&["catalog", "athena"]).stdout).unwrap();
     assert!(athena.contains("'projection.enabled'='true'"));
     assert!(athena.contains("approximate_arrival_timestamp TIMESTAMP"));
-    assert!(!athena.contains("ADD IF NOT EXISTS PARTITION"));
+    assert!(!athena.contains("ADD IF NOT EXISTS"));
+    // The projection starts at the archive's first day, not at a fixed date.
+    let first_day = std::fs::read_dir(ws.archive.join(&stream))
+        .unwrap()
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix("dt=")
+                .map(str::to_string)
+        })
+        .min()
+        .unwrap();
+    assert!(
+        athena.contains(&format!("'projection.dt.range'='{first_day},NOW'")),
+        "{athena}"
+    );
+    assert!(athena.contains("one statement per query"), "{athena}");
     let drill: serde_json::Value =
         serde_json::from_slice(&ws.ok(&["catalog", "drill"]).stdout).unwrap();
     assert_eq!(drill["type"], "file");

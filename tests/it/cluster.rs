@@ -59,9 +59,16 @@ fn drill_bootstrap_installs_configures_and_waits_for_zookeeper() {
     let script = out_dir.join("bootstrap-drill.sh");
     let plugins = out_dir.join("drill/storage-plugins-override.conf");
     assert!(out_dir.join("hive/register-tables.hql").exists());
-    let p: serde_json::Value = serde_json::from_slice(&std::fs::read(&plugins).unwrap()).unwrap();
-    assert_eq!(p["storage"]["archive"]["type"], "file");
-    assert_eq!(p["storage"]["hive"]["type"], "hive");
+    let p = std::fs::read_to_string(&plugins).unwrap();
+    assert!(p.contains("\"storage\": {\n  \"archive\": {"), "{p}");
+    assert!(p.contains("\"type\": \"file\""), "{p}");
+    let hive = std::fs::read_to_string(out_dir.join("drill/hive-plugin.conf")).unwrap();
+    assert!(hive.contains("\"type\": \"hive\"") && hive.contains("thrift://__PRIMARY__:9083"));
+    let hql = std::fs::read_to_string(out_dir.join("hive/register-tables.hql")).unwrap();
+    assert!(
+        hql.contains("MSCK REPAIR TABLE kinesis_archive.orders;"),
+        "{hql}"
+    );
 
     // Static checks.
     assert!(
@@ -87,6 +94,9 @@ fn drill_bootstrap_installs_configures_and_waits_for_zookeeper() {
     let tar = stub_tarball(tmp, "1.22.0");
     let zk_port = free_port();
     let prefix = tmp.join("opt");
+    // A 16 GiB core node, YARN taking half: Drill gets 7 GiB (heap 1792M, direct 4864M).
+    let meminfo = tmp.join("meminfo");
+    std::fs::write(&meminfo, "MemTotal:       16777216 kB\n").unwrap();
     let run = |sum: &str, prefix: &Path| {
         Command::new("bash")
             .arg(&script)
@@ -98,11 +108,15 @@ fn drill_bootstrap_installs_configures_and_waits_for_zookeeper() {
                 plugins.to_str().unwrap(),
             ])
             .args(["--cluster-id", "fluxcap-test"])
-            .env("DRILL_PREFIX", prefix)
+            .env("DRILL_BASE", prefix)
+            .env("DRILL_LOG_DIR", prefix.join("log"))
+            .env("EMR_INFO_DIR", prefix.join("no-emr-info"))
+            .env("DRILL_SUPERVISOR", "loop")
             .env("FETCH", "cp")
             .env("ZK_HOST", "127.0.0.1")
             .env("ZK_PORT", zk_port.to_string())
             .env("ZK_WAIT_SECS", "120")
+            .env("MEMINFO", &meminfo)
             .output()
             .unwrap()
     };
@@ -125,8 +139,30 @@ fn drill_bootstrap_installs_configures_and_waits_for_zookeeper() {
     assert!(conf.contains(&format!("zk.connect: \"127.0.0.1:{zk_port}\"")));
     let installed =
         std::fs::read_to_string(home.join("conf/storage-plugins-override.conf")).unwrap();
-    assert!(installed.contains("thrift://127.0.0.1:9083"));
+    assert!(installed.contains("\"archive\""));
     assert!(!installed.contains("__PRIMARY__"));
+    let env = std::fs::read_to_string(home.join("conf/drill-env.sh")).unwrap();
+    assert!(env.contains("DRILL_HEAP=\"1792M\""), "{env}");
+    assert!(env.contains("DRILL_MAX_DIRECT_MEMORY=\"4864M\""), "{env}");
+    // Without ZK_HOST and EMR's job-flow.json it refuses to guess the primary node.
+    let o = Command::new("bash")
+        .arg(&script)
+        .args([
+            "--tarball",
+            "x",
+            "--sha256",
+            &"a".repeat(64),
+            "--version",
+            "1.22.0",
+            "--plugins",
+            "y",
+        ])
+        .env("EMR_INFO_DIR", prefix.join("no-emr-info"))
+        .env_remove("ZK_HOST")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot tell the primary node"));
     // Not started while ZooKeeper does not answer …
     let started = home.join("started");
     assert!(!started.exists());
@@ -138,7 +174,8 @@ fn drill_bootstrap_installs_configures_and_waits_for_zookeeper() {
         assert!(Instant::now() < deadline, "drillbit.sh was not started");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(std::fs::read_to_string(&started).unwrap().trim(), "start");
+    // The supervisor runs what the systemd unit's ExecStart runs.
+    assert_eq!(std::fs::read_to_string(&started).unwrap().trim(), "run");
 }
 
 #[test]
@@ -278,6 +315,11 @@ fn emr_cluster_launch_list_wait_ssh_terminate_on_moto() {
         confs.contains("AWSGlueDataCatalogHiveClientFactory"),
         "{confs}"
     );
+    assert!(confs.contains("spark-hive-site"), "{confs}");
+    assert!(tags.contains(&(
+        "for-use-with-amazon-emr-managed-policies".into(),
+        "true".into()
+    )));
     assert!(confs.contains("spark.sql.shuffle.partitions"), "{confs}");
     let ba = &d["bootstrap"][0];
     assert_eq!(ba["Name"], "install-drill");
@@ -304,6 +346,9 @@ fn emr_cluster_launch_list_wait_ssh_terminate_on_moto() {
             "s3://res-bucket/fluxcap/drill/storage-plugins-override.conf",
             "--cluster-id",
             "fluxcap",
+            // Glue is the metastore here: no hive plugin for Drill (it would see nothing).
+            "--yarn-fraction",
+            "0.5",
         ]
     );
     let step = d["steps"].to_string();
@@ -333,7 +378,18 @@ fn emr_cluster_launch_list_wait_ssh_terminate_on_moto() {
     assert!(ssh.starts_with("-i /keys/my-key.pem"), "{ssh}");
     assert!(ssh.trim_end().contains("hadoop@"), "{ssh}");
     let tunnel = ok(&["cluster", "tunnel", &id]);
-    assert!(tunnel.contains("-N -L 8047:localhost:8047"), "{tunnel}");
+    assert!(
+        tunnel.contains("-N -L 8047:localhost:8047 -L 31010:localhost:31010"),
+        "{tunnel}"
+    );
+    // `wait` checks Drill over SSH (ssh_command = echo answers at once), never the public :8047.
+    let w = run(&["cluster", "wait", &id, "--timeout", "1m"]);
+    assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+    assert!(
+        String::from_utf8_lossy(&w.stderr).contains("checked over SSH"),
+        "{}",
+        String::from_utf8_lossy(&w.stderr)
+    );
 
     // terminate; then it is no longer listed.
     ok(&["cluster", "terminate", &id]);
@@ -348,6 +404,12 @@ fn emr_cluster_launch_list_wait_ssh_terminate_on_moto() {
         "{listed}"
     );
 
+    // EMR takes idle timeouts from 60 s to 7 days.
+    for bad in ["cluster.idle_timeout=30s", "cluster.idle_timeout=8d"] {
+        let o = run(&["--set", bad, "cluster", "list"]);
+        assert_eq!(o.status.code(), Some(2), "{bad}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("cluster.idle_timeout"));
+    }
     // Without the tarball's checksum nothing is launched.
     let o = run(&["--set", "cluster.drill_sha256=", "cluster", "launch"]);
     assert_eq!(o.status.code(), Some(2));
@@ -380,4 +442,41 @@ fn replay_on_drill_names_an_unreachable_drill_and_records_nothing() {
         "replay", "--stream", "orders", "--to", "-", "--engine", "spark",
     ]);
     assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn generating_the_drill_plugin_and_resources_makes_no_aws_call() {
+    // An S3 archive whose endpoint answers nothing: any AWS call would fail.
+    let ws = Workspace::new(
+        "http://127.0.0.1:9",
+        Some("s3://no-such-bucket/kinesis"),
+        Some("http://127.0.0.1:9"),
+        "[cluster]\nresources = \"s3://no-such-bucket/fluxcap\"\n",
+        &[("orders", "json")],
+    );
+    let o = ws.ok(&["catalog", "drill"]);
+    let plugin: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(plugin["connection"], "s3a://no-such-bucket");
+    assert_eq!(
+        plugin["workspaces"]["scratch"]["location"],
+        "/kinesis/_fluxcap/drill-scratch"
+    );
+    let out = ws.dir.path().join("res");
+    ws.ok(&[
+        "cluster",
+        "upload-resources",
+        "--output-dir",
+        out.to_str().unwrap(),
+    ]);
+    assert!(out.join("hive/register-tables.hql").exists());
+    // A command that needs the bucket fails in one or two lines, no SDK dump.
+    let o = ws.run(&["catalog", "hive"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.lines().count() <= 2, "{err}");
+    assert!(err.contains("no-such-bucket"), "{err}");
+    assert!(
+        !err.contains("DispatchFailure") && !err.contains("extensions"),
+        "{err}"
+    );
 }

@@ -665,3 +665,455 @@ pub async fn read_stream(c: &aws_sdk_kinesis::Client, stream: &str) -> Vec<Got> 
     }
     out
 }
+
+// ---- Drill, ZooKeeper and the bootstrap action (tests/it/drill.rs) ----
+
+/// A file `scripts/setup` installs under `.local/`; a missing one fails the
+/// test with the command that installs it (never a skip).
+pub fn local_tool(rel: &str) -> PathBuf {
+    let p = root().join(".local").join(rel);
+    assert!(
+        p.exists(),
+        "missing {}: run scripts/setup (it installs Drill, ZooKeeper and the AWS CLI into .local/)",
+        p.display()
+    );
+    p
+}
+
+/// Ask a ZooKeeper four-letter word; the answer.
+pub fn zk_word(port: u16, word: &str) -> Option<String> {
+    use std::io::Read;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(word.as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// A real ZooKeeper server (Maven Central's 3.9.3, `.local/zookeeper`) on
+/// 127.0.0.1, killed on drop.
+pub struct ZooKeeper {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl ZooKeeper {
+    /// Start it on `port` and wait until it answers `ruok`.
+    pub fn start(port: u16) -> ZooKeeper {
+        let jars = local_tool("zookeeper/jars");
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("zoo.cfg");
+        write_file(
+            &cfg,
+            &format!(
+                "tickTime=2000\ndataDir={}\nclientPort={port}\nclientPortAddress=127.0.0.1\n\
+                 admin.enableServer=false\n4lw.commands.whitelist=ruok,dump,srvr\n",
+                dir.path().join("data").display()
+            ),
+        );
+        let log = std::fs::File::create(dir.path().join("zk.log")).unwrap();
+        let child = Command::new("java")
+            .arg("-Xmx256m")
+            .arg("-cp")
+            .arg(format!("{}/*", jars.display()))
+            .arg("org.apache.zookeeper.server.ZooKeeperServerMain")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("java (ZooKeeper runs on the JVM)");
+        let mut zk = ZooKeeper {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while zk_word(port, "ruok").as_deref() != Some("imok") {
+            if let Ok(Some(st)) = zk.child.try_wait() {
+                panic!("ZooKeeper exited before answering: {st}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ZooKeeper did not answer within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        zk
+    }
+
+    /// `dump`: sessions and their ephemeral nodes (where drillbits register).
+    pub fn dump(&self) -> String {
+        zk_word(self.port, "dump").unwrap_or_default()
+    }
+}
+
+impl Drop for ZooKeeper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The unprivileged user EMR runs bootstrap actions as, with passwordless
+/// sudo. Created here when the tests run as root (as CI does); otherwise it
+/// must exist already.
+pub fn hadoop_user() -> &'static str {
+    static READY: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let ready = READY.get_or_init(|| {
+        let works = || {
+            Command::new("sudo")
+                .args(["-n", "-u", "hadoop", "sudo", "-n", "true"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if works() {
+            return Ok(());
+        }
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        if !root {
+            return Err("the bootstrap-action tests run the script as user `hadoop` with \
+                passwordless sudo, as EMR does: run them as root (as CI does), or create the user: \
+                useradd --create-home hadoop && echo 'hadoop ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/hadoop"
+                .into());
+        }
+        let exists = Command::new("id")
+            .arg("hadoop")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !exists {
+            let o = Command::new("useradd")
+                .args(["--create-home", "--shell", "/bin/bash", "hadoop"])
+                .output()
+                .map_err(|e| format!("useradd: {e}"))?;
+            if !o.status.success() {
+                return Err(format!("useradd hadoop: {}", String::from_utf8_lossy(&o.stderr)));
+            }
+        }
+        let sudoers = Path::new("/etc/sudoers.d/fluxcap-test-hadoop");
+        std::fs::write(sudoers, "hadoop ALL=(ALL) NOPASSWD:ALL\n").map_err(|e| e.to_string())?;
+        Command::new("chmod")
+            .args(["0440", "/etc/sudoers.d/fluxcap-test-hadoop"])
+            .status()
+            .map_err(|e| e.to_string())?;
+        if works() {
+            Ok(())
+        } else {
+            Err("user hadoop cannot run `sudo -n true` (is sudo installed? scripts/setup installs it)".into())
+        }
+    });
+    if let Err(e) = ready {
+        panic!("{e}");
+    }
+    "hadoop"
+}
+
+/// A free port whose successor is free too (Drill's data port is its control port + 1).
+pub fn free_port_pair() -> u16 {
+    loop {
+        let p = free_port();
+        if p < 65535 && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// A directory with an `aws` that the user `hadoop` can run: `.local/awscli/bin`,
+/// or — when the checkout is not readable by other users (under /root, say)
+/// — a copy of the same pinned CLI in a venv under /var/tmp, made once.
+pub fn aws_cli_for_hadoop() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let runs = |aws: &Path| {
+            Command::new("sudo")
+                .args(["-n", "-u", hadoop_user()])
+                .arg(aws)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let local = local_tool("awscli/bin");
+        if runs(&local.join("aws")) {
+            return local;
+        }
+        let pin = std::fs::read_to_string(root().join(".local/awscli/.fluxcap-stamp"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next().map(str::to_string))
+            .unwrap_or_else(|| "awscli==1.46.2".into());
+        let dir = PathBuf::from(format!("/var/tmp/fluxcap-{}", pin.replace("==", "-")));
+        if !runs(&dir.join("bin/aws")) {
+            let ok = Command::new("/usr/bin/python3")
+                .args(["-m", "venv"])
+                .arg(&dir)
+                .status()
+                .is_ok_and(|s| s.success())
+                && Command::new(dir.join("bin/python"))
+                    .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", &pin])
+                    .status()
+                    .is_ok_and(|s| s.success())
+                && Command::new("chmod")
+                    .args(["-R", "a+rX"])
+                    .arg(&dir)
+                    .status()
+                    .is_ok_and(|s| s.success());
+            assert!(
+                ok && runs(&dir.join("bin/aws")),
+                "user hadoop can run neither {} nor {}: run scripts/setup from a checkout other users can read",
+                local.display(),
+                dir.display()
+            );
+        }
+        dir.join("bin")
+    })
+    .clone()
+}
+
+/// Run the AWS CLI (`.local/awscli`) against the local S3 server.
+pub fn aws_cli(s3: &Server) -> Command {
+    let mut c = Command::new(local_tool("awscli/bin/aws"));
+    c.env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_ENDPOINT_URL", s3.endpoint())
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .stdin(Stdio::null());
+    c
+}
+
+/// The Drill tarball `scripts/setup` assembled, and its SHA-256.
+pub fn drill_tarball() -> (PathBuf, String) {
+    let tar = local_tool("drill/apache-drill-1.22.0.tar.gz");
+    let sum = std::fs::read_to_string(local_tool("drill/apache-drill-1.22.0.tar.gz.sha256"))
+        .unwrap()
+        .trim()
+        .to_string();
+    (tar, sum)
+}
+
+/// The environment the bootstrap action gets in the tests, beside EMR's
+/// defaults: directories under `base`, loopback ports, the local S3 server.
+pub struct BootstrapEnv {
+    pub base: PathBuf,
+    pub log_dir: PathBuf,
+    pub info_dir: PathBuf,
+    pub zk_port: u16,
+    pub http_port: u16,
+    pub user_port: u16,
+    pub bit_port: u16,
+}
+
+impl BootstrapEnv {
+    /// Directories under `dir` (made traversable for `hadoop`), fresh ports,
+    /// and EMR's node description naming 127.0.0.1 as the primary node.
+    pub fn new(dir: &Path) -> BootstrapEnv {
+        Command::new("chmod").arg("755").arg(dir).status().unwrap();
+        let info_dir = dir.join("info");
+        std::fs::create_dir_all(&info_dir).unwrap();
+        write_file(
+            &info_dir.join("job-flow.json"),
+            "{\"jobFlowId\": \"j-TEST\", \"masterPrivateDnsName\": \"127.0.0.1\"}\n",
+        );
+        write_file(&info_dir.join("instance.json"), "{\"isMaster\": true}\n");
+        let bit_port = free_port_pair();
+        BootstrapEnv {
+            base: dir.join("mnt/drill"),
+            log_dir: dir.join("mnt/var/log/drill"),
+            info_dir,
+            zk_port: free_port(),
+            http_port: free_port(),
+            user_port: free_port(),
+            bit_port,
+        }
+    }
+
+    /// `sudo -u hadoop env … bash <script> <args>`, as EMR runs a bootstrap action.
+    pub fn run_as_hadoop(&self, s3: &Server, script: &Path, args: &[String]) -> Output {
+        let user = hadoop_user();
+        let path = format!(
+            "{}:/usr/local/bin:/usr/bin:/bin",
+            aws_cli_for_hadoop().display()
+        );
+        let mut c = Command::new("sudo");
+        c.args(["-n", "-u", user, "env"])
+            .arg(format!("PATH={path}"))
+            .arg("AWS_ACCESS_KEY_ID=test")
+            .arg("AWS_SECRET_ACCESS_KEY=test")
+            .arg("AWS_DEFAULT_REGION=us-east-1")
+            .arg(format!("AWS_ENDPOINT_URL={}", s3.endpoint()))
+            .arg("AWS_EC2_METADATA_DISABLED=true")
+            .arg(format!("DRILL_BASE={}", self.base.display()))
+            .arg(format!("DRILL_LOG_DIR={}", self.log_dir.display()))
+            .arg(format!("EMR_INFO_DIR={}", self.info_dir.display()))
+            .arg(format!("ZK_PORT={}", self.zk_port))
+            .arg("ZK_WAIT_SECS=600")
+            .arg("DRILL_BIND_ADDR=127.0.0.1")
+            .arg("DRILL_ALLOW_LOOPBACK=true")
+            .arg(format!("DRILL_HTTP_PORT={}", self.http_port))
+            .arg(format!("DRILL_USER_PORT={}", self.user_port))
+            .arg(format!("DRILL_BIT_PORT={}", self.bit_port))
+            .arg(format!(
+                "ISBUSY_FILE={}",
+                self.base.join("isbusy").display()
+            ))
+            .arg("BUSY_INTERVAL=2");
+        if let Ok(j) = std::env::var("JAVA_HOME") {
+            c.arg(format!("JAVA_HOME={j}"));
+        }
+        c.arg("bash").arg(script).args(args);
+        c.stdin(Stdio::null()).output().unwrap()
+    }
+
+    /// The test-only `core-site.xml`: S3A to the local S3 server (path-style,
+    /// plain HTTP, test credentials). On EMR Drill's S3A uses the instance role.
+    pub fn write_core_site(&self, s3: &Server) {
+        write_file(
+            &self.base.join("drill/conf/core-site.xml"),
+            &format!(
+                "<?xml version=\"1.0\"?>\n<configuration>\n\
+                 <property><name>fs.s3a.endpoint</name><value>{}</value></property>\n\
+                 <property><name>fs.s3a.path.style.access</name><value>true</value></property>\n\
+                 <property><name>fs.s3a.connection.ssl.enabled</name><value>false</value></property>\n\
+                 <property><name>fs.s3a.endpoint.region</name><value>us-east-1</value></property>\n\
+                 <property><name>fs.s3a.access.key</name><value>test</value></property>\n\
+                 <property><name>fs.s3a.secret.key</name><value>test</value></property>\n\
+                 <property><name>fs.s3a.aws.credentials.provider</name>\
+                 <value>org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider</value></property>\n\
+                 </configuration>\n",
+                s3.endpoint()
+            ),
+        );
+    }
+
+    /// Drill's REST address.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// The end of Drill's logs, to explain a failure.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for f in ["supervise.log", "drillbit.out", "drillbit.log"] {
+            let text = std::fs::read_to_string(self.log_dir.join(f)).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            out.push_str(&format!("--- {f}\n"));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Users and command lines of the Drillbit processes of this installation.
+    pub fn drillbits(&self) -> Vec<(String, String)> {
+        let o = Command::new("ps")
+            .args(["-eo", "user:20,args", "--no-headers", "-ww"])
+            .output()
+            .unwrap();
+        let base = self.base.display().to_string();
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.contains("org.apache.drill.exec.server.Drillbit") && l.contains(&base))
+            .map(|l| {
+                let (u, a) = l.trim().split_once(' ').unwrap_or((l, ""));
+                (u.to_string(), a.trim().to_string())
+            })
+            .collect()
+    }
+
+    /// Stop the supervisor (and with it Drill): its process group.
+    pub fn stop(&self) {
+        let pid = std::fs::read_to_string(self.base.join("run/supervise.pid")).unwrap_or_default();
+        let pid = pid.trim();
+        if pid.is_empty() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", "--", &format!("-{pid}")])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.drillbits().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pid}")])
+            .status();
+    }
+}
+
+/// POST a query to Drill's REST API with curl (an independent client); the answer.
+pub fn drill_query(url: &str, sql: &str) -> serde_json::Value {
+    let body = serde_json::json!({
+        "queryType": "SQL", "query": sql,
+        "options": {"drill.exec.http.rest.errors.verbose": "true"}
+    });
+    let mut child = Command::new("curl")
+        .args([
+            "-s",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            "@-",
+        ])
+        .arg(format!("{url}/query.json"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "Drill's answer to {sql}: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// The rows of a query that must complete.
+pub fn drill_rows(url: &str, sql: &str) -> Vec<serde_json::Value> {
+    let v = drill_query(url, sql);
+    assert_eq!(v["queryState"], "COMPLETED", "{sql}: {v}");
+    v["rows"].as_array().cloned().unwrap_or_default()
+}
+
+/// HTTP status of a GET (0 when nothing answers).
+pub fn http_status(url: &str) -> u16 {
+    let o = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            url,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}

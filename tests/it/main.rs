@@ -8,6 +8,7 @@ mod catalog;
 mod cluster;
 mod compat;
 mod config_cli;
+mod drill;
 mod exactly_once;
 mod faults;
 mod fencing;

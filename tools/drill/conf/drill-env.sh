@@ -1,0 +1,1 @@
+# Replaced by the bootstrap action (memory sized from the node, directories).
