@@ -89,6 +89,11 @@ fn check_rate(proxy: &Proxy, shards: usize, min_calls: usize, per_second: usize)
             t.len(),
             span(t)
         );
+        eprintln!(
+            "{shard}: {} GetRecords calls in {:?}, at most {most} within 900 ms",
+            t.len(),
+            span(t)
+        );
         longest = longest.max(span(t));
     }
     longest
@@ -222,4 +227,53 @@ fn a_throttled_live_read_waits_and_completes() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a failing live read succeeded");
     assert!(stderr.contains("gave up after 2 attempts"), "{stderr}");
+}
+
+/// The bytes of each answer hold the next call back: at share 0.1 a shard
+/// gives 0.2 MiB/s, so after an answer of 4 × 200 KB the next call waits
+/// about 3.8 s — almost twice the 2 s the call budget alone asks for.
+#[test]
+fn the_bytes_read_hold_the_next_call_back() {
+    let k = kinesis();
+    let rt = rt();
+    let proxy = rt.block_on(Proxy::start(k.port));
+    let stream = unique("bytes");
+    let c = kinesis_client(&k.endpoint());
+    let big: Vec<(String, Vec<u8>)> = (0..2 * PER_CALL)
+        .map(|i| {
+            let pad = "x".repeat(200_000);
+            (
+                format!("k{i}"),
+                format!(r#"{{"i":{i},"pad":"{pad}"}}"#).into_bytes(),
+            )
+        })
+        .collect();
+    let puts = rt.block_on(async {
+        create_stream(&c, &stream, 1).await;
+        put_records(&c, &stream, &big).await
+    });
+    let ws = Workspace::new(
+        &proxy.endpoint(),
+        None,
+        None,
+        &config(0.1, 10),
+        &[(&stream, "json")],
+    );
+    proxy.clear_call_times();
+    let rows = ws.sql(&format!(
+        "SELECT shard_id, sequence_number FROM live.{}",
+        q(&stream)
+    ));
+    assert_eq!(row_ids(&rows), put_ids(&puts));
+    let times = proxy.call_times("GetRecords");
+    let t = &times["shardId-000000000000"];
+    assert!(t.len() >= 3, "{} GetRecords calls", t.len());
+    // The first two calls each read 4 records of 200 KB (800 KB at 0.2 MiB/s).
+    for w in t[..3].windows(2) {
+        let gap = w[1] - w[0];
+        assert!(
+            gap >= Duration::from_millis(3000),
+            "a call {gap:?} after one that read 800 KB (the byte budget needs ~3.8 s)"
+        );
+    }
 }
