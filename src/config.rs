@@ -171,8 +171,12 @@ pub struct QueryConfig {
     pub target_partitions: usize,
     /// Memory the engine may hold before spilling to disk; 0 means no limit.
     pub memory_limit: ByteSize,
-    /// Consecutive failed Kinesis calls after which a live read fails the query.
+    /// Consecutive failed Kinesis calls after which a live read fails the
+    /// query (throttled calls are waited for, not counted).
     pub live_retry_attempts: u32,
+    /// Share of each shard's read limits (5 GetRecords calls/s, 2 MiB/s)
+    /// that query-time live reads (`live.S`, `S`, replays) may use, in (0, 1].
+    pub live_read_share: f64,
     /// Longest SQL text accepted (`fluxcap sql`, replay's `--where`/`--key`/`--tombstone`, the API).
     pub max_statement_bytes: ByteSize,
     /// Deepest nesting of expressions, subqueries, set operations and joins accepted.
@@ -1023,6 +1027,13 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
             ),
         ));
     }
+    let share = cfg.query.live_read_share;
+    if !(share > 0.0 && share <= 1.0) {
+        return Err(bad(
+            "query.live_read_share",
+            format!("expected a share of the shard read limits above 0 and at most 1, got {share}"),
+        ));
+    }
     let r = &cfg.replay;
     if r.annotation_field.is_empty() {
         return Err(bad(
@@ -1293,6 +1304,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.server.tls_key.as_deref(), Some("k"));
+    }
+
+    #[test]
+    fn live_read_share_is_a_share_of_the_limits() {
+        let cfg = load(&Sources::default()).unwrap();
+        assert_eq!(cfg.query.live_read_share, 0.4);
+        assert_eq!(
+            load_str("[query]\nlive_read_share = 1.0")
+                .unwrap()
+                .query
+                .live_read_share,
+            1.0
+        );
+        for bad in ["0", "-0.5", "1.5", "nan", "inf"] {
+            let e = load_str(&format!("[query]\nlive_read_share = {bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("query.live_read_share"), "{bad}: {e}");
+        }
     }
 
     #[test]

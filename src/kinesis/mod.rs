@@ -3,6 +3,7 @@
 //! throttling and transient faults.
 
 pub mod kpl;
+pub mod pace;
 pub mod reader;
 pub mod shards;
 pub mod writer;
@@ -131,6 +132,28 @@ where
             "{}",
             aws_sdk_kinesis::error::DisplayErrorContext(err)
         )),
+    }
+}
+
+/// Whether `err` is a throttling answer (the shard's or the account's
+/// limits, not a fault): callers that pace themselves back off and retry
+/// without counting it as a failed attempt.
+pub fn is_throttling<E, R>(err: &SdkError<E, R>) -> bool
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match err {
+        SdkError::ServiceError(se) => matches!(
+            se.err().code(),
+            Some(
+                "ProvisionedThroughputExceededException"
+                    | "KMSThrottlingException"
+                    | "LimitExceededException"
+                    | "ThrottlingException"
+            )
+        ),
+        _ => false,
     }
 }
 

@@ -1,6 +1,12 @@
 //! Reads one shard with GetRecords, turning Kinesis records into user records
 //! (KPL aggregates expanded), and surviving throttling, transient faults and
 //! expired iterators without ever skipping or re-reading a record.
+//!
+//! Query-time readers are *paced* ([`ShardReader::paced`]): each GetRecords
+//! call waits for the shard's [`ShardPacer`] (a share of the shard's read
+//! limits, shared with every other query-time reader of the shard), and a
+//! throttled call backs off with jitter without counting as a failed attempt
+//! towards [`ShardReader::give_up_after`]. The archiver's reader is not paced.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::kinesis::kpl::deaggregate;
-use crate::kinesis::{Backoff, Client, Failure, classify};
+use crate::kinesis::pace::ShardPacer;
+use crate::kinesis::{Backoff, Client, Failure, classify, is_throttling};
 use crate::record::{Position, Record};
 
 /// Where a reader starts.
@@ -69,6 +76,10 @@ pub struct ShardReader {
     /// Give up after this many consecutive failed calls (`None`: never, as the
     /// archiver does; a query prefers an error to waiting for ever).
     max_attempts: Option<u32>,
+    /// Paces GetRecords to a share of the shard's limits (query-time reads).
+    pacer: Option<ShardPacer>,
+    /// Backoff of throttled calls of a paced reader (not counted as failures).
+    throttle: Backoff,
     done: bool,
 }
 
@@ -97,6 +108,8 @@ impl ShardReader {
             backoff: Backoff::new(max_backoff),
             retries,
             max_attempts: None,
+            pacer: None,
+            throttle: Backoff::new(max_backoff),
             done: false,
         }
     }
@@ -104,6 +117,14 @@ impl ShardReader {
     /// Fail instead of retrying once `attempts` consecutive calls have failed.
     pub fn give_up_after(mut self, attempts: u32) -> Self {
         self.max_attempts = Some(attempts);
+        self
+    }
+
+    /// Pace GetRecords calls with `pacer`, and retry throttled calls (of
+    /// GetRecords and GetShardIterator) with backoff without counting them
+    /// towards [`Self::give_up_after`]: a busy shard is waited for, not an error.
+    pub fn paced(mut self, pacer: ShardPacer) -> Self {
+        self.pacer = Some(pacer);
         self
     }
 
@@ -145,6 +166,18 @@ impl ShardReader {
         })
     }
 
+    /// The next throttling backoff delay of a paced reader (exponential,
+    /// full jitter); throttled calls are retried without limit.
+    fn throttle_delay(&mut self, why: &str) -> Duration {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+        let d = self.throttle.next_delay();
+        tracing::debug!(stream = %self.stream, shard = %self.shard, ?d, "throttled, backing off: {why}");
+        if self.throttle.attempts().is_multiple_of(20) {
+            tracing::warn!(stream = %self.stream, shard = %self.shard, attempts = self.throttle.attempts(), "still throttled: {why}");
+        }
+        d
+    }
+
     async fn new_iterator(&mut self, cancel: &CancellationToken) -> Result<Option<String>> {
         loop {
             let mut req = self
@@ -172,7 +205,14 @@ impl ShardReader {
             match req.send().await {
                 Ok(r) => {
                     self.backoff.reset();
+                    self.throttle.reset();
                     return Ok(r.shard_iterator);
+                }
+                Err(e) if self.pacer.is_some() && is_throttling(&e) => {
+                    let d = self.throttle_delay(&format!("GetShardIterator: {:?}", classify(&e)));
+                    if !sleep_unless_cancelled(cancel, d).await {
+                        return Ok(None);
+                    }
                 }
                 Err(e) => match classify(&e) {
                     Failure::Retry(m) => {
@@ -227,6 +267,16 @@ impl ShardReader {
                     }
                 },
             };
+            let permit = match &self.pacer {
+                Some(p) => tokio::select! {
+                    _ = cancel.cancelled() => {
+                        self.iterator = Some(it);
+                        return Ok(None);
+                    }
+                    permit = p.acquire() => Some(permit),
+                },
+                None => None,
+            };
             let resp = match self
                 .client
                 .get_records()
@@ -235,8 +285,33 @@ impl ShardReader {
                 .send()
                 .await
             {
-                Ok(r) => r,
+                Ok(r) => {
+                    if let Some(p) = permit {
+                        let bytes: usize = r
+                            .records
+                            .iter()
+                            .map(|k| k.data.as_ref().len() + k.partition_key.len())
+                            .sum();
+                        p.finish(bytes as u64);
+                    }
+                    r
+                }
+                Err(e) if is_throttling(&e) && permit.is_some() => {
+                    // The shard is busy: wait (every reader of the shard in
+                    // this process too), keep the iterator, and do not count
+                    // it as a failure.
+                    self.iterator = Some(it);
+                    let d = self.throttle_delay(&format!("GetRecords: {:?}", classify(&e)));
+                    if let Some(p) = permit {
+                        p.throttled(d);
+                    }
+                    if !sleep_unless_cancelled(cancel, d).await {
+                        return Ok(None);
+                    }
+                    continue;
+                }
                 Err(e) => {
+                    drop(permit);
                     match classify(&e) {
                         Failure::ExpiredIterator => {
                             tracing::info!(stream = %self.stream, shard = %self.shard, "shard iterator expired; getting a new one after the last record");
@@ -258,6 +333,7 @@ impl ShardReader {
                 }
             };
             self.backoff.reset();
+            self.throttle.reset();
             let mut batch = ReadBatch {
                 millis_behind: resp.millis_behind_latest,
                 kinesis_records: resp.records.len(),
@@ -328,5 +404,13 @@ impl ShardReader {
             }
             return Ok(Some(batch));
         }
+    }
+}
+
+/// Sleep `d`; false when cancelled first.
+async fn sleep_unless_cancelled(cancel: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
     }
 }

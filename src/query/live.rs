@@ -10,6 +10,10 @@
 //! end of a closed shard, or at the first record that arrived after the scan
 //! started; records that arrived after the scan started are left out, so a
 //! query sees the stream as of its start (by Kinesis arrival time).
+//!
+//! Reads are paced to `query.live_read_share` of each shard's read limits
+//! ([`crate::kinesis::pace`]), so that a query leaves the archiver and the
+//! stream's other consumers their share; throttled calls are waited for.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -28,6 +32,7 @@ use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use futures::TryStreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::kinesis::pace::{ReadLimits, shard_pacer};
 use crate::kinesis::reader::{ShardReader, StartAt};
 use crate::query::bounds::TimeRange;
 use crate::query::df_err;
@@ -46,8 +51,12 @@ pub struct LiveSettings {
     pub limit: i32,
     /// Longest backoff between retries.
     pub max_backoff: Duration,
-    /// Consecutive failed calls before the query fails.
+    /// Consecutive failed calls before the query fails (throttled calls
+    /// are not counted).
     pub attempts: u32,
+    /// Share of each shard's read limits the reads may use
+    /// (`query.live_read_share`).
+    pub read_share: f64,
 }
 
 /// `live.<stream>`.
@@ -190,7 +199,12 @@ impl LiveShard {
             self.settings.max_backoff,
             Arc::new(AtomicU64::new(0)),
         )
-        .give_up_after(self.settings.attempts);
+        .give_up_after(self.settings.attempts)
+        .paced(shard_pacer(
+            &self.stream,
+            &self.shard,
+            ReadLimits::share(self.settings.read_share),
+        ));
         match (&self.start, &self.after) {
             (StartAt::AfterSequence(_), Some(p)) => r.resume_after(p),
             _ => r,

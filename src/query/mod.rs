@@ -229,6 +229,7 @@ pub async fn session_with(cfg: &Config, opts: &SessionOptions) -> Result<QuerySe
         limit: cfg.archiver.max_records_per_call,
         max_backoff: cfg.archiver.max_backoff.0,
         attempts: q.live_retry_attempts,
+        read_share: q.live_read_share,
     };
     let archive_schema = Arc::new(MemorySchemaProvider::new());
     let live_schema = Arc::new(MemorySchemaProvider::new());

@@ -14,6 +14,7 @@ mod faults;
 mod fencing;
 mod ferro;
 mod kpl;
+mod live_pacing;
 mod proxy;
 mod publish_hour;
 mod replay;

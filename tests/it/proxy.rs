@@ -5,7 +5,9 @@
 //! shard out of Kinesis `ListShards` answers, as AWS does once a closed shard
 //! is older than the retention period — and answer PutRecords calls in part
 //! (some entries throttled or refused, the rest forwarded), as a busy target
-//! does.
+//! does. It also logs when each Kinesis call arrived and, for GetRecords,
+//! which shard it read (following the iterators it hands out), so that a
+//! test can measure the call rate per shard.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -49,6 +51,11 @@ struct Ctl {
     refused_key: Mutex<Option<(String, String)>>,
     /// Entries refused because of `refused_key` so far.
     refused: std::sync::atomic::AtomicU64,
+    /// Kinesis requests in order of arrival: target, shard (GetRecords and
+    /// GetShardIterator), when.
+    log: Mutex<Vec<(String, Option<String>, std::time::Instant)>>,
+    /// Shard iterator handed out → its shard.
+    iterators: Mutex<std::collections::HashMap<String, String>>,
 }
 
 pub struct Proxy {
@@ -184,6 +191,28 @@ impl Proxy {
             .unwrap_or(0)
     }
 
+    /// When each Kinesis request of `target` arrived, per shard (`""` when
+    /// the shard is not known), in order of arrival.
+    pub fn call_times(
+        &self,
+        target: &str,
+    ) -> std::collections::BTreeMap<String, Vec<std::time::Instant>> {
+        let mut m: std::collections::BTreeMap<String, Vec<std::time::Instant>> = Default::default();
+        for (t, shard, at) in self.ctl.log.lock().unwrap().iter() {
+            if t == target {
+                m.entry(shard.clone().unwrap_or_default())
+                    .or_default()
+                    .push(*at);
+            }
+        }
+        m
+    }
+
+    /// Forget the log of [`Proxy::call_times`].
+    pub fn clear_call_times(&self) {
+        self.ctl.log.lock().unwrap().clear();
+    }
+
     /// Requests held now.
     pub fn held_count(&self) -> usize {
         self.ctl.held.lock().unwrap().len()
@@ -278,8 +307,27 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
                 .then(|| v.trim().rsplit('.').next().unwrap_or_default().to_string())
         })
         .unwrap_or_default();
+    let arrived = std::time::Instant::now();
+    let request: serde_json::Value = if target == "GetRecords" || target == "GetShardIterator" {
+        serde_json::from_slice(&body).unwrap_or_default()
+    } else {
+        serde_json::Value::Null
+    };
+    // The shard this call is about: named by GetShardIterator, known by its
+    // iterator for GetRecords.
+    let shard = match target.as_str() {
+        "GetShardIterator" => request["ShardId"].as_str().map(str::to_string),
+        "GetRecords" => request["ShardIterator"]
+            .as_str()
+            .and_then(|it| ctl.iterators.lock().unwrap().get(it).cloned()),
+        _ => None,
+    };
     if !target.is_empty() {
         *ctl.calls.lock().unwrap().entry(target.clone()).or_default() += 1;
+        ctl.log
+            .lock()
+            .unwrap()
+            .push((target.clone(), shard.clone(), arrived));
     }
     let failure = {
         let mut failing = ctl.failing.lock().unwrap();
@@ -365,6 +413,19 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
         return Ok(());
     }
     let mut resp = forward(upstream, &head, &body).await?;
+    if let Some(shard) = &shard {
+        let v: serde_json::Value = serde_json::from_slice(&body_of(&resp)).unwrap_or_default();
+        let next = match target.as_str() {
+            "GetShardIterator" => v["ShardIterator"].as_str(),
+            _ => v["NextShardIterator"].as_str(),
+        };
+        if let Some(it) = next {
+            ctl.iterators
+                .lock()
+                .unwrap()
+                .insert(it.to_string(), shard.clone());
+        }
+    }
     let hidden = ctl.hidden_shard.lock().unwrap().clone();
     if let Some(shard) = hidden
         && head.contains("Kinesis_20131202.ListShards")
