@@ -28,7 +28,9 @@
 //!   progress.json (every checkpoint_records / checkpoint_interval)
 //!        sent = N: records 0‥N-1 of the ordered selection are all acknowledged
 //!   rejected.jsonl (before any progress past a rejected record; only grows)
+//!   lease/<epoch>.json  (renewed every lease_ttl/3: one process runs a replay)
 //!   --resume id: same query (same horizon, same order, now() = as_of) OFFSET N
+//!   --follow: then per shard after follow[shard] (or the horizon); see [`follow`]
 //! ```
 //!
 //! Records acknowledged after the last progress save are sent again by a

@@ -520,12 +520,13 @@ fn replay_resume_is_refused_while_another_process_holds_the_replay() {
             .collect();
         put_records(&c, &stream, &recs).await;
     });
-    let out = ws.dir.path().join("slow.jsonl");
-    // A slow replay to a pipe nobody reads fast: --rate keeps it running.
+    let target = unique("held-t");
+    rt.block_on(create_stream(&c, &target, 1));
+    // A slow replay: --rate 5 paces its writer (200 records take 40 s).
     let mut first = ws
         .cmd()
         .args(["replay", "--stream", &stream, "--rate", "5", "--to"])
-        .arg(format!("file://{}", out.display()))
+        .arg(format!("kinesis://{target}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
