@@ -11,7 +11,9 @@
 //!   `/query.json`;
 //! - Drill reads the archive the real archiver wrote, through S3A, and
 //!   agrees with `fluxcap sql`; the staged files of an uncommitted flush do
-//!   not change its answers;
+//!   not change its answers; while Drill runs a query the bootstrap action
+//!   touches EMR's idle auto-termination marker (`isbusy`), and not while it
+//!   is idle;
 //! - `replay --engine drill` sends, record for record and in order, what the
 //!   local engine's replay with the same options sends; Drill's failures
 //!   are errors with Drill's message; `--dry-run` writes nothing; the scratch
@@ -144,6 +146,31 @@ fn start_stack(s3: &Server, kinesis: &str, stream: &str) -> Stack {
         t0.elapsed().as_secs_f64()
     );
     stack
+}
+
+/// A child process killed (and reaped) when the test ends, passing or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Drill's running queries, from `/profiles.json` (what the busy loop reads).
+fn running_queries(url: &str) -> Vec<serde_json::Value> {
+    let o = Command::new("curl")
+        .args(["-s", "--max-time", "10", &format!("{url}/profiles.json")])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "Drill's /profiles.json: {e}: {}",
+            String::from_utf8_lossy(&o.stdout)
+        )
+    });
+    v["runningQueries"].as_array().cloned().unwrap_or_default()
 }
 
 #[test]
@@ -410,6 +437,95 @@ fn drill_bootstrap_action_runs_as_hadoop_and_reads_the_archive_like_fluxcap_sql(
     }
     assert_eq!(drill_answers(), theirs, "Drill read the staged files");
     assert_eq!(answers(ws), ours, "fluxcap sql read the staged files");
+
+    // EMR's idle auto-termination does not see Drill: while Drill runs a query
+    // the bootstrap action's busy loop touches EMR's isbusy marker (ISBUSY_FILE,
+    // every BUSY_INTERVAL s), and leaves it alone when Drill is idle. The query:
+    // a five-way self-join on shard_id (2 shards of 200 records, 6.4e11 rows),
+    // which runs until it is cancelled.
+    let interval = Duration::from_secs(BUSY_INTERVAL_SECS);
+    let marker = env.isbusy.clone();
+    let touched = || std::fs::metadata(&marker).and_then(|m| m.modified()).ok();
+    let long_sql = format!(
+        "SELECT COUNT(*) AS n FROM {d} a JOIN {d} b ON a.shard_id = b.shard_id \
+         JOIN {d} c ON b.shard_id = c.shard_id JOIN {d} e ON c.shard_id = e.shard_id \
+         JOIN {d} f ON e.shard_id = f.shard_id"
+    );
+    let mut long_query = KillOnDrop(spawn_drill_query(&url, &long_sql));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let query_id = loop {
+        if let Some(r) = running_queries(&url)
+            .into_iter()
+            .find(|r| r["query"].as_str().unwrap_or_default().contains("JOIN"))
+        {
+            break r["queryId"].as_str().unwrap().to_string();
+        }
+        if let Some(status) = long_query.0.try_wait().unwrap() {
+            let mut out = String::new();
+            std::io::Read::read_to_string(long_query.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+            panic!("the long query ended ({status}) before it was seen running: {out}");
+        }
+        assert!(Instant::now() < deadline, "the long query never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let running_since = std::time::SystemTime::now();
+    // Touched while it runs, and touched again (not once only).
+    let mut seen = running_since;
+    for what in ["touched", "touched again"] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(t) = touched().filter(|t| *t > seen) {
+                seen = t;
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not {what} within 30 s while Drill ran a query",
+                marker.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            running_queries(&url)
+                .iter()
+                .any(|r| r["queryId"] == query_id.as_str()),
+            "the long query ended before the marker was {what}"
+        );
+    }
+    eprintln!(
+        "isbusy touched twice while the query ran, the second time {:.1} s after it was seen running",
+        seen.duration_since(running_since)
+            .unwrap_or_default()
+            .as_secs_f64()
+    );
+    // Cancelled, Drill is idle: the marker is not touched any more (a check
+    // under way when the query ended may still touch it within an interval).
+    let o = Command::new("curl")
+        .args(["-s", &format!("{url}/profiles/cancel/{query_id}")])
+        .output()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !running_queries(&url).is_empty() || long_query.0.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the long query was not cancelled: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let idle_since = std::time::SystemTime::now();
+    let idle_until = Instant::now() + interval * 5;
+    while Instant::now() < idle_until {
+        if let Some(t) = touched() {
+            assert!(
+                t <= idle_since + interval,
+                "{} touched {:?} after Drill went idle",
+                marker.display(),
+                t.duration_since(idle_since).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // The supervisor restarts Drill when it fails (Restart=on-failure).
     let pid = std::fs::read_to_string(env.base.join("run/drillbit.pid")).unwrap();

@@ -903,12 +903,18 @@ pub fn drill_tarball() -> (PathBuf, String) {
     (tar, sum)
 }
 
+/// How often the bootstrap action's busy loop looks for running Drill queries
+/// in the tests (`BUSY_INTERVAL`; a minute on EMR).
+pub const BUSY_INTERVAL_SECS: u64 = 2;
+
 /// The environment the bootstrap action gets in the tests, beside EMR's
 /// defaults: directories under `base`, loopback ports, the local S3 server.
 pub struct BootstrapEnv {
     pub base: PathBuf,
     pub log_dir: PathBuf,
     pub info_dir: PathBuf,
+    /// EMR's idle auto-termination marker (`ISBUSY_FILE`, `/emr/metricscollector/isbusy` on EMR).
+    pub isbusy: PathBuf,
     pub zk_port: u16,
     pub http_port: u16,
     pub user_port: u16,
@@ -932,6 +938,7 @@ impl BootstrapEnv {
             base: dir.join("mnt/drill"),
             log_dir: dir.join("mnt/var/log/drill"),
             info_dir,
+            isbusy: dir.join("mnt/drill/isbusy"),
             zk_port: free_port(),
             http_port: free_port(),
             user_port: free_port(),
@@ -964,11 +971,8 @@ impl BootstrapEnv {
             .arg(format!("DRILL_HTTP_PORT={}", self.http_port))
             .arg(format!("DRILL_USER_PORT={}", self.user_port))
             .arg(format!("DRILL_BIT_PORT={}", self.bit_port))
-            .arg(format!(
-                "ISBUSY_FILE={}",
-                self.base.join("isbusy").display()
-            ))
-            .arg("BUSY_INTERVAL=2");
+            .arg(format!("ISBUSY_FILE={}", self.isbusy.display()))
+            .arg(format!("BUSY_INTERVAL={BUSY_INTERVAL_SECS}"));
         if let Ok(j) = std::env::var("JAVA_HOME") {
             c.arg(format!("JAVA_HOME={j}"));
         }
@@ -1054,8 +1058,9 @@ impl BootstrapEnv {
     }
 }
 
-/// POST a query to Drill's REST API with curl (an independent client); the answer.
-pub fn drill_query(url: &str, sql: &str) -> serde_json::Value {
+/// POST a query to Drill's REST API with curl (an independent client),
+/// without waiting for the answer (curl's stdout, piped).
+pub fn spawn_drill_query(url: &str, sql: &str) -> std::process::Child {
     let body = serde_json::json!({
         "queryType": "SQL", "query": sql,
         "options": {"drill.exec.http.rest.errors.verbose": "true"}
@@ -1081,7 +1086,12 @@ pub fn drill_query(url: &str, sql: &str) -> serde_json::Value {
         .unwrap()
         .write_all(body.to_string().as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child
+}
+
+/// POST a query to Drill's REST API with curl (an independent client); the answer.
+pub fn drill_query(url: &str, sql: &str) -> serde_json::Value {
+    let out = spawn_drill_query(url, sql).wait_with_output().unwrap();
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "Drill's answer to {sql}: {e}: {}",
