@@ -815,7 +815,11 @@ impl Run {
             Err(e) => {
                 if self.recorded {
                     let msg = (!matches!(e, Error::Interrupted)).then(|| e.to_string());
-                    self.save(Phase::Interrupted, msg).await;
+                    // A followed batch cut short: the last save is the
+                    // last consistent one (output and shard positions agree).
+                    if !self.hold_saves {
+                        self.save(Phase::Interrupted, msg).await;
+                    }
                     if !self.opts.quiet {
                         eprintln!(
                             "replay {id} stopped after {} records; continue with: fluxcap replay --resume {id}",
@@ -859,7 +863,9 @@ impl Run {
             ));
         } else if stop == Stop::OutputClosed {
             // Its reader has what it wanted: a clean stop, nothing to report.
-            self.save(Phase::OutputClosed, None).await;
+            if !self.hold_saves {
+                self.save(Phase::OutputClosed, None).await;
+            }
             tracing::info!(
                 "replay {id}: the output was closed after {} records; continue with: fluxcap replay --resume {id}",
                 self.mark.next
