@@ -179,8 +179,10 @@ impl Aimd {
 pub struct TargetShard {
     /// Shard id.
     pub shard_id: String,
-    start: u128,
-    end: u128,
+    /// First hash key of its range.
+    pub start: u128,
+    /// Last hash key of its range (inclusive).
+    pub end: u128,
 }
 
 /// The open shards of a target stream, for routing and pacing.

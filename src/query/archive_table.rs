@@ -37,7 +37,7 @@ use object_store::path::Path;
 use crate::archive::layout::{is_hidden_below, parse_data_file_name};
 use crate::archive::store::{Archive, with_retry};
 use crate::error::Error;
-use crate::query::bounds::{HOUR_MS, TimeRange};
+use crate::query::bounds::{HOUR_MS, ShardRange, TimeRange};
 use crate::query::df_err;
 use crate::query::snapshot::Snapshot;
 use crate::record::{self, col};
@@ -231,6 +231,7 @@ impl ArchiveTable {
         }
         let keys: Vec<(String, String)> = by_partition.keys().cloned().collect();
         let keep = parts.eval(&keys)?;
+        let seqs = ShardRange::from_filters(filters);
         let mut out = Vec::new();
         for (((dt, hr), objects), keep) in by_partition.into_iter().zip(keep) {
             let hour_ok = NaiveDate::parse_from_str(&dt, "%Y-%m-%d")
@@ -246,7 +247,7 @@ impl ArchiveTable {
                 }));
             }
         }
-        Ok(out)
+        Ok(prune_by_name(out, &seqs))
     }
 
     /// The scan plan as of `snapshot`.
@@ -282,6 +283,46 @@ impl ArchiveTable {
             .build();
         format.create_physical_plan(state, config).await
     }
+}
+
+/// Leave out the files that a shard and sequence range rules out, by their
+/// names alone (a shard's files are consecutive runs of its sequence space).
+fn prune_by_name(files: Vec<SelectedFile>, range: &ShardRange) -> Vec<SelectedFile> {
+    if *range == ShardRange::default() {
+        return files;
+    }
+    // Per checkpoint key (an incarnation's shard): (first sequence, index).
+    let mut by_key: BTreeMap<String, Vec<(String, u64, usize)>> = BTreeMap::new();
+    let mut keep = vec![true; files.len()];
+    for (i, f) in files.iter().enumerate() {
+        let Some(name) = f.meta.location.filename().and_then(parse_data_file_name) else {
+            continue;
+        };
+        let (shard, _) = crate::archive::identity::split_key(&name.shard_id);
+        if !range.has_shard(shard) {
+            keep[i] = false;
+            continue;
+        }
+        by_key.entry(name.shard_id.clone()).or_default().push((
+            name.first.sequence_number,
+            name.first.subsequence_number.max(0) as u64,
+            i,
+        ));
+    }
+    for runs in by_key.values_mut() {
+        runs.sort_by(|a, b| record::cmp_sequence(&a.0, &b.0).then(a.1.cmp(&b.1)));
+        let firsts: Vec<&str> = runs.iter().map(|r| r.0.as_str()).collect();
+        for (r, k) in runs.iter().zip(range.keep_files(&firsts)) {
+            if !k {
+                keep[r.2] = false;
+            }
+        }
+    }
+    files
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(f, k)| k.then_some(f))
+        .collect()
 }
 
 /// Spread files over `n` groups of similar total size (largest first).

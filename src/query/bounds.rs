@@ -1,15 +1,39 @@
-//! What a query's filters say about arrival time, used to prune hour
-//! partitions of the archive and to start live reads at a timestamp.
+//! What a query's filters say about arrival time, shards and sequence
+//! numbers, used to prune hour partitions and data files of the archive, to
+//! start live reads at a timestamp and to leave shards out of live reads.
 //!
-//! Only conjuncts of the form `approximate_arrival_timestamp <op> <literal>`
-//! (either side, `BETWEEN` included) are understood; anything else leaves the
-//! range open, which is always safe because every filter is also applied to
-//! the rows read.
+//! Only conjuncts of the forms `approximate_arrival_timestamp <op> <literal>`
+//! (either side, `BETWEEN` included), `shard_id = <literal>`, `shard_id IN
+//! (<literals>)` and [`SEQ_RANGE_FN`]`(sequence_number, lo, hi)` are
+//! understood; anything else leaves the range open, which is always safe
+//! because every filter is also applied to the rows read.
+//!
+//! A data file's name gives its shard and its first record, and a shard's
+//! files hold consecutive, disjoint runs of its sequence space, so a shard
+//! and sequence range select files without opening any ([`ShardRange`]).
 
-use datafusion::common::ScalarValue;
-use datafusion::logical_expr::{Between, BinaryExpr, Expr, Operator};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 
-use crate::record::col::ARRIVAL as ARRIVAL_COLUMN;
+use arrow::array::{Array, AsArray, BooleanBuilder};
+use arrow::datatypes::DataType;
+use datafusion::common::{Result as DfResult, ScalarValue, exec_err};
+use datafusion::logical_expr::expr::InList;
+use datafusion::logical_expr::{
+    Between, BinaryExpr, ColumnarValue, Expr, Operator, ScalarFunctionArgs, ScalarUDF,
+    ScalarUDFImpl, Signature, Volatility,
+};
+
+use crate::record::cmp_sequence;
+use crate::record::col::{
+    ARRIVAL as ARRIVAL_COLUMN, SEQUENCE_NUMBER as SEQUENCE_COLUMN, SHARD_ID as SHARD_COLUMN,
+};
+
+/// `fluxcap_seq_range(sequence_number, lo, hi)`: `lo <= sequence_number < hi`
+/// compared as numbers (decimal strings of any length); an empty `lo` or `hi`
+/// is unbounded. Registered in every session; a filter with literal bounds
+/// prunes archive files and live shards.
+pub const SEQ_RANGE_FN: &str = "fluxcap_seq_range";
 
 /// Milliseconds per hour partition.
 pub const HOUR_MS: i64 = 3_600_000;
@@ -120,6 +144,225 @@ impl TimeRange {
     }
 }
 
+/// What a query's filters say about shards and sequence numbers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardRange {
+    /// Only these Kinesis shard ids can match (`None`: any).
+    pub shards: Option<BTreeSet<String>>,
+    /// Sequence numbers at or after this one (inclusive).
+    pub from_seq: Option<String>,
+    /// Sequence numbers before this one (exclusive).
+    pub to_seq: Option<String>,
+}
+
+impl ShardRange {
+    /// The range implied by `filters` (a conjunction).
+    pub fn from_filters(filters: &[Expr]) -> Self {
+        let mut r = ShardRange::default();
+        for f in filters {
+            r.narrow(f);
+        }
+        r
+    }
+
+    /// Whether records of Kinesis shard `shard` can match.
+    pub fn has_shard(&self, shard: &str) -> bool {
+        self.shards.as_ref().is_none_or(|s| s.contains(shard))
+    }
+
+    /// Whether a sequence range can match that holds only numbers greater
+    /// than `after` (the records of a live read after a committed position).
+    pub fn reaches_past(&self, after: &str) -> bool {
+        self.to_seq
+            .as_deref()
+            .is_none_or(|to| cmp_sequence(to, after).is_gt())
+    }
+
+    /// Whether the range can match a record at `seq`.
+    pub fn contains_seq(&self, seq: &str) -> bool {
+        self.from_seq
+            .as_deref()
+            .is_none_or(|f| cmp_sequence(seq, f).is_ge())
+            && self
+                .to_seq
+                .as_deref()
+                .is_none_or(|t| cmp_sequence(seq, t).is_lt())
+    }
+
+    /// Which of one shard's data files (their first sequence numbers, in
+    /// the shard's order) can hold matching records: not those starting at
+    /// or after `to_seq`, and of those starting before `from_seq` only the
+    /// last one (the files are consecutive runs).
+    pub fn keep_files(&self, firsts: &[&str]) -> Vec<bool> {
+        let mut keep: Vec<bool> = firsts
+            .iter()
+            .map(|f| {
+                self.to_seq
+                    .as_deref()
+                    .is_none_or(|t| cmp_sequence(f, t).is_lt())
+            })
+            .collect();
+        if let Some(from) = self.from_seq.as_deref() {
+            // The last file starting at or before `from` may hold it.
+            let last_before = firsts
+                .iter()
+                .rposition(|f| cmp_sequence(f, from).is_le());
+            for (i, k) in keep.iter_mut().enumerate() {
+                if last_before.is_some_and(|l| i < l) {
+                    *k = false;
+                }
+            }
+        }
+        keep
+    }
+
+    fn narrow(&mut self, e: &Expr) {
+        match e {
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::And,
+                right,
+            }) => {
+                self.narrow(left);
+                self.narrow(right);
+            }
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::Eq,
+                right,
+            }) => {
+                let v = match (is_column(left, SHARD_COLUMN), is_column(right, SHARD_COLUMN)) {
+                    (true, false) => literal_str(right),
+                    (false, true) => literal_str(left),
+                    _ => None,
+                };
+                if let Some(v) = v {
+                    self.only([v].into_iter().collect());
+                }
+            }
+            Expr::InList(InList {
+                expr,
+                list,
+                negated: false,
+            }) if is_column(expr, SHARD_COLUMN) => {
+                let values: Option<BTreeSet<String>> = list.iter().map(literal_str).collect();
+                if let Some(v) = values {
+                    self.only(v);
+                }
+            }
+            Expr::ScalarFunction(f) if f.func.name() == SEQ_RANGE_FN => {
+                let [c, lo, hi] = f.args.as_slice() else {
+                    return;
+                };
+                if !is_column(c, SEQUENCE_COLUMN) {
+                    return;
+                }
+                if let Some(lo) = literal_str(lo).filter(|s| !s.is_empty()) {
+                    let keep = self
+                        .from_seq
+                        .as_deref()
+                        .is_some_and(|cur| cmp_sequence(cur, &lo).is_ge());
+                    if !keep {
+                        self.from_seq = Some(lo);
+                    }
+                }
+                if let Some(hi) = literal_str(hi).filter(|s| !s.is_empty()) {
+                    let keep = self
+                        .to_seq
+                        .as_deref()
+                        .is_some_and(|cur| cmp_sequence(cur, &hi).is_le());
+                    if !keep {
+                        self.to_seq = Some(hi);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn only(&mut self, shards: BTreeSet<String>) {
+        self.shards = Some(match self.shards.take() {
+            Some(cur) => cur.intersection(&shards).cloned().collect(),
+            None => shards,
+        });
+    }
+}
+
+fn is_column(e: &Expr, name: &str) -> bool {
+    match e {
+        Expr::Column(c) => c.name == name,
+        Expr::Cast(c) => is_column(&c.expr, name),
+        _ => false,
+    }
+}
+
+fn literal_str(e: &Expr) -> Option<String> {
+    match e {
+        Expr::Literal(
+            ScalarValue::Utf8(Some(s))
+            | ScalarValue::Utf8View(Some(s))
+            | ScalarValue::LargeUtf8(Some(s)),
+            _,
+        ) => Some(s.clone()),
+        Expr::Cast(c) => literal_str(&c.expr),
+        _ => None,
+    }
+}
+
+/// The [`SEQ_RANGE_FN`] function.
+pub fn seq_range_udf() -> ScalarUDF {
+    ScalarUDF::new_from_impl(SeqRangeFn {
+        signature: Signature::any(3, Volatility::Immutable),
+    })
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct SeqRangeFn {
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for SeqRangeFn {
+    fn name(&self) -> &str {
+        SEQ_RANGE_FN
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _arg_types: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Boolean)
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let n = args.number_rows;
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let [seq, lo, hi] = arrays.as_slice() else {
+            return exec_err!("{SEQ_RANGE_FN} takes (sequence_number, lo, hi)");
+        };
+        let [seq, lo, hi] = [seq, lo, hi].map(|a| arrow::compute::cast(a, &DataType::Utf8View));
+        let (seq, lo, hi) = (seq?, lo?, hi?);
+        let (seq, lo, hi) = (
+            seq.as_string_view(),
+            lo.as_string_view(),
+            hi.as_string_view(),
+        );
+        let mut out = BooleanBuilder::with_capacity(n);
+        for i in 0..seq.len() {
+            if seq.is_null(i) {
+                out.append_null();
+                continue;
+            }
+            let s = seq.value(i);
+            let above = lo.is_null(i)
+                || lo.value(i).is_empty()
+                || cmp_sequence(s, lo.value(i)).is_ge();
+            let below = hi.is_null(i)
+                || hi.value(i).is_empty()
+                || cmp_sequence(s, hi.value(i)).is_lt();
+            out.append_value(above && below);
+        }
+        Ok(ColumnarValue::Array(Arc::new(out.finish())))
+    }
+}
+
 fn is_arrival(e: &Expr) -> bool {
     matches!(e, Expr::Column(c) if c.name == ARRIVAL_COLUMN)
 }
@@ -166,6 +409,34 @@ mod tests {
         assert_eq!(b.hours(), Some((0, HOUR_MS)));
         assert!(b.overlaps_hour(HOUR_MS));
         assert!(!b.overlaps_hour(2 * HOUR_MS));
+    }
+
+    #[test]
+    fn shard_and_sequence_filters_select_files_by_name() {
+        let f = |lo: &str, hi: &str| {
+            Expr::ScalarFunction(datafusion::logical_expr::expr::ScalarFunction::new_udf(
+                Arc::new(seq_range_udf()),
+                vec![col(SEQUENCE_COLUMN), lit(lo), lit(hi)],
+            ))
+        };
+        let r = ShardRange::from_filters(&[
+            col(SHARD_COLUMN).eq(lit("s1")),
+            f("200", ""),
+            f("", "1000"),
+        ]);
+        assert!(r.has_shard("s1") && !r.has_shard("s2"));
+        // Files start at 100, 150, 250 (holds 200..), 900, 1000 (past the end).
+        let keep = r.keep_files(&["100", "150", "250", "900", "1000"]);
+        assert_eq!(keep, [false, true, true, true, false]);
+        assert!(r.contains_seq("999") && !r.contains_seq("1000") && !r.contains_seq("99"));
+        assert!(r.reaches_past("998") && !r.reaches_past("1000"));
+        let both = ShardRange::from_filters(&[
+            col(SHARD_COLUMN).in_list(vec![lit("a"), lit("b")], false),
+            col(SHARD_COLUMN).eq(lit("b")),
+        ]);
+        assert_eq!(both.shards, Some(["b".to_string()].into_iter().collect()));
+        let open = ShardRange::from_filters(&[col(SHARD_COLUMN).eq(lit("a")).or(col(SHARD_COLUMN).eq(lit("b")))]);
+        assert_eq!(open, ShardRange::default());
     }
 
     #[test]

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::kinesis::pace::{ReadLimits, shard_pacer};
 use crate::kinesis::reader::{ShardReader, StartAt};
-use crate::query::bounds::TimeRange;
+use crate::query::bounds::{ShardRange, TimeRange};
 use crate::query::df_err;
 use crate::query::snapshot::Snapshot;
 use crate::query::view::View;
@@ -119,11 +119,19 @@ impl LiveTable {
         };
         view.count_scan(&self.stream);
         let mut partitions: Vec<Arc<dyn PartitionStream>> = Vec::new();
+        let seqs = ShardRange::from_filters(filters);
         for s in shards.iter() {
-            if snapshot.finished(&s.shard_id) {
+            if snapshot.finished(&s.shard_id) || !seqs.has_shard(&s.shard_id) {
                 continue;
             }
             let after = snapshot.committed(&s.shard_id).cloned();
+            // Live records come after the committed position.
+            if after
+                .as_ref()
+                .is_some_and(|p| !seqs.reaches_past(&p.sequence_number))
+            {
+                continue;
+            }
             let archived_until = snapshot
                 .checkpoint(&s.shard_id)
                 .and_then(|c| c.last_arrival_ms);

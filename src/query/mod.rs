@@ -203,6 +203,7 @@ pub async fn session_with(cfg: &Config, opts: &SessionOptions) -> Result<QuerySe
         url.as_ref(),
         Arc::new(crate::archive::store::StagedFallback(archive.store.clone())),
     );
+    ctx.register_udf(bounds::seq_range_udf());
     ctx.register_udf(datafusion::logical_expr::ScalarUDF::new_from_impl(
         origin::OriginFn::new(&cfg.replay.annotation_field),
     ));

@@ -49,7 +49,9 @@
 //! 3. A reader that closes standard output (`--to - | head`) stops the
 //! replay cleanly (exit 0, state `stopped (output closed)`), resumable.
 
+mod acks;
 mod follow;
+mod order;
 mod plan;
 mod report;
 mod run;

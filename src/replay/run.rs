@@ -28,34 +28,14 @@ use crate::consistency::{self, Annotation};
 use crate::error::{Error, Result};
 use crate::kinesis::writer::{Ack, OutRecord, ShardStats, TargetShards, Writer, WriterSettings};
 use crate::query::QuerySession;
+use crate::replay::acks::{Acks, Range, Resume};
 use crate::replay::follow::{self, Followed};
+use crate::replay::order::{self, Start};
 use crate::replay::report::{estimate, progress_bar, report};
 use crate::replay::select::{self, Columns, Row, cast};
 use crate::replay::state::{self, Manifest, Phase, Progress};
 use crate::replay::target::{Line, Target};
 use crate::replay::{Observer, ReplayOptions, Summary};
-
-/// Acknowledgement bookkeeping: the prefix of the output order that is
-/// completely acknowledged.
-#[derive(Debug, Default)]
-struct Watermark {
-    next: u64,
-    bytes: u64,
-    above: BTreeMap<u64, usize>,
-}
-
-impl Watermark {
-    fn ack(&mut self, idx: u64, bytes: usize) {
-        if idx < self.next {
-            return;
-        }
-        self.above.insert(idx, bytes);
-        while let Some(b) = self.above.remove(&self.next) {
-            self.bytes += b as u64;
-            self.next += 1;
-        }
-    }
-}
 
 pub(super) enum Sink {
     Kinesis {
@@ -123,7 +103,9 @@ pub(super) struct Run {
     /// Records before this ordinal were sent by earlier runs.
     start: u64,
     progress: Progress,
-    mark: Watermark,
+    /// What earlier runs had acknowledged (not sent again).
+    resume: Resume,
+    mark: Acks,
     /// Records the target cannot take, earlier runs' first (`rejected.jsonl`).
     rejected: Vec<String>,
     /// Their (shard, sequence, sub-sequence): a record rejected again (sent
@@ -188,12 +170,11 @@ impl Run {
             pid: std::process::id(),
             selection_done: false,
             follow: BTreeMap::new(),
+            through: None,
+            targets: Vec::new(),
         });
-        let mark = Watermark {
-            next: start,
-            bytes: progress.bytes,
-            above: BTreeMap::new(),
-        };
+        let resume = Resume::new(progress.through.as_deref(), &progress.targets);
+        let mark = Acks::new(start, progress.bytes, &resume);
         if let Some(o) = &observer {
             o.sent.store(start, Ordering::Relaxed);
         }
@@ -212,6 +193,7 @@ impl Run {
             target,
             start,
             progress,
+            resume,
             mark,
             rejected,
             rejected_keys,
@@ -261,6 +243,17 @@ impl Run {
                         per_shard,
                     });
                 }
+                self.mark.set_ranges(
+                    shards
+                        .shards
+                        .iter()
+                        .map(|s| Range {
+                            shard_id: s.shard_id.clone(),
+                            start: s.start,
+                            end: s.end,
+                        })
+                        .collect(),
+                );
                 let (ack_tx, acks) = mpsc::unbounded_channel();
                 let settings = WriterSettings {
                     shard_records_per_sec: r.shard_records_per_second,
@@ -386,30 +379,45 @@ impl Run {
         }
         let mut idx = self.start;
         // A follow that is resumed after its selection was sent only follows.
-        let mut stream = if self.progress.selection_done {
-            None
+        let statements = if self.progress.selection_done {
+            Vec::new()
         } else {
-            let q = select::sql(&table, &m.selection, horizon, true, self.start);
-            tracing::debug!(sql = %q, "replay selection");
-            let df = session.sql(&q).await?;
-            Some(df.execute_stream().await.map_err(|e| session.error(e))?)
-        };
-        while let Some(stream) = stream.as_mut() {
-            let batch = tokio::select! {
-                _ = cancel.cancelled() => return Err(Error::Interrupted),
-                b = stream.next() => b,
+            // Progress saved without positions (an older version) resumes
+            // by skipping the records it counts.
+            let old = self.progress.through.is_none() && self.progress.targets.is_empty();
+            let start = Start {
+                after: self.resume.through.as_deref(),
+                offset: if old { self.start } else { 0 },
             };
-            let Some(batch) = batch else { break };
-            let batch = batch.map_err(|e| session.error(e))?;
-            let cols = Columns::of(&batch)?;
-            for i in 0..batch.num_rows() {
-                let row = cols.row(i);
-                if self.emit(&mut sink, &row, idx, cancel).await? {
-                    return Ok(Stop::OutputClosed);
+            order::statements(&session, &table, &m, &start).await?
+        };
+        for q in &statements {
+            tracing::debug!(sql = %q, "replay selection");
+            let df = session.sql(q).await?;
+            let mut stream = df.execute_stream().await.map_err(|e| session.error(e))?;
+            loop {
+                let batch = tokio::select! {
+                    _ = cancel.cancelled() => return Err(Error::Interrupted),
+                    b = stream.next() => b,
+                };
+                let Some(batch) = batch else { break };
+                let batch = batch.map_err(|e| session.error(e))?;
+                let cols = Columns::of(&batch)?;
+                for i in 0..batch.num_rows() {
+                    let row = cols.row(i);
+                    let key = row.key();
+                    if self.resume.done(&key, row.hash()) {
+                        // Acknowledged in an earlier run.
+                        self.mark.skipped(key);
+                        continue;
+                    }
+                    if self.emit(&mut sink, &row, idx, cancel).await? {
+                        return Ok(Stop::OutputClosed);
+                    }
+                    idx += 1;
                 }
-                idx += 1;
+                self.tick();
             }
-            self.tick();
         }
         if m.follow && !self.opts.dry_run {
             if !self.progress.selection_done {
@@ -486,6 +494,9 @@ impl Run {
         idx: u64,
         cancel: &CancellationToken,
     ) -> Result<bool> {
+        // Positions are tracked for the selection (a followed live record
+        // is resumed from the per-shard follow positions instead).
+        let key = (!self.progress.selection_done).then(|| row.key());
         let m = &self.manifest;
         let text = !m.annotate.binary;
         let max = self.cfg.replay.max_record_size.0 as usize;
@@ -527,6 +538,7 @@ impl Run {
                     out.write_all(&buf)?;
                     *offset += buf.len() as u64;
                     pending.push((idx, size, *offset));
+                    self.mark.sent(idx, 0, key.clone());
                     if out.buffer().is_empty() {
                         // Longer than the buffer: written through.
                         self.acked_lines(pending, file);
@@ -569,6 +581,8 @@ impl Run {
             } => {
                 let payload = self.payload(row, &label);
                 let size = payload.len() + row.pk.len();
+                self.mark
+                    .sent(idx, writer.shards.route(row.pk, row.ehk), key);
                 if size > max {
                     self.reject(row, size);
                     let _ = ack_tx.send(Ack {
@@ -583,9 +597,25 @@ impl Run {
                         explicit_hash_key: row.ehk.map(str::to_string),
                         data: payload,
                     };
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Err(Error::Interrupted),
-                        r = writer.send(rec) => r?,
+                    // While the record's shard is full (throttled), take
+                    // the other shards' acknowledgements in and save
+                    // progress: a slow shard must not hold it back.
+                    let send = writer.send(rec);
+                    tokio::pin!(send);
+                    loop {
+                        tokio::select! {
+                            _ = cancel.cancelled() => return Err(Error::Interrupted),
+                            r = &mut send => {
+                                r?;
+                                break;
+                            }
+                            Some(a) = acks.recv() => {
+                                self.on_ack(a);
+                                if !self.hold_saves && self.due(0) {
+                                    self.save(Phase::Running, None).await;
+                                }
+                            }
+                        }
                     }
                 }
                 while let Ok(a) = acks.try_recv() {
@@ -678,7 +708,7 @@ impl Run {
     /// Time to save progress, counting `buffered` records that a flush
     /// would acknowledge.
     fn due(&self, buffered: u64) -> bool {
-        let next = self.mark.next + buffered;
+        let next = self.mark.count() + buffered;
         next - self.last_saved_sent >= self.cfg.replay.checkpoint_records
             || (self.last_save.elapsed() >= self.cfg.replay.checkpoint_interval.0
                 && next > self.last_saved_sent)
@@ -749,7 +779,7 @@ impl Run {
     }
 
     pub(super) fn tick(&mut self) {
-        let done = self.mark.next;
+        let done = self.mark.count();
         if let Some(o) = &self.observer {
             o.sent.store(done, Ordering::Relaxed);
             o.sent_this_run.store(self.sent_records, Ordering::Relaxed);
@@ -785,8 +815,11 @@ impl Run {
         self.follow.acknowledged(self.mark.next);
         self.progress.follow = self.follow.positions.clone();
         self.progress.phase = phase;
-        self.progress.sent = self.mark.next;
+        self.progress.sent = self.mark.count();
         self.progress.bytes = self.mark.bytes;
+        if !self.progress.selection_done {
+            (self.progress.through, self.progress.targets) = self.mark.marks();
+        }
         self.progress.rejected = self.rejected.len() as u64;
         self.progress.error = error;
         self.progress.updated_ms = chrono::Utc::now().timestamp_millis();
@@ -800,7 +833,7 @@ impl Run {
             tracing::warn!("could not save the replay's progress: {e}");
         }
         self.last_save = Instant::now();
-        self.last_saved_sent = self.mark.next;
+        self.last_saved_sent = self.mark.count();
     }
 
     pub(super) async fn finish(mut self, result: Result<Stop>) -> Result<Summary> {
@@ -823,7 +856,7 @@ impl Run {
                     if !self.opts.quiet {
                         eprintln!(
                             "replay {id} stopped after {} records; continue with: fluxcap replay --resume {id}",
-                            self.mark.next
+                            self.mark.count()
                         );
                     }
                 }
@@ -868,7 +901,7 @@ impl Run {
             }
             tracing::info!(
                 "replay {id}: the output was closed after {} records; continue with: fluxcap replay --resume {id}",
-                self.mark.next
+                self.mark.count()
             );
             return Ok(summary);
         } else if self.stopped_following {
@@ -876,11 +909,11 @@ impl Run {
             if !self.opts.quiet {
                 eprintln!(
                     "replay {id} stopped following after {} records; continue with: fluxcap replay --resume {id}",
-                    self.mark.next
+                    self.mark.count()
                 );
             }
         } else {
-            self.progress.total = Some(self.mark.next);
+            self.progress.total = Some(self.mark.count());
             self.save(Phase::Done, None).await;
         }
         if !self.opts.quiet {
@@ -906,24 +939,5 @@ fn share(cfg: &Config, manifest: &Manifest, target: &Target) -> f64 {
     match crate::replay::target::same_stream(&manifest.source, target) {
         Some(_) => cfg.replay.same_stream_share,
         None => 1.0,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn watermark_advances_only_over_a_complete_prefix() {
-        let mut w = Watermark {
-            next: 10,
-            ..Default::default()
-        };
-        w.ack(11, 5);
-        assert_eq!(w.next, 10);
-        w.ack(10, 3);
-        assert_eq!((w.next, w.bytes), (12, 8));
-        w.ack(9, 100); // before the start: ignored
-        assert_eq!(w.next, 12);
     }
 }

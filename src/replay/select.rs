@@ -40,6 +40,7 @@ use datafusion::logical_expr::{
 use datafusion::prelude::SessionContext;
 
 use crate::error::{Error, Result};
+use crate::query::bounds::SEQ_RANGE_FN;
 use crate::query::origin;
 use crate::record::{cmp_sequence, col};
 use crate::replay::state::Selection;
@@ -135,26 +136,79 @@ const OUT: &str = "shard_id, sequence_number, subsequence_number, partition_key,
 /// The selection query over `table` (already quoted). `horizon`: apply the
 /// registered horizon function. Without `ordered`, the query is for counting.
 pub fn sql(table: &str, sel: &Selection, horizon: bool, ordered: bool, offset: u64) -> String {
-    let inner = selection(table, sel, horizon);
     if ordered {
-        let mut q = format!(
-            "SELECT {OUT} FROM ({inner}) AS __r ORDER BY {}",
-            order(false)
-        );
-        if offset > 0 {
-            q.push_str(&format!(" OFFSET {offset}"));
-        }
-        q
+        ordered_sql(table, sel, horizon, None, offset)
     } else {
+        let inner = selection(table, sel, horizon, &[]);
         format!(
             "SELECT count(*) AS n, sum(octet_length(data) + octet_length(partition_key)) AS b FROM ({inner}) AS __r"
         )
     }
 }
 
-/// The selected records, unordered, with the columns of [`OUT`] (and more).
-fn selection(table: &str, sel: &Selection, horizon: bool) -> String {
+/// The whole selection in its order, as one query (a global sort):
+/// positions after `after` (a position key) only, and the first `offset`
+/// of those skipped (a resume of a replay saved without positions).
+pub fn ordered_sql(
+    table: &str,
+    sel: &Selection,
+    horizon: bool,
+    after: Option<&[u8]>,
+    offset: u64,
+) -> String {
+    let inner = selection(table, sel, horizon, &[]);
+    let resumed = match after {
+        Some(k) => format!(
+            " WHERE {POSITION_FN}(__depth, __pshard, __pseq, __psub) > X'{}'",
+            crate::replay::acks::hex(k)
+        ),
+        None => String::new(),
+    };
+    let mut q = format!(
+        "SELECT {OUT} FROM ({inner}) AS __r{resumed} ORDER BY {}",
+        order(false)
+    );
+    if offset > 0 {
+        q.push_str(&format!(" OFFSET {offset}"));
+    }
+    q
+}
+
+/// The records of one source shard whose sequence numbers are in
+/// `[from, to)` (either end open), in the shard's order: one piece of a
+/// selection that is read shard after shard (see [`crate::replay::order`]).
+/// The shard and range filters prune the archive's files by name and leave
+/// other shards out of live reads.
+pub fn range_sql(
+    table: &str,
+    sel: &Selection,
+    horizon: bool,
+    shard: &str,
+    from: Option<&str>,
+    to: Option<&str>,
+) -> String {
+    let extra = [
+        format!("{} = {}", col::SHARD_ID, lit(shard)),
+        format!(
+            "{SEQ_RANGE_FN}({}, {}, {})",
+            col::SEQUENCE_NUMBER,
+            lit(from.unwrap_or("")),
+            lit(to.unwrap_or(""))
+        ),
+    ];
+    let inner = selection(table, sel, horizon, &extra);
+    format!(
+        "SELECT {OUT} FROM ({inner}) AS __r ORDER BY octet_length({seq}), {seq}, {sub}",
+        seq = col::SEQUENCE_NUMBER,
+        sub = col::SUBSEQUENCE_NUMBER,
+    )
+}
+
+/// The selected records, unordered, with the columns of [`OUT`] (and more);
+/// `extra`: more conditions on the table's own columns.
+fn selection(table: &str, sel: &Selection, horizon: bool, extra: &[String]) -> String {
     let mut conds = vec!["TRUE".to_string()];
+    conds.extend(extra.iter().cloned());
     if let Some(t) = sel.since_ms {
         conds.push(format!("{} >= {}", col::ARRIVAL, ts(t)));
     }
@@ -274,7 +328,7 @@ fn selection(table: &str, sel: &Selection, horizon: bool) -> String {
 /// The records of the selection's busiest partition key (a dry run's
 /// estimate: in order, a key's records go one per PutRecords round trip).
 pub fn busiest_key_sql(table: &str, sel: &Selection, horizon: bool) -> String {
-    let q = selection(table, sel, horizon);
+    let q = selection(table, sel, horizon, &[]);
     format!(
         "SELECT max(n) AS n FROM (SELECT partition_key, count(*) AS n FROM ({q}) AS __b GROUP BY 1) AS __k"
     )
@@ -523,6 +577,23 @@ pub(crate) struct Row<'a> {
     pub(crate) depth: i32,
     /// A replayed copy (sent unchanged, with its original annotation).
     pub(crate) copy: bool,
+    /// The position's shard, sequence and sub-sequence number (the
+    /// original's, for a copy).
+    pub(crate) pshard: &'a str,
+    pub(crate) pseq: &'a str,
+    pub(crate) psub: i64,
+}
+
+impl Row<'_> {
+    /// The record's position key ([`crate::consistency::position_key`]).
+    pub(crate) fn key(&self) -> Vec<u8> {
+        crate::replay::acks::row_key(self.depth, self.pshard, self.pseq, self.psub)
+    }
+
+    /// The hash key the record is routed by.
+    pub(crate) fn hash(&self) -> u128 {
+        crate::replay::acks::record_hash(self.pk, self.ehk)
+    }
 }
 
 /// A batch's columns in canonical types.
@@ -536,6 +607,9 @@ pub(crate) struct Columns {
     pub(crate) data: ArrayRef,
     pub(crate) depth: ArrayRef,
     copy: ArrayRef,
+    pshard: ArrayRef,
+    pseq: ArrayRef,
+    psub: ArrayRef,
 }
 
 impl Columns {
@@ -554,6 +628,9 @@ impl Columns {
             data: c(6, DataType::Binary)?,
             depth: c(7, DataType::Int32)?,
             copy: c(8, DataType::Boolean)?,
+            pshard: c(9, DataType::Utf8)?,
+            pseq: c(10, DataType::Utf8)?,
+            psub: c(11, DataType::Int64)?,
         })
     }
 
@@ -579,6 +656,12 @@ impl Columns {
             copy: {
                 let c = self.copy.as_boolean();
                 !c.is_null(i) && c.value(i)
+            },
+            pshard: s(&self.pshard, i),
+            pseq: s(&self.pseq, i),
+            psub: {
+                let p = self.psub.as_primitive::<Int64Type>();
+                if p.is_null(i) { 0 } else { p.value(i) }
             },
         }
     }

@@ -196,6 +196,34 @@ pub struct Progress {
     /// records are acknowledged (a resume reads after it).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub follow: BTreeMap<String, String>,
+    /// The position (hex of [`crate::consistency::position_key`]) of the
+    /// last record of the acknowledged prefix of the output order: a resume
+    /// selects only what comes after it. Absent in progress written before
+    /// positions were saved: such a resume skips `sent` records instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub through: Option<String>,
+    /// Per target shard (hash key range), what is acknowledged above
+    /// `through`: a shard held back by throttling does not make a resume
+    /// send again what the other shards already took.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<TargetMark>,
+}
+
+/// What is acknowledged of the records routed to one target hash key range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetMark {
+    /// The target shard (information only).
+    pub shard_id: String,
+    /// First hash key of the range (decimal).
+    pub hash_start: String,
+    /// Last hash key of the range (decimal, inclusive).
+    pub hash_end: String,
+    /// Every record of the range up to this position (hex key) is acknowledged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub through: Option<String>,
+    /// Records of the range after `through` that are acknowledged (hex keys).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub acked: Vec<String>,
 }
 
 /// Paths of a replay's objects.
@@ -464,6 +492,8 @@ mod tests {
             pid: 0,
             selection_done: false,
             follow: BTreeMap::new(),
+            through: None,
+            targets: Vec::new(),
         };
         assert_eq!(
             describe_phase(Some(&p), |_| false),
