@@ -204,9 +204,7 @@ impl ShardRange {
             .collect();
         if let Some(from) = self.from_seq.as_deref() {
             // The last file starting at or before `from` may hold it.
-            let last_before = firsts
-                .iter()
-                .rposition(|f| cmp_sequence(f, from).is_le());
+            let last_before = firsts.iter().rposition(|f| cmp_sequence(f, from).is_le());
             for (i, k) in keep.iter_mut().enumerate() {
                 if last_before.is_some_and(|l| i < l) {
                     *k = false;
@@ -231,7 +229,10 @@ impl ShardRange {
                 op: Operator::Eq,
                 right,
             }) => {
-                let v = match (is_column(left, SHARD_COLUMN), is_column(right, SHARD_COLUMN)) {
+                let v = match (
+                    is_column(left, SHARD_COLUMN),
+                    is_column(right, SHARD_COLUMN),
+                ) {
                     (true, false) => literal_str(right),
                     (false, true) => literal_str(left),
                     _ => None,
@@ -351,12 +352,10 @@ impl ScalarUDFImpl for SeqRangeFn {
                 continue;
             }
             let s = seq.value(i);
-            let above = lo.is_null(i)
-                || lo.value(i).is_empty()
-                || cmp_sequence(s, lo.value(i)).is_ge();
-            let below = hi.is_null(i)
-                || hi.value(i).is_empty()
-                || cmp_sequence(s, hi.value(i)).is_lt();
+            let above =
+                lo.is_null(i) || lo.value(i).is_empty() || cmp_sequence(s, lo.value(i)).is_ge();
+            let below =
+                hi.is_null(i) || hi.value(i).is_empty() || cmp_sequence(s, hi.value(i)).is_lt();
             out.append_value(above && below);
         }
         Ok(ColumnarValue::Array(Arc::new(out.finish())))
@@ -435,7 +434,9 @@ mod tests {
             col(SHARD_COLUMN).eq(lit("b")),
         ]);
         assert_eq!(both.shards, Some(["b".to_string()].into_iter().collect()));
-        let open = ShardRange::from_filters(&[col(SHARD_COLUMN).eq(lit("a")).or(col(SHARD_COLUMN).eq(lit("b")))]);
+        let open = ShardRange::from_filters(&[col(SHARD_COLUMN)
+            .eq(lit("a"))
+            .or(col(SHARD_COLUMN).eq(lit("b")))]);
         assert_eq!(open, ShardRange::default());
     }
 

@@ -282,9 +282,8 @@ impl Acks {
                 m.through = None;
             }
             let (mt, g) = (m.through.clone(), through.clone());
-            m.acked.retain(|k| {
-                g.as_ref().is_none_or(|g| k > g) && mt.as_ref().is_none_or(|t| k > t)
-            });
+            m.acked
+                .retain(|k| g.as_ref().is_none_or(|g| k > g) && mt.as_ref().is_none_or(|t| k > t));
         }
         marks.retain(|m| m.through.is_some() || !m.acked.is_empty());
         (

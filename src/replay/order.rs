@@ -30,9 +30,9 @@
 //! predicate applied before the sort (and, for progress saved by an older
 //! version without positions, an OFFSET).
 
-use std::collections::BTreeMap;
 use datafusion::common::ScalarValue;
 use datafusion::prelude::{col, lit};
+use std::collections::BTreeMap;
 
 use crate::error::Result;
 use crate::query::QuerySession;
@@ -154,7 +154,12 @@ async fn archived_firsts(
         stream,
         datafusion::execution::object_store::ObjectStoreUrl::local_filesystem(),
     );
-    let ts = |ms: i64| lit(ScalarValue::TimestampMillisecond(Some(ms), Some("UTC".into())));
+    let ts = |ms: i64| {
+        lit(ScalarValue::TimestampMillisecond(
+            Some(ms),
+            Some("UTC".into()),
+        ))
+    };
     let mut filters = Vec::new();
     if let Some(t) = since_ms {
         filters.push(col(rcol::ARRIVAL).gt_eq(ts(t)));
@@ -177,7 +182,9 @@ async fn archived_firsts(
         else {
             continue;
         };
-        let shard = crate::archive::identity::split_key(&name.shard_id).0.to_string();
+        let shard = crate::archive::identity::split_key(&name.shard_id)
+            .0
+            .to_string();
         out.entry(shard)
             .or_default()
             .push((name.first.sequence_number, f.meta.size));

@@ -532,6 +532,18 @@ pub fn duckdb(dir: &Path, sql: &str) -> Vec<serde_json::Value> {
 /// Write `per_hour` JSON order events per shard into each of `hours` (epoch
 /// ms of hour starts, ascending) through the library's commit protocol, one
 /// flush per shard. Returns the records written.
+/// An archive in the local directory `dir` (created), for the ingest API.
+pub fn local_archive(dir: &Path) -> fluxcap::archive::store::Archive {
+    std::fs::create_dir_all(dir).unwrap();
+    fluxcap::archive::store::Archive {
+        store: std::sync::Arc::new(
+            object_store::local::LocalFileSystem::new_with_prefix(dir).unwrap(),
+        ),
+        location: fluxcap::config::ArchiveLocation::Local(dir.to_path_buf()),
+        layout: fluxcap::archive::layout::Layout::new(object_store::path::Path::default()),
+    }
+}
+
 pub fn ingest_hours(
     dir: &Path,
     stream: &str,

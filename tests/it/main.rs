@@ -19,6 +19,7 @@ mod proxy;
 mod publish_hour;
 mod replay;
 mod replay_follow;
+mod replay_large;
 mod replay_order;
 mod replay_resume;
 mod replay_view;

@@ -5,7 +5,10 @@
 //! shard out of Kinesis `ListShards` answers, as AWS does once a closed shard
 //! is older than the retention period — and answer PutRecords calls in part
 //! (some entries throttled or refused, the rest forwarded), as a busy target
-//! does. It also logs when each Kinesis call arrived and, for GetRecords,
+//! does — or never answer PutRecords calls that carry given partition keys,
+//! as a target shard that is throttled for good does. It also keeps every
+//! request line (S3 GETs of data files show what a command read), and logs
+//! when each Kinesis call arrived and, for GetRecords,
 //! which shard it read (following the iterators it hands out), so that a
 //! test can measure the call rate per shard.
 
@@ -56,6 +59,12 @@ struct Ctl {
     log: Mutex<Vec<(String, Option<String>, std::time::Instant)>>,
     /// Shard iterator handed out → its shard.
     iterators: Mutex<std::collections::HashMap<String, String>>,
+    /// PutRecords calls with an entry of one of these keys are never answered.
+    stalled_keys: Mutex<std::collections::HashSet<String>>,
+    /// PutRecords calls stalled so far.
+    stalled: std::sync::atomic::AtomicU64,
+    /// Every request line (`GET /bucket/key HTTP/1.1`), in order of arrival.
+    lines: Mutex<Vec<String>>,
 }
 
 pub struct Proxy {
@@ -168,6 +177,23 @@ impl Proxy {
     /// with the per-entry ErrorCode `code` (the others are forwarded).
     pub fn refuse_key(&self, key: &str, code: &str) {
         *self.ctl.refused_key.lock().unwrap() = Some((key.into(), code.into()));
+    }
+
+    /// From now on, never answer (nor forward) a PutRecords call that has an
+    /// entry with one of `keys` as partition key: the target shard of those
+    /// keys makes no progress at all while the others go on.
+    pub fn stall_keys(&self, keys: impl IntoIterator<Item = String>) {
+        *self.ctl.stalled_keys.lock().unwrap() = keys.into_iter().collect();
+    }
+
+    /// PutRecords calls stalled by [`Proxy::stall_keys`] so far.
+    pub fn stalled(&self) -> u64 {
+        self.ctl.stalled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Every request line so far (method, path and query, version).
+    pub fn request_lines(&self) -> Vec<String> {
+        self.ctl.lines.lock().unwrap().clone()
     }
 
     /// Entries refused by [`Proxy::refuse_key`] so far.
@@ -298,6 +324,7 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     let line = head.lines().next().unwrap_or_default().to_string();
+    ctl.lines.lock().unwrap().push(line.clone());
     let target = head
         .lines()
         .find_map(|l| {
@@ -375,6 +402,13 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
         );
         sock.write_all(resp.as_bytes()).await?;
         return Ok(());
+    }
+    if target == "PutRecords" && stalls(&body, &ctl) {
+        ctl.stalled
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // Never answered: the connection stays open until the client goes
+        // away or the proxy is dropped.
+        std::future::pending::<()>().await;
     }
     if target == "PutRecords"
         && let Some(resp) = put_records_in_part(upstream, &head, &body, &ctl).await?
@@ -463,6 +497,20 @@ fn json_response(status: &str, body: &str) -> Vec<u8> {
 /// ([`Proxy::throttle_put_records`], [`Proxy::refuse_key`]): the entries let
 /// through are forwarded as one PutRecords, the others get an ErrorCode, and
 /// the answer lists them all in request order. `None`: forward as is.
+/// Whether a PutRecords body has an entry whose key is stalled.
+fn stalls(body: &[u8], ctl: &Ctl) -> bool {
+    let keys = ctl.stalled_keys.lock().unwrap();
+    if keys.is_empty() {
+        return false;
+    }
+    let req: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    req["Records"].as_array().is_some_and(|entries| {
+        entries
+            .iter()
+            .any(|e| e["PartitionKey"].as_str().is_some_and(|k| keys.contains(k)))
+    })
+}
+
 async fn put_records_in_part(
     upstream: u16,
     head: &str,

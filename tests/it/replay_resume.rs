@@ -56,7 +56,7 @@ fn body(i: usize) -> String {
 }
 
 /// Every file under `dir`.
-fn walk(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir(dir) else {
         return out;
@@ -72,12 +72,12 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn json(path: &Path) -> serde_json::Value {
+pub(crate) fn json(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
 /// The one replay's directory in the archive store.
-fn replay_dir(ws: &Workspace) -> PathBuf {
+pub(crate) fn replay_dir(ws: &Workspace) -> PathBuf {
     walk(&ws.archive)
         .into_iter()
         .find(|p| p.ends_with("manifest.json"))
@@ -85,12 +85,12 @@ fn replay_dir(ws: &Workspace) -> PathBuf {
         .expect("the replay has a manifest")
 }
 
-fn id_of(dir: &Path) -> String {
+pub(crate) fn id_of(dir: &Path) -> String {
     dir.file_name().unwrap().to_string_lossy().to_string()
 }
 
 /// Wait for `child` to exit (deadline 120 s).
-fn wait(child: &mut Child) -> std::process::ExitStatus {
+pub(crate) fn wait(child: &mut Child) -> std::process::ExitStatus {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Some(st) = child.try_wait().unwrap() {
@@ -104,7 +104,11 @@ fn wait(child: &mut Child) -> std::process::ExitStatus {
 /// Run `fluxcap <args>` with standard output read by a reader that closes
 /// it after `n` lines (as `| head -n n` does). The lines read, the exit
 /// status and standard error.
-fn read_then_close(ws: &Workspace, args: &[&str], n: usize) -> (Vec<String>, i32, String) {
+pub(crate) fn read_then_close(
+    ws: &Workspace,
+    args: &[&str],
+    n: usize,
+) -> (Vec<String>, i32, String) {
     let mut child = ws
         .cmd()
         .args(args)
@@ -130,7 +134,7 @@ fn read_then_close(ws: &Workspace, args: &[&str], n: usize) -> (Vec<String>, i32
     (got, st.code().unwrap_or(-1), err)
 }
 
-fn seq_of(line: &serde_json::Value) -> String {
+pub(crate) fn seq_of(line: &serde_json::Value) -> String {
     line["sequence_number"].as_str().unwrap().to_string()
 }
 
