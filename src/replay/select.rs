@@ -3,15 +3,19 @@
 //!
 //! ```text
 //!   S ─▶ bounds (arrival, per-shard sequence) ─▶ horizon ─▶ [compact: last per key, drop tombstoned keys]
-//!     ─▶ --where ─▶ ORDER BY position ─▶ OFFSET <records already sent>
+//!     ─▶ --where ─▶ ORDER BY position
 //! ```
+//!
+//! A plain selection runs as one such query per piece of a shard
+//! ([`range_sql`], see [`crate::replay::order`]); the others as one sorted
+//! query ([`ordered_sql`]) that a resume starts after a position.
 //!
 //! The order is the position of [`crate::consistency::Position`]: lineage
 //! depth, shard, sequence and sub-sequence number — the shard's own sequence
 //! order, and a child shard after its parents (it is deeper). Arrival times
 //! play no part (Kinesis does not promise that they increase). It is a total
-//! order, so a resumed replay re-runs the same query and skips exactly what
-//! was sent, and the records of one partition key (always in one shard or in
+//! order, so a resumed replay selects exactly what comes after what was
+//! sent, and the records of one partition key (always in one shard or in
 //! a chain of ancestors) keep their original order.
 //!
 //! Replayed copies (records whose payload carries a replay annotation, see
