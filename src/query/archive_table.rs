@@ -286,13 +286,18 @@ impl ArchiveTable {
 }
 
 /// Leave out the files that a shard and sequence range rules out, by their
-/// names alone (a shard's files are consecutive runs of its sequence space).
+/// names alone. Within one hour partition, a shard's files hold disjoint
+/// runs of its sequence space in the order of their first records (flushes
+/// are sequential, and a merge joins consecutive files of one hour); files
+/// of different hours may interleave (arrival times can go back), so the
+/// runs are compared per hour.
 fn prune_by_name(files: Vec<SelectedFile>, range: &ShardRange) -> Vec<SelectedFile> {
     if *range == ShardRange::default() {
         return files;
     }
-    // Per checkpoint key (an incarnation's shard): (first sequence, index).
-    let mut by_key: BTreeMap<String, Vec<(String, u64, usize)>> = BTreeMap::new();
+    // Per (checkpoint key, dt, hr): (first sequence, sub-sequence, index).
+    type Runs = BTreeMap<(String, String, String), Vec<(String, u64, usize)>>;
+    let mut by_key: Runs = BTreeMap::new();
     let mut keep = vec![true; files.len()];
     for (i, f) in files.iter().enumerate() {
         let Some(name) = f.meta.location.filename().and_then(parse_data_file_name) else {
@@ -303,7 +308,8 @@ fn prune_by_name(files: Vec<SelectedFile>, range: &ShardRange) -> Vec<SelectedFi
             keep[i] = false;
             continue;
         }
-        by_key.entry(name.shard_id.clone()).or_default().push((
+        let group = (name.shard_id.clone(), f.dt.clone(), f.hr.clone());
+        by_key.entry(group).or_default().push((
             name.first.sequence_number,
             name.first.subsequence_number.max(0) as u64,
             i,

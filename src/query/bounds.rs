@@ -8,9 +8,10 @@
 //! understood; anything else leaves the range open, which is always safe
 //! because every filter is also applied to the rows read.
 //!
-//! A data file's name gives its shard and its first record, and a shard's
-//! files hold consecutive, disjoint runs of its sequence space, so a shard
-//! and sequence range select files without opening any ([`ShardRange`]).
+//! A data file's name gives its shard and its first record, and within one
+//! hour partition a shard's files hold disjoint runs of its sequence space,
+//! so a shard and sequence range select files without opening any
+//! ([`ShardRange`]).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -189,10 +190,10 @@ impl ShardRange {
                 .is_none_or(|t| cmp_sequence(seq, t).is_lt())
     }
 
-    /// Which of one shard's data files (their first sequence numbers, in
-    /// the shard's order) can hold matching records: not those starting at
-    /// or after `to_seq`, and of those starting before `from_seq` only the
-    /// last one (the files are consecutive runs).
+    /// Which of one shard's data files of one hour partition (their first
+    /// sequence numbers, in the shard's order) can hold matching records:
+    /// not those starting at or after `to_seq`, and of those starting at or
+    /// before `from_seq` only the last one (the files hold disjoint runs).
     pub fn keep_files(&self, firsts: &[&str]) -> Vec<bool> {
         let mut keep: Vec<bool> = firsts
             .iter()

@@ -3,10 +3,12 @@
 //! nor reads again what an earlier run sent.
 //!
 //! The order is the position: lineage depth, shard, sequence, sub-sequence.
-//! It puts one shard's records together, and a shard's archive is a run of
-//! files that each hold consecutive records and whose names give the first
-//! one. So a plain replay is read shard after shard, and each shard in
-//! pieces of a few files (about [`PIECE_BYTES`] of Parquet):
+//! It puts one shard's records together, and a shard's archive is made of
+//! files that each hold a run of its records in order and whose names give
+//! the first one (within an hour partition the runs are disjoint; files of
+//! different hours can interleave when arrival times go back). So a plain
+//! replay is read shard after shard, and each shard in pieces that start
+//! where a file starts, about [`PIECE_BYTES`] of Parquet each:
 //!
 //! ```text
 //!   shards by (depth, id):   s0 ───────────────────▶ s1 ─────────▶ s2 …
@@ -15,9 +17,10 @@
 //!                            ORDER BY seq, sub          (sorts one piece only)
 //! ```
 //!
-//! The shard and range filters make the archive table open only the piece's
-//! files and the live table read only that shard, and only for the last
-//! piece. Memory follows the piece (and the shard's unarchived tail, which
+//! The shard and range filters make the archive table open only the files
+//! that can hold the piece's records (per hour partition: see
+//! [`crate::query::bounds::ShardRange::keep_files`]) and the live table read
+//! only that shard, and only for the last piece. Memory follows the piece (and the shard's unarchived tail, which
 //! the sort spills to disk when it is large), not the selection.
 //!
 //! A resume starts after a position: the shards before it and the pieces
