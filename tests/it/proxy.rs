@@ -56,6 +56,20 @@ struct Ctl {
     log: Mutex<Vec<(String, Option<String>, std::time::Instant)>>,
     /// Shard iterator handed out → its shard.
     iterators: Mutex<std::collections::HashMap<String, String>>,
+    /// Every forwarded request: its request line, its `Range` header, the
+    /// bytes of the response.
+    requests: Mutex<Vec<Request>>,
+}
+
+/// A request the proxy forwarded.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// `GET /bucket/key HTTP/1.1`.
+    pub line: String,
+    /// The `Range` header, if any.
+    pub range: Option<String>,
+    /// Bytes of the whole response (head and body).
+    pub response_bytes: usize,
 }
 
 pub struct Proxy {
@@ -213,6 +227,16 @@ impl Proxy {
         self.ctl.log.lock().unwrap().clear();
     }
 
+    /// Every request forwarded so far (held ones included), in order.
+    pub fn requests(&self) -> Vec<Request> {
+        self.ctl.requests.lock().unwrap().clone()
+    }
+
+    /// Forget the log of [`Proxy::requests`].
+    pub fn clear_requests(&self) {
+        self.ctl.requests.lock().unwrap().clear();
+    }
+
     /// Requests held now.
     pub fn held_count(&self) -> usize {
         self.ctl.held.lock().unwrap().len()
@@ -298,6 +322,19 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     let line = head.lines().next().unwrap_or_default().to_string();
+    let range = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("range")
+            .then(|| v.trim().to_string())
+    });
+    let log_request = |resp: &[u8]| {
+        ctl.requests.lock().unwrap().push(Request {
+            line: line.clone(),
+            range: range.clone(),
+            response_bytes: resp.len(),
+        })
+    };
     let target = head
         .lines()
         .find_map(|l| {
@@ -406,6 +443,9 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
         }
         // The client may be dead by now: the request still reaches the store.
         let resp = forward(upstream, &head, &body).await;
+        if let Ok(r) = &resp {
+            log_request(r);
+        }
         let _ = done_tx.send(resp.as_ref().map_or(0, |r| status_of(r)));
         if let Ok(resp) = resp {
             let _ = sock.write_all(&resp).await;
@@ -413,6 +453,7 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
         return Ok(());
     }
     let mut resp = forward(upstream, &head, &body).await?;
+    log_request(&resp);
     if let Some(shard) = &shard {
         let v: serde_json::Value = serde_json::from_slice(&body_of(&resp)).unwrap_or_default();
         let next = match target.as_str() {
