@@ -469,10 +469,10 @@ async fn verify_once(
         .try_collect()
         .await?;
     let mut pieces: BTreeMap<String, Vec<Piece>> = BTreeMap::new();
-    let mut vanished = false;
+    let mut missing: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (job, footer) in read {
         let Some(footer) = footer else {
-            vanished = true;
+            missing.entry(job.key).or_default().push(job.name);
             continue;
         };
         if job.published {
@@ -485,8 +485,13 @@ async fn verify_once(
             footer,
         });
     }
-    if vanished {
-        return Ok(None);
+    // A file that vanished under the run: moved by a commit since the
+    // checkpoints were read (list again), or lost (a problem of its shard).
+    for key in missing.keys() {
+        let now = load_latest(archive, stream, key).await?;
+        if now.map(|c| c.generation) != ckpts.get(key).map(|c| c.generation) {
+            return Ok(None);
+        }
     }
 
     let mut shards = Vec::new();
@@ -513,6 +518,11 @@ async fn verify_once(
             uncommitted_files: uncommitted.remove(&id).unwrap_or_default(),
             problems: vec![],
         };
+        for name in missing.remove(&id).unwrap_or_default() {
+            rep.problems.push(format!(
+                "committed file is missing (neither published nor staged): {name}"
+            ));
+        }
         let found = check_shard(&mut mine, ck, &ckpts, from, &mut rep.problems);
         rep.records = from.map_or(0, |m| m.records) + found;
         if let Some(ck) = ck {
