@@ -224,3 +224,138 @@ pub fn check_shard(
     }
     found
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::verify::read::FileSegment;
+
+    fn pos(n: u64) -> Position {
+        Position::new(format!("4960{n:052}"), 0)
+    }
+
+    /// A file of one flush `(prev, last]` holding `count` records from `first`.
+    fn piece(
+        name: &str,
+        first: u64,
+        count: u64,
+        prev: Option<u64>,
+        last: u64,
+        flush: u64,
+    ) -> Piece {
+        Piece {
+            path: name.into(),
+            first: pos(first),
+            count,
+            footer: Footer {
+                rows: count,
+                segments: vec![FileSegment {
+                    prev: prev.map(pos),
+                    last: Some(pos(last)),
+                    flush_records: flush,
+                    count,
+                }],
+                lowest: Some(pos(first).sequence_number),
+                highest: Some(pos(first + count - 1).sequence_number),
+            },
+        }
+    }
+
+    fn ck(last: u64, records: u64) -> Checkpoint {
+        serde_json::from_value(serde_json::json!({
+            "version": 2, "stream": "s", "shard_id": "a", "generation": 3,
+            "position": {"sequence_number": pos(last).sequence_number, "subsequence_number": 0},
+            "last_arrival_ms": 0, "records": records, "files": 3, "finished": false,
+            "parents": [], "owner": "t", "written_at": "now"
+        }))
+        .unwrap()
+    }
+
+    fn run(pieces: &mut [Piece], c: &Checkpoint, from: Option<&ShardMark>) -> (u64, Vec<String>) {
+        let mut problems = vec![];
+        let n = check_shard(pieces, Some(c), &HashMap::new(), from, &mut problems);
+        (n, problems)
+    }
+
+    #[test]
+    fn a_clean_chain_passes_and_a_copy_or_an_overlap_is_a_duplicate() {
+        // Flush 1: records 1..=10 in two hourly files; flush 2: 11..=15.
+        let clean = vec![
+            piece("a", 1, 4, None, 10, 10),
+            piece("b", 5, 6, None, 10, 10),
+            piece("c", 11, 5, Some(10), 15, 5),
+        ];
+        let c = ck(15, 15);
+        assert_eq!(run(&mut clean.clone(), &c, None), (15, vec![]));
+        let mut copied = clean.clone();
+        copied.push(piece("a-copy", 1, 4, None, 10, 10));
+        let (_, p) = run(&mut copied, &c, None);
+        assert!(
+            p.iter().any(|p| p.starts_with("duplicate records")),
+            "{p:?}"
+        );
+        // A file whose statistics reach into the next one.
+        let mut overlapping = clean.clone();
+        overlapping[0].footer.highest = Some(pos(6).sequence_number);
+        let (_, p) = run(&mut overlapping, &c, None);
+        assert!(
+            p.iter().any(|p| p.starts_with("duplicate records")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn a_missing_file_is_a_gap_and_a_watermark_starts_the_chain() {
+        let c = ck(15, 15);
+        let mut missing = vec![
+            piece("a", 1, 4, None, 10, 10),
+            piece("c", 11, 5, Some(10), 15, 5),
+        ];
+        let (_, p) = run(&mut missing, &c, None);
+        assert!(p.iter().any(|p| p.contains("announced 10")), "{p:?}");
+        let mut no_first = vec![piece("c", 11, 5, Some(10), 15, 5)];
+        let (_, p) = run(&mut no_first, &c, None);
+        assert!(p.iter().any(|p| p.starts_with("gap:")), "{p:?}");
+        // Proved up to 10 before: only the second flush is needed.
+        let mark = ShardMark {
+            position: Some(pos(10)),
+            records: 10,
+            files: 2,
+            open_hours: vec![],
+            verified_at: "then".into(),
+        };
+        assert_eq!(run(&mut no_first, &c, Some(&mark)), (5, vec![]));
+        // A watermark does not hide a loss after it.
+        let (_, p) = run(&mut [], &c, Some(&mark));
+        assert!(p.iter().any(|p| p.starts_with("archive ends at")), "{p:?}");
+    }
+
+    #[test]
+    fn rows_that_do_not_match_the_name_are_found() {
+        let c = ck(10, 10);
+        let mut short = vec![piece("a", 1, 10, None, 10, 10)];
+        short[0].footer.rows = 9;
+        let (_, p) = run(&mut short, &c, None);
+        assert!(
+            p.iter().any(|p| p.contains("does not match its name")),
+            "{p:?}"
+        );
+        let mut early = vec![piece("a", 2, 9, Some(1), 10, 9)];
+        early[0].footer.lowest = Some(pos(1).sequence_number);
+        let (_, p) = run(
+            &mut early,
+            &ck(10, 9),
+            Some(&ShardMark {
+                position: Some(pos(1)),
+                records: 0,
+                files: 0,
+                open_hours: vec![],
+                verified_at: "then".into(),
+            }),
+        );
+        assert!(
+            p.iter().any(|p| p.contains("before its first record")),
+            "{p:?}"
+        );
+    }
+}

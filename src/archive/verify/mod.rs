@@ -203,6 +203,10 @@ pub async fn verify_stream(
             written_at: Utc::now().to_rfc3339(),
             shards: marks,
         };
+        // Nothing archived: nothing to record (no state for a stream never archived).
+        if report.shards.is_empty() {
+            return Ok(report);
+        }
         if let Err(e) = watermark::store(archive, stream, &w).await {
             report.notes.push(format!(
                 "could not record how far this run verified (verify --since-last will start further back): {e}"
