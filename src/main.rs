@@ -116,6 +116,10 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Start each shard where the last verify proved it (kept in the
+        /// store): only files after that are read.
+        #[arg(long)]
+        since_last: bool,
     },
 }
 
@@ -578,8 +582,13 @@ async fn run(cli: Cli) -> Result<()> {
             let cancel = shutdown_token();
             fluxcap::server::serve(&cfg, fluxcap::server::ServeOptions { bind }, cancel).await
         }
-        Command::Verify { stream, format } => {
-            let report = fluxcap::archive::verify::verify(&cfg, stream.as_deref()).await?;
+        Command::Verify {
+            stream,
+            format,
+            since_last,
+        } => {
+            let opts = fluxcap::archive::verify::VerifyOptions { since_last };
+            let report = fluxcap::archive::verify::verify(&cfg, stream.as_deref(), opts).await?;
             match format {
                 Format::Json => println!(
                     "{}",

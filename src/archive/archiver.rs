@@ -29,6 +29,7 @@ use crate::archive::checkpoint::{Commit, Gap, PublishPolicy, ShardCheckpoint, lo
 use crate::archive::identity;
 use crate::archive::layout::hour_key;
 use crate::archive::lease::{Lease, LeaseClock};
+use crate::archive::manifest;
 use crate::archive::store::Archive;
 use crate::archive::writer::ParquetSettings;
 use crate::config::{Config, PayloadFormat, StreamConfig};
@@ -290,6 +291,10 @@ async fn identify(ctx: &StreamCtx) -> Result<Vec<crate::archive::checkpoint::Che
     let (arn, created) =
         identity::describe(&ctx.client, name, ctx.cfg.archiver.max_backoff.0).await?;
     let ckpts = load_all(&ctx.archive, name).await?;
+    // Finished shards go into the stream's manifest (a cache for readers).
+    if let Err(e) = manifest::record_finished(&ctx.archive, name, &ckpts).await {
+        tracing::warn!(stream = %name, "could not update the finished-shard manifest: {e}");
+    }
     let latest_state = ckpts
         .iter()
         .filter_map(|c| chrono::DateTime::parse_from_rfc3339(&c.written_at).ok())
@@ -441,6 +446,9 @@ async fn supervise(
                 match res {
                     Ok(ShardOutcome::Finished) => {
                         tracing::info!(stream = %name, shard = %id, "shard finished");
+                        if let Err(e) = manifest::record_finished_shard(&ctx.archive, &name, &ctx.key(&id)).await {
+                            tracing::warn!(stream = %name, shard = %id, "could not update the finished-shard manifest: {e}");
+                        }
                         finished.insert(id);
                         // Its children may be listed (or be new) and can start now.
                         relist = true;

@@ -208,32 +208,7 @@ pub async fn load_latest(
     }
 }
 
-/// Latest checkpoint of every shard of `stream` that has one.
-pub async fn load_all(archive: &Archive, stream: &str) -> Result<Vec<Checkpoint>> {
-    let root = archive.layout.checkpoints_root(stream);
-    let objects = archive.list(&root).await?;
-    let mut latest: std::collections::BTreeMap<String, (u64, Path)> = Default::default();
-    for o in objects {
-        let parts: Vec<_> = o.location.parts().collect();
-        let n = parts.len();
-        if n < 2 {
-            continue;
-        }
-        let Some(g) = parse_generation(parts[n - 1].as_ref()) else {
-            continue;
-        };
-        let shard = parts[n - 2].as_ref().to_string();
-        let e = latest.entry(shard).or_insert((g, o.location.clone()));
-        if g >= e.0 {
-            *e = (g, o.location.clone());
-        }
-    }
-    let mut out = Vec::with_capacity(latest.len());
-    for (_, (_, p)) in latest {
-        out.push(read_json(archive, &p).await?);
-    }
-    Ok(out)
-}
+pub use crate::archive::manifest::load_all;
 
 pub(crate) async fn read_json<T: for<'de> Deserialize<'de>>(
     archive: &Archive,

@@ -106,6 +106,22 @@ impl Layout {
             .join(format!("{generation:020}.json"))
     }
 
+    /// `<root>/<stream>/_fluxcap/finished.json`: the final checkpoints of
+    /// finished shards (see `manifest`).
+    pub fn finished_manifest(&self, stream: &str) -> Path {
+        self.stream_dir(stream)
+            .join(STATE_DIR)
+            .join("finished.json")
+    }
+
+    /// `<root>/<stream>/_fluxcap/verified.json`: how far `verify` proved
+    /// each shard (see `verify`).
+    pub fn verified_watermark(&self, stream: &str) -> Path {
+        self.stream_dir(stream)
+            .join(STATE_DIR)
+            .join("verified.json")
+    }
+
     /// `<root>/<stream>/_fluxcap/lease/`.
     pub fn lease_dir(&self, stream: &str) -> Path {
         self.stream_dir(stream).join(STATE_DIR).join("lease")

@@ -8,6 +8,7 @@ pub mod identity;
 pub mod ingest;
 pub mod layout;
 pub mod lease;
+pub mod manifest;
 pub mod status;
 pub mod store;
 pub mod verify;

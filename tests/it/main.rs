@@ -29,4 +29,5 @@ mod retention;
 mod server;
 mod sql;
 mod ui;
+mod verify_scale;
 mod writer_interop;

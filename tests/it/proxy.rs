@@ -7,7 +7,7 @@
 //! (some entries throttled or refused, the rest forwarded), as a busy target
 //! does — or never answer PutRecords calls that carry given partition keys,
 //! as a target shard that is throttled for good does. It also keeps every
-//! request line (S3 GETs of data files show what a command read), and logs
+//! forwarded request (S3 GETs of data files show what a command read), and logs
 //! when each Kinesis call arrived and, for GetRecords,
 //! which shard it read (following the iterators it hands out), so that a
 //! test can measure the call rate per shard.
@@ -63,8 +63,20 @@ struct Ctl {
     stalled_keys: Mutex<std::collections::HashSet<String>>,
     /// PutRecords calls stalled so far.
     stalled: std::sync::atomic::AtomicU64,
-    /// Every request line (`GET /bucket/key HTTP/1.1`), in order of arrival.
-    lines: Mutex<Vec<String>>,
+    /// Every forwarded request: its request line, its `Range` header, the
+    /// bytes of the response.
+    requests: Mutex<Vec<Request>>,
+}
+
+/// A request the proxy forwarded.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// `GET /bucket/key HTTP/1.1`.
+    pub line: String,
+    /// The `Range` header, if any.
+    pub range: Option<String>,
+    /// Bytes of the whole response (head and body).
+    pub response_bytes: usize,
 }
 
 pub struct Proxy {
@@ -191,11 +203,6 @@ impl Proxy {
         self.ctl.stalled.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Every request line so far (method, path and query, version).
-    pub fn request_lines(&self) -> Vec<String> {
-        self.ctl.lines.lock().unwrap().clone()
-    }
-
     /// Entries refused by [`Proxy::refuse_key`] so far.
     pub fn refused(&self) -> u64 {
         self.ctl.refused.load(std::sync::atomic::Ordering::SeqCst)
@@ -237,6 +244,16 @@ impl Proxy {
     /// Forget the log of [`Proxy::call_times`].
     pub fn clear_call_times(&self) {
         self.ctl.log.lock().unwrap().clear();
+    }
+
+    /// Every request forwarded so far (held ones included), in order.
+    pub fn requests(&self) -> Vec<Request> {
+        self.ctl.requests.lock().unwrap().clone()
+    }
+
+    /// Forget the log of [`Proxy::requests`].
+    pub fn clear_requests(&self) {
+        self.ctl.requests.lock().unwrap().clear();
     }
 
     /// Requests held now.
@@ -324,7 +341,19 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     let line = head.lines().next().unwrap_or_default().to_string();
-    ctl.lines.lock().unwrap().push(line.clone());
+    let range = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("range")
+            .then(|| v.trim().to_string())
+    });
+    let log_request = |resp: &[u8]| {
+        ctl.requests.lock().unwrap().push(Request {
+            line: line.clone(),
+            range: range.clone(),
+            response_bytes: resp.len(),
+        })
+    };
     let target = head
         .lines()
         .find_map(|l| {
@@ -440,6 +469,9 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
         }
         // The client may be dead by now: the request still reaches the store.
         let resp = forward(upstream, &head, &body).await;
+        if let Ok(r) = &resp {
+            log_request(r);
+        }
         let _ = done_tx.send(resp.as_ref().map_or(0, |r| status_of(r)));
         if let Ok(resp) = resp {
             let _ = sock.write_all(&resp).await;
@@ -447,6 +479,7 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
         return Ok(());
     }
     let mut resp = forward(upstream, &head, &body).await?;
+    log_request(&resp);
     if let Some(shard) = &shard {
         let v: serde_json::Value = serde_json::from_slice(&body_of(&resp)).unwrap_or_default();
         let next = match target.as_str() {

@@ -193,17 +193,18 @@ fn a_resume_reads_only_what_comes_after_what_was_sent() {
     let listed: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     let id = listed[0]["id"].as_str().unwrap().to_string();
 
-    let before = proxy.request_lines().len();
+    proxy.clear_requests();
     let o = ws.ok(&["replay", "--resume", &id]);
     let rest: Vec<String> = parse_json_lines(&o.stdout).iter().map(seq_of).collect();
     // Exactly the records not written through, in order.
     let sent = want.len() - rest.len();
     assert!(sent >= n, "{sent} < {n}");
     assert_eq!(rest, want[sent..]);
-    let reads: Vec<String> = proxy.request_lines()[before..]
-        .iter()
+    let reads: Vec<String> = proxy
+        .requests()
+        .into_iter()
+        .map(|r| r.line)
         .filter(|l| l.starts_with("GET ") && l.contains(".parquet") && !l.contains("_fluxcap"))
-        .cloned()
         .collect();
     assert!(
         reads.iter().any(|l| l.contains(&shard_id(2))),
