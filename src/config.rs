@@ -141,6 +141,9 @@ pub struct ArchiverConfig {
     pub poll_interval: HumanDuration,
     /// GetRecords `Limit`, 1..=10000.
     pub max_records_per_call: i32,
+    /// GetRecords calls per second and shard the archiver may make, in
+    /// (0, 5]: its share of the shard's 5 calls/s (all consumers together).
+    pub max_reads_per_second: f64,
     /// Period of shard re-discovery.
     pub shard_discovery_interval: HumanDuration,
     /// Lease lifetime without renewal.
@@ -1132,6 +1135,15 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
         ));
     }
     let a = &cfg.archiver;
+    if !(a.max_reads_per_second > 0.0 && a.max_reads_per_second <= 5.0) {
+        return Err(bad(
+            "archiver.max_reads_per_second",
+            format!(
+                "expected more than 0 and at most 5 (Kinesis allows 5 GetRecords calls per second per shard), got {}",
+                a.max_reads_per_second
+            ),
+        ));
+    }
     if !(1..=10_000).contains(&a.max_records_per_call) {
         return Err(bad(
             "archiver.max_records_per_call",

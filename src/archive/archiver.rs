@@ -626,6 +626,16 @@ async fn archive_shard(
         a.max_backoff.0,
         ctx.stats.retries.clone(),
     );
+    // Its share of the shard's calls (archiver.max_reads_per_second), and
+    // the bytes it read waited out at the shard's read limit.
+    reader = reader.paced(crate::kinesis::pace::shard_pacer(
+        &stream,
+        &shard,
+        crate::kinesis::pace::ReadLimits {
+            calls_per_second: a.max_reads_per_second,
+            bytes_per_second: crate::kinesis::pace::SHARD_BYTES_PER_SECOND,
+        },
+    ));
     if let Some(pos) = &ck.state().position {
         reader = reader.resume_after(pos);
     }

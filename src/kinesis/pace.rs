@@ -20,9 +20,11 @@
 //! backoff delay. One call of a shard is in flight at a time, so the bytes
 //! of each response are accounted for before the next call.
 //!
-//! There is one pacer per shard in the process ([`shard_pacer`]): the
-//! concurrent queries and replays of `fluxcap serve` share it. The archiver
-//! does not use one (it keeps its own polling).
+//! There is one pacer per shard and limits in the process ([`shard_pacer`]):
+//! the concurrent queries and replays of `fluxcap serve` share it. The
+//! archiver paces its own reads of each shard to
+//! `archiver.max_reads_per_second` calls and the full 2 MiB/s (so that it
+//! waits out a large response instead of making calls that are throttled).
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};

@@ -6,7 +6,8 @@
 //! call waits for the shard's [`ShardPacer`] (a share of the shard's read
 //! limits, shared with every other query-time reader of the shard), and a
 //! throttled call backs off with jitter without counting as a failed attempt
-//! towards [`ShardReader::give_up_after`]. The archiver's reader is not paced.
+//! towards [`ShardReader::give_up_after`]. The archiver's reader is paced too, to
+//! its own share (`archiver.max_reads_per_second`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -277,3 +277,45 @@ fn the_bytes_read_hold_the_next_call_back() {
         );
     }
 }
+
+/// Old code: an archiver catching up a backlog read each shard as fast as
+/// Kinesis answered (here, dozens of calls per second), taking the whole
+/// of the shard's 5 calls/s from every other consumer.
+#[test]
+fn an_archiver_catching_up_keeps_to_max_reads_per_second() {
+    let k = kinesis();
+    let rt = rt();
+    let proxy = rt.block_on(Proxy::start(k.port));
+    let stream = unique("arch-pace");
+    let c = kinesis_client(&k.endpoint());
+    let puts = rt.block_on(async {
+        create_stream(&c, &stream, 2).await;
+        put_records(&c, &stream, &orders(80, 12)).await
+    });
+    let per_shard_min = ["shardId-000000000000", "shardId-000000000001"]
+        .iter()
+        .map(|s| puts.iter().filter(|p| p.shard_id == *s).count())
+        .min()
+        .unwrap_or(0);
+    assert!(
+        per_shard_min >= 6 * PER_CALL,
+        "records per shard: {per_shard_min}"
+    );
+    let ws = Workspace::new(
+        &proxy.endpoint(),
+        None,
+        None,
+        &format!("[archiver]\nmax_records_per_call = {PER_CALL}\nmax_reads_per_second = 3\n"),
+        &[(&stream, "json")],
+    );
+    proxy.clear_call_times();
+    ws.ok(&["archive", "--once"]);
+    check_rate(&proxy, 2, per_shard_min / PER_CALL, 3);
+    // Every record archived, once.
+    let rows = ws.sql(&format!(
+        "SELECT shard_id, sequence_number FROM archive.{}",
+        q(&stream)
+    ));
+    assert_eq!(rows.len(), puts.len());
+    assert_eq!(row_ids(&rows), put_ids(&puts));
+}
