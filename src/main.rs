@@ -81,7 +81,7 @@ enum Command {
     },
     /// Replay records into a Kinesis stream or a file: bounded, filtered,
     /// compacted, annotated, paced and resumable.
-    Replay(Box<ReplayArgs>),
+    Replay(Box<fluxcap::replay::ReplayOptions>),
     /// Print catalog DDL (Hive, Glue, Athena) or the Drill storage plugin for the archive.
     Catalog {
         /// Which engine.
@@ -121,103 +121,6 @@ enum Command {
         #[arg(long)]
         since_last: bool,
     },
-}
-
-/// `fluxcap replay` arguments.
-#[derive(Debug, clap::Args)]
-struct ReplayArgs {
-    /// The stream whose records (archived and live) are replayed; with
-    /// --from-parquet, only the name annotations carry.
-    #[arg(long)]
-    stream: Option<String>,
-    /// Where to: kinesis://<stream>, file://<path.jsonl>, or - (JSON lines on standard output).
-    #[arg(long, value_name = "TARGET")]
-    to: Option<String>,
-    /// Only records that arrived at or after this time (RFC 3339, a date, or a duration ago such as 2h).
-    #[arg(long, value_name = "TIME")]
-    since: Option<String>,
-    /// Only records that arrived before this time (same forms as --since).
-    #[arg(long, value_name = "TIME")]
-    until: Option<String>,
-    /// Only records of SHARD at or after sequence number SEQ (repeatable).
-    #[arg(long, value_name = "SHARD=SEQ")]
-    from_sequence: Vec<String>,
-    /// Only records of SHARD at or before sequence number SEQ (repeatable).
-    #[arg(long, value_name = "SHARD=SEQ")]
-    to_sequence: Vec<String>,
-    /// Only records matching this SQL predicate (record columns and JSON functions).
-    #[arg(long = "where", value_name = "PREDICATE")]
-    predicate: Option<String>,
-    /// Keep only the last record per key (the partition key, or --key).
-    #[arg(long)]
-    compact: bool,
-    /// The compaction key, a SQL expression such as json_get_str(data,'order_id').
-    #[arg(long, value_name = "EXPR")]
-    key: Option<String>,
-    /// Records matching this predicate delete their key (a key whose last record matches is deleted).
-    #[arg(long, value_name = "PREDICATE")]
-    tombstone: Option<String>,
-    /// What a deleted key sends: its last record, so consumers delete it too (emit), or nothing (drop).
-    /// Default: emit when --to is the source stream or with --force-overwrite, drop otherwise.
-    #[arg(long, value_name = "MODE", value_parser = ["emit", "drop"])]
-    tombstones: Option<String>,
-    /// Also select records that earlier replays sent (copies); they are ordered and compacted by
-    /// their original's position and sent unchanged.
-    #[arg(long)]
-    include_replayed: bool,
-    /// Send a key's records without waiting for each other (faster with few keys); they can land
-    /// out of order, so only for consumers that apply the replay consistency protocol.
-    #[arg(long)]
-    unordered: bool,
-    /// After the selection, keep forwarding records as they arrive (same filter, annotation and
-    /// order) until stopped; --resume continues where it stopped.
-    #[arg(long)]
-    follow: bool,
-    /// Add KEY=VALUE to every record's annotation (repeatable).
-    #[arg(long, value_name = "KEY=VALUE")]
-    annotate: Vec<String>,
-    /// Send the original bytes, without annotation.
-    #[arg(long)]
-    no_annotate: bool,
-    /// Wrap every record in the envelope, even JSON objects.
-    #[arg(long)]
-    envelope: bool,
-    /// Set force_overwrite in the annotation (see docs/replay-consistency.md).
-    #[arg(long)]
-    force_overwrite: bool,
-    /// Allow --to kinesis://<the stream the records come from> (also to resume
-    /// such a replay); it starts at replay.same_stream_share of the limits.
-    #[arg(long)]
-    confirm_same_stream: bool,
-    /// At most this many records per second overall (with --resume: for this run).
-    #[arg(long, value_name = "RECORDS_PER_SEC")]
-    rate: Option<f64>,
-    /// Count records and bytes per target shard and estimate the duration; send nothing.
-    #[arg(long)]
-    dry_run: bool,
-    /// Continue an interrupted or stopped replay with its stored options
-    /// (options given again must equal them; only --rate may change).
-    #[arg(long, value_name = "ID", conflicts_with_all = ["list", "dry_run"])]
-    resume: Option<String>,
-    /// Show the replays in the archive store and their state.
-    #[arg(long)]
-    list: bool,
-    /// Replay the records of Parquet files with the record columns (a directory, file or s3:// prefix).
-    #[arg(long, value_name = "LOCATION")]
-    from_parquet: Option<String>,
-    /// Print --list, --dry-run and the summary as JSON on standard output.
-    #[arg(long)]
-    json: bool,
-    /// Run the selection on a cluster engine (`drill`): a CTAS into the
-    /// archive's scratch workspace, then a replay of those files.
-    #[arg(long, value_name = "ENGINE")]
-    engine: Option<String>,
-    /// Drill's REST address [default: http://localhost:8047, e.g. through `fluxcap cluster tunnel`].
-    #[arg(long, value_name = "URL")]
-    drill_url: Option<String>,
-    /// The Drill storage plugin over the archive [default: archive].
-    #[arg(long, value_name = "NAME")]
-    drill_plugin: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -414,42 +317,7 @@ async fn run(cli: Cli) -> Result<()> {
             )
             .await
         }
-        Command::Replay(a) => {
-            let a = *a;
-            let opts = fluxcap::replay::ReplayOptions {
-                stream: a.stream,
-                to: a.to,
-                since: a.since,
-                until: a.until,
-                from_sequence: a.from_sequence,
-                to_sequence: a.to_sequence,
-                predicate: a.predicate,
-                compact: a.compact,
-                key: a.key,
-                tombstone: a.tombstone,
-                tombstones: a.tombstones,
-                include_replayed: a.include_replayed,
-                unordered: a.unordered,
-                follow: a.follow,
-                annotate: a.annotate,
-                no_annotate: a.no_annotate,
-                envelope: a.envelope,
-                force_overwrite: a.force_overwrite,
-                rate: a.rate,
-                dry_run: a.dry_run,
-                resume: a.resume,
-                list: a.list,
-                from_parquet: a.from_parquet,
-                confirm_same_stream: a.confirm_same_stream,
-                json: a.json,
-                quiet: false,
-                engine: a.engine,
-                drill_url: a.drill_url,
-                drill_plugin: a.drill_plugin,
-                shared: None,
-            };
-            fluxcap::replay::run(&cfg, opts, shutdown_token()).await
-        }
+        Command::Replay(opts) => fluxcap::replay::run(&cfg, *opts, shutdown_token()).await,
         Command::Catalog {
             engine,
             stream,

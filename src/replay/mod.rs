@@ -74,71 +74,108 @@ use crate::replay::run::{Earlier, Run};
 use crate::replay::state::Manifest;
 use crate::replay::target::Target;
 
-/// What the command line asks for.
-#[derive(Debug, Clone, Default)]
+/// What a replay is asked to do: `fluxcap replay`'s arguments (clap parses
+/// them straight into this), also filled in by the HTTP API.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct ReplayOptions {
-    /// Source stream (`--stream`); with `--from-parquet`, only a label.
+    /// The stream whose records (archived and live) are replayed; with
+    /// --from-parquet, only the name annotations carry.
+    #[arg(long)]
     pub stream: Option<String>,
-    /// `--to`.
+    /// Where to: kinesis://<stream>, file://<path.jsonl>, or - (JSON lines on standard output).
+    #[arg(long, value_name = "TARGET")]
     pub to: Option<String>,
-    /// `--since`.
+    /// Only records that arrived at or after this time (RFC 3339, a date, or a duration ago such as 2h).
+    #[arg(long, value_name = "TIME")]
     pub since: Option<String>,
-    /// `--until`.
+    /// Only records that arrived before this time (same forms as --since).
+    #[arg(long, value_name = "TIME")]
     pub until: Option<String>,
-    /// `--from-sequence SHARD=SEQ` (repeatable).
+    /// Only records of SHARD at or after sequence number SEQ (repeatable).
+    #[arg(long, value_name = "SHARD=SEQ")]
     pub from_sequence: Vec<String>,
-    /// `--to-sequence SHARD=SEQ` (repeatable).
+    /// Only records of SHARD at or before sequence number SEQ (repeatable).
+    #[arg(long, value_name = "SHARD=SEQ")]
     pub to_sequence: Vec<String>,
-    /// `--where`.
+    /// Only records matching this SQL predicate (record columns and JSON functions).
+    #[arg(long = "where", value_name = "PREDICATE")]
     pub predicate: Option<String>,
-    /// `--compact`.
+    /// Keep only the last record per key (the partition key, or --key).
+    #[arg(long)]
     pub compact: bool,
-    /// `--key`.
+    /// The compaction key, a SQL expression such as json_get_str(data,'order_id').
+    #[arg(long, value_name = "EXPR")]
     pub key: Option<String>,
-    /// `--tombstone`.
+    /// Records matching this predicate delete their key (a key whose last record matches is deleted).
+    #[arg(long, value_name = "PREDICATE")]
     pub tombstone: Option<String>,
-    /// `--tombstones emit|drop` (`None`: emit when the target is the source
-    /// stream or `force_overwrite` is set, drop otherwise).
+    /// What a deleted key sends: its last record, so consumers delete it too (emit), or nothing (drop).
+    /// Default: emit when --to is the source stream or with --force-overwrite, drop otherwise.
+    #[arg(long, value_name = "MODE", value_parser = ["emit", "drop"])]
     pub tombstones: Option<String>,
-    /// `--include-replayed`: select replayed copies too.
+    /// Also select records that earlier replays sent (copies); they are ordered and compacted by
+    /// their original's position and sent unchanged.
+    #[arg(long)]
     pub include_replayed: bool,
-    /// `--unordered`: do not keep a key's records in order in the target.
+    /// Send a key's records without waiting for each other (faster with few keys); they can land
+    /// out of order, so only for consumers that apply the replay consistency protocol.
+    #[arg(long)]
     pub unordered: bool,
-    /// `--follow`: after the selection, keep forwarding records as they arrive.
+    /// After the selection, keep forwarding records as they arrive (same filter, annotation and
+    /// order) until stopped; --resume continues where it stopped.
+    #[arg(long)]
     pub follow: bool,
-    /// `--annotate k=v` (repeatable).
+    /// Add KEY=VALUE to every record's annotation (repeatable).
+    #[arg(long, value_name = "KEY=VALUE")]
     pub annotate: Vec<String>,
-    /// `--no-annotate`.
+    /// Send the original bytes, without annotation.
+    #[arg(long)]
     pub no_annotate: bool,
-    /// `--envelope`.
+    /// Wrap every record in the envelope, even JSON objects.
+    #[arg(long)]
     pub envelope: bool,
-    /// `--force-overwrite`.
+    /// Set force_overwrite in the annotation (see docs/replay-consistency.md).
+    #[arg(long)]
     pub force_overwrite: bool,
-    /// `--rate` (records/s).
-    pub rate: Option<f64>,
-    /// `--dry-run`.
-    pub dry_run: bool,
-    /// `--resume <id>`.
-    pub resume: Option<String>,
-    /// `--list`.
-    pub list: bool,
-    /// `--from-parquet <location>`.
-    pub from_parquet: Option<String>,
-    /// `--confirm-same-stream` (`confirm_same_stream` over the API): the
-    /// target may be the stream the records come from.
+    /// Allow --to kinesis://<the stream the records come from> (also to resume
+    /// such a replay); it starts at replay.same_stream_share of the limits.
+    #[arg(long)]
     pub confirm_same_stream: bool,
-    /// `--json`: list, dry-run and summary as JSON on standard output.
+    /// At most this many records per second overall (with --resume: for this run).
+    #[arg(long, value_name = "RECORDS_PER_SEC")]
+    pub rate: Option<f64>,
+    /// Count records and bytes per target shard and estimate the duration; send nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Continue an interrupted or stopped replay with its stored options
+    /// (options given again must equal them; only --rate may change).
+    #[arg(long, value_name = "ID", conflicts_with_all = ["list", "dry_run"])]
+    pub resume: Option<String>,
+    /// Show the replays in the archive store and their state.
+    #[arg(long)]
+    pub list: bool,
+    /// Replay the records of Parquet files with the record columns (a directory, file or s3:// prefix).
+    #[arg(long, value_name = "LOCATION")]
+    pub from_parquet: Option<String>,
+    /// Print --list, --dry-run and the summary as JSON on standard output.
+    #[arg(long)]
     pub json: bool,
-    /// Print nothing and show no progress bar (the HTTP server runs replays).
-    pub quiet: bool,
-    /// `--engine drill`: run the selection on Drill (see [`crate::cluster::drill`]).
+    /// Run the selection on a cluster engine (`drill`): a CTAS into the
+    /// archive's scratch workspace, then a replay of those files.
+    #[arg(long, value_name = "ENGINE")]
     pub engine: Option<String>,
-    /// `--drill-url` (default `http://localhost:8047`).
+    /// Drill's REST address [default: http://localhost:8047, e.g. through `fluxcap cluster tunnel`].
+    #[arg(long, value_name = "URL")]
     pub drill_url: Option<String>,
-    /// `--drill-plugin`: the storage plugin from `fluxcap catalog drill`.
+    /// The Drill storage plugin over the archive [default: archive].
+    #[arg(long, value_name = "NAME")]
     pub drill_plugin: Option<String>,
+    /// Print nothing and show no progress bar (the HTTP server runs replays).
+    #[arg(skip)]
+    pub quiet: bool,
     /// An archive handle and Kinesis client to reuse (the HTTP server's)
     /// instead of building new ones.
+    #[arg(skip)]
     pub shared: Option<Shared>,
 }
 
