@@ -90,6 +90,11 @@ impl ArchiveTable {
             return Ok(vec![]);
         }
         let parts = PartitionFilter::new(state, filters)?;
+        // The statement's (or replay's) view keeps the listings.
+        let view = state
+            .config()
+            .get_extension::<crate::query::View>()
+            .unwrap_or_else(|| Arc::new(crate::query::View::new(None, false)));
         // Candidate partitions (dt, hr, prefix to list recursively).
         let mut prefixes: Vec<(String, Option<String>, Path)> = Vec::new();
         match range.hours() {
@@ -111,13 +116,28 @@ impl ArchiveTable {
             }
             _ => {
                 let dir = self.archive.layout.stream_dir(&self.stream);
-                let listed = with_retry(&self.archive.describe(&dir), || {
-                    self.archive.store.list_with_delimiter(Some(&dir))
-                })
-                .await
-                .map_err(|e| df_err(Error::store(self.archive.describe(&dir), e)))?;
+                let listed = view
+                    .listing(true, &dir, || async {
+                        let l = with_retry(&self.archive.describe(&dir), || {
+                            self.archive.store.list_with_delimiter(Some(&dir))
+                        })
+                        .await
+                        .map_err(|e| Error::store(self.archive.describe(&dir), e))?;
+                        Ok(l.common_prefixes
+                            .into_iter()
+                            .map(|location| ObjectMeta {
+                                location,
+                                last_modified: chrono::DateTime::<chrono::Utc>::UNIX_EPOCH,
+                                size: 0,
+                                e_tag: None,
+                                version: None,
+                            })
+                            .collect())
+                    })
+                    .await
+                    .map_err(df_err)?;
                 let mut days = Vec::new();
-                for p in listed.common_prefixes {
+                for p in listed.iter().map(|o| &o.location) {
                     let Some(dt) = p.filename().and_then(|n| n.strip_prefix("dt=")) else {
                         continue;
                     };
@@ -142,9 +162,15 @@ impl ArchiveTable {
             }
         }
         let listings: Vec<(String, Option<String>, Vec<ObjectMeta>)> =
-            futures::stream::iter(prefixes.into_iter().map(|(dt, hr, prefix)| async move {
-                let objects = self.archive.list(&prefix).await.map_err(df_err)?;
-                Ok::<_, datafusion::error::DataFusionError>((dt, hr, objects))
+            futures::stream::iter(prefixes.into_iter().map(|(dt, hr, prefix)| {
+                let view = view.clone();
+                async move {
+                    let objects = view
+                        .listing(false, &prefix, || self.archive.list(&prefix))
+                        .await
+                        .map_err(df_err)?;
+                    Ok::<_, datafusion::error::DataFusionError>((dt, hr, (*objects).clone()))
+                }
             }))
             .buffer_unordered(LIST_CONCURRENCY)
             .try_collect()

@@ -9,13 +9,18 @@
 //! once per scan.
 //!
 //! ```text
-//!   statement (or replay) starts ─▶ View { as_of, snapshots, listings, tails }
+//!   statement (or replay) starts ─▶ View { as_of, snapshots, listings, objects, tails }
 //!      scan 1 of S ──┐                 │ first use loads / reads, then shared
 //!      scan 2 of S ──┼──▶ same Snapshot, same horizon, same ListShards answer
 //!      scan 3 of S ──┘     live tail: read once when scanned more than once
 //!                          (kept in memory, spilled to a temporary Arrow file
 //!                          past SPILL_BYTES), streamed directly when scanned once
 //! ```
+//!
+//! The archive's object listings (days of a stream, objects of a day or an
+//! hour) are kept too: a replay that reads a stream in many pieces lists it
+//! once, not once per piece. Files committed after the snapshot are ignored
+//! whatever the listing says, so an older listing gives the same answer.
 //!
 //! [`crate::query::QuerySession::plan`] gives each statement a new view; a
 //! session built with [`crate::query::SessionOptions::pinned`] (a replay)
@@ -26,6 +31,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
+use object_store::ObjectMeta;
 
 use crate::archive::store::Archive;
 use crate::error::{Error, Result};
@@ -35,6 +41,9 @@ use crate::query::snapshot::Snapshot;
 /// Cached live tails larger than this (all shards of a view together) go to
 /// a temporary file instead of memory.
 pub const SPILL_BYTES: usize = 64 << 20;
+
+/// Archive listings of a view, by (delimited, prefix).
+type Listings = HashMap<(bool, String), Arc<Vec<ObjectMeta>>>;
 
 /// See the module documentation.
 #[derive(Debug)]
@@ -46,6 +55,9 @@ pub struct View {
     pub session_wide: bool,
     snapshots: tokio::sync::Mutex<HashMap<String, Arc<Snapshot>>>,
     listings: tokio::sync::Mutex<HashMap<String, Option<Arc<Vec<ShardInfo>>>>>,
+    /// Archive listings by (kind, prefix): objects below a prefix, or the
+    /// prefixes directly below it.
+    objects: tokio::sync::Mutex<Listings>,
     tails: Mutex<HashMap<(String, String), Arc<Tail>>>,
     scans: Mutex<HashMap<String, usize>>,
     cached_bytes: Mutex<usize>,
@@ -60,6 +72,7 @@ impl View {
             session_wide,
             snapshots: Default::default(),
             listings: Default::default(),
+            objects: Default::default(),
             tails: Default::default(),
             scans: Default::default(),
             cached_bytes: Mutex::new(0),
@@ -96,6 +109,29 @@ impl View {
         };
         m.insert(stream.to_string(), listed.clone());
         Ok(listed)
+    }
+
+    /// The archive listing of `prefix` (`delimited`: the prefixes directly
+    /// below it, as `location`s; else every object below it), made by
+    /// `list` on first use.
+    pub async fn listing<F, Fut>(
+        &self,
+        delimited: bool,
+        prefix: &object_store::path::Path,
+        list: F,
+    ) -> Result<Arc<Vec<ObjectMeta>>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<ObjectMeta>>>,
+    {
+        let key = (delimited, prefix.to_string());
+        if let Some(l) = self.objects.lock().await.get(&key) {
+            return Ok(l.clone());
+        }
+        // Not held while listing: concurrent scans list different prefixes.
+        let l = Arc::new(list().await?);
+        self.objects.lock().await.insert(key, l.clone());
+        Ok(l)
     }
 
     /// Count one more scan of `stream`'s live side (at planning time, before

@@ -730,22 +730,12 @@ fn replay_resumes_after_kill_9_with_duplicates_only_in_the_window() {
         .spawn()
         .unwrap();
     // Wait until progress shows records sent, then kill -9.
-    let progress = loop {
-        if let Some(p) = walk(&ws.archive)
-            .into_iter()
-            .find(|p| p.ends_with("progress.json"))
-            && let Ok(b) = std::fs::read(&p)
-            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b)
-            && v["sent"].as_u64().unwrap_or(0) >= 600
-        {
-            break p;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the replay ended too early"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let progress = crate::replay_resume::wait_for_progress(
+        &ws,
+        &mut child,
+        std::time::Duration::from_secs(120),
+        |v| v["sent"].as_u64().unwrap_or(0) >= 600,
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     let id = progress

@@ -6,12 +6,12 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::harness::*;
 use crate::proxy::Proxy;
 use crate::replay::decode_all;
-use crate::replay_resume::{id_of, json, read_then_close, replay_dir, seq_of, walk};
+use crate::replay_resume::{id_of, json, read_then_close, replay_dir, seq_of, wait_for_progress};
 
 fn shard_id(s: usize) -> String {
     format!("shardId-{s:012}")
@@ -282,29 +282,9 @@ fn a_target_shard_that_makes_no_progress_holds_back_only_its_own_records() {
     // other shards take theirs, and progress must say so although the
     // first shard takes nothing. (Old code: `sent` stayed near 0.)
     let goal = 5_000u64;
-    let deadline = Instant::now() + Duration::from_secs(50);
-    let mut last = serde_json::Value::Null;
-    let progress = loop {
-        let p = walk(&ws.archive)
-            .into_iter()
-            .find(|p| p.ends_with("progress.json"));
-        if let Some(p) = p
-            && let Ok(b) = std::fs::read(&p)
-            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b)
-        {
-            if v["sent"].as_u64().unwrap_or(0) >= goal {
-                break p;
-            }
-            last = v;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "the replay ended");
-        assert!(
-            Instant::now() < deadline,
-            "progress never reached {goal} records while one target shard of eight was stalled ({} stalled calls): {last}",
-            proxy.stalled()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let progress = wait_for_progress(&ws, &mut child, Duration::from_secs(50), |v| {
+        v["sent"].as_u64().unwrap_or(0) >= goal
+    });
     assert!(proxy.stalled() > 0);
     child.kill().unwrap();
     child.wait().unwrap();

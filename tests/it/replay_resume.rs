@@ -11,6 +11,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
+use crate::replay::walk;
 
 const SHARD: &str = "shardId-000000000000";
 
@@ -55,23 +56,6 @@ fn body(i: usize) -> String {
     format!(r#"{{"i":{i},"pad":"{}"}}"#, "p".repeat(280))
 }
 
-/// Every file under `dir`.
-pub(crate) fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 pub(crate) fn json(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
@@ -97,6 +81,40 @@ pub(crate) fn wait(child: &mut Child) -> std::process::ExitStatus {
             return st;
         }
         assert!(Instant::now() < deadline, "the replay did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Wait until `child`'s replay saves a `progress.json` that `done` accepts
+/// (at most `within`; the child must keep running); its path.
+pub(crate) fn wait_for_progress(
+    ws: &Workspace,
+    child: &mut Child,
+    within: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> PathBuf {
+    let deadline = Instant::now() + within;
+    let mut last = serde_json::Value::Null;
+    loop {
+        if let Some(p) = walk(&ws.archive)
+            .into_iter()
+            .find(|p| p.ends_with("progress.json"))
+            && let Ok(b) = std::fs::read(&p)
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b)
+        {
+            if done(&v) {
+                return p;
+            }
+            last = v;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the replay ended: {last}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the replay's progress was not there within {within:?}: {last}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -189,6 +207,39 @@ fn replay_resume_after_the_reader_closed_the_output() {
     let rest: Vec<String> = parse_json_lines(&o.stdout).iter().map(seq_of).collect();
     assert_eq!(rest, want[sent..]);
     assert_eq!(state_of(&ws, &id), "done");
+}
+
+/// Progress saved by the previous version has a count (`sent`) and no
+/// positions: a resume skips that many records of the ordered selection.
+#[test]
+fn a_replay_saved_by_the_previous_version_resumes_by_its_count() {
+    let k = ferrokinesis(false);
+    let stream = unique("oldprog");
+    let ws = Workspace::new(&k.endpoint(), None, None, "", &[(&stream, "json")]);
+    let t0 = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    let recs: Vec<(i64, String)> = (0..3000).map(|i| (t0 + i as i64, body(i))).collect();
+    let recs = ingest(&ws.archive, &stream, &recs);
+    let want: Vec<String> = recs.iter().map(|r| r.sequence_number.to_string()).collect();
+    let (_, code, err) = read_then_close(&ws, &["replay", "--stream", &stream, "--to", "-"], 5);
+    assert_eq!(code, 0, "{err}");
+    let dir = replay_dir(&ws);
+    let id = id_of(&dir);
+    // The previous version's progress.json: the same fields without the
+    // positions this version adds.
+    let mut p = json(&dir.join("progress.json"));
+    assert!(p.get("through").is_some(), "{p}");
+    let o = p.as_object_mut().unwrap();
+    o.remove("through");
+    o.remove("targets");
+    std::fs::write(
+        dir.join("progress.json"),
+        serde_json::to_vec_pretty(&p).unwrap(),
+    )
+    .unwrap();
+    let sent = p["sent"].as_u64().unwrap() as usize;
+    let o = ws.ok(&["replay", "--resume", &id]);
+    let rest: Vec<String> = parse_json_lines(&o.stdout).iter().map(seq_of).collect();
+    assert_eq!(rest, want[sent..]);
 }
 
 /// Old code refused every option given with `--resume` with one generic
