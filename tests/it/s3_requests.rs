@@ -156,10 +156,8 @@ fn a_key_lookup_over_days_opens_each_file_with_one_request() {
     assert_eq!(got.len(), 2, "{got:?}");
     let want = duckdb(
         &local.path().join(&stream),
-        &format!(
-            "SELECT shard_id, sequence_number, dt, hr, octet_length(data) AS len FROM t \
-             WHERE partition_key = 'k5needle' ORDER BY shard_id, sequence_number"
-        ),
+        "SELECT shard_id, sequence_number, dt, hr, octet_length(data) AS len FROM t \
+         WHERE partition_key = 'k5needle' ORDER BY shard_id, sequence_number",
     );
     assert_eq!(got, want);
     assert!(
