@@ -10,7 +10,9 @@
 //! ([`Snapshot::is_committed`]). Committed files that are not published yet
 //! are read from their staged copies ([`Snapshot::unpublished`]).
 //! Row groups and pages are then pruned by the Parquet reader from the same
-//! filters (statistics, bloom filters on `partition_key`/`sequence_number`).
+//! filters (statistics, bloom filters on `partition_key`/`sequence_number`);
+//! on S3 each file's metadata comes from one read of its tail
+//! ([`crate::query::tail_reader`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,7 +25,8 @@ use datafusion::common::{DFSchema, Result as DfResult, ScalarValue};
 use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::PartitionedFile;
-use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::table_schema::TableSchema;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::Expr;
@@ -36,10 +39,12 @@ use object_store::path::Path;
 
 use crate::archive::layout::{is_hidden_below, parse_data_file_name};
 use crate::archive::store::{Archive, with_retry};
+use crate::config::ArchiveLocation;
 use crate::error::Error;
 use crate::query::bounds::{HOUR_MS, ShardRange, TimeRange};
 use crate::query::df_err;
 use crate::query::snapshot::Snapshot;
+use crate::query::tail_reader::TailReaderFactory;
 use crate::record::{self, col};
 
 /// Widest bounded range (in hours) listed hour by hour instead of by day.
@@ -300,14 +305,36 @@ impl ArchiveTable {
                 Arc::new(Field::new(col::HR, DataType::Utf8, false)),
             ])
             .build();
-        let format = ParquetFormat::default().with_options(state.table_options().parquet.clone());
-        let source = format.file_source(table_schema);
-        let config = FileScanConfigBuilder::new(self.store_url.clone(), source)
+        let options = state.table_options().parquet.clone();
+        if !matches!(self.archive.location, ArchiveLocation::S3 { .. }) {
+            let format = ParquetFormat::default().with_options(options);
+            let source = format.file_source(table_schema);
+            let config = FileScanConfigBuilder::new(self.store_url.clone(), source)
+                .with_file_groups(groups)
+                .with_projection_indices(projection.cloned())?
+                .with_limit(limit)
+                .build();
+            return format.create_physical_plan(state, config).await;
+        }
+        // A remote store: every request is a round trip (see `tail_reader`).
+        let store = state.runtime_env().object_store(&self.store_url)?;
+        let order = groups
+            .iter()
+            .map(|g| {
+                g.iter()
+                    .map(|f| (f.object_meta.location.clone(), f.object_meta.size))
+                    .collect()
+            })
+            .collect();
+        let source = ParquetSource::new(table_schema)
+            .with_table_parquet_options(options)
+            .with_parquet_file_reader_factory(Arc::new(TailReaderFactory::new(store, order)));
+        let config = FileScanConfigBuilder::new(self.store_url.clone(), Arc::new(source))
             .with_file_groups(groups)
             .with_projection_indices(projection.cloned())?
             .with_limit(limit)
             .build();
-        format.create_physical_plan(state, config).await
+        Ok(DataSourceExec::from_data_source(config))
     }
 }
 

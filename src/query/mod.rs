@@ -41,6 +41,7 @@ pub mod live;
 pub mod origin;
 pub mod output;
 pub mod snapshot;
+pub mod tail_reader;
 pub mod view;
 
 use std::sync::Arc;

@@ -26,6 +26,7 @@ mod replay_view;
 mod replay_writer;
 mod resharding;
 mod retention;
+mod s3_requests;
 mod server;
 mod sql;
 mod ui;
