@@ -1,7 +1,9 @@
 //! Running a planned replay: reading the ordered selection, annotating each
 //! record, sending it to the sink (the Kinesis writer, a JSON-lines file or
-//! standard output, or only counting for a dry run), and saving progress as
-//! the acknowledged prefix of the order grows.
+//! standard output, or only counting for a dry run: [`sink`]), and saving
+//! progress as acknowledgements come back (what is saved, and what a resume
+//! skips: [`crate::replay::acks`]). While the reader waits for a full target
+//! shard, the other shards' acknowledgements are still taken in and saved.
 //!
 //! A line target acknowledges a record once its bytes are written through to
 //! the file or pipe (not while they sit in the buffer). When the reader of
@@ -19,44 +21,26 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Int64Type};
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::archive::store::Archive;
 use crate::config::Config;
 use crate::consistency::{self, Annotation};
 use crate::error::{Error, Result};
-use crate::kinesis::writer::{Ack, OutRecord, ShardStats, TargetShards, Writer, WriterSettings};
+use crate::kinesis::writer::{Ack, OutRecord, ShardStats};
 use crate::query::QuerySession;
-use crate::replay::acks::{Acks, Range, Resume};
+use crate::replay::acks::{Acks, Resume};
 use crate::replay::follow::{self, Followed};
 use crate::replay::order::{self, Start};
 use crate::replay::report::{estimate, progress_bar, report};
 use crate::replay::select::{self, Columns, Row, cast};
 use crate::replay::state::{self, Manifest, Phase, Progress};
 use crate::replay::target::{Line, Target};
-use crate::replay::{Observer, ReplayOptions, Summary};
 
-pub(super) enum Sink {
-    Kinesis {
-        writer: Writer,
-        acks: mpsc::UnboundedReceiver<Ack>,
-        ack_tx: mpsc::UnboundedSender<Ack>,
-    },
-    DryRun {
-        shards: Option<TargetShards>,
-        per_shard: Vec<ShardStats>,
-    },
-    Lines {
-        out: std::io::BufWriter<Box<dyn Write + Send>>,
-        path: Option<std::path::PathBuf>,
-        /// Bytes written to `out` (buffered ones included).
-        offset: u64,
-        /// Records whose line is still in `out`'s buffer: (ordinal, size,
-        /// offset after the line).
-        pending: Vec<(u64, usize, u64)>,
-    },
-}
+mod sink;
+use crate::replay::{Observer, ReplayOptions, Summary};
+use sink::LineError;
+pub(super) use sink::Sink;
 
 /// How a run that did not fail ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,24 +49,6 @@ pub(super) enum Stop {
     Complete,
     /// The reader of the output went away (a broken pipe).
     OutputClosed,
-}
-
-/// What writing to a line target can end in.
-enum LineError {
-    /// The reader went away.
-    Closed,
-    /// Any other failure.
-    Io(std::io::Error),
-}
-
-impl From<std::io::Error> for LineError {
-    fn from(e: std::io::Error) -> Self {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            LineError::Closed
-        } else {
-            LineError::Io(e)
-        }
-    }
 }
 
 /// What earlier runs of a resumed replay left in the store.
@@ -208,116 +174,6 @@ impl Run {
             bar: None,
             shards: Vec::new(),
             recorded: false,
-        }
-    }
-
-    async fn sink(&mut self) -> Result<Sink> {
-        let resume_offset = self.progress.file_offset.unwrap_or(0);
-        match &self.target {
-            Target::Kinesis(name) => {
-                let mut c = self.cfg.clone();
-                let r = &self.cfg.replay;
-                if let Some(x) = &r.target_region {
-                    c.aws.region = x.clone();
-                }
-                if let Some(x) = &r.target_profile {
-                    c.aws.profile = Some(x.clone());
-                }
-                if let Some(x) = &r.target_endpoint {
-                    c.aws.kinesis_endpoint = Some(x.clone());
-                }
-                let client = crate::kinesis::client(&c).await;
-                let shards =
-                    TargetShards::discover(&client, name, self.cfg.archiver.max_backoff.0).await?;
-                if self.opts.dry_run {
-                    let per_shard = shards
-                        .shards
-                        .iter()
-                        .map(|s| ShardStats {
-                            shard_id: s.shard_id.clone(),
-                            ..Default::default()
-                        })
-                        .collect();
-                    return Ok(Sink::DryRun {
-                        shards: Some(shards),
-                        per_shard,
-                    });
-                }
-                self.mark.set_ranges(
-                    shards
-                        .shards
-                        .iter()
-                        .map(|s| Range {
-                            shard_id: s.shard_id.clone(),
-                            start: s.start,
-                            end: s.end,
-                        })
-                        .collect(),
-                );
-                let (ack_tx, acks) = mpsc::unbounded_channel();
-                let settings = WriterSettings {
-                    shard_records_per_sec: r.shard_records_per_second,
-                    shard_bytes_per_sec: r.shard_bytes_per_second.0,
-                    rate: self.manifest.rate,
-                    max_attempts: r.retry_attempts,
-                    max_backoff: self.cfg.archiver.max_backoff.0,
-                    share: share(&self.cfg, &self.manifest, &self.target),
-                    unordered: self.manifest.unordered,
-                };
-                let writer = Writer::start(
-                    client,
-                    name,
-                    shards,
-                    settings,
-                    ack_tx.clone(),
-                    CancellationToken::new(),
-                );
-                Ok(Sink::Kinesis {
-                    writer,
-                    acks,
-                    ack_tx,
-                })
-            }
-            _ if self.opts.dry_run => Ok(Sink::DryRun {
-                shards: None,
-                per_shard: vec![ShardStats {
-                    shard_id: self.manifest.target.clone(),
-                    ..Default::default()
-                }],
-            }),
-            Target::File(path) => {
-                let io = |e| Error::Io {
-                    path: path.clone(),
-                    source: e,
-                };
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).map_err(io)?;
-                }
-                let f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .write(true)
-                    .truncate(self.start == 0)
-                    .open(path)
-                    .map_err(io)?;
-                if self.start > 0 {
-                    // Drop whatever was written after the last saved progress.
-                    f.set_len(resume_offset).map_err(io)?;
-                }
-                let mut f = f;
-                std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(resume_offset)).map_err(io)?;
-                Ok(Sink::Lines {
-                    out: std::io::BufWriter::with_capacity(1 << 20, Box::new(f)),
-                    path: Some(path.clone()),
-                    offset: resume_offset,
-                    pending: Vec::new(),
-                })
-            }
-            Target::Stdout => Ok(Sink::Lines {
-                out: std::io::BufWriter::with_capacity(1 << 16, Box::new(std::io::stdout())),
-                path: None,
-                offset: 0,
-                pending: Vec::new(),
-            }),
         }
     }
 
@@ -627,18 +483,6 @@ impl Run {
             }
         }
         Ok(false)
-    }
-
-    /// The lines in `pending` are written through: acknowledge them.
-    fn acked_lines(&mut self, pending: &mut Vec<(u64, usize, u64)>, file: bool) {
-        for (idx, size, end) in pending.drain(..) {
-            self.sent_records += 1;
-            self.sent_bytes += size as u64;
-            self.mark.ack(idx, size);
-            if file {
-                self.progress.file_offset = Some(end);
-            }
-        }
     }
 
     fn on_ack(&mut self, a: Ack) {
