@@ -544,6 +544,30 @@ pub fn local_archive(dir: &Path) -> fluxcap::archive::store::Archive {
     }
 }
 
+/// The archive under `prefix` in `bucket` of the S3 server at `endpoint`,
+/// as the library sees it (for the ingest API).
+pub fn s3_archive(endpoint: &str, bucket: &str, prefix: &str) -> fluxcap::archive::store::Archive {
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(bucket)
+        .with_region("us-east-1")
+        .with_endpoint(endpoint)
+        .with_allow_http(true)
+        .with_virtual_hosted_style_request(false)
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .with_copy_if_not_exists(object_store::aws::S3CopyIfNotExists::Multipart)
+        .build()
+        .unwrap();
+    fluxcap::archive::store::Archive {
+        store: std::sync::Arc::new(store),
+        location: fluxcap::config::ArchiveLocation::S3 {
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+        },
+        layout: fluxcap::archive::layout::Layout::new(prefix),
+    }
+}
+
 pub fn ingest_hours(
     dir: &Path,
     stream: &str,

@@ -5,15 +5,10 @@
 //! bloom filters — and answers the same as DuckDB over a local copy.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use fluxcap::archive::ingest::write_flush;
-use fluxcap::archive::layout::Layout;
-use fluxcap::archive::store::Archive;
 use fluxcap::archive::writer::ParquetSettings;
-use fluxcap::config::ArchiveLocation;
 use fluxcap::record::Record;
-use object_store::aws::AmazonS3Builder;
 
 use crate::harness::*;
 use crate::proxy::Proxy;
@@ -25,28 +20,6 @@ const PREFIX: &str = "arch";
 const SHARDS: usize = 2;
 const HOURS: usize = 48;
 const PER_HOUR: usize = 40;
-
-fn s3_archive(endpoint: &str, bucket: &str) -> Archive {
-    let store = AmazonS3Builder::new()
-        .with_bucket_name(bucket)
-        .with_region("us-east-1")
-        .with_endpoint(endpoint)
-        .with_allow_http(true)
-        .with_virtual_hosted_style_request(false)
-        .with_access_key_id("test")
-        .with_secret_access_key("test")
-        .with_copy_if_not_exists(object_store::aws::S3CopyIfNotExists::Multipart)
-        .build()
-        .unwrap();
-    Archive {
-        store: Arc::new(store),
-        location: ArchiveLocation::S3 {
-            bucket: bucket.into(),
-            prefix: PREFIX.into(),
-        },
-        layout: Layout::new(PREFIX),
-    }
-}
 
 /// One shard's records over `HOURS` hours, `PER_HOUR` per hour, with JSON
 /// payloads of ~32 KB that compress to about half (so each file, ~650 KB,
@@ -103,7 +76,7 @@ fn a_key_lookup_over_days_opens_each_file_with_one_request() {
     create_bucket(&s3, &bucket);
     let stream = unique("days");
     let rt = rt();
-    let direct = s3_archive(&s3.endpoint(), &bucket);
+    let direct = s3_archive(&s3.endpoint(), &bucket, PREFIX);
     let local = tempfile::tempdir().unwrap();
     let copy = local_archive(local.path());
     let settings = ParquetSettings::default();

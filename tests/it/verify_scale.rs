@@ -4,18 +4,14 @@
 //! checkpoint generations move under it; finished shards come from the
 //! stream's manifest instead of one read each.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use fluxcap::archive::checkpoint::{Commit, PublishPolicy, ShardCheckpoint, load_latest};
 use fluxcap::archive::ingest::{write_flush, write_flush_with};
-use fluxcap::archive::layout::Layout;
 use fluxcap::archive::store::Archive;
 use fluxcap::archive::writer::ParquetSettings;
-use fluxcap::config::ArchiveLocation;
 use fluxcap::record::Record;
 use futures::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
 use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::harness::*;
@@ -25,29 +21,6 @@ const HOUR: i64 = 3_600_000;
 /// 2026-11-20T00:00:00Z
 const T0: i64 = 1_795_132_800_000;
 const PREFIX: &str = "arch";
-
-/// The archive in `bucket` of the S3 server at `endpoint`, as the library sees it.
-fn s3_archive(endpoint: &str, bucket: &str) -> Archive {
-    let store = AmazonS3Builder::new()
-        .with_bucket_name(bucket)
-        .with_region("us-east-1")
-        .with_endpoint(endpoint)
-        .with_allow_http(true)
-        .with_virtual_hosted_style_request(false)
-        .with_access_key_id("test")
-        .with_secret_access_key("test")
-        .with_copy_if_not_exists(object_store::aws::S3CopyIfNotExists::Multipart)
-        .build()
-        .unwrap();
-    Archive {
-        store: Arc::new(store),
-        location: ArchiveLocation::S3 {
-            bucket: bucket.into(),
-            prefix: PREFIX.into(),
-        },
-        layout: Layout::new(PREFIX),
-    }
-}
 
 /// A workspace whose archive is `bucket` reached through `s3` (the proxy),
 /// and whose Kinesis is `kinesis` (nothing listens there by default).
@@ -126,7 +99,7 @@ fn verify_reads_only_footers_and_resumes_from_its_watermark() {
     create_bucket(&s3, &bucket);
     let stream = unique("big");
     let rt = rt();
-    let direct = s3_archive(&s3.endpoint(), &bucket);
+    let direct = s3_archive(&s3.endpoint(), &bucket, PREFIX);
     let settings = ParquetSettings::default();
     // 2 shards × 3 flushes × 2 hours: 12 files of ~240 KB.
     rt.block_on(async {
@@ -221,7 +194,7 @@ fn a_checkpoint_generation_deleted_under_status_and_verify_is_read_again() {
     let rt = rt();
     let c = kinesis_client(&k.endpoint());
     rt.block_on(create_stream(&c, &stream, 2));
-    let direct = s3_archive(&s3.endpoint(), &bucket);
+    let direct = s3_archive(&s3.endpoint(), &bucket, PREFIX);
     let settings = ParquetSettings::default();
     let flush = |n: usize| {
         rt.block_on(async {
@@ -297,7 +270,7 @@ fn verify_while_committed_files_are_merged_and_since_last_across_a_merge() {
     create_bucket(&s3, &bucket);
     let stream = unique("hourly");
     let rt = rt();
-    let direct = s3_archive(&s3.endpoint(), &bucket);
+    let direct = s3_archive(&s3.endpoint(), &bucket, PREFIX);
     let policy = PublishPolicy {
         hourly: true,
         ..PublishPolicy::default()
@@ -379,7 +352,7 @@ fn finished_shards_are_read_from_the_stream_manifest() {
         create_stream(&c, &stream, 1).await;
         put_records(&c, &stream, &orders(30, 7)).await
     });
-    let direct = s3_archive(&s3.endpoint(), &bucket);
+    let direct = s3_archive(&s3.endpoint(), &bucket, PREFIX);
     let settings = ParquetSettings::default();
     // 40 finished shards of an earlier shard layout (gone from the stream).
     const CLOSED: usize = 40;
