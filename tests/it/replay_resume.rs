@@ -242,6 +242,67 @@ fn a_replay_saved_by_the_previous_version_resumes_by_its_count() {
     assert_eq!(rest, want[sent..]);
 }
 
+/// A compacted replay is one sorted query: its resume starts after the
+/// saved position (a predicate before the sort), and sends exactly the
+/// rest of the compacted state.
+#[test]
+fn a_compacted_replay_resumes_after_its_saved_position() {
+    let k = ferrokinesis(false);
+    let stream = unique("compres");
+    let ws = Workspace::new(&k.endpoint(), None, None, "", &[(&stream, "json")]);
+    let t0 = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    let recs: Vec<(i64, String)> = (0..3000).map(|i| (t0 + i as i64, body(i))).collect();
+    let recs = ingest(&ws.archive, &stream, &recs);
+    // Keys k0..k12 (i % 13): the last record of each key, in sequence order.
+    let mut last: HashMap<String, String> = HashMap::new();
+    for r in &recs {
+        last.insert(r.partition_key.clone(), r.sequence_number.to_string());
+    }
+    let mut want: Vec<String> = last.into_values().collect();
+    want.sort_by(|a, b| (a.len(), a).cmp(&(b.len(), b)));
+    assert_eq!(want.len(), 13);
+    let args = ["replay", "--stream", &stream, "--to", "-", "--compact"];
+    let (got, code, err) = read_then_close(&ws, &args, 0);
+    assert_eq!(code, 0, "{err}");
+    assert!(got.is_empty());
+    let dir = replay_dir(&ws);
+    let id = id_of(&dir);
+    // Pretend the first 5 were written through: what a closed output saves.
+    let all = ws.ok(&["replay", "--resume", &id]);
+    let first: Vec<String> = parse_json_lines(&all.stdout).iter().map(seq_of).collect();
+    assert_eq!(first, want, "the whole compacted state, in order");
+    let mut p = json(&dir.join("progress.json"));
+    assert_eq!(p["phase"], "done", "{p}");
+    // Back to a stop after 5 records (their positions as this version saves them).
+    let through = p["through"].as_str().unwrap().to_string();
+    assert!(!through.is_empty());
+    let key5 = {
+        let seq = &want[4];
+        let shard = SHARD.as_bytes();
+        let mut k = Vec::new();
+        k.extend_from_slice(&0u32.to_be_bytes());
+        k.extend_from_slice(shard);
+        k.push(0);
+        k.extend_from_slice(&(seq.len() as u16).to_be_bytes());
+        k.extend_from_slice(seq.as_bytes());
+        k.extend_from_slice(&(1u64 << 63).to_be_bytes());
+        k.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let o = p.as_object_mut().unwrap();
+    o.insert("phase".into(), "output_closed".into());
+    o.insert("sent".into(), 5.into());
+    o.insert("through".into(), key5.into());
+    o.insert("total".into(), serde_json::Value::Null);
+    std::fs::write(
+        dir.join("progress.json"),
+        serde_json::to_vec_pretty(&p).unwrap(),
+    )
+    .unwrap();
+    let o = ws.ok(&["replay", "--resume", &id]);
+    let rest: Vec<String> = parse_json_lines(&o.stdout).iter().map(seq_of).collect();
+    assert_eq!(rest, want[5..]);
+}
+
 /// Old code refused every option given with `--resume` with one generic
 /// message ("give only the id"), equal ones included, and ignored `--stream`.
 #[test]
