@@ -267,13 +267,14 @@ fn a_compacted_replay_resumes_after_its_saved_position() {
     assert!(got.is_empty());
     let dir = replay_dir(&ws);
     let id = id_of(&dir);
-    // Pretend the first 5 were written through: what a closed output saves.
+    // The whole state (the reader closed before the first line).
     let all = ws.ok(&["replay", "--resume", &id]);
     let first: Vec<String> = parse_json_lines(&all.stdout).iter().map(seq_of).collect();
     assert_eq!(first, want, "the whole compacted state, in order");
     let mut p = json(&dir.join("progress.json"));
     assert_eq!(p["phase"], "done", "{p}");
-    // Back to a stop after 5 records (their positions as this version saves them).
+    // Back to a stop after 5 records, as a closed output saves it (the
+    // position of the 5th, as this version writes positions).
     let through = p["through"].as_str().unwrap().to_string();
     assert!(!through.is_empty());
     let key5 = {
