@@ -169,6 +169,21 @@ pub fn position_key(
     k
 }
 
+/// The parts of a [`position_key`]: (lineage depth, shard, sequence number
+/// without leading zeros, sub-sequence number).
+pub fn parse_position_key(key: &[u8]) -> Option<(u32, String, String, i64)> {
+    let depth = u32::from_be_bytes(key.get(..4)?.try_into().ok()?);
+    let rest = key.get(4..)?;
+    let nul = rest.iter().position(|b| *b == 0)?;
+    let shard = String::from_utf8(rest[..nul].to_vec()).ok()?;
+    let rest = rest.get(nul + 1..)?;
+    let len = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+    let seq = String::from_utf8(rest.get(2..2 + len)?.to_vec()).ok()?;
+    let sub = u64::from_be_bytes(rest.get(2 + len..2 + len + 8)?.try_into().ok()?);
+    let seq = if seq.is_empty() { "0".to_string() } else { seq };
+    Some((depth, shard, seq, (sub ^ (1 << 63)) as i64))
+}
+
 /// The lineage depth of every listed shard: 0 for a shard without parents,
 /// otherwise 1 + the greatest depth of its parents. A parent that is not
 /// listed (it aged out of the stream's retention) counts as a root of depth 0.

@@ -221,14 +221,20 @@ impl TargetShards {
 
     /// Index of the shard a record goes to.
     pub fn route(&self, partition_key: &str, explicit_hash_key: Option<&str>) -> usize {
-        let h = explicit_hash_key
-            .and_then(|k| k.parse::<u128>().ok())
-            .unwrap_or_else(|| hash_key(partition_key));
+        let h = record_hash(partition_key, explicit_hash_key);
         self.shards
             .iter()
             .position(|s| s.start <= h && h <= s.end)
             .unwrap_or(0)
     }
+}
+
+/// The hash key a record is routed by: its explicit hash key, else the MD5
+/// of its partition key.
+pub fn record_hash(partition_key: &str, explicit_hash_key: Option<&str>) -> u128 {
+    explicit_hash_key
+        .and_then(|k| k.parse::<u128>().ok())
+        .unwrap_or_else(|| hash_key(partition_key))
 }
 
 /// The 128-bit hash key Kinesis derives from a partition key (MD5, big-endian).

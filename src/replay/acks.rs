@@ -32,7 +32,6 @@
 use std::collections::BTreeMap;
 
 use crate::consistency::position_key;
-use crate::kinesis::writer::hash_key;
 use crate::replay::state::TargetMark;
 
 /// Lower-case hex of a position key.
@@ -49,14 +48,6 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
-}
-
-/// The hash key a record is routed by (its explicit hash key, else the MD5
-/// of its partition key).
-pub fn record_hash(partition_key: &str, explicit_hash_key: Option<&str>) -> u128 {
-    explicit_hash_key
-        .and_then(|k| k.parse::<u128>().ok())
-        .unwrap_or_else(|| hash_key(partition_key))
 }
 
 /// A target hash key range of this run.
@@ -298,24 +289,10 @@ pub fn row_key(depth: i32, shard: &str, seq: &str, sub: i64) -> Vec<u8> {
     position_key(u32::try_from(depth.max(0)).unwrap_or(0), shard, seq, sub)
 }
 
-/// The parts of a position key: (lineage depth, shard, sequence number
-/// without leading zeros, sub-sequence number).
-pub fn parse_key(key: &[u8]) -> Option<(u32, String, String, i64)> {
-    let depth = u32::from_be_bytes(key.get(..4)?.try_into().ok()?);
-    let rest = key.get(4..)?;
-    let nul = rest.iter().position(|b| *b == 0)?;
-    let shard = String::from_utf8(rest[..nul].to_vec()).ok()?;
-    let rest = rest.get(nul + 1..)?;
-    let len = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize;
-    let seq = String::from_utf8(rest.get(2..2 + len)?.to_vec()).ok()?;
-    let sub = u64::from_be_bytes(rest.get(2 + len..2 + len + 8)?.try_into().ok()?);
-    let seq = if seq.is_empty() { "0".to_string() } else { seq };
-    Some((depth, shard, seq, (sub ^ (1 << 63)) as i64))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consistency::parse_position_key as parse_key;
 
     fn k(seq: u32) -> Vec<u8> {
         row_key(0, "s", &seq.to_string(), 0)

@@ -37,11 +37,11 @@ use datafusion::common::ScalarValue;
 use datafusion::prelude::{col, lit};
 use std::collections::BTreeMap;
 
+use crate::consistency::parse_position_key;
 use crate::error::Result;
 use crate::query::QuerySession;
 use crate::query::archive_table::ArchiveTable;
 use crate::record::{cmp_sequence, col as rcol};
-use crate::replay::acks::parse_key;
 use crate::replay::select;
 use crate::replay::state::{Manifest, Source};
 
@@ -97,7 +97,7 @@ pub async fn statements(
     .collect();
     shards.sort();
     shards.dedup();
-    let resume = start.after.and_then(parse_key);
+    let resume = start.after.and_then(parse_position_key);
     let files = archived_firsts(session, stream, sel.since_ms, sel.until_ms).await?;
     let mut out = Vec::new();
     for (depth, shard) in &shards {

@@ -183,6 +183,15 @@ impl Run {
         cancel: &CancellationToken,
     ) -> Result<Stop> {
         let m = self.manifest.clone();
+        // A saved position that does not parse (edited by hand) would
+        // silently replay everything again: refuse it, before any save.
+        if self.progress.through.is_some() && self.resume.through.is_none() {
+            let object = state::dir(&self.archive, &m.id).join("progress.json");
+            return Err(Error::CorruptState {
+                object: self.archive.describe(&object),
+                message: "`through` is not a position key (hex)".into(),
+            });
+        }
         let horizon = m.horizon.is_some();
         let terminal = std::io::stderr().is_terminal() && !self.opts.dry_run && !self.opts.quiet;
         let watched = self.observer.is_some() && !self.opts.dry_run;

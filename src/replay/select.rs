@@ -596,7 +596,7 @@ impl Row<'_> {
 
     /// The hash key the record is routed by.
     pub(crate) fn hash(&self) -> u128 {
-        crate::replay::acks::record_hash(self.pk, self.ehk)
+        crate::kinesis::writer::record_hash(self.pk, self.ehk)
     }
 }
 

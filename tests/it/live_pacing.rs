@@ -42,6 +42,34 @@ fn span(times: &[Instant]) -> Duration {
     }
 }
 
+/// A new two-shard stream with `n` order events put (seed `seed`): its
+/// name, the puts, and the fewest records a shard got (enough for many
+/// GetRecords calls of [`PER_CALL`] records).
+fn two_shard_backlog(
+    rt: &tokio::runtime::Runtime,
+    k: &Server,
+    prefix: &str,
+    n: usize,
+    seed: u64,
+) -> (String, Vec<Put>, usize) {
+    let stream = unique(prefix);
+    let c = kinesis_client(&k.endpoint());
+    let puts = rt.block_on(async {
+        create_stream(&c, &stream, 2).await;
+        put_records(&c, &stream, &orders(n, seed)).await
+    });
+    let per_shard_min = ["shardId-000000000000", "shardId-000000000001"]
+        .iter()
+        .map(|s| puts.iter().filter(|p| p.shard_id == *s).count())
+        .min()
+        .unwrap_or(0);
+    assert!(
+        per_shard_min >= 6 * PER_CALL,
+        "records per shard: {per_shard_min}"
+    );
+    (stream, puts, per_shard_min)
+}
+
 /// (shard, sequence number) of every record put.
 fn put_ids(puts: &[Put]) -> BTreeSet<(String, String)> {
     puts.iter()
@@ -106,22 +134,8 @@ fn live_reads_keep_to_their_share_of_each_shards_read_limits() {
     let k = kinesis();
     let rt = rt();
     let proxy = rt.block_on(Proxy::start(k.port));
-    let stream = unique("pace");
-    let c = kinesis_client(&k.endpoint());
-    let puts = rt.block_on(async {
-        create_stream(&c, &stream, 2).await;
-        put_records(&c, &stream, &orders(100, 11)).await
-    });
+    let (stream, puts, per_shard_min) = two_shard_backlog(&rt, &k, "pace", 100, 11);
     let want = put_ids(&puts);
-    let per_shard_min = ["shardId-000000000000", "shardId-000000000001"]
-        .iter()
-        .map(|s| puts.iter().filter(|p| p.shard_id == *s).count())
-        .min()
-        .unwrap_or(0);
-    assert!(
-        per_shard_min >= 6 * PER_CALL,
-        "records per shard: {per_shard_min}"
-    );
     let min_calls = per_shard_min / PER_CALL;
 
     // share 0.4: 2 calls per second per shard, `S` (archive and live).
@@ -279,28 +293,14 @@ fn the_bytes_read_hold_the_next_call_back() {
 }
 
 /// Old code: an archiver catching up a backlog read each shard as fast as
-/// Kinesis answered (here, dozens of calls per second), taking the whole
-/// of the shard's 5 calls/s from every other consumer.
+/// Kinesis answered (here, 5 calls within one second), taking the whole of
+/// the shard's 5 calls/s from every other consumer.
 #[test]
 fn an_archiver_catching_up_keeps_to_max_reads_per_second() {
     let k = kinesis();
     let rt = rt();
     let proxy = rt.block_on(Proxy::start(k.port));
-    let stream = unique("arch-pace");
-    let c = kinesis_client(&k.endpoint());
-    let puts = rt.block_on(async {
-        create_stream(&c, &stream, 2).await;
-        put_records(&c, &stream, &orders(80, 12)).await
-    });
-    let per_shard_min = ["shardId-000000000000", "shardId-000000000001"]
-        .iter()
-        .map(|s| puts.iter().filter(|p| p.shard_id == *s).count())
-        .min()
-        .unwrap_or(0);
-    assert!(
-        per_shard_min >= 6 * PER_CALL,
-        "records per shard: {per_shard_min}"
-    );
+    let (stream, puts, per_shard_min) = two_shard_backlog(&rt, &k, "arch-pace", 80, 12);
     let ws = Workspace::new(
         &proxy.endpoint(),
         None,

@@ -228,6 +228,20 @@ fn a_replay_saved_by_the_previous_version_resumes_by_its_count() {
     // positions this version adds.
     let mut p = json(&dir.join("progress.json"));
     assert!(p.get("through").is_some(), "{p}");
+    // A position edited into something else is refused, not read as "from
+    // the start" (which would send everything again).
+    let mut bad = p.clone();
+    bad["through"] = "not-a-position".into();
+    std::fs::write(
+        dir.join("progress.json"),
+        serde_json::to_vec_pretty(&bad).unwrap(),
+    )
+    .unwrap();
+    let o = ws.run(&["replay", "--resume", &id]);
+    assert!(!o.status.success());
+    assert!(o.stdout.is_empty(), "nothing is sent");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("progress.json"), "{err}");
     let o = p.as_object_mut().unwrap();
     o.remove("through");
     o.remove("targets");
