@@ -1193,6 +1193,15 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
                 ),
             ));
         }
+        if s.name == crate::archive::layout::POSITIONS_DIR {
+            return Err(bad(
+                &format!("streams[{i}].name"),
+                format!(
+                    "{:?} is the archive's folder of positions tables: archive this stream under another root (archive.location)",
+                    s.name
+                ),
+            ));
+        }
         if !seen.insert(&s.name) {
             return Err(bad(
                 &format!("streams[{i}].name"),

@@ -83,20 +83,7 @@ enum Command {
     /// compacted, annotated, paced and resumable.
     Replay(Box<fluxcap::replay::ReplayOptions>),
     /// Print catalog DDL (Hive, Glue, Athena) or the Drill storage plugin for the archive.
-    Catalog {
-        /// Which engine.
-        #[arg(value_enum)]
-        engine: fluxcap::cluster::catalog::Engine,
-        /// Only this stream (default: every configured stream).
-        #[arg(long)]
-        stream: Option<String>,
-        /// Database the tables go in.
-        #[arg(long, default_value = "kinesis_archive")]
-        database: String,
-        /// Leave out the ALTER TABLE … ADD PARTITION statements.
-        #[arg(long)]
-        no_partitions: bool,
-    },
+    Catalog(fluxcap::cluster::catalog::CatalogOptions),
     /// EMR cluster resources for Drill and Hive over the archive.
     Cluster {
         #[command(subcommand)]
@@ -318,22 +305,8 @@ async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Command::Replay(opts) => fluxcap::replay::run(&cfg, *opts, shutdown_token()).await,
-        Command::Catalog {
-            engine,
-            stream,
-            database,
-            no_partitions,
-        } => {
-            let text = fluxcap::cluster::catalog::generate(
-                &cfg,
-                &fluxcap::cluster::catalog::CatalogOptions {
-                    engine,
-                    stream,
-                    database,
-                    no_partitions,
-                },
-            )
-            .await?;
+        Command::Catalog(opts) => {
+            let text = fluxcap::cluster::catalog::generate(&cfg, &opts).await?;
             print!("{text}");
             Ok(())
         }

@@ -30,6 +30,7 @@ use crate::archive::identity;
 use crate::archive::layout::hour_key;
 use crate::archive::lease::{Lease, LeaseClock};
 use crate::archive::manifest;
+use crate::archive::positions::{self, PositionsTable, StreamId};
 use crate::archive::store::Archive;
 use crate::archive::writer::ParquetSettings;
 use crate::config::{Config, PayloadFormat, StreamConfig};
@@ -139,6 +140,7 @@ pub async fn run(
             epoch: AtomicU64::new(0),
             lease_clock: OnceLock::new(),
             suffix: OnceLock::new(),
+            positions: OnceLock::new(),
         });
         let token = work.clone();
         tasks.spawn(async move { archive_stream(ctx, token).await });
@@ -192,6 +194,8 @@ struct StreamCtx {
     lease_clock: OnceLock<Arc<LeaseClock>>,
     /// Suffix of the stream's current incarnation (see `identity`).
     suffix: OnceLock<String>,
+    /// The stream's positions table (see `positions`), once identified.
+    positions: OnceLock<Arc<PositionsTable>>,
 }
 
 impl StreamCtx {
@@ -202,6 +206,15 @@ impl StreamCtx {
     /// The checkpoint key of Kinesis shard `shard` in the current incarnation.
     fn key(&self, shard: &str) -> String {
         identity::shard_key(shard, self.suffix.get().map_or("", String::as_str))
+    }
+
+    /// Put what `ck` has published into the positions table, and return once
+    /// the table in the store holds it.
+    async fn publish_position(&self, ck: &ShardCheckpoint) -> Result<()> {
+        match self.positions.get() {
+            Some(t) => t.update(positions::row_of(ck)).await,
+            None => Ok(()),
+        }
     }
 }
 
@@ -324,6 +337,19 @@ async fn identify(ctx: &StreamCtx) -> Result<Vec<crate::archive::checkpoint::Che
             .await?;
         }
     }
+    let table = PositionsTable::start(
+        &ctx.archive,
+        StreamId {
+            stream: name.clone(),
+            arn,
+            created_ms: created,
+        },
+        &suffix,
+        &current,
+        ctx.cfg.archive.publish == crate::config::PublishMode::Hour,
+    )
+    .await?;
+    let _ = ctx.positions.set(Arc::new(table));
     Ok(current)
 }
 
@@ -520,7 +546,8 @@ async fn record_lost_shard(ctx: &StreamCtx, shard: &str, reason: &str) -> Result
         }),
         ..Commit::default()
     })
-    .await
+    .await?;
+    ctx.publish_position(&ck).await
 }
 
 /// Buffered records of one shard, grouped by arrival hour.
@@ -612,6 +639,8 @@ async fn archive_shard(
         PublishPolicy::from_config(&ctx.cfg.archive),
     )
     .await?;
+    // Opening may have published what an earlier holder committed.
+    ctx.publish_position(&ck).await?;
     if ck.state().finished {
         stats.state.store(2, Ordering::Relaxed);
         return Ok(ShardOutcome::Finished);
@@ -734,6 +763,7 @@ async fn archive_shard(
             if at_tip || past_start {
                 flush(&ctx, &mut ck, &mut buf, &stats, false).await?;
                 ck.publish_closed(closed_before(&buf)).await?;
+                ctx.publish_position(&ck).await?;
                 stats.state.store(3, Ordering::Relaxed);
                 return Ok(ShardOutcome::CaughtUp);
             }
@@ -742,6 +772,7 @@ async fn archive_shard(
             if buf.is_empty() {
                 // Hourly publication: an idle shard's hours close by the clock.
                 ck.publish_closed(closed_before(&buf)).await?;
+                ctx.publish_position(&ck).await?;
             }
             tokio::select! {
                 _ = cancel.cancelled() => {}
@@ -868,6 +899,8 @@ async fn flush(
         closed_before_ms: closed_before(buf),
     })
     .await?;
+    // The positions table names the flush only now that its files are published.
+    ctx.publish_position(ck).await?;
     buf.records = 0;
     buf.mem = 0;
     buf.payload = 0;

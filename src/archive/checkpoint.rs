@@ -380,6 +380,33 @@ impl ShardCheckpoint {
         &self.current
     }
 
+    /// How far the shard's records are in published files, by what this
+    /// writer did: the last such record, and whether every committed file is
+    /// published. Without hourly publication a commit publishes its files
+    /// before it returns, so that is the committed position; hourly, it is the
+    /// position just before the first record of the earliest file still
+    /// staged (files of the take-over generation count as staged: they may be).
+    pub fn published_through(&self) -> (Option<Position>, bool) {
+        if !self.policy.hourly {
+            return (self.current.position.clone(), true);
+        }
+        let first = self
+            .unpublished()
+            .iter()
+            .filter_map(|e| {
+                Path::parse(&e.path)
+                    .ok()?
+                    .filename()
+                    .and_then(parse_data_file_name)
+                    .map(|d| d.first)
+            })
+            .min();
+        match first {
+            None => (self.current.position.clone(), true),
+            Some(f) => (crate::archive::positions::before(&f), false),
+        }
+    }
+
     /// The lease epoch this chain is written under.
     pub fn epoch(&self) -> u64 {
         self.epoch

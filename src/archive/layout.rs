@@ -156,11 +156,32 @@ impl Layout {
         Some(p)
     }
 
+    /// `<root>/fluxcap-positions/<stream>/positions.parquet`: the stream's
+    /// published positions, a table beside the archive that cluster engines
+    /// join (see `positions`). Outside the stream's folder, so that a scan of
+    /// the stream never reads it, and without a leading `_` or `.`, so that
+    /// Drill, Hive and Spark list it.
+    pub fn positions(&self, stream: &str) -> Path {
+        self.positions_dir(stream).join(POSITIONS_FILE)
+    }
+
+    /// `<root>/fluxcap-positions/<stream>/`: the positions table's folder.
+    pub fn positions_dir(&self, stream: &str) -> Path {
+        self.root.clone().join(POSITIONS_DIR).join(stream)
+    }
+
     /// `<root>/_fluxcap/`: tool-wide state.
     pub fn global_state_dir(&self) -> Path {
         self.root.clone().join(STATE_DIR)
     }
 }
+
+/// Folder (under the archive root) of every stream's positions table; no
+/// stream may have this name.
+pub const POSITIONS_DIR: &str = "fluxcap-positions";
+
+/// File name of a stream's positions table.
+pub const POSITIONS_FILE: &str = "positions.parquet";
 
 /// Folder (below [`STATE_DIR`]) of staged data files.
 pub const STAGING: &str = "staging";

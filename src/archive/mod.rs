@@ -9,6 +9,7 @@ pub mod ingest;
 pub mod layout;
 pub mod lease;
 pub mod manifest;
+pub mod positions;
 pub mod status;
 pub mod store;
 pub mod verify;

@@ -182,7 +182,7 @@ if [[ -n "$hive_plugin" ]]; then
     $fetch "$hive_plugin" "$work/hive.conf" || die "cannot fetch $hive_plugin"
     sed "s/__PRIMARY__/$zk_host/g" "$work/hive.conf" >> "$home/conf/storage-plugins-override.conf"
   else
-    say "no Hive storage plugin in this Drill (jars/drill-storage-hive-core-*.jar): plugin hive not added"
+    say "no Hive storage plugin in this Drill (jars/drill-storage-hive-core-*.jar): plugin streams not added"
   fi
 fi
 

@@ -30,20 +30,51 @@ pub enum Engine {
 }
 
 /// Options of `fluxcap catalog`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct CatalogOptions {
-    /// The engine.
+    /// Which engine.
+    #[arg(value_enum)]
     pub engine: Engine,
     /// Only this stream (default: every configured stream).
+    #[arg(long)]
     pub stream: Option<String>,
     /// Database (schema) the tables go in.
+    #[arg(long, default_value = "kinesis_archive")]
     pub database: String,
-    /// Skip `ALTER TABLE … ADD PARTITION` statements.
+    /// Leave out the ALTER TABLE … ADD PARTITION statements.
+    #[arg(long)]
     pub no_partitions: bool,
+    /// Hive: also the live table over each stream (EMR's Kinesis storage
+    /// handler), its positions table and the view archive ∪ live (`<t>_all`).
+    #[arg(long)]
+    pub live: bool,
+    /// Drill: the views archive ∪ live (one per stream, in `archive.views`)
+    /// instead of the storage plugin.
+    #[arg(long)]
+    pub views: bool,
+    /// Drill views: the schema of the live tables [default: streams.<database>,
+    /// the Hive plugin `streams`].
+    #[arg(long, value_name = "SCHEMA")]
+    pub live_schema: Option<String>,
+}
+
+impl CatalogOptions {
+    /// Options for `engine` with the defaults of the command line.
+    pub fn new(engine: Engine) -> Self {
+        CatalogOptions {
+            engine,
+            stream: None,
+            database: "kinesis_archive".into(),
+            no_partitions: false,
+            live: false,
+            views: false,
+            live_schema: None,
+        }
+    }
 }
 
 /// The archive root as a URL engines understand (`s3://…` or `file://…`), without a trailing `/`.
-fn root_url(loc: &ArchiveLocation) -> String {
+pub(crate) fn root_url(loc: &ArchiveLocation) -> String {
     match loc {
         ArchiveLocation::Local(dir) => format!("file://{}", dir.display())
             .trim_end_matches('/')
@@ -69,7 +100,7 @@ pub fn table_name(stream: &str) -> String {
 }
 
 /// A Hive identifier: plain when it can be, else back-quoted.
-fn ident(name: &str) -> String {
+pub(crate) fn ident(name: &str) -> String {
     let plain = name
         .chars()
         .next()
@@ -82,7 +113,7 @@ fn ident(name: &str) -> String {
     }
 }
 
-fn quote(s: &str) -> String {
+pub(crate) fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
@@ -124,7 +155,26 @@ const PARTITIONS_PER_STATEMENT: usize = 100;
 /// configuration alone (no AWS call); the DDL lists the archive's partitions.
 pub async fn generate(cfg: &Config, opts: &CatalogOptions) -> Result<String> {
     let loc = cfg.location()?;
+    if opts.views && opts.engine != Engine::Drill {
+        return Err(crate::error::Error::Usage(
+            "--views is for Drill: fluxcap catalog drill --views (Hive's view comes with catalog hive --live)".into(),
+        ));
+    }
+    if opts.live && opts.engine != Engine::Hive {
+        return Err(crate::error::Error::Usage(
+            "--live is for Hive on EMR (the Kinesis storage handler): fluxcap catalog hive --live"
+                .into(),
+        ));
+    }
     if opts.engine == Engine::Drill {
+        if opts.views {
+            let streams = cfg.selected_streams(opts.stream.as_deref())?;
+            let schema = opts
+                .live_schema
+                .clone()
+                .unwrap_or_else(|| crate::cluster::live::default_live_schema(&opts.database));
+            return Ok(crate::cluster::live::drill_views_text(&streams, &schema));
+        }
         return Ok(drill_plugin(&loc));
     }
     let archive = Archive::open(cfg).await?;
@@ -134,7 +184,17 @@ pub async fn generate(cfg: &Config, opts: &CatalogOptions) -> Result<String> {
             parts.insert(s.name.clone(), partitions(&archive, &s.name).await?);
         }
     }
-    hive_ddl(cfg, opts, &loc, Some(&parts))
+    let mut text = hive_ddl(cfg, opts, &loc, Some(&parts))?;
+    if opts.live {
+        let streams = cfg.selected_streams(opts.stream.as_deref())?;
+        text.push_str(&crate::cluster::live::hive_live_ddl(
+            &cfg.aws.region,
+            &streams,
+            &opts.database,
+            &loc,
+        ));
+    }
+    Ok(text)
 }
 
 /// Hive, Glue or Athena DDL for the archive at `loc`. With `parts` (the
@@ -268,13 +328,19 @@ pub fn drill_plugin(loc: &ArchiveLocation) -> String {
         base.trim_end_matches('/'),
         crate::cluster::resources::SCRATCH_DIR
     );
+    let views = format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        crate::cluster::live::VIEWS_DIR
+    );
     let v = serde_json::json!({
         "type": "file",
         "enabled": true,
         "connection": connection,
         "workspaces": {
             "archive": { "location": base, "writable": false, "defaultInputFormat": "parquet", "allowAccessOutsideWorkspace": false },
-            "scratch": { "location": scratch, "writable": true, "defaultInputFormat": "parquet", "allowAccessOutsideWorkspace": false }
+            "scratch": { "location": scratch, "writable": true, "defaultInputFormat": "parquet", "allowAccessOutsideWorkspace": false },
+            "views": { "location": views, "writable": true, "defaultInputFormat": "parquet", "allowAccessOutsideWorkspace": false }
         },
         "formats": { "parquet": { "type": "parquet" } }
     });

@@ -6,4 +6,5 @@
 pub mod catalog;
 pub mod drill;
 pub mod emr;
+pub mod live;
 pub mod resources;

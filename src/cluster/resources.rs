@@ -5,9 +5,11 @@
 //! ```text
 //! <resources>/bootstrap-drill.sh                   bootstrap action: Drill from your tarball, checksum verified
 //! <resources>/drill/storage-plugins-override.conf  plugin `archive` (file, s3a): workspaces archive + scratch
-//! <resources>/drill/hive-plugin.conf               plugin `hive` (the cluster's metastore; not with Glue)
-//! <resources>/hive/register-tables.hql             the archive's tables; partitions by MSCK REPAIR TABLE
+//! <resources>/drill/hive-plugin.conf               plugin `streams` (type hive: the cluster's metastore; not with Glue)
+//! <resources>/hive/register-tables.hql             the archive's tables (partitions by MSCK REPAIR TABLE), and per
+//!                                                  stream its live table, positions table and view `<t>_all`
 //! <archive>/_fluxcap/drill-scratch/.fluxcap-scratch  makes the scratch workspace exist for Drill
+//! <archive>/_fluxcap/drill-views/<stream>.view.drill  Drill's view archive ∪ live per stream (workspace `views`)
 //! ```
 //!
 //! Generating them makes no AWS call (`--output-dir`); uploading writes to
@@ -17,6 +19,7 @@ use std::path::Path;
 
 use crate::archive::store::Archive;
 use crate::cluster::catalog::{self, CatalogOptions, Engine};
+use crate::cluster::live;
 use crate::config::{ArchiveLocation, Config};
 use crate::error::{Error, Result};
 
@@ -27,7 +30,7 @@ pub const BOOTSTRAP_DRILL: &str = include_str!("bootstrap-drill.sh");
 #[derive(Debug, Clone)]
 pub struct Resource {
     /// Path relative to `cluster.resources`.
-    pub name: &'static str,
+    pub name: String,
     /// Contents.
     pub text: String,
 }
@@ -86,11 +89,11 @@ pub fn generate(cfg: &Config) -> Result<Vec<Resource>> {
     );
     let mut out = vec![
         Resource {
-            name: "bootstrap-drill.sh",
+            name: "bootstrap-drill.sh".into(),
             text: BOOTSTRAP_DRILL.to_string(),
         },
         Resource {
-            name: "drill/storage-plugins-override.conf",
+            name: "drill/storage-plugins-override.conf".into(),
             text: plugins,
         },
     ];
@@ -107,31 +110,46 @@ pub fn generate(cfg: &Config) -> Result<Vec<Resource>> {
             }
         });
         out.push(Resource {
-            name: "drill/hive-plugin.conf",
+            name: "drill/hive-plugin.conf".into(),
             text: format!(
-                "# Drill's hive plugin (the cluster's Hive metastore), added by the bootstrap action\n\
-                 \"storage\": {{\n  \"hive\": {}\n}}\n",
+                "# Drill's hive plugin `streams` (the cluster's Hive metastore: the archive's tables and\n\
+                 # the live tables over the streams), added by the bootstrap action\n\
+                 \"storage\": {{\n  \"{}\": {}\n}}\n",
+                crate::cluster::live::HIVE_PLUGIN,
                 serde_json::to_string_pretty(&hive)
                     .unwrap_or_default()
                     .replace('\n', "\n  ")
             ),
         });
     }
+    let opts = CatalogOptions::new(Engine::Hive);
+    let streams = cfg.selected_streams(None)?;
+    let mut hql = catalog::hive_ddl(cfg, &opts, &loc, None)?;
+    hql.push_str(&live::hive_live_ddl(
+        &cfg.aws.region,
+        &streams,
+        &opts.database,
+        &loc,
+    ));
     out.push(Resource {
-        name: "hive/register-tables.hql",
-        text: catalog::hive_ddl(
-            cfg,
-            &CatalogOptions {
-                engine: Engine::Hive,
-                stream: None,
-                database: "kinesis_archive".into(),
-                no_partitions: false,
-            },
-            &loc,
-            None,
-        )?,
+        name: "hive/register-tables.hql".into(),
+        text: hql,
     });
     Ok(out)
+}
+
+/// Drill's view definition of each configured stream, by its path below
+/// the archive root (see [`live::drill_view_file`]).
+pub fn drill_view_files(cfg: &Config) -> Result<Vec<Resource>> {
+    let schema = live::default_live_schema(&CatalogOptions::new(Engine::Hive).database);
+    Ok(cfg
+        .selected_streams(None)?
+        .iter()
+        .map(|s| Resource {
+            name: format!("{}/{}.view.drill", live::VIEWS_DIR, s.name),
+            text: live::drill_view_file(&s.name, &schema),
+        })
+        .collect())
 }
 
 /// The bootstrap action's arguments for `cfg` (what `launch` passes EMR).
@@ -200,10 +218,11 @@ pub fn drill_tarball(cfg: &Config) -> Result<String> {
 /// (its marker object); returns where each went.
 pub async fn upload(cfg: &Config, dir: Option<&Path>) -> Result<Vec<String>> {
     let files = generate(cfg)?;
+    let views = drill_view_files(cfg)?;
     let mut out = Vec::new();
     if let Some(dir) = dir {
-        for f in &files {
-            let p = dir.join(f.name);
+        for f in files.iter().chain(&views) {
+            let p = dir.join(&f.name);
             let io = |e| Error::Io {
                 path: p.clone(),
                 source: e,
@@ -229,24 +248,37 @@ pub async fn upload(cfg: &Config, dir: Option<&Path>) -> Result<Vec<String>> {
     }
     let archive = Archive::open(cfg).await?;
     out.push(ensure_scratch(&archive).await?);
+    for f in &views {
+        let p = f
+            .name
+            .split('/')
+            .fold(archive.layout.root().clone(), |p, part| p.join(part));
+        archive.put_bytes(&p, f.text.clone().into()).await?;
+        out.push(archive.describe(&p));
+    }
     Ok(out)
 }
 
-/// Create the scratch workspace's marker object under the archive root (a
-/// no-op when it exists); where it is.
+/// Create the marker objects of Drill's writable workspaces (scratch and
+/// views) under the archive root (a no-op when they exist); where the
+/// scratch one is.
 pub async fn ensure_scratch(archive: &Archive) -> Result<String> {
-    let p = SCRATCH_DIR
-        .split('/')
-        .chain([SCRATCH_MARKER])
-        .fold(archive.layout.root().clone(), |p, part| p.join(part));
-    archive
-        .put_bytes(
-            &p,
-            "Drill's scratch workspace (fluxcap): this object makes the S3 prefix exist\n"
-                .as_bytes()
-                .to_vec()
-                .into(),
-        )
-        .await?;
-    Ok(archive.describe(&p))
+    let mut first = None;
+    for dir in [SCRATCH_DIR, live::VIEWS_DIR] {
+        let p = dir
+            .split('/')
+            .chain([SCRATCH_MARKER])
+            .fold(archive.layout.root().clone(), |p, part| p.join(part));
+        archive
+            .put_bytes(
+                &p,
+                "Drill's workspace (fluxcap): this object makes the S3 prefix exist\n"
+                    .as_bytes()
+                    .to_vec()
+                    .into(),
+            )
+            .await?;
+        first.get_or_insert_with(|| archive.describe(&p));
+    }
+    Ok(first.unwrap_or_default())
 }
