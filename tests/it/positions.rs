@@ -203,7 +203,9 @@ fn the_positions_table_follows_each_commit_and_is_never_ahead_of_the_published_f
             .rev()
             .nth(1)
             .map_or(0, |g| g["records"].as_i64().unwrap());
-        assert_eq!(latest as usize, pubd[shard].len(), "{shard}");
+        // (A shard may also have been killed between its commit and its
+        // publication: committed records need not all be published yet.)
+        assert!(pubd[shard].len() as i64 <= latest, "{shard}");
         assert!(
             after as i64 <= latest - before,
             "{shard}: {after} published records after the row, the latest commit added {}",
