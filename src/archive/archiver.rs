@@ -28,7 +28,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::archive::budget::{
-    CallSizer, ENCODER_FIXED, MemoryBudget, Reservation, buffered_cost, response_cost,
+    CallSizer, ENCODER_FIXED, MemoryBudget, PROCESS_FIXED, Reservation, buffered_cost,
+    response_cost,
 };
 use crate::archive::checkpoint::{Commit, Gap, PublishPolicy, ShardCheckpoint, load_all, stage};
 use crate::archive::identity;
@@ -86,10 +87,11 @@ pub async fn run(
     // Encoding is CPU-bound and copies a buffer: at most one per core at a time.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let encoders = Arc::new(Semaphore::new(cores));
-    // The encoders' fixed working memory is set aside; calls and buffers share the rest.
+    // The process's and the encoders' fixed working memory are set aside;
+    // calls and buffers share the rest.
     let budget = MemoryBudget::new(
         cfg.archive.flush.memory_budget.0,
-        cores as u64 * ENCODER_FIXED,
+        PROCESS_FIXED + cores as u64 * ENCODER_FIXED,
     );
 
     let work = cancel.child_token();
