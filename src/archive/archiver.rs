@@ -659,7 +659,7 @@ async fn archive_shard(
             Some((limit, mut held)) => {
                 reader.set_limit(limit);
                 reader.next(&cancel).await?.map(|b| {
-                    sizer.observe(b.largest_record as u64);
+                    sizer.observe(limit, b.kinesis_records, b.largest_record as u64);
                     // A response larger than expected is in memory already.
                     held.at_least(response_cost(b.response_bytes as u64));
                     (b, held)

@@ -306,6 +306,8 @@ pub struct CallSizer {
     target: u64,
     /// Largest Kinesis record (data and key) seen recently; `None`: none yet.
     record: Option<u64>,
+    /// The last call: records asked for, records returned.
+    last: Option<(u64, u64)>,
     max_limit: i32,
 }
 
@@ -324,6 +326,7 @@ impl CallSizer {
         CallSizer {
             target,
             record: (seen > 0).then_some(seen),
+            last: None,
             max_limit: max_limit.max(1),
         }
     }
@@ -332,18 +335,28 @@ impl CallSizer {
         self.record.unwrap_or(FIRST_RECORD_GUESS).max(64)
     }
 
-    /// The next call: its `Limit`, and the memory to take before it.
+    /// The next call: its `Limit`, and the memory to take before it. After
+    /// a full response (a backlog) the call aims at the whole target; after
+    /// a partial one, at twice what it returned (at least 64 KiB), so that
+    /// shards near their tip hold little memory each.
     pub fn next_call(&self) -> (i32, u64) {
         let rec = self.record_estimate();
-        let limit = (self.target / rec).clamp(1, self.max_limit as u64);
+        let by_target = (self.target / rec).clamp(1, self.max_limit as u64);
+        let limit = match self.last {
+            Some((asked, got)) if got < asked => {
+                by_target.min((2 * got).max(64 * 1024 / rec).max(1))
+            }
+            _ => by_target,
+        };
         let expected = (limit * rec).min(MAX_RESPONSE.max(rec));
         (limit as i32, response_cost(expected))
     }
 
-    /// A response came back whose largest Kinesis record had `largest`
-    /// bytes. The estimate follows the records: a larger one raises it at
-    /// once, smaller ones lower it by half per response.
-    pub fn observe(&mut self, largest: u64) {
+    /// A call that asked for `asked` records returned `got`, the largest
+    /// of `largest` bytes. The record estimate follows the records: a larger
+    /// one raises it at once, smaller ones lower it by half per response.
+    pub fn observe(&mut self, asked: i32, got: usize, largest: u64) {
+        self.last = Some((asked.max(1) as u64, got as u64));
         if largest == 0 {
             return;
         }
@@ -417,18 +430,30 @@ mod tests {
         let mut s = CallSizer {
             target: 2 * MIB,
             record: None,
+            last: None,
             max_limit: 10_000,
         };
         // Nothing seen: 1 MiB records assumed.
         assert_eq!(s.next_call(), (2, response_cost(2 * MIB)));
-        s.observe(1000);
+        s.observe(2, 2, 1000);
         assert_eq!(s.next_call().0, (2 * MIB / 1000) as i32);
         // A record of 3 MiB: one record per call, its whole size reserved.
-        s.observe(3 * MIB);
+        s.observe(2097, 2097, 3 * MIB);
         assert_eq!(s.next_call(), (1, response_cost(3 * MIB)));
         // Smaller records bring the estimate down by half per response.
-        s.observe(1000);
+        s.observe(1, 1, 1000);
         assert_eq!(s.record, Some(3 * MIB / 2));
+        // A partial response (near the tip): twice what came, at least 64 KiB.
+        s.observe(1, 1, 1000);
+        s.observe(1, 1, 1000);
+        assert_eq!(s.record, Some(3 * MIB / 8));
+        s.record = Some(1000);
+        s.observe(2097, 100, 1000);
+        assert_eq!(s.next_call(), (200, response_cost(200 * 1000)));
+        s.observe(200, 3, 1000);
+        assert_eq!(s.next_call().0, 65);
+        s.observe(65, 65, 1000);
+        assert_eq!(s.next_call().0, 2097);
         // The target is a quarter of the budget, at most 10 MiB of payload.
         assert!(response_cost(CallSizer::new(&b, 10_000).target) <= 8 * MIB);
         let large = MemoryBudget::new(4096 * MIB, 0);
