@@ -129,8 +129,8 @@ impl ParquetSettings {
         // compressed copy. Mini-batches of about a page keep pages near
         // their limit.
         let per_row = bytes / rows.max(1);
-        if per_row > 0 {
-            let mini = (self.data_page_size / per_row).clamp(1, 1024);
+        if let Some(mini) = self.data_page_size.checked_div(per_row) {
+            let mini = mini.clamp(1, 1024);
             if mini < 1024 {
                 props = props.into_builder().set_write_batch_size(mini).build();
             }
