@@ -8,7 +8,8 @@ Usage:
       and peer_archiver.py on it (each measured as a child process: wall, user+sys
       CPU, max RSS), check both archives with DuckDB, write the figures to FILE.json.
   bench_archive.py report FILE.json...
-      print one table per case, the CPU/GB ratio and fluxcap's peak RSS vs budget.
+      print one table per case, the CPU/GB ratio and fluxcap's peak RSS vs budget, then one
+      table of peak RSS (fluxcap and peer) against the budget over all cases.
   bench_archive.py exec-measure --json OUT --timeout SECONDS -- CMD...
       (internal) run CMD as a forked child of this small process and write its wall time,
       user/sys CPU and max RSS (os.wait4) to OUT.
@@ -287,6 +288,7 @@ format = "json"
         log(f"note: only {fv['shards_with_data']} of {a.shards} shards received records")
 
     res = {"shards": a.shards, "stream": stream, "budget": a.budget, "budget_bytes": budget,
+           "emulator": a.emulator,
            "binary": a.bin, "fill": f, "fluxcap": {**fm, **fv}, "peer": {**pm, **pv}}
     with open(a.result, "w") as fh:
         json.dump(res, fh, indent=1)
@@ -294,13 +296,18 @@ format = "json"
 
 # ---------------------------------------------------------------- report
 
+# Peak RSS target: the budget plus a small constant (issue 14).
+RSS_SLACK_MIB = 48
+
+
 def report(paths):
+    rows = []
     for path in paths:
         r = json.load(open(path))
         n, b = r["fill"]["records"], r["fill"]["payload_bytes"]
         print()
         print(f"== {r['shards']} shards: {n} records, {b / 1e6:.1f} MB of JSON payload "
-              f"(~{b / n:.0f} B each), kinesalite, memory_budget {r['budget']} ==")
+              f"(~{b / n:.0f} B each), {r.get('emulator', 'kinesalite')}, memory_budget {r['budget']} ==")
         hdr = f"{'archiver':<22}{'records':>9}{'payload MB':>12}{'wall s':>9}{'records/s':>11}{'MB/s':>8}" \
               f"{'CPU s':>8}{'CPU s/GB':>10}{'peak RSS MiB':>14}"
         print(hdr)
@@ -316,9 +323,20 @@ def report(paths):
         print(f"ratio CPU/GB fluxcap/peer: {ratio:.2f}x (target <= 0.33) {'ok' if ratio <= 1 / 3 else 'MISSED'}")
         rss = r["fluxcap"]["maxrss_bytes"] / 2**20
         bud = r["budget_bytes"] / 2**20
+        ok = rss <= bud + RSS_SLACK_MIB
         print(f"fluxcap peak RSS: {rss:.0f} MiB (budget {bud:.0f} MiB; "
-              f"{'within budget' if rss <= bud else f'{rss - bud:.0f} MiB over budget'})")
+              f"{'within budget' if rss <= bud else f'{rss - bud:.0f} MiB over budget'}; "
+              f"target <= budget + {RSS_SLACK_MIB} MiB: {'ok' if ok else 'MISSED'})")
         print(f"fluxcap binary: {r['binary']}")
+        rows.append((r["shards"], bud, rss, r["peer"]["maxrss_bytes"] / 2**20, ok))
+    print()
+    print(f"== peak RSS against the memory budget (target: budget + {RSS_SLACK_MIB} MiB) ==")
+    hdr = f"{'shards':>7}{'budget MiB':>12}{'target MiB':>12}{'fluxcap MiB':>13}{'peer MiB':>10}  target"
+    print(hdr)
+    print("-" * len(hdr))
+    for shards, bud, rss, peer, ok in rows:
+        print(f"{shards:>7}{bud:>12.0f}{bud + RSS_SLACK_MIB:>12.0f}{rss:>13.0f}{peer:>10.0f}  "
+              f"{'met' if ok else 'MISSED'}")
 
 
 def main():
@@ -334,6 +352,7 @@ def main():
     c.add_argument("--timeout", type=float, default=1800)
     c.add_argument("--result", required=True)
     c.add_argument("--fill-threads", type=int, default=2)
+    c.add_argument("--emulator", default="kinesalite")
     r = sub.add_parser("report")
     r.add_argument("results", nargs="+")
     m = sub.add_parser("exec-measure")

@@ -10,10 +10,12 @@
 //!   children become eligible ◀── flush: stage → commit → publish (see `checkpoint`)
 //! ```
 //!
-//! Memory: every buffered byte holds a permit of one global semaphore sized
-//! to `archive.flush.memory_budget`. A shard that cannot get permits flushes
-//! its own buffer and signals the others to flush theirs, so memory stays
-//! bounded whatever the number of shards.
+//! Memory: every GetRecords call takes memory for its response from the
+//! process-wide budget (`archive.flush.memory_budget`) before it is made,
+//! and its records keep what they need until their flush is uploaded (see
+//! `budget`). A shard that cannot get memory flushes its own buffer, asks
+//! the others to flush theirs, and waits its turn, so memory stays bounded
+//! whatever the number of shards.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,10 +23,14 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::archive::budget::{
+    CallSizer, ENCODER_FIXED, MemoryBudget, PROCESS_FIXED, Reservation, buffered_cost,
+    response_cost,
+};
 use crate::archive::checkpoint::{Commit, Gap, PublishPolicy, ShardCheckpoint, load_all, stage};
 use crate::archive::identity;
 use crate::archive::layout::hour_key;
@@ -67,29 +73,6 @@ pub struct ArchiveSummary {
     pub retries: u64,
 }
 
-/// Global memory budget for buffered records, in KiB permits.
-#[derive(Debug, Clone)]
-struct MemoryBudget {
-    sem: Arc<Semaphore>,
-    total_kib: u32,
-    pressure: Arc<Notify>,
-}
-
-impl MemoryBudget {
-    fn new(bytes: u64) -> Self {
-        let kib = (bytes / 1024).clamp(1024, u32::MAX as u64 / 2) as u32;
-        MemoryBudget {
-            sem: Arc::new(Semaphore::new(kib as usize)),
-            total_kib: kib,
-            pressure: Arc::new(Notify::new()),
-        }
-    }
-
-    fn kib(&self, bytes: usize) -> u32 {
-        ((bytes / 1024) as u32 + 1).min(self.total_kib)
-    }
-}
-
 /// Run the archiver until done (`once`) or cancelled.
 pub async fn run(
     cfg: &Config,
@@ -102,10 +85,15 @@ pub async fn run(
     let client = kinesis::client(cfg).await;
     let stats = Arc::new(Stats::default());
     let owner = format!("{:016x}", rand::random::<u64>());
-    let budget = MemoryBudget::new(cfg.archive.flush.memory_budget.0);
     // Encoding is CPU-bound and copies a buffer: at most one per core at a time.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let encoders = Arc::new(Semaphore::new(cores));
+    // The process's and the encoders' fixed working memory are set aside;
+    // calls and buffers share the rest.
+    let budget = MemoryBudget::new(
+        cfg.archive.flush.memory_budget.0,
+        PROCESS_FIXED + cores as u64 * ENCODER_FIXED,
+    );
 
     let work = cancel.child_token();
     let progress = crate::metrics::spawn_progress(
@@ -163,6 +151,11 @@ pub async fn run(
     }
     work.cancel();
     let _ = progress.await;
+    tracing::debug!(
+        "memory budget: at most {} KiB of {} KiB in use at once",
+        budget.peak() / 1024,
+        budget.total() / 1024
+    );
     if let Some(e) = first_err {
         return Err(e);
     }
@@ -558,7 +551,8 @@ struct ShardBuffer {
     payload: usize,
     records: usize,
     oldest: Option<Instant>,
-    permits: Option<OwnedSemaphorePermit>,
+    /// Memory of the buffered records and of their flush (see `budget`).
+    held: Option<Reservation>,
     /// Last record pushed.
     last: Option<(Position, i64)>,
     /// Records found lost before the buffered ones (recorded by the next commit).
@@ -583,7 +577,7 @@ impl ShardBuffer {
             payload: 0,
             records: 0,
             oldest: None,
-            permits: None,
+            held: None,
             last: None,
             gap: None,
             at_tip: false,
@@ -609,10 +603,10 @@ impl ShardBuffer {
         self.last = Some((r.position(), r.arrival_ms));
     }
 
-    fn add_permit(&mut self, p: OwnedSemaphorePermit) {
-        match &mut self.permits {
-            Some(held) => held.merge(p),
-            None => self.permits = Some(p),
+    fn hold(&mut self, r: Reservation) {
+        match &mut self.held {
+            Some(held) => held.merge(r),
+            None => self.held = Some(r),
         }
     }
 
@@ -657,14 +651,15 @@ async fn archive_shard(
     );
     // Its share of the shard's calls (archiver.max_reads_per_second), and
     // the bytes it read waited out at the shard's read limit.
-    reader = reader.paced(crate::kinesis::pace::shard_pacer(
+    let pacer = crate::kinesis::pace::shard_pacer(
         &stream,
         &shard,
         crate::kinesis::pace::ReadLimits {
             calls_per_second: a.max_reads_per_second,
             bytes_per_second: crate::kinesis::pace::SHARD_BYTES_PER_SECOND,
         },
-    ));
+    );
+    reader = reader.paced(pacer.clone());
     if let Some(pos) = &ck.state().position {
         reader = reader.resume_after(pos);
     }
@@ -673,6 +668,7 @@ async fn archive_shard(
     let flush_cfg = &ctx.cfg.archive.flush;
     let mut buf = ShardBuffer::new();
     let mut last_call = Instant::now() - Duration::from_secs(1);
+    let mut sizer = CallSizer::new(&ctx.budget, a.max_records_per_call);
 
     loop {
         // Kinesis allows 5 GetRecords per second per shard.
@@ -680,17 +676,27 @@ async fn archive_shard(
         if since < Duration::from_millis(200) {
             tokio::time::sleep(Duration::from_millis(200) - since).await;
         }
+        // The shard's read pace first: no memory is held while waiting for it.
+        tokio::select! {
+            _ = pacer.ready() => {}
+            _ = cancel.cancelled() => {}
+        }
+        // Then the memory of the response, before the call (see `budget`).
+        let call = call_memory(&ctx, &mut ck, &mut buf, &stats, &sizer, &cancel).await?;
         last_call = Instant::now();
-        let batch = tokio::select! {
-            b = reader.next(&cancel) => b?,
-            _ = ctx.budget.pressure.notified() => {
-                if !buf.is_empty() {
-                    flush(&ctx, &mut ck, &mut buf, &stats, false).await?;
-                }
-                continue;
+        let batch = match call {
+            Some((limit, mut held)) => {
+                reader.set_limit(limit);
+                reader.next(&cancel).await?.map(|b| {
+                    sizer.observe(limit, b.kinesis_records, b.largest_record as u64);
+                    // A response larger than expected is in memory already.
+                    held.at_least(response_cost(b.response_bytes as u64));
+                    (b, held)
+                })
             }
+            None => None,
         };
-        let Some(mut batch) = batch else {
+        let Some((mut batch, mut held)) = batch else {
             // Cancelled: commit what was read.
             flush(&ctx, &mut ck, &mut buf, &stats, false).await?;
             stats.state.store(3, Ordering::Relaxed);
@@ -711,16 +717,9 @@ async fn archive_shard(
                 detected_at: chrono::Utc::now().to_rfc3339(),
             });
         }
+        let last_arrival = batch.records.last().map(|r| r.arrival_ms);
         if !batch.records.is_empty() {
-            reserve(
-                &ctx,
-                &mut ck,
-                &mut buf,
-                &stats,
-                batch.bytes + batch.records.len() * 64,
-                &cancel,
-            )
-            .await?;
+            let mem_before = buf.mem;
             let mut invalid = 0u64;
             for r in &batch.records {
                 if ctx.stream.format == PayloadFormat::Json
@@ -740,6 +739,12 @@ async fn archive_shard(
                 ctx.stats.invalid_json.fetch_add(invalid, Ordering::Relaxed);
                 tracing::debug!(%stream, %shard, invalid, "payloads that are not valid JSON (archived as is)");
             }
+            // The response is freed; its records keep what they and their flush need.
+            batch.records = Vec::new();
+            held.resize(buffered_cost((buf.mem - mem_before) as u64));
+            buf.hold(held);
+        } else {
+            drop(held);
         }
         if batch.end_of_shard {
             flush(&ctx, &mut ck, &mut buf, &stats, true).await?;
@@ -756,10 +761,7 @@ async fn archive_shard(
         if ctx.once {
             let at_tip = batch.kinesis_records == 0 && batch.millis_behind.unwrap_or(0) == 0;
             let past_start = buf.last.as_ref().is_some_and(|(_, t)| *t >= started_ms)
-                || batch
-                    .records
-                    .last()
-                    .is_some_and(|r| r.arrival_ms >= started_ms);
+                || last_arrival.is_some_and(|t| t >= started_ms);
             if at_tip || past_start {
                 flush(&ctx, &mut ck, &mut buf, &stats, false).await?;
                 ck.publish_closed(closed_before(&buf)).await?;
@@ -777,7 +779,7 @@ async fn archive_shard(
             tokio::select! {
                 _ = cancel.cancelled() => {}
                 _ = tokio::time::sleep(a.poll_interval.0) => {}
-                _ = ctx.budget.pressure.notified() => {
+                _ = ctx.budget.asked_to_flush() => {
                     if !buf.is_empty() {
                         flush(&ctx, &mut ck, &mut buf, &stats, false).await?;
                     }
@@ -787,39 +789,34 @@ async fn archive_shard(
     }
 }
 
-/// Get memory permits for `bytes` more, flushing first when the budget is full.
-async fn reserve(
+/// Memory for the shard's next GetRecords call and the call's `Limit` (see
+/// `budget`): taken at once when free; otherwise the shard first flushes
+/// what it buffered (it holds nothing while it waits), asks the idle shards
+/// to flush theirs, and waits its turn. `None`: cancelled while waiting.
+async fn call_memory(
     ctx: &StreamCtx,
     ck: &mut ShardCheckpoint,
     buf: &mut ShardBuffer,
     stats: &ShardStats,
-    bytes: usize,
+    sizer: &CallSizer,
     cancel: &CancellationToken,
-) -> Result<()> {
-    let n = ctx.budget.kib(bytes);
-    if let Ok(p) = ctx.budget.sem.clone().try_acquire_many_owned(n) {
-        buf.add_permit(p);
-        return Ok(());
+) -> Result<Option<(i32, Reservation)>> {
+    let (limit, bytes) = sizer.next_call();
+    if let Some(r) = ctx.budget.try_take(bytes) {
+        return Ok(Some((limit, r)));
     }
     if !buf.is_empty() {
         flush(ctx, ck, buf, stats, false).await?;
     }
+    ctx.budget.ask_to_flush();
+    let wait = ctx.budget.take(bytes);
+    tokio::pin!(wait);
     loop {
-        ctx.budget.pressure.notify_waiters();
         tokio::select! {
-            p = ctx.budget.sem.clone().acquire_many_owned(n) => {
-                let p = p.map_err(|_| Error::Interrupted)?;
-                buf.add_permit(p);
-                return Ok(());
-            }
-            // Keep nudging: a shard may have been between polls when we asked.
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = cancel.cancelled() => {
-                // Still take the records: they are committed by the final flush.
-                let p = ctx.budget.sem.clone().acquire_many_owned(n).await.map_err(|_| Error::Interrupted)?;
-                buf.add_permit(p);
-                return Ok(());
-            }
+            r = &mut wait => return Ok(Some((limit, r?))),
+            _ = cancel.cancelled() => return Ok(None),
+            // Keep asking: an idle shard may have been between polls when asked.
+            _ = tokio::time::sleep(Duration::from_millis(200)) => ctx.budget.ask_to_flush(),
         }
     }
 }
@@ -871,9 +868,11 @@ async fn flush(
         );
         let settings = ctx.settings.clone();
         let name = ctx.archive.describe(&path);
-        let bytes = tokio::task::spawn_blocking(move || settings.encode(&[batch], metadata, &name))
-            .await
-            .map_err(|e| Error::Usage(format!("internal error: encoder task failed: {e}")))??;
+        let bytes = tokio::task::spawn_blocking(move || {
+            settings.encode_owned(vec![batch], metadata, &name)
+        })
+        .await
+        .map_err(|e| Error::Usage(format!("internal error: encoder task failed: {e}")))??;
         written += bytes.len() as u64;
         staged.push(stage_with_retry(ctx, &path, bytes::Bytes::from(bytes)).await?);
     }
@@ -905,7 +904,7 @@ async fn flush(
     buf.mem = 0;
     buf.payload = 0;
     buf.oldest = None;
-    buf.permits = None; // returns the memory to the budget
+    buf.held = None; // returns the memory to the budget
     let s = &ctx.stats;
     s.buffered_bytes
         .fetch_sub(payload as i64, Ordering::Relaxed);

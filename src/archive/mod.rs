@@ -2,6 +2,7 @@
 //! archiver loop, and the read-side checks (`status`, `verify`).
 
 pub mod archiver;
+pub mod budget;
 pub mod checkpoint;
 pub mod footer;
 pub mod identity;

@@ -108,9 +108,33 @@ impl ParquetSettings {
         metadata: Vec<KeyValue>,
         object: &str,
     ) -> Result<Vec<u8>> {
+        self.encode_owned(batches.to_vec(), metadata, object)
+    }
+
+    /// [`Self::encode`], dropping each batch once it is written (its
+    /// memory is freed before the file is assembled, when no one else
+    /// holds it): the archiver's flushes take records + file, not more.
+    pub fn encode_owned(
+        &self,
+        batches: Vec<RecordBatch>,
+        metadata: Vec<KeyValue>,
+        object: &str,
+    ) -> Result<Vec<u8>> {
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
         let bytes: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
-        let props = self.writer_properties(rows, metadata)?;
+        let mut props = self.writer_properties(rows, metadata)?;
+        // Values go into a page in mini-batches of `write_batch_size` rows
+        // (1024 by default) before its size is checked: with large payloads
+        // a page would hold a whole flush, uncompressed, beside its
+        // compressed copy. Mini-batches of about a page keep pages near
+        // their limit.
+        let per_row = bytes / rows.max(1);
+        if let Some(mini) = self.data_page_size.checked_div(per_row) {
+            let mini = mini.clamp(1, 1024);
+            if mini < 1024 {
+                props = props.into_builder().set_write_batch_size(mini).build();
+            }
+        }
         let perr = |source| Error::Parquet {
             object: object.to_string(),
             source,
@@ -118,7 +142,7 @@ impl ParquetSettings {
         let mut out = Vec::with_capacity(bytes / 3 + 4096);
         let mut w = ArrowWriter::try_new(&mut out, schema(), Some(props)).map_err(perr)?;
         for b in batches {
-            w.write(b).map_err(perr)?;
+            w.write(&b).map_err(perr)?;
         }
         w.close().map_err(perr)?;
         Ok(out)

@@ -129,6 +129,15 @@ impl ShardPacer {
         }
     }
 
+    /// Wait until the shard's budget would allow a call, without taking a
+    /// turn (the archiver waits here before it takes memory for the call).
+    pub async fn ready(&self) {
+        let budget = self.budget.lock().await;
+        if let Some(t) = budget.ready_at() {
+            tokio::time::sleep_until(t).await;
+        }
+    }
+
     /// Wait until the shard's budget allows a call, and hold the shard's
     /// turn until the returned permit is finished or dropped (one call in
     /// flight at a time). Cancel-safe: dropping the future gives the turn up.

@@ -43,6 +43,10 @@ pub struct ReadBatch {
     pub kinesis_records: usize,
     /// Payload bytes of the user records.
     pub bytes: usize,
+    /// Bytes of the Kinesis records in the response (data and partition keys).
+    pub response_bytes: usize,
+    /// Bytes of the largest Kinesis record in the response (data and partition key).
+    pub largest_record: usize,
     /// How far the reader is behind the tip of the shard.
     pub millis_behind: Option<i64>,
     /// The shard is closed and this was its last response.
@@ -127,6 +131,11 @@ impl ShardReader {
     pub fn paced(mut self, pacer: ShardPacer) -> Self {
         self.pacer = Some(pacer);
         self
+    }
+
+    /// Ask for at most `limit` records per call from now on (1..=10000).
+    pub fn set_limit(&mut self, limit: i32) {
+        self.limit = limit.clamp(1, 10_000);
     }
 
     /// Resume after `pos`: start at its Kinesis record and drop user records
@@ -288,12 +297,7 @@ impl ShardReader {
             {
                 Ok(r) => {
                     if let Some(p) = permit {
-                        let bytes: usize = r
-                            .records
-                            .iter()
-                            .map(|k| k.data.as_ref().len() + k.partition_key.len())
-                            .sum();
-                        p.finish(bytes as u64);
+                        p.finish(response_bytes(&r.records).0 as u64);
                     }
                     r
                 }
@@ -335,9 +339,12 @@ impl ShardReader {
             };
             self.backoff.reset();
             self.throttle.reset();
+            let (response_bytes, largest_record) = response_bytes(&resp.records);
             let mut batch = ReadBatch {
                 millis_behind: resp.millis_behind_latest,
                 kinesis_records: resp.records.len(),
+                response_bytes,
+                largest_record,
                 ..Default::default()
             };
             if let (Some(expected), Some(first)) = (&self.expect_first, resp.records.first()) {
@@ -406,6 +413,14 @@ impl ShardReader {
             return Ok(Some(batch));
         }
     }
+}
+
+/// Bytes of Kinesis records (data and partition keys): in all, and of the largest.
+fn response_bytes(records: &[aws_sdk_kinesis::types::Record]) -> (usize, usize) {
+    records
+        .iter()
+        .map(|k| k.data.as_ref().len() + k.partition_key.len())
+        .fold((0, 0), |(sum, max), n| (sum + n, max.max(n)))
 }
 
 /// Sleep `d`; false when cancelled first.

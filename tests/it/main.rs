@@ -15,6 +15,7 @@ mod fencing;
 mod ferro;
 mod kpl;
 mod live_pacing;
+mod memory_budget;
 mod positions;
 mod proxy;
 mod publish_hour;
