@@ -26,12 +26,12 @@ use std::time::{Duration, Instant};
 use crate::harness::*;
 
 /// Everything one test's Drill needs; stops Drill (and ZooKeeper) on drop.
-struct Stack {
-    env: BootstrapEnv,
+pub(crate) struct Stack {
+    pub(crate) env: BootstrapEnv,
     zk: Option<ZooKeeper>,
     cluster_id: String,
-    ws: Workspace,
-    archive_bucket: String,
+    pub(crate) ws: Workspace,
+    pub(crate) archive_bucket: String,
     /// The bootstrap action's arguments, as `launch` gives them.
     args: Vec<String>,
 }
@@ -66,7 +66,7 @@ fn bootstrap_args(stderr: &str) -> Vec<String> {
 /// Upload the resources and the tarball to S3, run the bootstrap action as
 /// `hadoop` (checking what must hold before ZooKeeper exists), then start
 /// ZooKeeper and wait for Drill.
-fn start_stack(s3: &Server, kinesis: &str, stream: &str) -> Stack {
+pub(crate) fn start_stack(s3: &Server, kinesis: &str, stream: &str) -> Stack {
     let (tar, sha) = drill_tarball();
     let res_bucket = unique("res");
     let archive_bucket = unique("arch");

@@ -9,6 +9,7 @@ mod cluster;
 mod compat;
 mod config_cli;
 mod drill;
+mod drill_views;
 mod exactly_once;
 mod faults;
 mod fencing;
