@@ -5,7 +5,7 @@ Usage:
     scripts/py/positions.py read (--s3-endpoint URL --bucket B --key KEY | --file PATH)
         Read the positions table (one Parquet object) with DuckDB; print one JSON object per
         row (every column, as stored) and a last line {"version": footer version}.
-    scripts/py/positions.py live --kinesis-endpoint URL --stream S --s3-endpoint URL --bucket B --key KEY
+    scripts/py/positions.py live --kinesis-endpoint URL --stream S (--s3-endpoint URL --bucket B --key KEY | --out PATH)
         Read every record of the stream from its trim horizon with boto3 (GetRecords) and write
         them with pyarrow as one Parquet object of the live table's shape (the columns of
         `fluxcap catalog hive --live`: shard_id, sequence_number, subsequence_number (0),
@@ -87,10 +87,14 @@ def live(args):
                         ("explicit_hash_key", pa.string()),
                         ("approximate_arrival_timestamp", pa.int64()), ("data", pa.binary())])
     table = pa.table(rows, schema=schema)
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "live.parquet")
-        pq.write_table(table, path)
-        client("s3", args.s3_endpoint).upload_file(path, args.bucket, args.key)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        pq.write_table(table, args.out)
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "live.parquet")
+            pq.write_table(table, path)
+            client("s3", args.s3_endpoint).upload_file(path, args.bucket, args.key)
     print(table.num_rows)
 
 
@@ -106,9 +110,10 @@ def main():
     lv = sub.add_parser("live")
     lv.add_argument("--kinesis-endpoint", required=True)
     lv.add_argument("--stream", required=True)
-    lv.add_argument("--s3-endpoint", required=True)
-    lv.add_argument("--bucket", required=True)
-    lv.add_argument("--key", required=True)
+    lv.add_argument("--s3-endpoint")
+    lv.add_argument("--bucket")
+    lv.add_argument("--key")
+    lv.add_argument("--out")
     args = p.parse_args()
     {"read": read, "live": live}[args.cmd](args)
 
