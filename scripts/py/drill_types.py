@@ -28,7 +28,9 @@ def main():
     root = sys.argv[1]
     problems, files = [], 0
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(("_", "."))]
+        # Data files only: the positions tables (fluxcap-positions/) have their own schema.
+        dirnames[:] = [d for d in dirnames
+                       if not d.startswith(("_", ".")) and d != "fluxcap-positions"]
         for name in filenames:
             if not name.endswith(".parquet"):
                 continue

@@ -201,6 +201,9 @@ pub fn encode(id: &StreamId, rows: &BTreeMap<String, Row>, object: &str) -> Resu
         message: format!("building the positions table {object}: {e}"),
     })?;
     let props = WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::ZSTD(
+            parquet::basic::ZstdLevel::try_new(3).map_err(perr)?,
+        ))
         .set_key_value_metadata(Some(vec![KeyValue::new(
             VERSION_KEY.to_string(),
             POSITIONS_VERSION.to_string(),

@@ -216,6 +216,54 @@ fn the_archiver_keeps_an_open_hour_staged_under_hourly_publication() {
         q(&stream)
     ));
     assert_eq!(rows.len(), puts.len());
+    // The positions table (read by DuckDB) stops before the first staged
+    // record, at or after every published one.
+    let key = |s: &str, sub: i64| (s.len(), s.to_string(), sub);
+    let o = std::process::Command::new(python())
+        .arg(root().join("scripts/py/positions.py"))
+        .args(["read", "--file"])
+        .arg(
+            ws.archive
+                .join(format!("fluxcap-positions/{stream}/positions.parquet")),
+        )
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table_rows = parse_json_lines(&o.stdout);
+    assert_eq!(
+        table_rows.len(),
+        2,
+        "one shard and the version: {table_rows:?}"
+    );
+    let row = &table_rows[0];
+    assert_eq!(row["finished"], false);
+    let at = row["sequence_number"]
+        .as_str()
+        .map(|s| key(s, row["subsequence_number"].as_i64().unwrap()));
+    let staged = ws.sql(&format!(
+        "SELECT sequence_number, subsequence_number FROM archive.{} WHERE dt = '{dt}' AND hr = '{hr}'",
+        q(&stream)
+    ));
+    assert!(!staged.is_empty());
+    for r in &staged {
+        let k = key(
+            r["sequence_number"].as_str().unwrap(),
+            r["subsequence_number"].as_i64().unwrap_or(0),
+        );
+        assert!(
+            at.as_ref().is_none_or(|a| *a < k),
+            "{row} names a staged record {r}"
+        );
+    }
+    if table.exists() {
+        for r in read_local("duckdb", &table) {
+            let k = key(&r.sequence_number, r.subsequence_number);
+            assert!(
+                at.as_ref().is_some_and(|a| k <= *a),
+                "{row} is before the published {k:?}"
+            );
+        }
+    }
     let out = ws.ok(&["verify"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("no gaps, no duplicates"));
 }
