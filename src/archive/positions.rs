@@ -377,8 +377,12 @@ impl PositionsTable {
     /// Build the table of the current incarnation from its checkpoints and
     /// write it. Rows of the table in the store that match a checkpoint
     /// exactly are taken as they are (they were written after their files
-    /// were published); the other checkpoints' committed files are published
-    /// (or, hourly, checked) first.
+    /// were published). A finished shard's other checkpoint has its committed
+    /// files published (or, hourly, checked) first: no task of its own will
+    /// write its row. An unfinished shard keeps its previous row (or none
+    /// yet) until its task opens it, which publishes what it committed and
+    /// writes the row — moments later; a previous row is never ahead of the
+    /// files.
     pub async fn start(
         archive: &Archive,
         id: StreamId,
@@ -412,7 +416,18 @@ impl PositionsTable {
                     {
                         Ok(r)
                     }
-                    _ => checked_row(archive, &c, hourly).await,
+                    // A finished shard has no task to write its row: make it now.
+                    _ if c.finished => checked_row(archive, &c, hourly).await,
+                    // Its task writes the row as soon as it opens the shard;
+                    // until then the previous row (never ahead of the files).
+                    Some(r) => Ok(r),
+                    None => Ok(Row {
+                        shard_id: identity::split_key(&c.shard_id).0.to_string(),
+                        position: None,
+                        finished: false,
+                        records: 0,
+                        updated_at_ms: chrono::Utc::now().timestamp_millis(),
+                    }),
                 }
             })
             .buffer_unordered(CHECK_CONCURRENCY)
