@@ -190,21 +190,9 @@ fn hive_live_view_in_spark_is_the_archive_plus_the_unarchived_tail_once_each() {
     rt.block_on(put_records(&c, &stream, &orders(100, 22)));
     let t = fluxcap::cluster::catalog::table_name(&stream);
     let live_dir = ws.dir.path().join("live");
-    let o = Command::new(python())
-        .arg(root().join("scripts/py/positions.py"))
-        .args([
-            "live",
-            "--kinesis-endpoint",
-            &k.endpoint(),
-            "--stream",
-            &stream,
-        ])
-        .arg("--out")
-        .arg(live_dir.join("part-0.parquet"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "300");
+    let out_file = live_dir.join("part-0.parquet");
+    let dest = ["--out", out_file.to_str().unwrap()];
+    assert_eq!(live_stand_in(&k.endpoint(), &stream, &dest), 300);
 
     let ddl = ws.ok(&[
         "catalog",

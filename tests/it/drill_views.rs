@@ -103,24 +103,16 @@ fn the_drill_view_is_the_archive_plus_the_unarchived_tail_once_each() {
 
     // The live side: every record of the stream, in the live table's shape.
     let t = fluxcap::cluster::catalog::table_name(&stream);
-    let o = Command::new(python())
-        .arg(root().join("scripts/py/positions.py"))
-        .args([
-            "live",
-            "--kinesis-endpoint",
-            &k.endpoint(),
-            "--stream",
-            &stream,
-        ])
-        .args(["--s3-endpoint", &s3.endpoint(), "--bucket", &bucket])
-        .args([
-            "--key",
-            &format!("live/kinesis_archive/{t}_live/part-0.parquet"),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "300");
+    let live_key = format!("live/kinesis_archive/{t}_live/part-0.parquet");
+    let s3_dest = [
+        "--s3-endpoint",
+        &s3.endpoint(),
+        "--bucket",
+        &bucket,
+        "--key",
+        &live_key,
+    ];
+    assert_eq!(live_stand_in(&k.endpoint(), &stream, &s3_dest), 300);
     let answer = post_json(
         &format!("{url}/storage/streams.json"),
         &serde_json::json!({
@@ -215,23 +207,7 @@ fn the_drill_view_is_the_archive_plus_the_unarchived_tail_once_each() {
     );
     drill_rows(&url, &statements[0]);
     rt.block_on(put_records(&c, &stream, &orders(50, 13)));
-    let o = Command::new(python())
-        .arg(root().join("scripts/py/positions.py"))
-        .args([
-            "live",
-            "--kinesis-endpoint",
-            &k.endpoint(),
-            "--stream",
-            &stream,
-        ])
-        .args(["--s3-endpoint", &s3.endpoint(), "--bucket", &bucket])
-        .args([
-            "--key",
-            &format!("live/kinesis_archive/{t}_live/part-0.parquet"),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(live_stand_in(&k.endpoint(), &stream, &s3_dest), 350);
     let drill = ids(&drill_rows(
         &url,
         &format!("SELECT shard_id, sequence_number, subsequence_number FROM {view}"),

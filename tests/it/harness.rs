@@ -1163,3 +1163,18 @@ pub fn http_status(url: &str) -> u16 {
         .parse()
         .unwrap_or(0)
 }
+
+/// Every record of `stream` (from its trim horizon, read with boto3), written
+/// by pyarrow as one Parquet file of the live table's shape
+/// (`scripts/py/positions.py live`) to `dest` (`--out PATH`, or
+/// `--s3-endpoint URL --bucket B --key K`); the number of records.
+pub fn live_stand_in(kinesis: &str, stream: &str, dest: &[&str]) -> usize {
+    let o = Command::new(python())
+        .arg(root().join("scripts/py/positions.py"))
+        .args(["live", "--kinesis-endpoint", kinesis, "--stream", stream])
+        .args(dest)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+}
