@@ -14,7 +14,7 @@
 //! on S3 each file's metadata comes from one read of its tail
 //! ([`crate::query::tail_reader`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use arrow::array::{Array, BooleanArray, RecordBatch, StringArray};
@@ -37,11 +37,12 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectMeta;
 use object_store::path::Path;
 
+use crate::archive::key_index::KeyIndex;
 use crate::archive::layout::{is_hidden_below, parse_data_file_name};
 use crate::archive::store::{Archive, with_retry};
 use crate::config::ArchiveLocation;
 use crate::error::Error;
-use crate::query::bounds::{HOUR_MS, ShardRange, TimeRange};
+use crate::query::bounds::{HOUR_MS, ShardRange, TimeRange, partition_keys};
 use crate::query::df_err;
 use crate::query::snapshot::Snapshot;
 use crate::query::tail_reader::TailReaderFactory;
@@ -290,7 +291,12 @@ impl ArchiveTable {
         limit: Option<usize>,
         snapshot: &Snapshot,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let files = self.select_files(state, filters, snapshot).await?;
+        let mut files = self.select_files(state, filters, snapshot).await?;
+        // Files a key summary keeps (their data is most likely needed).
+        let mut likely = HashSet::new();
+        if matches!(self.archive.location, ArchiveLocation::S3 { .. }) {
+            (files, likely) = self.prune_by_keys(filters, files).await;
+        }
         if files.is_empty() {
             let schema = match projection {
                 Some(p) => Arc::new(record::table_schema().project(p)?),
@@ -328,13 +334,58 @@ impl ArchiveTable {
             .collect();
         let source = ParquetSource::new(table_schema)
             .with_table_parquet_options(options)
-            .with_parquet_file_reader_factory(Arc::new(TailReaderFactory::new(store, order)));
+            .with_parquet_file_reader_factory(Arc::new(TailReaderFactory::new(
+                store, order, likely,
+            )));
         let config = FileScanConfigBuilder::new(self.store_url.clone(), Arc::new(source))
             .with_file_groups(groups)
             .with_projection_indices(projection.cloned())?
             .with_limit(limit)
             .build();
         Ok(DataSourceExec::from_data_source(config))
+    }
+}
+
+impl ArchiveTable {
+    /// Leave out the files whose key summaries rule out every partition key
+    /// the filters allow (see `archive::key_index`); without such a filter,
+    /// or without summaries, `files` as they are. Also returns the files
+    /// kept because their summary may hold a key.
+    async fn prune_by_keys(
+        &self,
+        filters: &[Expr],
+        files: Vec<SelectedFile>,
+    ) -> (Vec<SelectedFile>, HashSet<Path>) {
+        let Some(keys) = partition_keys(filters) else {
+            return (files, HashSet::new());
+        };
+        let mut per_day: BTreeMap<String, usize> = BTreeMap::new();
+        for f in &files {
+            *per_day.entry(f.dt.clone()).or_default() += 1;
+        }
+        let index = KeyIndex::load(&self.archive, &self.stream, &per_day).await;
+        let before = files.len();
+        let kept: Vec<SelectedFile> = files
+            .into_iter()
+            .filter(|f| {
+                f.meta
+                    .location
+                    .filename()
+                    .is_none_or(|name| index.may_hold_any(name, &keys))
+            })
+            .collect();
+        tracing::debug!(
+            summaries = index.objects,
+            files = before,
+            kept = kept.len(),
+            "files pruned by key summaries"
+        );
+        let likely = kept
+            .iter()
+            .filter(|f| f.meta.location.filename().is_some_and(|n| index.has(n)))
+            .map(|f| f.meta.location.clone())
+            .collect();
+        (kept, likely)
     }
 }
 
