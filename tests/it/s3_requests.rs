@@ -295,7 +295,7 @@ fn a_key_lookup_over_days_opens_only_the_files_the_key_summaries_allow() {
     // one or two more through.
     assert!(
         opened.len() <= 4,
-        "opened {} of {files} files: {opened:?}",
+        "opened {} of {files} files",
         opened.len()
     );
     // Per shard: one summary of day 1, two of day 2 (the flushes meet there).
