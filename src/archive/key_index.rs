@@ -49,6 +49,10 @@ pub const KEYS_DIR: &str = "keys";
 const FPP: f64 = 0.01;
 /// Summaries read at once.
 const READ_CONCURRENCY: usize = 32;
+/// A day with more summaries than this is read without them: a day of many
+/// small flushes has about as many files as summaries, and reading the
+/// summaries would cost as many requests as it saves.
+pub const MAX_SUMMARIES_PER_DAY: usize = 256;
 
 /// One summary object.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -104,14 +108,18 @@ impl FileKeys {
     }
 }
 
-/// `<root>/<stream>/_fluxcap/keys/dt=<dt>/`.
-pub fn day_dir(archive: &Archive, stream: &str, dt: &str) -> Path {
+/// `<root>/<stream>/_fluxcap/keys/`.
+pub fn keys_root(archive: &Archive, stream: &str) -> Path {
     archive
         .layout
         .stream_dir(stream)
         .join(STATE_DIR)
         .join(KEYS_DIR)
-        .join(format!("dt={dt}"))
+}
+
+/// `<root>/<stream>/_fluxcap/keys/dt=<dt>/`.
+pub fn day_dir(archive: &Archive, stream: &str, dt: &str) -> Path {
+    keys_root(archive, stream).join(format!("dt={dt}"))
 }
 
 /// The day (`YYYY-MM-DD`) of a data file's published path (`…/dt=…/hr=…/<name>`).
@@ -201,42 +209,30 @@ impl std::fmt::Debug for KeyIndex {
 }
 
 impl KeyIndex {
-    /// Read the summaries of the days `files_per_day` names (day → data files
-    /// of it the query would open). A day whose summaries are more than half
-    /// as many as those files is skipped (reading them would cost about as
-    /// many requests as they save). Lists the days and reads the summaries
-    /// concurrently; anything that cannot be listed, read or parsed is left
-    /// out (its files are opened).
-    pub async fn load(
-        archive: &Archive,
-        stream: &str,
-        files_per_day: &BTreeMap<String, usize>,
-    ) -> KeyIndex {
-        let days: Vec<(Path, usize)> = files_per_day
-            .iter()
-            .map(|(dt, n)| (day_dir(archive, stream, dt), *n))
-            .collect();
-        let listings: Vec<(usize, Vec<object_store::ObjectMeta>)> = futures::stream::iter(days)
-            .map(|(dir, n)| async move {
-                match archive.list(&dir).await {
-                    Ok(l) => (n, l),
-                    Err(e) => {
-                        tracing::debug!("key summaries not listed: {e}");
-                        (n, vec![])
-                    }
-                }
+    /// Read the summaries of `days` (`YYYY-MM-DD`). A day with more than
+    /// [`MAX_SUMMARIES_PER_DAY`] summaries is skipped. Lists the days and
+    /// reads the summaries concurrently; anything that cannot be listed,
+    /// read or parsed is left out (its files are opened).
+    pub async fn load(archive: &Archive, stream: &str, days: Vec<String>) -> KeyIndex {
+        let dirs: Vec<Path> = days.iter().map(|dt| day_dir(archive, stream, dt)).collect();
+        let listings: Vec<Vec<object_store::ObjectMeta>> = futures::stream::iter(dirs)
+            .map(|dir| async move {
+                archive.list(&dir).await.unwrap_or_else(|e| {
+                    tracing::debug!("key summaries not listed: {e}");
+                    vec![]
+                })
             })
             .buffer_unordered(READ_CONCURRENCY)
             .collect()
             .await;
         let mut wanted = Vec::new();
-        for (files, objects) in listings {
+        for objects in listings {
             let objects: Vec<Path> = objects
                 .into_iter()
                 .map(|o| o.location)
                 .filter(|p| p.extension() == Some("json"))
                 .collect();
-            if objects.is_empty() || objects.len() * 2 > files {
+            if objects.len() > MAX_SUMMARIES_PER_DAY {
                 continue;
             }
             wanted.extend(objects);

@@ -37,7 +37,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectMeta;
 use object_store::path::Path;
 
-use crate::archive::key_index::KeyIndex;
+use crate::archive::key_index::{self, KeyIndex};
 use crate::archive::layout::{is_hidden_below, parse_data_file_name};
 use crate::archive::store::{Archive, with_retry};
 use crate::config::ArchiveLocation;
@@ -291,11 +291,24 @@ impl ArchiveTable {
         limit: Option<usize>,
         snapshot: &Snapshot,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let mut files = self.select_files(state, filters, snapshot).await?;
+        // A lookup by key on S3 reads the key summaries while the files are
+        // listed (see `archive::key_index`).
+        let keys = match self.archive.location {
+            ArchiveLocation::S3 { .. } => partition_keys(filters),
+            ArchiveLocation::Local(_) => None,
+        };
+        let summaries = async {
+            match keys {
+                Some(_) => self.key_index(state, filters).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        let (files, index) = futures::join!(self.select_files(state, filters, snapshot), summaries);
+        let (mut files, index) = (files?, index?);
         // Files a key summary keeps (their data is most likely needed).
         let mut likely = HashSet::new();
-        if matches!(self.archive.location, ArchiveLocation::S3 { .. }) {
-            (files, likely) = self.prune_by_keys(filters, files).await;
+        if let (Some(keys), Some(index)) = (&keys, &index) {
+            (files, likely) = prune_by_keys(files, keys, index);
         }
         if files.is_empty() {
             let schema = match projection {
@@ -347,46 +360,85 @@ impl ArchiveTable {
 }
 
 impl ArchiveTable {
-    /// Leave out the files whose key summaries rule out every partition key
-    /// the filters allow (see `archive::key_index`); without such a filter,
-    /// or without summaries, `files` as they are. Also returns the files
-    /// kept because their summary may hold a key.
-    async fn prune_by_keys(
-        &self,
-        filters: &[Expr],
-        files: Vec<SelectedFile>,
-    ) -> (Vec<SelectedFile>, HashSet<Path>) {
-        let Some(keys) = partition_keys(filters) else {
-            return (files, HashSet::new());
-        };
-        let mut per_day: BTreeMap<String, usize> = BTreeMap::new();
-        for f in &files {
-            *per_day.entry(f.dt.clone()).or_default() += 1;
+    /// The key summaries of the days `filters` allow (by arrival time and
+    /// `dt`), listed from the summaries' folder itself so that this runs
+    /// alongside the listing of the data files.
+    async fn key_index(&self, state: &dyn Session, filters: &[Expr]) -> DfResult<KeyIndex> {
+        let range = TimeRange::from_filters(filters);
+        if range.is_empty() {
+            return Ok(KeyIndex::default());
         }
-        let index = KeyIndex::load(&self.archive, &self.stream, &per_day).await;
-        let before = files.len();
-        let kept: Vec<SelectedFile> = files
+        let parts = PartitionFilter::new(state, filters)?;
+        let root = key_index::keys_root(&self.archive, &self.stream);
+        let listed = with_retry(&self.archive.describe(&root), || {
+            self.archive.store.list_with_delimiter(Some(&root))
+        })
+        .await;
+        let listed = match listed {
+            Ok(l) => l.common_prefixes,
+            Err(e) => {
+                tracing::debug!("key summaries not listed: {e}");
+                return Ok(KeyIndex::default());
+            }
+        };
+        let mut days = Vec::new();
+        for p in &listed {
+            let Some(dt) = p.filename().and_then(|n| n.strip_prefix("dt=")) else {
+                continue;
+            };
+            let Ok(day) = NaiveDate::parse_from_str(dt, "%Y-%m-%d") else {
+                continue;
+            };
+            let Some(from) = day
+                .and_hms_opt(0, 0, 0)
+                .map(|t| t.and_utc().timestamp_millis())
+            else {
+                continue;
+            };
+            if range.overlaps(from, from + 24 * HOUR_MS - 1) {
+                days.push(dt.to_string());
+            }
+        }
+        let keep = parts.eval_days(&days)?;
+        let days = days
             .into_iter()
-            .filter(|f| {
-                f.meta
-                    .location
-                    .filename()
-                    .is_none_or(|name| index.may_hold_any(name, &keys))
-            })
+            .zip(keep)
+            .filter_map(|(d, k)| k.then_some(d))
             .collect();
-        tracing::debug!(
-            summaries = index.objects,
-            files = before,
-            kept = kept.len(),
-            "files pruned by key summaries"
-        );
-        let likely = kept
-            .iter()
-            .filter(|f| f.meta.location.filename().is_some_and(|n| index.has(n)))
-            .map(|f| f.meta.location.clone())
-            .collect();
-        (kept, likely)
+        Ok(KeyIndex::load(&self.archive, &self.stream, days).await)
     }
+}
+
+/// Leave out the files whose key summaries rule out every one of `keys`
+/// (see `archive::key_index`). Also returns the files kept because their
+/// summary may hold a key.
+fn prune_by_keys(
+    files: Vec<SelectedFile>,
+    keys: &std::collections::BTreeSet<String>,
+    index: &KeyIndex,
+) -> (Vec<SelectedFile>, HashSet<Path>) {
+    let before = files.len();
+    let kept: Vec<SelectedFile> = files
+        .into_iter()
+        .filter(|f| {
+            f.meta
+                .location
+                .filename()
+                .is_none_or(|name| index.may_hold_any(name, keys))
+        })
+        .collect();
+    tracing::debug!(
+        summaries = index.objects,
+        files = before,
+        kept = kept.len(),
+        "files pruned by key summaries"
+    );
+    let likely = kept
+        .iter()
+        .filter(|f| f.meta.location.filename().is_some_and(|n| index.has(n)))
+        .map(|f| f.meta.location.clone())
+        .collect();
+    (kept, likely)
 }
 
 /// Leave out the files that a shard and sequence range rules out, by their
