@@ -10,6 +10,7 @@ use object_store::path::Path;
 
 use crate::archive::archiver::flush_metadata;
 use crate::archive::checkpoint::{Commit, PublishPolicy, ShardCheckpoint, load_latest, stage};
+use crate::archive::key_index;
 use crate::archive::layout::hour_key;
 use crate::archive::store::Archive;
 use crate::archive::writer::ParquetSettings;
@@ -124,6 +125,7 @@ async fn write(
     let paths: Vec<Path> = files.iter().map(|(p, _)| p.clone()).collect();
     let last_pos = last.position();
     let mut staged = Vec::with_capacity(files.len());
+    let mut keys = Vec::new();
     for (path, recs) in files {
         let mut b =
             RecordBatchBuilder::with_capacity(recs.len(), recs.iter().map(|r| r.data.len()).sum());
@@ -131,7 +133,11 @@ async fn write(
             b.push(r);
         }
         let metadata = flush_metadata(prev.as_ref(), Some(&last_pos), records.len() as u64, shard);
-        let bytes = settings.encode(&[b.finish()], metadata, &archive.describe(&path))?;
+        let batch = b.finish();
+        if settings.bloom_filters {
+            keys.extend(key_index::summarize([(&path, &batch)]));
+        }
+        let bytes = settings.encode(&[batch], metadata, &archive.describe(&path))?;
         staged.push(stage(archive, stream, epoch, &path, bytes.into()).await?);
     }
     ck.commit(Commit {
@@ -144,5 +150,6 @@ async fn write(
         closed_before_ms,
     })
     .await?;
+    key_index::write_after_commit(archive, stream, keys).await;
     Ok(paths)
 }

@@ -6,6 +6,9 @@
 //! <root>/<stream>/_fluxcap/…          checkpoints, lease (never read as data)
 //! <root>/<stream>/_fluxcap/staging/<epoch>/dt=YYYY-MM-DD/hr=HH/<name>.parquet
 //!                                     files of a flush before it is committed and published
+//! <root>/<stream>/_fluxcap/keys/dt=YYYY-MM-DD/<name>.json
+//!                                     key summaries of committed flushes (optional hints
+//!                                     for lookups by partition_key, see `key_index`)
 //! <root>/_fluxcap/…                   tool-wide state (replays)
 //! ```
 //!

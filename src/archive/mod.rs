@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod footer;
 pub mod identity;
 pub mod ingest;
+pub mod key_index;
 pub mod layout;
 pub mod lease;
 pub mod manifest;

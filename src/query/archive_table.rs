@@ -14,7 +14,7 @@
 //! on S3 each file's metadata comes from one read of its tail
 //! ([`crate::query::tail_reader`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use arrow::array::{Array, BooleanArray, RecordBatch, StringArray};
@@ -37,11 +37,12 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectMeta;
 use object_store::path::Path;
 
+use crate::archive::key_index::{self, KeyIndex};
 use crate::archive::layout::{is_hidden_below, parse_data_file_name};
 use crate::archive::store::{Archive, with_retry};
 use crate::config::ArchiveLocation;
 use crate::error::Error;
-use crate::query::bounds::{HOUR_MS, ShardRange, TimeRange};
+use crate::query::bounds::{HOUR_MS, ShardRange, TimeRange, partition_keys};
 use crate::query::df_err;
 use crate::query::snapshot::Snapshot;
 use crate::query::tail_reader::TailReaderFactory;
@@ -290,7 +291,25 @@ impl ArchiveTable {
         limit: Option<usize>,
         snapshot: &Snapshot,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let files = self.select_files(state, filters, snapshot).await?;
+        // A lookup by key on S3 reads the key summaries while the files are
+        // listed (see `archive::key_index`).
+        let keys = match self.archive.location {
+            ArchiveLocation::S3 { .. } => partition_keys(filters),
+            ArchiveLocation::Local(_) => None,
+        };
+        let summaries = async {
+            match keys {
+                Some(_) => self.key_index(state, filters).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        let (files, index) = futures::join!(self.select_files(state, filters, snapshot), summaries);
+        let (mut files, index) = (files?, index?);
+        // Files a key summary keeps (their data is most likely needed).
+        let mut likely = HashSet::new();
+        if let (Some(keys), Some(index)) = (&keys, &index) {
+            (files, likely) = prune_by_keys(files, keys, index);
+        }
         if files.is_empty() {
             let schema = match projection {
                 Some(p) => Arc::new(record::table_schema().project(p)?),
@@ -328,7 +347,9 @@ impl ArchiveTable {
             .collect();
         let source = ParquetSource::new(table_schema)
             .with_table_parquet_options(options)
-            .with_parquet_file_reader_factory(Arc::new(TailReaderFactory::new(store, order)));
+            .with_parquet_file_reader_factory(Arc::new(TailReaderFactory::new(
+                store, order, likely,
+            )));
         let config = FileScanConfigBuilder::new(self.store_url.clone(), Arc::new(source))
             .with_file_groups(groups)
             .with_projection_indices(projection.cloned())?
@@ -336,6 +357,88 @@ impl ArchiveTable {
             .build();
         Ok(DataSourceExec::from_data_source(config))
     }
+}
+
+impl ArchiveTable {
+    /// The key summaries of the days `filters` allow (by arrival time and
+    /// `dt`), listed from the summaries' folder itself so that this runs
+    /// alongside the listing of the data files.
+    async fn key_index(&self, state: &dyn Session, filters: &[Expr]) -> DfResult<KeyIndex> {
+        let range = TimeRange::from_filters(filters);
+        if range.is_empty() {
+            return Ok(KeyIndex::default());
+        }
+        let parts = PartitionFilter::new(state, filters)?;
+        let root = key_index::keys_root(&self.archive, &self.stream);
+        let listed = with_retry(&self.archive.describe(&root), || {
+            self.archive.store.list_with_delimiter(Some(&root))
+        })
+        .await;
+        let listed = match listed {
+            Ok(l) => l.common_prefixes,
+            Err(e) => {
+                tracing::debug!("key summaries not listed: {e}");
+                return Ok(KeyIndex::default());
+            }
+        };
+        let mut days = Vec::new();
+        for p in &listed {
+            let Some(dt) = p.filename().and_then(|n| n.strip_prefix("dt=")) else {
+                continue;
+            };
+            let Ok(day) = NaiveDate::parse_from_str(dt, "%Y-%m-%d") else {
+                continue;
+            };
+            let Some(from) = day
+                .and_hms_opt(0, 0, 0)
+                .map(|t| t.and_utc().timestamp_millis())
+            else {
+                continue;
+            };
+            if range.overlaps(from, from + 24 * HOUR_MS - 1) {
+                days.push(dt.to_string());
+            }
+        }
+        let keep = parts.eval_days(&days)?;
+        let days = days
+            .into_iter()
+            .zip(keep)
+            .filter_map(|(d, k)| k.then_some(d))
+            .collect();
+        Ok(KeyIndex::load(&self.archive, &self.stream, days).await)
+    }
+}
+
+/// Leave out the files whose key summaries rule out every one of `keys`
+/// (see `archive::key_index`). Also returns the files kept because their
+/// summary may hold a key.
+fn prune_by_keys(
+    files: Vec<SelectedFile>,
+    keys: &std::collections::BTreeSet<String>,
+    index: &KeyIndex,
+) -> (Vec<SelectedFile>, HashSet<Path>) {
+    let before = files.len();
+    let kept: Vec<SelectedFile> = files
+        .into_iter()
+        .filter(|f| {
+            f.meta
+                .location
+                .filename()
+                .is_none_or(|name| index.may_hold_any(name, keys))
+        })
+        .collect();
+    tracing::debug!(
+        summaries = index.objects,
+        files = before,
+        kept = kept.len(),
+        "files pruned by key summaries"
+    );
+    let likely = kept
+        .iter()
+        .filter(|f| f.meta.location.filename().is_some_and(|n| index.has(n)))
+        .map(|f| f.meta.location.clone())
+        .collect();
+    (kept, likely)
 }
 
 /// Leave out the files that a shard and sequence range rules out, by their

@@ -27,7 +27,8 @@ use datafusion::logical_expr::{
 
 use crate::record::cmp_sequence;
 use crate::record::col::{
-    ARRIVAL as ARRIVAL_COLUMN, SEQUENCE_NUMBER as SEQUENCE_COLUMN, SHARD_ID as SHARD_COLUMN,
+    ARRIVAL as ARRIVAL_COLUMN, PARTITION_KEY as PARTITION_KEY_COLUMN,
+    SEQUENCE_NUMBER as SEQUENCE_COLUMN, SHARD_ID as SHARD_COLUMN,
 };
 
 /// `fluxcap_seq_range(sequence_number, lo, hi)`: `lo <= sequence_number < hi`
@@ -290,6 +291,58 @@ impl ShardRange {
     }
 }
 
+/// The partition keys a matching record can have, when the filters (a
+/// conjunction) name them: `partition_key = '<literal>'`,
+/// `partition_key IN ('<literal>', …)`, and `AND`/`OR` of those (DataFusion
+/// turns a short `IN` list into `OR`s), on the column itself (a cast could
+/// compare other values). `None`: any key.
+pub fn partition_keys(filters: &[Expr]) -> Option<BTreeSet<String>> {
+    fn is_key(e: &Expr) -> bool {
+        matches!(e, Expr::Column(c) if c.name == PARTITION_KEY_COLUMN)
+    }
+    fn keys_of(e: &Expr) -> Option<BTreeSet<String>> {
+        match e {
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::And,
+                right,
+            }) => match (keys_of(left), keys_of(right)) {
+                (Some(a), Some(b)) => Some(a.intersection(&b).cloned().collect()),
+                (Some(a), None) | (None, Some(a)) => Some(a),
+                (None, None) => None,
+            },
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::Or,
+                right,
+            }) => {
+                let (mut a, b) = (keys_of(left)?, keys_of(right)?);
+                a.extend(b);
+                Some(a)
+            }
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::Eq,
+                right,
+            }) => match (is_key(left), is_key(right)) {
+                (true, false) => literal_str(right).map(|v| [v].into()),
+                (false, true) => literal_str(left).map(|v| [v].into()),
+                _ => None,
+            },
+            Expr::InList(InList {
+                expr,
+                list,
+                negated: false,
+            }) if is_key(expr) => list.iter().map(literal_str).collect(),
+            _ => None,
+        }
+    }
+    filters
+        .iter()
+        .filter_map(keys_of)
+        .reduce(|a, b| a.intersection(&b).cloned().collect())
+}
+
 fn is_column(e: &Expr, name: &str) -> bool {
     match e {
         Expr::Column(c) => c.name == name,
@@ -439,6 +492,40 @@ mod tests {
             .eq(lit("a"))
             .or(col(SHARD_COLUMN).eq(lit("b")))]);
         assert_eq!(open, ShardRange::default());
+    }
+
+    #[test]
+    fn key_filters_name_the_keys() {
+        let k = || col(PARTITION_KEY_COLUMN);
+        let set = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>());
+        assert_eq!(partition_keys(&[k().eq(lit("a"))]), set(&["a"]));
+        assert_eq!(partition_keys(&[lit("a").eq(k())]), set(&["a"]));
+        assert_eq!(
+            partition_keys(&[k().in_list(vec![lit("a"), lit("b")], false)]),
+            set(&["a", "b"])
+        );
+        // Conjuncts intersect.
+        assert_eq!(
+            partition_keys(&[
+                k().in_list(vec![lit("a"), lit("b")], false),
+                k().eq(lit("b")).and(col(SHARD_COLUMN).eq(lit("s")))
+            ]),
+            set(&["b"])
+        );
+        // OR of keys: either.
+        assert_eq!(
+            partition_keys(&[k().eq(lit("a")).or(k().eq(lit("b")))]),
+            set(&["a", "b"])
+        );
+        // Anything else: any key.
+        assert_eq!(
+            partition_keys(&[k().eq(lit("a")).or(col(SHARD_COLUMN).eq(lit("b")))]),
+            None
+        );
+        assert_eq!(partition_keys(&[k().in_list(vec![lit("a")], true)]), None);
+        assert_eq!(partition_keys(&[k().not_eq(lit("a"))]), None);
+        assert_eq!(partition_keys(&[k().like(lit("a%"))]), None);
+        assert_eq!(partition_keys(&[col(SHARD_COLUMN).eq(lit("a"))]), None);
     }
 
     #[test]

@@ -17,6 +17,11 @@
 //!   it is fetched at once (a second round trip costs more than those bytes)
 //!   and serves every later read of that reader; larger files read the
 //!   ranges asked for, coalesced by the store.
+//! * **One read for a file a key summary keeps.** When a lookup by key
+//!   opens only the files whose key summary may hold the key
+//!   (`archive::key_index`), their data is most likely needed: such a file
+//!   of at most [`WHOLE_FILE_BELOW`] + [`TAIL_HINT`] bytes is read whole by
+//!   its first read.
 //! * **Read-ahead.** DataFusion opens the files of a partition one after
 //!   another; opening a file starts the tail reads of the next
 //!   [`READ_AHEAD`] files of its partition, so at most
@@ -26,7 +31,7 @@
 //! Nothing here decides what is pruned: DataFusion still evaluates every
 //! filter on statistics, bloom filters and the rows read.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
@@ -131,6 +136,7 @@ impl TailCache {
         store: &Arc<dyn ObjectStore>,
         location: &Path,
         size: u64,
+        whole: bool,
     ) -> TailFuture {
         let mut t = self.lock();
         if let Some(f) = t.map.get(location) {
@@ -140,7 +146,7 @@ impl TailCache {
         let store = Arc::clone(store);
         let loc = location.clone();
         let fut = async move {
-            let got = read_tail(store.as_ref(), &loc, size).await;
+            let got = read_tail(store.as_ref(), &loc, size, whole).await;
             let mut t = cache.lock();
             match got {
                 Ok(tail) => {
@@ -177,8 +183,14 @@ impl TailCache {
 
 /// Read the end of a file: [`TAIL_HINT`] bytes, more if the footer is
 /// longer, and back to the first bloom filter or page index if that is not
-/// much more than those structures.
-async fn read_tail(store: &dyn ObjectStore, location: &Path, size: u64) -> Result<Tail, Error> {
+/// much more than those structures. With `whole`, a file of at most
+/// [`WHOLE_FILE_BELOW`] + [`TAIL_HINT`] bytes is read whole at once.
+async fn read_tail(
+    store: &dyn ObjectStore,
+    location: &Path,
+    size: u64,
+    whole: bool,
+) -> Result<Tail, Error> {
     let bad = |source: ParquetError| Error::Parquet {
         object: location.to_string(),
         source,
@@ -194,7 +206,12 @@ async fn read_tail(store: &dyn ObjectStore, location: &Path, size: u64) -> Resul
             "{size} bytes are too few for a Parquet file"
         ))));
     }
-    let start = size - TAIL_HINT.min(size);
+    let hint = if whole && size <= WHOLE_FILE_BELOW + TAIL_HINT {
+        size
+    } else {
+        TAIL_HINT.min(size)
+    };
+    let start = size - hint;
     let mut tail = Tail {
         start,
         bytes: get(start..size).await?,
@@ -255,11 +272,20 @@ pub struct TailReaderFactory {
     groups: Vec<Vec<(Path, u64)>>,
     /// A file's partition and place in it.
     place: HashMap<Path, (usize, usize)>,
+    /// Files whose data is most likely needed: small ones are read whole
+    /// by their first read.
+    whole: HashSet<Path>,
 }
 
 impl TailReaderFactory {
-    /// A factory for a scan of `groups` (each partition's files, in order) on `store`.
-    pub fn new(store: Arc<dyn ObjectStore>, groups: Vec<Vec<(Path, u64)>>) -> Self {
+    /// A factory for a scan of `groups` (each partition's files, in order)
+    /// on `store`; the data of the files in `whole` is most likely needed
+    /// (a key summary says they may hold the key looked up).
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        groups: Vec<Vec<(Path, u64)>>,
+        whole: HashSet<Path>,
+    ) -> Self {
         let mut place = HashMap::new();
         for (g, files) in groups.iter().enumerate() {
             for (i, (path, _)) in files.iter().enumerate() {
@@ -271,6 +297,7 @@ impl TailReaderFactory {
             tails: Arc::new(TailCache::default()),
             groups,
             place,
+            whole,
         }
     }
 
@@ -286,7 +313,9 @@ impl TailReaderFactory {
             return;
         };
         for (path, size) in files.iter().skip(i).take(READ_AHEAD + 1) {
-            let tail = self.tails.get(&self.store, path, *size);
+            let tail = self
+                .tails
+                .get(&self.store, path, *size, self.whole.contains(path));
             if tail.peek().is_none() {
                 runtime.spawn(async move {
                     // Errors reach the reader that waits for this tail.
@@ -310,6 +339,7 @@ impl ParquetFileReaderFactory for TailReaderFactory {
         Ok(Box::new(TailReader {
             store: Arc::clone(&self.store),
             tails: Arc::clone(&self.tails),
+            whole: self.whole.contains(&location),
             location,
             size: file.object_meta.size,
             rest: None,
@@ -324,6 +354,8 @@ pub struct TailReader {
     tails: Arc<TailCache>,
     location: Path,
     size: u64,
+    /// Read the file whole if it is small (see [`TailReaderFactory::new`]).
+    whole: bool,
     /// The part before the tail, once read.
     rest: Option<Tail>,
 }
@@ -407,7 +439,7 @@ impl AsyncFileReader for TailReader {
         async move {
             let tail = self
                 .tails
-                .get(&self.store, &self.location, self.size)
+                .get(&self.store, &self.location, self.size, self.whole)
                 .await
                 .map_err(external)?;
             let mut reader = ParquetMetaDataReader::new().with_prefetch_hint(Some(

@@ -7,8 +7,11 @@
 use std::collections::BTreeMap;
 
 use fluxcap::archive::ingest::write_flush;
+use fluxcap::archive::key_index::KEYS_DIR;
+use fluxcap::archive::store::Archive;
 use fluxcap::archive::writer::ParquetSettings;
 use fluxcap::record::Record;
+use object_store::ObjectStoreExt;
 
 use crate::harness::*;
 use crate::proxy::Proxy;
@@ -69,6 +72,31 @@ fn data_gets(p: &Proxy) -> BTreeMap<String, usize> {
     per
 }
 
+/// Delete the key summaries of `stream` (`archive::key_index`); returns how many there were.
+async fn remove_key_summaries(archive: &Archive, stream: &str) -> usize {
+    let dir = archive
+        .layout
+        .stream_dir(stream)
+        .join("_fluxcap")
+        .join(KEYS_DIR);
+    let objects = archive.list(&dir).await.unwrap();
+    for o in &objects {
+        archive.store.delete(&o.location).await.unwrap();
+    }
+    objects.len()
+}
+
+/// GETs of key summaries.
+fn summary_gets(p: &Proxy) -> usize {
+    p.requests()
+        .iter()
+        .filter(|r| {
+            r.line.starts_with("GET ") && r.line.contains(&format!("/_fluxcap/{KEYS_DIR}/"))
+        })
+        .filter(|r| !r.line.contains("list-type"))
+        .count()
+}
+
 #[test]
 fn a_key_lookup_over_days_opens_each_file_with_one_request() {
     let s3 = s3();
@@ -103,6 +131,9 @@ fn a_key_lookup_over_days_opens_each_file_with_one_request() {
             .unwrap();
         }
     });
+    // Files without key summaries (an archive written before them): every
+    // file of the lookup is opened, each with one request.
+    rt.block_on(remove_key_summaries(&direct, &stream));
     let proxy = rt.block_on(Proxy::start(s3.port));
     proxy.set_delay(5);
     let ws = Workspace::new(
@@ -179,4 +210,134 @@ fn a_key_lookup_over_days_opens_each_file_with_one_request() {
         "{gets} GETs for {} files: {per_file:?}",
         per_file.len()
     );
+}
+
+/// Small records of one shard over `HOURS` hours; `k5needle` in two hours of
+/// shard 0, `k7` in many files.
+fn small_records(shard: usize) -> Vec<Record> {
+    (0..HOURS * PER_HOUR)
+        .map(|i| {
+            let hour = i / PER_HOUR;
+            let key = if shard == 0 && (hour == 5 || hour == 40) && i % PER_HOUR == 7 {
+                "k5needle".to_string()
+            } else {
+                format!("k{}", (i * 7 + shard) % 211)
+            };
+            Record {
+                shard_id: format!("shardId-{shard:012}").into(),
+                sequence_number: format!("4960{:052}", i + 1).into(),
+                subsequence_number: 0,
+                partition_key: key,
+                explicit_hash_key: None,
+                arrival_ms: T0 + hour as i64 * HOUR + (i % PER_HOUR) as i64 * 1000,
+                data: format!("{{\"i\":{i}}}").into_bytes().into(),
+            }
+        })
+        .collect()
+}
+
+/// With the key summaries the writer leaves beside each flush, a key lookup
+/// over all days reads the summaries (one object per flush and day) and
+/// opens only the files that may hold the key — not every file of the days
+/// (96 here, which the code before the summaries opened). Summaries that are
+/// missing, unreadable or of an unknown version are ignored: the answer
+/// stays the same, every file is opened again.
+#[test]
+fn a_key_lookup_over_days_opens_only_the_files_the_key_summaries_allow() {
+    let s3 = s3();
+    let bucket = unique("keys");
+    create_bucket(&s3, &bucket);
+    let stream = unique("days");
+    let rt = rt();
+    let direct = s3_archive(&s3.endpoint(), &bucket, PREFIX);
+    let local = tempfile::tempdir().unwrap();
+    let copy = local_archive(local.path());
+    let settings = ParquetSettings::default();
+    rt.block_on(async {
+        for s in 0..SHARDS {
+            let shard = format!("shardId-{s:012}");
+            let recs = small_records(s);
+            // Two flushes per shard: the second starts in the middle of day 2.
+            let (a, b) = recs.split_at(recs.len() * 3 / 4);
+            for part in [a, b] {
+                write_flush(&direct, &settings, &stream, &shard, part)
+                    .await
+                    .unwrap();
+                write_flush(&copy, &settings, &stream, &shard, part)
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    let proxy = rt.block_on(Proxy::start(s3.port));
+    let ws = Workspace::new(
+        "http://127.0.0.1:9",
+        Some(&format!("s3://{bucket}/{PREFIX}")),
+        Some(&proxy.endpoint()),
+        "",
+        &[(&stream, "json")],
+    );
+    let table = format!("archive.{}", q(&stream));
+    let files = SHARDS * HOURS;
+    let lookup = |t: &str, keys: &str| {
+        format!(
+            "SELECT shard_id, sequence_number, dt, hr, partition_key FROM {t} \
+             WHERE partition_key IN ({keys}) ORDER BY shard_id, sequence_number"
+        )
+    };
+    let want = |keys: &str| duckdb(&local.path().join(&stream), &lookup("t", keys));
+
+    let got = ws.sql(&lookup(&table, "'k5needle'"));
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got, want("'k5needle'"));
+    let opened = data_gets(&proxy);
+    // Two files hold the key; a bloom filter (1 % false positives) may let
+    // one or two more through.
+    assert!(
+        opened.len() <= 4,
+        "opened {} of {files} files",
+        opened.len()
+    );
+    // Per shard: one summary of day 1, two of day 2 (the flushes meet there).
+    assert_eq!(summary_gets(&proxy), SHARDS * 3);
+    let total = proxy.requests().len();
+    assert!(total <= 30, "{total} requests: {:#?}", proxy.requests());
+
+    // A key in many files, with one in two: every file that holds one is read.
+    proxy.clear_requests();
+    let keys = "'k5needle', 'k7'";
+    let got = ws.sql(&lookup(&table, keys));
+    assert_eq!(got, want(keys));
+    assert!(got.len() > 2, "{got:?}");
+    assert!(data_gets(&proxy).len() < files);
+
+    // Without summaries, and with summaries that cannot be used: the same
+    // answer, every file opened.
+    let removed = rt.block_on(remove_key_summaries(&direct, &stream));
+    assert_eq!(removed, SHARDS * 3);
+    let dir = direct
+        .layout
+        .stream_dir(&stream)
+        .join("_fluxcap")
+        .join(KEYS_DIR)
+        .join("dt=2026-11-20");
+    rt.block_on(async {
+        direct
+            .store
+            .put(&dir.clone().join("x.json"), b"not json".to_vec().into())
+            .await
+            .unwrap();
+        direct
+            .store
+            .put(
+                &dir.join("y.json"),
+                br#"{"version":99,"files":[]}"#.to_vec().into(),
+            )
+            .await
+            .unwrap();
+    });
+    proxy.clear_requests();
+    let got = ws.sql(&lookup(&table, "'k5needle'"));
+    assert_eq!(got, want("'k5needle'"));
+    assert_eq!(data_gets(&proxy).len(), files);
 }

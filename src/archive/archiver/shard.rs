@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::archive::budget::{CallSizer, Reservation, buffered_cost, response_cost};
 use crate::archive::checkpoint::{Commit, Gap, PublishPolicy, ShardCheckpoint, stage};
 use crate::archive::footer::flush_metadata;
+use crate::archive::key_index;
 use crate::archive::layout::hour_key;
 use crate::config::PayloadFormat;
 use crate::error::{Error, Result};
@@ -341,6 +342,7 @@ async fn flush(
     // (1) stage every file of the flush (nothing is visible to readers yet).
     let mut written = 0u64;
     let mut staged = Vec::with_capacity(files.len());
+    let mut keys = Vec::new();
     for (path, batch) in files {
         let metadata = flush_metadata(
             prev.as_ref(),
@@ -350,11 +352,21 @@ async fn flush(
         );
         let settings = ctx.settings.clone();
         let name = ctx.archive.describe(&path);
-        let bytes = tokio::task::spawn_blocking(move || {
-            settings.encode_owned(vec![batch], metadata, &name)
+        let p = path.clone();
+        let (bytes, k) = tokio::task::spawn_blocking(move || {
+            // The keys of the file for its summary (see `key_index`).
+            let k = if settings.bloom_filters {
+                key_index::summarize([(&p, &batch)])
+            } else {
+                vec![]
+            };
+            settings
+                .encode_owned(vec![batch], metadata, &name)
+                .map(|b| (b, k))
         })
         .await
         .map_err(|e| Error::Usage(format!("internal error: encoder task failed: {e}")))??;
+        keys.extend(k);
         written += bytes.len() as u64;
         staged.push(stage_with_retry(ctx, &path, bytes::Bytes::from(bytes)).await?);
     }
@@ -400,6 +412,7 @@ async fn flush(
     stats.records.fetch_add(records as u64, Ordering::Relaxed);
     stats.bytes.fetch_add(payload as u64, Ordering::Relaxed);
     tracing::debug!(%stream, %shard, records, files = nfiles, finished, "flush committed");
+    key_index::write_after_commit(&ctx.archive, stream, keys).await;
     Ok(())
 }
 

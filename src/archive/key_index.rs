@@ -1,0 +1,359 @@
+//! Key summaries: a sidecar of the archive that lets a lookup by
+//! `partition_key` leave out the data files that cannot hold the key without
+//! a single request to any of them (on S3 every request is a round trip, and
+//! a lookup over days would otherwise read the tail of every file).
+//!
+//! ```text
+//! <root>/<stream>/_fluxcap/keys/dt=YYYY-MM-DD/<name of the flush's first file of the day>.json
+//!   {"version": 1,
+//!    "files": [{"name": "<data file name>", "rows": 5123,
+//!               "min": "<smallest key>", "max": "<largest key>",
+//!               "bloom": "<base64: a Parquet split-block bloom filter of the keys>"}, …]}
+//! ```
+//!
+//! One object per committed flush and day, written after the commit by the
+//! writer of the flush ([`write`]); it describes the flush's data files of
+//! that day by name.
+//!
+//! **Not part of the commit protocol, and always safe to use.** A data
+//! file's name determines its records (see `layout`), a published file never
+//! changes, and a summary is written only after its flush is committed, so an
+//! entry is true of the file of that name for good. Readers use summaries as
+//! hints only ([`KeyIndex`]): a file without an entry (written before
+//! summaries existed, by a process that stopped between its commit and the
+//! summary, or produced by an hourly merge) is opened as before, and a summary
+//! that cannot be read or has an unknown version is ignored. Nothing else
+//! reads or deletes these objects.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::DataType;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use parquet::bloom_filter::Sbbf;
+use serde::{Deserialize, Serialize};
+
+use crate::archive::layout::STATE_DIR;
+use crate::archive::store::Archive;
+use crate::error::{Error, Result};
+use crate::record::col;
+
+/// Format version of the summaries this version writes (and the only one it reads).
+pub const KEY_INDEX_VERSION: u32 = 1;
+/// Folder below [`STATE_DIR`] holding the summaries.
+pub const KEYS_DIR: &str = "keys";
+/// False-positive rate of the summaries' bloom filters.
+const FPP: f64 = 0.01;
+/// Summaries read at once.
+const READ_CONCURRENCY: usize = 32;
+/// A day with more summaries than this is read without them: a day of many
+/// small flushes has about as many files as summaries, and reading the
+/// summaries would cost as many requests as it saves.
+pub const MAX_SUMMARIES_PER_DAY: usize = 256;
+
+/// One summary object.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct KeySummary {
+    /// Format version.
+    pub version: u32,
+    /// The data files it describes.
+    pub files: Vec<FileKeys>,
+}
+
+/// The partition keys of one data file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileKeys {
+    /// The data file's name (`<shard>_<first-seq>_<first-sub>_<count>.parquet`).
+    pub name: String,
+    /// Its rows.
+    pub rows: u64,
+    /// Its smallest key.
+    pub min: String,
+    /// Its largest key.
+    pub max: String,
+    /// Base64 of a Parquet split-block bloom filter (header and bitset) of its keys.
+    pub bloom: String,
+}
+
+impl FileKeys {
+    /// The keys of `batch`, the records of the data file at `path`; `None`
+    /// when the batch has no rows or no `partition_key` column.
+    pub fn of(path: &Path, batch: &RecordBatch) -> Option<FileKeys> {
+        let name = path.filename()?.to_string();
+        let column = batch.column_by_name(col::PARTITION_KEY)?;
+        let keys: Vec<&str> = match column.data_type() {
+            DataType::Utf8 => column.as_string::<i32>().iter().flatten().collect(),
+            DataType::LargeUtf8 => column.as_string::<i64>().iter().flatten().collect(),
+            DataType::Utf8View => column.as_string_view().iter().flatten().collect(),
+            _ => return None,
+        };
+        let distinct: HashSet<&str> = keys.iter().copied().collect();
+        let (min, max) = (distinct.iter().min()?, distinct.iter().max()?);
+        let mut bloom = Sbbf::new_with_ndv_fpp(distinct.len() as u64, FPP).ok()?;
+        for k in &distinct {
+            bloom.insert(*k);
+        }
+        let mut bytes = Vec::new();
+        bloom.write(&mut bytes).ok()?;
+        Some(FileKeys {
+            name,
+            rows: column.len() as u64,
+            min: min.to_string(),
+            max: max.to_string(),
+            bloom: BASE64.encode(bytes),
+        })
+    }
+}
+
+/// `<root>/<stream>/_fluxcap/keys/`.
+pub fn keys_root(archive: &Archive, stream: &str) -> Path {
+    archive
+        .layout
+        .stream_dir(stream)
+        .join(STATE_DIR)
+        .join(KEYS_DIR)
+}
+
+/// `<root>/<stream>/_fluxcap/keys/dt=<dt>/`.
+pub fn day_dir(archive: &Archive, stream: &str, dt: &str) -> Path {
+    keys_root(archive, stream).join(format!("dt={dt}"))
+}
+
+/// The day (`YYYY-MM-DD`) of a data file's published path (`…/dt=…/hr=…/<name>`).
+fn day_of(path: &Path) -> Option<String> {
+    let parts: Vec<_> = path.parts().collect();
+    let n = parts.len();
+    let dt = parts.get(n.checked_sub(3)?)?.as_ref().strip_prefix("dt=")?;
+    Some(dt.to_string())
+}
+
+/// Write the summaries of one committed flush: `files` are its data files'
+/// published paths with their keys. One object per day, named after the
+/// flush's first file of that day. Call only after the commit.
+pub async fn write(archive: &Archive, stream: &str, files: Vec<(Path, FileKeys)>) -> Result<()> {
+    let mut by_day: BTreeMap<String, Vec<FileKeys>> = BTreeMap::new();
+    for (path, keys) in files {
+        let Some(dt) = day_of(&path) else { continue };
+        by_day.entry(dt).or_default().push(keys);
+    }
+    for (dt, files) in by_day {
+        let Some(first) = files.iter().map(|f| f.name.as_str()).min() else {
+            continue;
+        };
+        let name = format!("{}.json", first.strip_suffix(".parquet").unwrap_or(first));
+        let path = day_dir(archive, stream, &dt).join(name);
+        let body = serde_json::to_vec(&KeySummary {
+            version: KEY_INDEX_VERSION,
+            files,
+        })
+        .map_err(|e| Error::Usage(format!("internal error: key summary: {e}")))?;
+        archive.put_bytes(&path, body.into()).await?;
+    }
+    Ok(())
+}
+
+/// [`write`] for the writer of a flush that must not fail because of its
+/// summaries: an error is logged and otherwise ignored (the flush's files
+/// are then opened by lookups, as if they had no summary).
+pub async fn write_after_commit(archive: &Archive, stream: &str, files: Vec<(Path, FileKeys)>) {
+    if files.is_empty() {
+        return;
+    }
+    if let Err(e) = write(archive, stream, files).await {
+        tracing::warn!(%stream, "key summary not written (lookups open these files): {e}");
+    }
+}
+
+/// The summaries of `files` with their keys, for the flush paths: files
+/// without keys are left out.
+pub fn summarize<'a>(
+    files: impl IntoIterator<Item = (&'a Path, &'a RecordBatch)>,
+) -> Vec<(Path, FileKeys)> {
+    files
+        .into_iter()
+        .filter_map(|(p, b)| FileKeys::of(p, b).map(|k| (p.clone(), k)))
+        .collect()
+}
+
+/// A decoded entry.
+struct Entry {
+    min: String,
+    max: String,
+    bloom: Sbbf,
+}
+
+impl Entry {
+    fn may_hold(&self, key: &str) -> bool {
+        self.min.as_str() <= key && key <= self.max.as_str() && self.bloom.check(key)
+    }
+}
+
+/// The entries of the summaries read for one query, by data file name.
+#[derive(Default)]
+pub struct KeyIndex {
+    entries: HashMap<String, Entry>,
+    /// Summary objects read (for tests and logs).
+    pub objects: usize,
+}
+
+impl std::fmt::Debug for KeyIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyIndex")
+            .field("files", &self.entries.len())
+            .field("objects", &self.objects)
+            .finish()
+    }
+}
+
+impl KeyIndex {
+    /// Read the summaries of `days` (`YYYY-MM-DD`). A day with more than
+    /// [`MAX_SUMMARIES_PER_DAY`] summaries is skipped. Lists the days and
+    /// reads the summaries concurrently; anything that cannot be listed,
+    /// read or parsed is left out (its files are opened).
+    pub async fn load(archive: &Archive, stream: &str, days: Vec<String>) -> KeyIndex {
+        let dirs: Vec<Path> = days.iter().map(|dt| day_dir(archive, stream, dt)).collect();
+        let listings: Vec<Vec<object_store::ObjectMeta>> = futures::stream::iter(dirs)
+            .map(|dir| async move {
+                archive.list(&dir).await.unwrap_or_else(|e| {
+                    tracing::debug!("key summaries not listed: {e}");
+                    vec![]
+                })
+            })
+            .buffer_unordered(READ_CONCURRENCY)
+            .collect()
+            .await;
+        let mut wanted = Vec::new();
+        for objects in listings {
+            let objects: Vec<Path> = objects
+                .into_iter()
+                .map(|o| o.location)
+                .filter(|p| p.extension() == Some("json"))
+                .collect();
+            if objects.len() > MAX_SUMMARIES_PER_DAY {
+                continue;
+            }
+            wanted.extend(objects);
+        }
+        let read: Vec<Option<KeySummary>> = futures::stream::iter(wanted)
+            .map(|p| async move {
+                let parsed = archive.get_bytes(&p).await.and_then(|b| {
+                    serde_json::from_slice::<KeySummary>(&b)
+                        .map_err(|e| Error::Usage(format!("{}: {e}", archive.describe(&p))))
+                });
+                match parsed {
+                    Ok(s) if s.version == KEY_INDEX_VERSION => Ok::<_, Error>(Some(s)),
+                    Ok(s) => {
+                        tracing::debug!("key summary {p}: unknown version {}", s.version);
+                        Ok(None)
+                    }
+                    Err(e) => {
+                        tracing::debug!("key summary not used: {e}");
+                        Ok(None)
+                    }
+                }
+            })
+            .buffer_unordered(READ_CONCURRENCY)
+            .try_collect()
+            .await
+            .unwrap_or_default();
+        let mut index = KeyIndex::default();
+        for s in read.into_iter().flatten() {
+            index.objects += 1;
+            for f in s.files {
+                let Ok(bytes) = BASE64.decode(f.bloom.as_bytes()) else {
+                    continue;
+                };
+                let Ok(bloom) = Sbbf::from_bytes(&bytes) else {
+                    continue;
+                };
+                index.entries.insert(
+                    f.name,
+                    Entry {
+                        min: f.min,
+                        max: f.max,
+                        bloom,
+                    },
+                );
+            }
+        }
+        index
+    }
+
+    /// Whether a summary describes the data file named `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// Whether the data file named `name` may hold a record with one of
+    /// `keys`: true unless a summary rules every one of them out.
+    pub fn may_hold_any(&self, name: &str, keys: &BTreeSet<String>) -> bool {
+        self.entries
+            .get(name)
+            .is_none_or(|e| keys.iter().any(|k| e.may_hold(k)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::StringArray;
+    use arrow::datatypes::{Field, Schema};
+    use std::sync::Arc;
+
+    fn batch(keys: &[&str]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            col::PARTITION_KEY,
+            DataType::Utf8,
+            false,
+        )]));
+        RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(keys.to_vec()))])
+            .expect("batch")
+    }
+
+    #[test]
+    fn an_entry_rules_out_absent_keys_and_never_present_ones() {
+        let path = Path::from("s/dt=2026-11-20/hr=03/shard_1_0_3.parquet");
+        let keys: Vec<String> = (0..2000).map(|i| format!("customer-{i}")).collect();
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let f = FileKeys::of(&path, &batch(&refs)).expect("keys");
+        assert_eq!(f.name, "shard_1_0_3.parquet");
+        assert_eq!(f.rows, 2000);
+        assert_eq!(day_of(&path).as_deref(), Some("2026-11-20"));
+        // Through JSON, as a reader sees it.
+        let s: KeySummary = serde_json::from_slice(
+            &serde_json::to_vec(&KeySummary {
+                version: KEY_INDEX_VERSION,
+                files: vec![f],
+            })
+            .expect("json"),
+        )
+        .expect("parse");
+        let mut index = KeyIndex::default();
+        for f in s.files {
+            let bloom = Sbbf::from_bytes(&BASE64.decode(&f.bloom).expect("b64")).expect("bloom");
+            index.entries.insert(
+                f.name,
+                Entry {
+                    min: f.min,
+                    max: f.max,
+                    bloom,
+                },
+            );
+        }
+        let one = |k: &str| [k.to_string()].into_iter().collect::<BTreeSet<_>>();
+        for k in &keys {
+            assert!(index.may_hold_any("shard_1_0_3.parquet", &one(k)));
+        }
+        let absent = (0..2000)
+            .filter(|i| index.may_hold_any("shard_1_0_3.parquet", &one(&format!("other-{i}"))))
+            .count();
+        assert!(absent < 100, "{absent} false positives of 2000");
+        // Outside min/max: ruled out whatever the bloom filter says.
+        assert!(!index.may_hold_any("shard_1_0_3.parquet", &one("a")));
+        // A file without an entry may hold anything.
+        assert!(index.may_hold_any("other.parquet", &one("a")));
+    }
+}
