@@ -11,7 +11,6 @@
 //! the statements `catalog drill --views` prints run in Drill as printed.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
 
 use crate::drill::start_stack;
 use crate::harness::*;
@@ -54,23 +53,7 @@ fn per_hour(rows: &[serde_json::Value]) -> Vec<String> {
 }
 
 fn post_json(url: &str, body: &serde_json::Value) -> String {
-    let mut child = Command::new("curl")
-        .args([
-            "-s",
-            "-X",
-            "POST",
-            "-H",
-            "Content-Type: application/json",
-            "--data-binary",
-            "@-",
-            url,
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), body.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = spawn_post_json(url, body).wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

@@ -1094,13 +1094,9 @@ impl BootstrapEnv {
     }
 }
 
-/// POST a query to Drill's REST API with curl (an independent client),
-/// without waiting for the answer (curl's stdout, piped).
-pub fn spawn_drill_query(url: &str, sql: &str) -> std::process::Child {
-    let body = serde_json::json!({
-        "queryType": "SQL", "query": sql,
-        "options": {"drill.exec.http.rest.errors.verbose": "true"}
-    });
+/// POST `body` as JSON to `url` with curl (an independent client), without
+/// waiting for the answer (curl's stdout, piped).
+pub fn spawn_post_json(url: &str, body: &serde_json::Value) -> std::process::Child {
     let mut child = Command::new("curl")
         .args([
             "-s",
@@ -1111,7 +1107,7 @@ pub fn spawn_drill_query(url: &str, sql: &str) -> std::process::Child {
             "--data-binary",
             "@-",
         ])
-        .arg(format!("{url}/query.json"))
+        .arg(url)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -1123,6 +1119,16 @@ pub fn spawn_drill_query(url: &str, sql: &str) -> std::process::Child {
         .write_all(body.to_string().as_bytes())
         .unwrap();
     child
+}
+
+/// POST a query to Drill's REST API with curl (an independent client),
+/// without waiting for the answer (curl's stdout, piped).
+pub fn spawn_drill_query(url: &str, sql: &str) -> std::process::Child {
+    let body = serde_json::json!({
+        "queryType": "SQL", "query": sql,
+        "options": {"drill.exec.http.rest.errors.verbose": "true"}
+    });
+    spawn_post_json(&format!("{url}/query.json"), &body)
 }
 
 /// POST a query to Drill's REST API with curl (an independent client); the answer.
