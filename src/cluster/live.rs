@@ -159,17 +159,6 @@ pub fn hive_live_ddl(
     out
 }
 
-/// Drill: one `CREATE OR REPLACE VIEW` per stream in the `archive` plugin's
-/// `views` workspace, the live side read from `live_schema` (default: the
-/// Hive plugin [`HIVE_PLUGIN`] and `database`). Statements are separated by
-/// a blank line; Drill's REST API takes one at a time.
-pub fn drill_views(streams: &[StreamConfig], live_schema: &str) -> Vec<(String, String)> {
-    streams
-        .iter()
-        .map(|s| (s.name.clone(), drill_view_sql(&s.name, live_schema)))
-        .collect()
-}
-
 /// The `SELECT` of a stream's Drill view.
 pub fn drill_view_select(stream: &str, live_schema: &str) -> String {
     let t = table_name(stream);
@@ -214,13 +203,16 @@ pub fn default_live_schema(database: &str) -> String {
     format!("{HIVE_PLUGIN}.{database}")
 }
 
-/// The text `catalog drill --views` prints.
+/// The text `catalog drill --views` prints: one `CREATE OR REPLACE VIEW` per
+/// stream in the `archive` plugin's `views` workspace, the live side read
+/// from `live_schema`, statements separated by a blank line (Drill's REST API
+/// takes one at a time).
 pub fn drill_views_text(streams: &[StreamConfig], live_schema: &str) -> String {
     let mut out = String::from(
         "-- fluxcap catalog drill --views: run each statement on its own (Drill's web UI or REST API)\n\n",
     );
-    for (_, sql) in drill_views(streams, live_schema) {
-        out.push_str(&sql);
+    for s in streams {
+        out.push_str(&drill_view_sql(&s.name, live_schema));
         out.push_str(";\n\n");
     }
     out
@@ -245,26 +237,26 @@ pub fn drill_view_file(stream: &str, live_schema: &str) -> String {
     serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
 }
 
-/// Every `'key'='value'` property of the `TBLPROPERTIES (…)` clauses of `ddl`.
-pub fn tblproperties(ddl: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for part in ddl.split("TBLPROPERTIES (").skip(1) {
-        let body = part.split(");").next().unwrap_or_default();
-        for kv in body.split(", ") {
-            if let Some((k, v)) = kv.split_once('=') {
-                out.push((
-                    k.trim().trim_matches('\'').to_string(),
-                    v.trim().trim_matches('\'').to_string(),
-                ));
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every `'key'='value'` property of the `TBLPROPERTIES (…)` clauses of `ddl`.
+    fn tblproperties(ddl: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for part in ddl.split("TBLPROPERTIES (").skip(1) {
+            let body = part.split(");").next().unwrap_or_default();
+            for kv in body.split(", ") {
+                if let Some((k, v)) = kv.split_once('=') {
+                    out.push((
+                        k.trim().trim_matches('\'').to_string(),
+                        v.trim().trim_matches('\'').to_string(),
+                    ));
+                }
+            }
+        }
+        out
+    }
 
     fn stream(name: &str) -> StreamConfig {
         StreamConfig {
