@@ -61,6 +61,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::archive::footer::{key_values, merged_metadata, segments_of};
+use crate::archive::key_index::{self, FileKeys};
 use crate::archive::layout::{parse_data_file_name, parse_generation, staged_epoch};
 use crate::archive::store::Archive;
 use crate::archive::writer::ParquetSettings;
@@ -484,6 +485,8 @@ impl ShardCheckpoint {
         }
         let mut ready = Vec::new();
         let mut parts = Vec::new();
+        // The merged files' key summaries (see `key_index`).
+        let mut keys = Vec::new();
         for (hour, mut entries) in closed {
             entries.sort_by(|a, b| a.0.cmp(&b.0));
             // Consecutive runs of parts up to the target size.
@@ -503,7 +506,9 @@ impl ShardCheckpoint {
                 if chunk.len() == 1 {
                     ready.extend(chunk);
                 } else {
-                    ready.push(self.merge(hour, &chunk).await?);
+                    let (entry, k) = self.merge(hour, &chunk).await?;
+                    ready.push(entry);
+                    keys.extend(k);
                     parts.extend(chunk);
                 }
             }
@@ -524,12 +529,18 @@ impl ShardCheckpoint {
             let staged = stored_path(&self.archive, &p.staged)?;
             self.archive.delete_with_leftovers(&staged).await?;
         }
+        key_index::write_after_commit(&self.archive, &self.current.stream, keys).await;
         Ok(())
     }
 
     /// Merge the staged files `parts` (consecutive, of one hour) into one
-    /// staged file whose footer keeps each part's flush segments.
-    async fn merge(&self, hour: i64, parts: &[PublishEntry]) -> Result<PublishEntry> {
+    /// staged file whose footer keeps each part's flush segments; also
+    /// returns its keys for its key summary (when bloom filters are on).
+    async fn merge(
+        &self,
+        hour: i64,
+        parts: &[PublishEntry],
+    ) -> Result<(PublishEntry, Option<(Path, FileKeys)>)> {
         let mut batches = Vec::new();
         let mut segments = Vec::new();
         let mut first: Option<Position> = None;
@@ -572,10 +583,20 @@ impl ShardCheckpoint {
         let settings = self.policy.settings.clone();
         let metadata = merged_metadata(&segments, shard);
         let name = self.archive.describe(&path);
-        let bytes = tokio::task::spawn_blocking(move || settings.encode(&batches, metadata, &name))
-            .await
-            .map_err(|e| Error::Usage(format!("internal error: encoder task failed: {e}")))??;
-        stage(&self.archive, stream, self.epoch, &path, bytes.into()).await
+        let p = path.clone();
+        let (bytes, keys) = tokio::task::spawn_blocking(move || {
+            let keys = settings
+                .bloom_filters
+                .then(|| FileKeys::of_batches(&p, &batches).map(|k| (p, k)))
+                .flatten();
+            settings
+                .encode(&batches, metadata, &name)
+                .map(|b| (b, keys))
+        })
+        .await
+        .map_err(|e| Error::Usage(format!("internal error: encoder task failed: {e}")))??;
+        let entry = stage(&self.archive, stream, self.epoch, &path, bytes.into()).await?;
+        Ok((entry, keys))
     }
 
     /// Publish the committed files of the current generation and remove

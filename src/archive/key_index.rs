@@ -5,15 +5,20 @@
 //!
 //! ```text
 //! <root>/<stream>/_fluxcap/keys/dt=YYYY-MM-DD/<name of the flush's first file of the day>.json
+//! <root>/<stream>/_fluxcap/keys/dt=YYYY-MM-DD/merged-<ms>-<random>.json
 //!   {"version": 1,
 //!    "files": [{"name": "<data file name>", "rows": 5123,
 //!               "min": "<smallest key>", "max": "<largest key>",
 //!               "bloom": "<base64: a Parquet split-block bloom filter of the keys>"}, …]}
 //! ```
 //!
-//! One object per committed flush and day, written after the commit by the
-//! writer of the flush ([`write`]); it describes the flush's data files of
-//! that day by name.
+//! One object (a *piece*) per committed flush and day, written after the
+//! commit by the writer of the flush ([`write`]); it describes the flush's
+//! data files of that day by name. An hourly publication's merged files get
+//! a piece when they are published. Once a day has [`MERGE_AT`] pieces, a
+//! writer merges them into one `merged-….json` object of the same format
+//! ([`compact_day`]), so a day of one-minute flushes keeps a few objects
+//! rather than thousands.
 //!
 //! **Not part of the commit protocol, and always safe to use.** A data
 //! file's name determines its records (see `layout`), a published file never
@@ -21,17 +26,19 @@
 //! entry is true of the file of that name for good. Readers use summaries as
 //! hints only ([`KeyIndex`]): a file without an entry (written before
 //! summaries existed, by a process that stopped between its commit and the
-//! summary, or produced by an hourly merge) is opened as before, and a summary
-//! that cannot be read or has an unknown version is ignored. Nothing else
-//! reads or deletes these objects.
+//! summary) is opened as before, and a summary that cannot be read or has an
+//! unknown version is ignored. Only the merging deletes these objects, and
+//! only after their entries are stored in a merged one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{LazyLock, Mutex};
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::DataType;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
+use object_store::ObjectStoreExt;
 use object_store::path::Path;
 use parquet::bloom_filter::Sbbf;
 use serde::{Deserialize, Serialize};
@@ -51,8 +58,19 @@ const FPP: f64 = 0.01;
 const READ_CONCURRENCY: usize = 32;
 /// A day with more summaries than this is read without them: a day of many
 /// small flushes has about as many files as summaries, and reading the
-/// summaries would cost as many requests as it saves.
+/// summaries would cost as many requests as it saves. (The writers keep a
+/// day well below it by merging its pieces, [`compact_day`].)
 pub const MAX_SUMMARIES_PER_DAY: usize = 256;
+/// A day's pieces (one per flush) are merged into one object once there are this many.
+pub const MERGE_AT: usize = 32;
+/// A writer lists a day's summaries on its first piece of the day and then
+/// every this many pieces, to see whether they are due for merging.
+const CHECK_EVERY: usize = 8;
+/// Merged objects are merged again while the result stays about this small
+/// (a lookup reads whole objects; larger days keep several).
+const MERGED_TARGET: u64 = 8 << 20;
+/// Name prefix of merged objects (pieces are named after data files).
+pub const MERGED_PREFIX: &str = "merged-";
 
 /// One summary object.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -82,15 +100,26 @@ impl FileKeys {
     /// The keys of `batch`, the records of the data file at `path`; `None`
     /// when the batch has no rows or no `partition_key` column.
     pub fn of(path: &Path, batch: &RecordBatch) -> Option<FileKeys> {
+        FileKeys::of_batches(path, std::slice::from_ref(batch))
+    }
+
+    /// The keys of `batches`, all the records of the data file at `path`
+    /// (an hourly merge's file); `None` when they have no rows or a batch
+    /// has no `partition_key` column.
+    pub fn of_batches(path: &Path, batches: &[RecordBatch]) -> Option<FileKeys> {
         let name = path.filename()?.to_string();
-        let column = batch.column_by_name(col::PARTITION_KEY)?;
-        let keys: Vec<&str> = match column.data_type() {
-            DataType::Utf8 => column.as_string::<i32>().iter().flatten().collect(),
-            DataType::LargeUtf8 => column.as_string::<i64>().iter().flatten().collect(),
-            DataType::Utf8View => column.as_string_view().iter().flatten().collect(),
-            _ => return None,
-        };
-        let distinct: HashSet<&str> = keys.iter().copied().collect();
+        let mut distinct: HashSet<&str> = HashSet::new();
+        let mut rows = 0u64;
+        for batch in batches {
+            let column = batch.column_by_name(col::PARTITION_KEY)?;
+            match column.data_type() {
+                DataType::Utf8 => distinct.extend(column.as_string::<i32>().iter().flatten()),
+                DataType::LargeUtf8 => distinct.extend(column.as_string::<i64>().iter().flatten()),
+                DataType::Utf8View => distinct.extend(column.as_string_view().iter().flatten()),
+                _ => return None,
+            }
+            rows += column.len() as u64;
+        }
         let (min, max) = (distinct.iter().min()?, distinct.iter().max()?);
         let mut bloom = Sbbf::new_with_ndv_fpp(distinct.len() as u64, FPP).ok()?;
         for k in &distinct {
@@ -100,7 +129,7 @@ impl FileKeys {
         bloom.write(&mut bytes).ok()?;
         Some(FileKeys {
             name,
-            rows: column.len() as u64,
+            rows,
             min: min.to_string(),
             max: max.to_string(),
             bloom: BASE64.encode(bytes),
@@ -157,13 +186,168 @@ pub async fn write(archive: &Archive, stream: &str, files: Vec<(Path, FileKeys)>
 
 /// [`write`] for the writer of a flush that must not fail because of its
 /// summaries: an error is logged and otherwise ignored (the flush's files
-/// are then opened by lookups, as if they had no summary).
+/// are then opened by lookups, as if they had no summary). Then merges the
+/// pieces of the flush's days when they have become many ([`compact_day`]).
 pub async fn write_after_commit(archive: &Archive, stream: &str, files: Vec<(Path, FileKeys)>) {
     if files.is_empty() {
         return;
     }
+    let days: BTreeSet<String> = files.iter().filter_map(|(p, _)| day_of(p)).collect();
     if let Err(e) = write(archive, stream, files).await {
         tracing::warn!(%stream, "key summary not written (lookups open these files): {e}");
+        return;
+    }
+    for dt in days {
+        if !compaction_due(archive, stream, &dt) {
+            continue;
+        }
+        if let Err(e) = compact_day(archive, stream, &dt).await {
+            tracing::warn!(%stream, %dt, "key summaries not merged (lookups read more of them): {e}");
+        }
+    }
+}
+
+/// Whether this process should look at a day's pieces now: on its first
+/// summary of the day, then after every [`CHECK_EVERY`] more (a `LIST` of
+/// the day each time, not one per flush).
+fn compaction_due(archive: &Archive, stream: &str, dt: &str) -> bool {
+    static WRITES: LazyLock<Mutex<HashMap<String, usize>>> = LazyLock::new(Default::default);
+    let key = day_dir(archive, stream, dt).to_string();
+    let mut writes = WRITES.lock().unwrap_or_else(|e| e.into_inner());
+    let n = writes.entry(key).or_insert(0);
+    let due = n.is_multiple_of(CHECK_EVERY);
+    *n += 1;
+    due
+}
+
+/// Merge the pieces of one day's summaries into one object once there are
+/// [`MERGE_AT`] or more, so that a day of many small flushes keeps a few
+/// objects for lookups to read instead of one per flush:
+///
+/// ```text
+///   list dt=…/                   pieces p1…pn (n ≥ MERGE_AT), merged m1…mk
+///   read p1…pn + the smallest mi while the sum stays ≤ MERGED_TARGET
+///   PUT  dt=…/merged-<ms>-<rand>.json   (the union of their entries)
+///   DELETE the inputs read
+/// ```
+///
+/// Safe at every step, like the summaries themselves: an entry describes
+/// its data file for good, readers take the union of whatever they find, and
+/// only objects whose entries are in the new merged object are deleted. A
+/// crash between the PUT and the deletes leaves entries twice; a reader that
+/// lists a piece deleted before it reads it opens that piece's files. Two
+/// compactions of one day at once (two processes) each write a merged
+/// object holding the same entries.
+pub async fn compact_day(archive: &Archive, stream: &str, dt: &str) -> Result<usize> {
+    static RUNNING: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
+    let dir = day_dir(archive, stream, dt);
+    let key = dir.to_string();
+    if !RUNNING
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key.clone())
+    {
+        return Ok(0);
+    }
+    let result = compact(archive, &dir).await;
+    RUNNING
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&key);
+    result
+}
+
+async fn compact(archive: &Archive, dir: &Path) -> Result<usize> {
+    let objects = archive.list(dir).await?;
+    let (mut merged, pieces): (Vec<_>, Vec<_>) = objects
+        .into_iter()
+        .filter(|o| o.location.extension() == Some("json"))
+        .partition(|o| {
+            o.location
+                .filename()
+                .is_some_and(|n| n.starts_with(MERGED_PREFIX))
+        });
+    if pieces.len() < MERGE_AT {
+        return Ok(0);
+    }
+    let mut total: u64 = pieces.iter().map(|o| o.size).sum();
+    let mut inputs: Vec<Path> = pieces.into_iter().map(|o| o.location).collect();
+    merged.sort_by_key(|o| o.size);
+    for m in merged {
+        if total + m.size > MERGED_TARGET {
+            break;
+        }
+        total += m.size;
+        inputs.push(m.location);
+    }
+    let read: Vec<(Path, Option<KeySummary>)> = futures::stream::iter(inputs)
+        .map(|p| async move {
+            let s = read_summary(archive, &p).await;
+            (p, s)
+        })
+        .buffer_unordered(READ_CONCURRENCY)
+        .collect()
+        .await;
+    let mut files: BTreeMap<String, FileKeys> = BTreeMap::new();
+    let mut done = Vec::new();
+    for (p, s) in read {
+        // An unreadable piece stays (a reader ignores it as well).
+        let Some(s) = s else { continue };
+        for f in s.files {
+            files.insert(f.name.clone(), f);
+        }
+        done.push(p);
+    }
+    if done.len() < 2 {
+        return Ok(0);
+    }
+    let name = format!(
+        "{MERGED_PREFIX}{}-{:08x}.json",
+        chrono::Utc::now().timestamp_millis(),
+        rand::random::<u32>()
+    );
+    let body = serde_json::to_vec(&KeySummary {
+        version: KEY_INDEX_VERSION,
+        files: files.into_values().collect(),
+    })
+    .map_err(|e| Error::Usage(format!("internal error: key summary: {e}")))?;
+    archive
+        .put_bytes(&dir.clone().join(name), body.into())
+        .await?;
+    let n = done.len();
+    for p in done {
+        if let Err(e) = archive.store.delete(&p).await {
+            tracing::debug!(
+                "merged key summary not deleted: {}: {e}",
+                archive.describe(&p)
+            );
+        }
+    }
+    tracing::debug!(
+        objects = n,
+        "key summaries merged: {}",
+        archive.describe(dir)
+    );
+    Ok(n)
+}
+
+/// One summary object, or `None` (logged) when it cannot be read, parsed,
+/// or has another version.
+async fn read_summary(archive: &Archive, p: &Path) -> Option<KeySummary> {
+    let parsed = archive.get_bytes(p).await.and_then(|b| {
+        serde_json::from_slice::<KeySummary>(&b)
+            .map_err(|e| Error::Usage(format!("{}: {e}", archive.describe(p))))
+    });
+    match parsed {
+        Ok(s) if s.version == KEY_INDEX_VERSION => Some(s),
+        Ok(s) => {
+            tracing::debug!("key summary {p}: unknown version {}", s.version);
+            None
+        }
+        Err(e) => {
+            tracing::debug!("key summary not used: {e}");
+            None
+        }
     }
 }
 
@@ -238,27 +422,10 @@ impl KeyIndex {
             wanted.extend(objects);
         }
         let read: Vec<Option<KeySummary>> = futures::stream::iter(wanted)
-            .map(|p| async move {
-                let parsed = archive.get_bytes(&p).await.and_then(|b| {
-                    serde_json::from_slice::<KeySummary>(&b)
-                        .map_err(|e| Error::Usage(format!("{}: {e}", archive.describe(&p))))
-                });
-                match parsed {
-                    Ok(s) if s.version == KEY_INDEX_VERSION => Ok::<_, Error>(Some(s)),
-                    Ok(s) => {
-                        tracing::debug!("key summary {p}: unknown version {}", s.version);
-                        Ok(None)
-                    }
-                    Err(e) => {
-                        tracing::debug!("key summary not used: {e}");
-                        Ok(None)
-                    }
-                }
-            })
+            .map(|p| async move { read_summary(archive, &p).await })
             .buffer_unordered(READ_CONCURRENCY)
-            .try_collect()
-            .await
-            .unwrap_or_default();
+            .collect()
+            .await;
         let mut index = KeyIndex::default();
         for s in read.into_iter().flatten() {
             index.objects += 1;

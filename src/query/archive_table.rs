@@ -45,7 +45,7 @@ use crate::error::Error;
 use crate::query::bounds::{HOUR_MS, ShardRange, TimeRange, partition_keys};
 use crate::query::df_err;
 use crate::query::snapshot::Snapshot;
-use crate::query::tail_reader::TailReaderFactory;
+use crate::query::tail_reader::{TailReaderFactory, WholeFiles};
 use crate::record::{self, col};
 
 /// Widest bounded range (in hours) listed hour by hour instead of by day.
@@ -305,10 +305,14 @@ impl ArchiveTable {
         };
         let (files, index) = futures::join!(self.select_files(state, filters, snapshot), summaries);
         let (mut files, index) = (files?, index?);
-        // Files a key summary keeps (their data is most likely needed).
-        let mut likely = HashSet::new();
+        // Files whose data is most likely needed (see `tail_reader`).
+        let mut whole = WholeFiles::None;
         if let (Some(keys), Some(index)) = (&keys, &index) {
+            let likely;
             (files, likely) = prune_by_keys(files, keys, index);
+            whole = WholeFiles::These(likely);
+        } else if keys.is_none() && reads_record_columns(projection, filters) {
+            whole = WholeFiles::All;
         }
         if files.is_empty() {
             let schema = match projection {
@@ -348,7 +352,7 @@ impl ArchiveTable {
         let source = ParquetSource::new(table_schema)
             .with_table_parquet_options(options)
             .with_parquet_file_reader_factory(Arc::new(TailReaderFactory::new(
-                store, order, likely,
+                store, order, whole,
             )));
         let config = FileScanConfigBuilder::new(self.store_url.clone(), Arc::new(source))
             .with_file_groups(groups)
@@ -407,6 +411,25 @@ impl ArchiveTable {
             .collect();
         Ok(KeyIndex::load(&self.archive, &self.stream, days).await)
     }
+}
+
+/// Whether a scan most likely decodes the data of every file it opens: it
+/// reads a record column, and its filters are only on columns that decide
+/// the files by their names (`dt`, `hr`, the arrival time's hour, the
+/// shard) or that statistics cannot answer (the payload, e.g. through JSON
+/// functions). A filter on `partition_key` or the sequence numbers may let
+/// statistics or bloom filters rule a file out unread. (A time range within
+/// an hour may still rule out some files by their statistics; reading those
+/// whole costs bytes, not round trips.)
+fn reads_record_columns(projection: Option<&Vec<usize>>, filters: &[Expr]) -> bool {
+    let file_columns = record::query_file_schema().fields().len();
+    let reads = projection.is_none_or(|p| p.iter().any(|&i| i < file_columns));
+    let partition_decides = filters.iter().all(|f| {
+        f.column_refs().iter().all(|c| {
+            [col::DT, col::HR, col::ARRIVAL, col::SHARD_ID, col::DATA].contains(&c.name.as_str())
+        })
+    });
+    reads && partition_decides
 }
 
 /// Leave out the files whose key summaries rule out every one of `keys`

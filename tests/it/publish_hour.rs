@@ -2,29 +2,18 @@
 //! are published as one file (or files of `archive.publish_target_size`);
 //! until then they stay staged, and `fluxcap sql` and `verify` see them.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
 
 use fluxcap::archive::checkpoint::PublishPolicy;
 use fluxcap::archive::ingest::write_flush_with;
-use fluxcap::archive::layout::{Layout, parse_data_file_name};
-use fluxcap::archive::store::Archive;
+use fluxcap::archive::key_index::KeyIndex;
+use fluxcap::archive::layout::parse_data_file_name;
 use fluxcap::archive::writer::ParquetSettings;
-use fluxcap::config::ArchiveLocation;
 use fluxcap::record::Record;
 
 use crate::harness::*;
 
 const HOUR: i64 = 3_600_000;
-
-fn local_archive(dir: &std::path::Path) -> Archive {
-    std::fs::create_dir_all(dir).unwrap();
-    Archive {
-        store: Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir).unwrap()),
-        location: ArchiveLocation::Local(dir.to_path_buf()),
-        layout: Layout::new(""),
-    }
-}
 
 /// `n` records of `shard` from sequence `from`, arriving in `hour`, with
 /// incompressible 2 KB payloads.
@@ -48,6 +37,16 @@ fn records(shard: &str, from: usize, n: usize, hour: i64) -> Vec<Record> {
 /// Published data files (relative path → record count from the name), by hour folder.
 fn published(table: &std::path::Path) -> BTreeMap<String, Vec<usize>> {
     let mut out: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (hour, name) in published_names(table) {
+        let parsed = parse_data_file_name(&name).unwrap_or_else(|| panic!("{name}"));
+        out.entry(hour).or_default().push(parsed.count);
+    }
+    out
+}
+
+/// Published data files: (`dt=…/hr=…`, file name).
+fn published_names(table: &std::path::Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
     for day in std::fs::read_dir(table).unwrap().flatten() {
         let d = day.file_name().to_string_lossy().to_string();
         if !d.starts_with("dt=") {
@@ -57,10 +56,7 @@ fn published(table: &std::path::Path) -> BTreeMap<String, Vec<usize>> {
             let h = hour.file_name().to_string_lossy().to_string();
             for f in std::fs::read_dir(hour.path()).unwrap().flatten() {
                 let name = f.file_name().to_string_lossy().to_string();
-                let parsed = parse_data_file_name(&name).unwrap_or_else(|| panic!("{name}"));
-                out.entry(format!("{d}/{h}"))
-                    .or_default()
-                    .push(parsed.count);
+                out.push((format!("{d}/{h}"), name));
             }
         }
     }
@@ -175,6 +171,22 @@ fn closed_hours_are_published_merged_and_open_ones_stay_staged() {
         text.contains("no gaps, no duplicates") && !text.contains("not published"),
         "{text}"
     );
+
+    // Every published file, the merged ones too, has a key summary that a
+    // lookup by key can use (see `archive::key_index`).
+    let names = published_names(&table);
+    let days: BTreeSet<String> = names.iter().map(|(h, _)| h[3..13].to_string()).collect();
+    let index = rt.block_on(KeyIndex::load(
+        &archive,
+        "hourly",
+        days.into_iter().collect(),
+    ));
+    let key = |k: &str| BTreeSet::from([k.to_string()]);
+    for (_, name) in &names {
+        assert!(index.has(name), "no key summary of {name}");
+        assert!(index.may_hold_any(name, &key("k3")), "{name}");
+        assert!(!index.may_hold_any(name, &key("zz")), "{name}");
+    }
 }
 
 #[test]

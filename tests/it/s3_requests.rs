@@ -341,3 +341,231 @@ fn a_key_lookup_over_days_opens_only_the_files_the_key_summaries_allow() {
     assert_eq!(got, want("'k5needle'"));
     assert_eq!(data_gets(&proxy).len(), files);
 }
+
+/// Records of one shard over `hours` hours, `PER_HOUR` per hour, with
+/// `payload` hex characters of noise each (about half of it after zstd).
+fn sized_records(shard: usize, hours: usize, payload: usize) -> Vec<Record> {
+    (0..hours * PER_HOUR)
+        .map(|i| {
+            let hour = i / PER_HOUR;
+            let noise: String = (0..payload)
+                .map(|_| char::from(b"0123456789abcdef"[usize::from(rand::random::<u8>() % 16)]))
+                .collect();
+            Record {
+                shard_id: format!("shardId-{shard:012}").into(),
+                sequence_number: format!("4960{:052}", i + 1).into(),
+                subsequence_number: 0,
+                partition_key: format!("k{}", (i * 7 + shard) % 23),
+                explicit_hash_key: None,
+                arrival_ms: T0 + hour as i64 * HOUR + (i % PER_HOUR) as i64 * 1000,
+                data: format!("{{\"i\":{i},\"noise\":\"{noise}\"}}")
+                    .into_bytes()
+                    .into(),
+            }
+        })
+        .collect()
+}
+
+/// A query over one hour by arrival time, which decodes every file of the
+/// hour, opens each with one request: files of ~100–200 KB (more than the
+/// 64 KiB tail, less than the 512 KiB read whole) are read whole by their
+/// first read instead of tail first and data second. A `count(*)` per hour
+/// (no record column) still reads only tails.
+#[test]
+fn an_hour_by_arrival_time_reads_each_small_file_with_one_request() {
+    let s3 = s3();
+    let bucket = unique("hour");
+    create_bucket(&s3, &bucket);
+    let stream = unique("hour");
+    let rt = rt();
+    let direct = s3_archive(&s3.endpoint(), &bucket, PREFIX);
+    let settings = ParquetSettings::default();
+    let hours = 4;
+    let mut all = Vec::new();
+    rt.block_on(async {
+        for s in 0..SHARDS {
+            let recs = sized_records(s, hours, 8_000);
+            write_flush(
+                &direct,
+                &settings,
+                &stream,
+                &format!("shardId-{s:012}"),
+                &recs,
+            )
+            .await
+            .unwrap();
+            all.extend(recs);
+        }
+    });
+    let proxy = rt.block_on(Proxy::start(s3.port));
+    let ws = Workspace::new(
+        "http://127.0.0.1:9",
+        Some(&format!("s3://{bucket}/{PREFIX}")),
+        Some(&proxy.endpoint()),
+        "",
+        &[(&stream, "json")],
+    );
+    let table = format!("archive.{}", q(&stream));
+    // Hour 2 of the first day, by arrival time.
+    let (from, to) = (T0 + 2 * HOUR, T0 + 3 * HOUR);
+    let got = ws.sql(&format!(
+        "SELECT count(*) AS n, count(DISTINCT partition_key) AS keys FROM {table} \
+         WHERE approximate_arrival_timestamp >= to_timestamp_millis({from}) \
+         AND approximate_arrival_timestamp < to_timestamp_millis({to})"
+    ));
+    let in_hour: Vec<&Record> = all
+        .iter()
+        .filter(|r| (from..to).contains(&r.arrival_ms))
+        .collect();
+    let keys: std::collections::BTreeSet<&str> =
+        in_hour.iter().map(|r| r.partition_key.as_str()).collect();
+    assert_eq!(
+        got,
+        vec![serde_json::json!({"n": in_hour.len(), "keys": keys.len()})]
+    );
+    let sizes = rt.block_on(direct.list(&direct.layout.stream_dir(&stream)));
+    let sizes: Vec<u64> = sizes
+        .unwrap()
+        .iter()
+        .filter(|o| o.location.as_ref().contains("hr=02"))
+        .map(|o| o.size)
+        .collect();
+    assert!(
+        sizes.len() == SHARDS && sizes.iter().all(|&s| s > 64 * 1024 && s < 512 * 1024),
+        "files of the hour between the tail and the whole-file sizes: {sizes:?}"
+    );
+    let per_file = data_gets(&proxy);
+    assert_eq!(per_file.len(), SHARDS, "{per_file:?}");
+    assert!(
+        per_file.values().all(|&n| n == 1),
+        "one GET per opened file: {per_file:?}"
+    );
+
+    // Count per hour over the day: tails only (the data is not needed).
+    proxy.clear_requests();
+    let got = ws.sql(&format!(
+        "SELECT hr, count(*) AS n FROM {table} GROUP BY hr ORDER BY hr"
+    ));
+    assert_eq!(got.len(), hours, "{got:?}");
+    let per_file = data_gets(&proxy);
+    assert_eq!(per_file.len(), SHARDS * hours, "{per_file:?}");
+    assert!(per_file.values().all(|&n| n == 1), "{per_file:?}");
+    let tails: u64 = proxy
+        .requests()
+        .iter()
+        .filter(|r| r.line.starts_with("GET ") && r.line.contains(".parquet"))
+        .map(|r| r.response_bytes as u64)
+        .sum();
+    assert!(
+        tails <= (SHARDS * hours) as u64 * 64 * 1024 + 64 * 1024,
+        "{tails} bytes for the tails of {} files",
+        SHARDS * hours
+    );
+}
+
+/// Many small flushes of one day: the writer merges the day's summary
+/// pieces into one object once there are 32, so a lookup reads a few
+/// objects instead of one per flush, and still opens only the files that
+/// may hold the key (the merged object describes every file it replaced).
+#[test]
+fn many_flushes_of_a_day_leave_few_key_summaries() {
+    let s3 = s3();
+    let bucket = unique("merge");
+    create_bucket(&s3, &bucket);
+    let stream = unique("merge");
+    let rt = rt();
+    let direct = s3_archive(&s3.endpoint(), &bucket, PREFIX);
+    let local = tempfile::tempdir().unwrap();
+    let copy = local_archive(local.path());
+    let settings = ParquetSettings::default();
+    let shard = "shardId-000000000000";
+    let flushes = 40;
+    // 40 flushes of 20 records each, all on one day (hours 0–19, two per hour).
+    let recs: Vec<Record> = (0..flushes * 20)
+        .map(|i| Record {
+            shard_id: shard.into(),
+            sequence_number: format!("4960{:052}", i + 1).into(),
+            subsequence_number: 0,
+            partition_key: if i == 333 {
+                "needle".to_string()
+            } else {
+                format!("k{}", i % 97)
+            },
+            explicit_hash_key: None,
+            arrival_ms: T0 + (i / 40) as i64 * HOUR + (i % 40) as i64 * 1000,
+            data: format!("{{\"i\":{i}}}").into_bytes().into(),
+        })
+        .collect();
+    rt.block_on(async {
+        for part in recs.chunks(20) {
+            write_flush(&direct, &settings, &stream, shard, part)
+                .await
+                .unwrap();
+            write_flush(&copy, &settings, &stream, shard, part)
+                .await
+                .unwrap();
+        }
+    });
+    let day = direct
+        .layout
+        .stream_dir(&stream)
+        .join("_fluxcap")
+        .join(KEYS_DIR)
+        .join("dt=2026-11-20");
+    let objects = rt.block_on(direct.list(&day)).unwrap();
+    let names: Vec<String> = objects
+        .iter()
+        .filter_map(|o| o.location.filename().map(str::to_string))
+        .collect();
+    let merged = names.iter().filter(|n| n.starts_with("merged-")).count();
+    assert_eq!(merged, 1, "{names:?}");
+    assert!(names.len() <= 1 + 8, "{} objects: {names:?}", names.len());
+    // Every data file is described, by the merged object or a piece.
+    let described: std::collections::BTreeSet<String> = objects
+        .iter()
+        .flat_map(|o| {
+            let body = rt.block_on(direct.get_bytes(&o.location)).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            v["files"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["name"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let data: std::collections::BTreeSet<String> = rt
+        .block_on(direct.list(&direct.layout.stream_dir(&stream)))
+        .unwrap()
+        .iter()
+        .filter(|o| !o.location.as_ref().contains("_fluxcap"))
+        .filter_map(|o| o.location.filename().map(str::to_string))
+        .collect();
+    assert_eq!(data.len(), flushes);
+    assert_eq!(described, data);
+
+    let proxy = rt.block_on(Proxy::start(s3.port));
+    let ws = Workspace::new(
+        "http://127.0.0.1:9",
+        Some(&format!("s3://{bucket}/{PREFIX}")),
+        Some(&proxy.endpoint()),
+        "",
+        &[(&stream, "json")],
+    );
+    let sql = |t: &str| {
+        format!(
+            "SELECT sequence_number, partition_key FROM {t} \
+             WHERE partition_key = 'needle' ORDER BY sequence_number"
+        )
+    };
+    let got = ws.sql(&sql(&format!("archive.{}", q(&stream))));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got, duckdb(&local.path().join(&stream), &sql("t")));
+    assert_eq!(summary_gets(&proxy), names.len());
+    let opened = data_gets(&proxy);
+    assert!(
+        opened.len() <= 3,
+        "opened {} of {flushes} files",
+        opened.len()
+    );
+}
