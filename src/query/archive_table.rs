@@ -45,7 +45,7 @@ use crate::error::Error;
 use crate::query::bounds::{HOUR_MS, ShardRange, TimeRange, partition_keys};
 use crate::query::df_err;
 use crate::query::snapshot::Snapshot;
-use crate::query::tail_reader::{TailReaderFactory, WholeFiles};
+use crate::query::tail_reader::{TailCache, TailReaderFactory, WholeFiles};
 use crate::record::{self, col};
 
 /// Widest bounded range (in hours) listed hour by hour instead of by day.
@@ -60,6 +60,11 @@ pub struct ArchiveTable {
     stream: String,
     /// The URL the archive's store is registered under in the session.
     store_url: ObjectStoreUrl,
+    /// File tails (footers, page indexes, bloom filters; small files
+    /// whole) read on a remote store, kept across the queries of a
+    /// long-lived session (`serve`, the prompt) within a fixed budget. A
+    /// file's name fixes its contents, so an entry never goes stale.
+    tails: Arc<TailCache>,
 }
 
 /// One data file selected for a scan.
@@ -81,6 +86,7 @@ impl ArchiveTable {
             archive,
             stream: stream.to_string(),
             store_url,
+            tails: Arc::new(TailCache::default()),
         }
     }
 
@@ -352,7 +358,10 @@ impl ArchiveTable {
         let source = ParquetSource::new(table_schema)
             .with_table_parquet_options(options)
             .with_parquet_file_reader_factory(Arc::new(TailReaderFactory::new(
-                store, order, whole,
+                store,
+                order,
+                whole,
+                Arc::clone(&self.tails),
             )));
         let config = FileScanConfigBuilder::new(self.store_url.clone(), Arc::new(source))
             .with_file_groups(groups)

@@ -65,8 +65,8 @@ pub const TAIL_HINT: u64 = 64 * 1024;
 pub const WHOLE_FILE_BELOW: u64 = 512 * 1024;
 /// Files of a partition whose tails are read ahead of the one being opened.
 pub const READ_AHEAD: usize = 4;
-/// Bytes of tails one scan keeps (oldest dropped first; a dropped tail only
-/// costs a read again).
+/// Bytes of tails a table keeps across its scans (oldest dropped first; a
+/// dropped tail only costs a read again).
 const CACHE_BUDGET: usize = 64 << 20;
 
 /// The bytes `start..` to the end of a file.
@@ -116,7 +116,8 @@ struct Tails {
     bytes: usize,
 }
 
-/// The tails of the files of one scan, each read once.
+/// The tails of the files of a table's scans, each read once while it is
+/// kept: [`CACHE_BUDGET`] bytes, the oldest dropped first.
 #[derive(Default)]
 pub struct TailCache {
     inner: Mutex<Tails>,
@@ -148,7 +149,15 @@ impl TailCache {
     ) -> TailFuture {
         let mut t = self.lock();
         if let Some(f) = t.map.get(location) {
-            return f.clone();
+            // A file's name fixes its contents; a different size means
+            // another object now (never for archive files): read it again.
+            let other = f
+                .peek()
+                .and_then(|r| r.as_ref().ok())
+                .is_some_and(|tail| tail.start + tail.bytes.len() as u64 != size);
+            if !other {
+                return f.clone();
+            }
         }
         let cache = Arc::clone(self);
         let store = Arc::clone(store);
@@ -309,11 +318,13 @@ pub struct TailReaderFactory {
 
 impl TailReaderFactory {
     /// A factory for a scan of `groups` (each partition's files, in order)
-    /// on `store`; the data of the files in `whole` is most likely needed.
+    /// on `store`; the data of the files in `whole` is most likely needed;
+    /// tails are kept in `tails` (shared with the table's other scans).
     pub fn new(
         store: Arc<dyn ObjectStore>,
         groups: Vec<Vec<(Path, u64)>>,
         whole: WholeFiles,
+        tails: Arc<TailCache>,
     ) -> Self {
         let mut place = HashMap::new();
         for (g, files) in groups.iter().enumerate() {
@@ -323,7 +334,7 @@ impl TailReaderFactory {
         }
         TailReaderFactory {
             store,
-            tails: Arc::new(TailCache::default()),
+            tails,
             groups,
             place,
             whole,

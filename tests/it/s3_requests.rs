@@ -461,6 +461,39 @@ fn an_hour_by_arrival_time_reads_each_small_file_with_one_request() {
         "{tails} bytes for the tails of {} files",
         SHARDS * hours
     );
+
+    // A long-lived process (`fluxcap serve`) keeps what it read: the same
+    // query again lists the hour but reads no data file.
+    let token = crate::server::token();
+    let server = crate::server::serve(&ws, &token);
+    let body = serde_json::json!({"sql": format!(
+        "SELECT count(*) AS n, count(DISTINCT partition_key) AS keys FROM {table} \
+         WHERE approximate_arrival_timestamp >= to_timestamp_millis({from}) \
+         AND approximate_arrival_timestamp < to_timestamp_millis({to})"
+    )})
+    .to_string();
+    let ask = || {
+        let a = crate::server::http(
+            server.port,
+            "POST",
+            "/api/sql",
+            Some(&token),
+            body.as_bytes(),
+        );
+        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+        a.json()["rows"].clone()
+    };
+    proxy.clear_requests();
+    let first = ask();
+    assert_eq!(data_gets(&proxy).len(), SHARDS);
+    proxy.clear_requests();
+    assert_eq!(ask(), first);
+    assert_eq!(
+        data_gets(&proxy),
+        BTreeMap::new(),
+        "the second query reads no data file"
+    );
+    assert_eq!(first, serde_json::json!([[in_hour.len(), keys.len()]]));
 }
 
 /// Many small flushes of one day: the writer merges the day's summary
