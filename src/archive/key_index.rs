@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! <root>/<stream>/_fluxcap/keys/dt=YYYY-MM-DD/<name of the flush's first file of the day>.json
-//! <root>/<stream>/_fluxcap/keys/dt=YYYY-MM-DD/merged-<ms>-<random>.json
+//! <root>/<stream>/_fluxcap/keys/dt=YYYY-MM-DD/merged-<level>-<ms>-<random>.json
 //!   {"version": 1,
 //!    "files": [{"name": "<data file name>", "rows": 5123,
 //!               "min": "<smallest key>", "max": "<largest key>",
@@ -15,10 +15,11 @@
 //! One object (a *piece*) per committed flush and day, written after the
 //! commit by the writer of the flush ([`write`]); it describes the flush's
 //! data files of that day by name. An hourly publication's merged files get
-//! a piece when they are published. Once a day has [`MERGE_AT`] pieces, a
-//! writer merges them into one `merged-….json` object of the same format
-//! ([`compact_day`]), so a day of one-minute flushes keeps a few objects
-//! rather than thousands.
+//! a piece when they are published. Once a day has [`FANOUT`] pieces, a
+//! writer merges them into one `merged-1-….json` object of the same format,
+//! and [`FANOUT`] of those into one `merged-2-…` ([`compact_day`]), so a day
+//! of one-minute flushes keeps a few objects rather than thousands, and each
+//! entry is rewritten only once per level.
 //!
 //! **Not part of the commit protocol, and always safe to use.** A data
 //! file's name determines its records (see `layout`), a published file never
@@ -61,14 +62,14 @@ const READ_CONCURRENCY: usize = 32;
 /// summaries would cost as many requests as it saves. (The writers keep a
 /// day well below it by merging its pieces, [`compact_day`].)
 pub const MAX_SUMMARIES_PER_DAY: usize = 256;
-/// A day's pieces (one per flush) are merged into one object once there are this many.
-pub const MERGE_AT: usize = 32;
-/// A writer lists a day's summaries on its first piece of the day and then
-/// every this many pieces, to see whether they are due for merging.
-const CHECK_EVERY: usize = 8;
-/// Merged objects are merged again while the result stays about this small
-/// (a lookup reads whole objects; larger days keep several).
-const MERGED_TARGET: u64 = 8 << 20;
+/// A day's objects of one level (pieces: level 0) are merged into one
+/// object of the next level once there are this many. A writer also lists
+/// a day's summaries on its first piece of the day and then every this many
+/// pieces, to see whether they are due.
+pub const FANOUT: usize = 8;
+/// Objects are not merged into one larger than this (a lookup reads whole
+/// objects; a day with more keep several).
+const MERGED_MAX: u64 = 32 << 20;
 /// Name prefix of merged objects (pieces are named after data files).
 pub const MERGED_PREFIX: &str = "merged-";
 
@@ -208,27 +209,30 @@ pub async fn write_after_commit(archive: &Archive, stream: &str, files: Vec<(Pat
 }
 
 /// Whether this process should look at a day's pieces now: on its first
-/// summary of the day, then after every [`CHECK_EVERY`] more (a `LIST` of
-/// the day each time, not one per flush).
+/// summary of the day, then after every [`FANOUT`] more (a `LIST` of the
+/// day each time, not one per flush).
 fn compaction_due(archive: &Archive, stream: &str, dt: &str) -> bool {
     static WRITES: LazyLock<Mutex<HashMap<String, usize>>> = LazyLock::new(Default::default);
     let key = day_dir(archive, stream, dt).to_string();
     let mut writes = WRITES.lock().unwrap_or_else(|e| e.into_inner());
     let n = writes.entry(key).or_insert(0);
-    let due = n.is_multiple_of(CHECK_EVERY);
+    let due = n.is_multiple_of(FANOUT);
     *n += 1;
     due
 }
 
-/// Merge the pieces of one day's summaries into one object once there are
-/// [`MERGE_AT`] or more, so that a day of many small flushes keeps a few
-/// objects for lookups to read instead of one per flush:
+/// Merge one day's summaries level by level: [`FANOUT`] pieces (level 0)
+/// into one object of level 1, [`FANOUT`] of those into one of level 2, and
+/// so on, so that a day of many small flushes keeps a few objects for
+/// lookups to read instead of one per flush, and each entry is rewritten
+/// once per level (not on every merge):
 ///
 /// ```text
-///   list dt=…/                   pieces p1…pn (n ≥ MERGE_AT), merged m1…mk
-///   read p1…pn + the smallest mi while the sum stays ≤ MERGED_TARGET
-///   PUT  dt=…/merged-<ms>-<rand>.json   (the union of their entries)
-///   DELETE the inputs read
+///   list dt=…/                        objects by level (pieces: 0)
+///   for each level L with ≥ FANOUT objects (and ≤ MERGED_MAX bytes in all):
+///     read them
+///     PUT  dt=…/merged-<L+1>-<ms>-<rand>.json   (the union of their entries)
+///     DELETE the objects read
 /// ```
 ///
 /// Safe at every step, like the summaries themselves: an entry describes
@@ -237,7 +241,7 @@ fn compaction_due(archive: &Archive, stream: &str, dt: &str) -> bool {
 /// crash between the PUT and the deletes leaves entries twice; a reader that
 /// lists a piece deleted before it reads it opens that piece's files. Two
 /// compactions of one day at once (two processes) each write a merged
-/// object holding the same entries.
+/// object holding the same entries. Returns the objects merged.
 pub async fn compact_day(archive: &Archive, stream: &str, dt: &str) -> Result<usize> {
     static RUNNING: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
     let dir = day_dir(archive, stream, dt);
@@ -257,33 +261,59 @@ pub async fn compact_day(archive: &Archive, stream: &str, dt: &str) -> Result<us
     result
 }
 
+/// The level of a summary object by its name: 0 for a piece, `L` for
+/// `merged-L-…` (1 for any other merged name).
+fn level_of(name: &str) -> usize {
+    match name.strip_prefix(MERGED_PREFIX) {
+        None => 0,
+        Some(rest) => rest
+            .split('-')
+            .next()
+            .and_then(|l| l.parse().ok())
+            .filter(|&l| l > 0)
+            .unwrap_or(1),
+    }
+}
+
 async fn compact(archive: &Archive, dir: &Path) -> Result<usize> {
-    let objects = archive.list(dir).await?;
-    let (mut merged, pieces): (Vec<_>, Vec<_>) = objects
-        .into_iter()
-        .filter(|o| o.location.extension() == Some("json"))
-        .partition(|o| {
-            o.location
-                .filename()
-                .is_some_and(|n| n.starts_with(MERGED_PREFIX))
-        });
-    if pieces.len() < MERGE_AT {
-        return Ok(0);
-    }
-    let mut total: u64 = pieces.iter().map(|o| o.size).sum();
-    let mut inputs: Vec<Path> = pieces.into_iter().map(|o| o.location).collect();
-    merged.sort_by_key(|o| o.size);
-    for m in merged {
-        if total + m.size > MERGED_TARGET {
-            break;
+    let mut levels: BTreeMap<usize, Vec<object_store::ObjectMeta>> = BTreeMap::new();
+    for o in archive.list(dir).await? {
+        if o.location.extension() != Some("json") {
+            continue;
         }
-        total += m.size;
-        inputs.push(m.location);
+        let level = o.location.filename().map_or(0, level_of);
+        levels.entry(level).or_default().push(o);
     }
-    let read: Vec<(Path, Option<KeySummary>)> = futures::stream::iter(inputs)
-        .map(|p| async move {
-            let s = read_summary(archive, &p).await;
-            (p, s)
+    let mut merged = 0;
+    let mut level = 0;
+    while let Some(objects) = levels.remove(&level) {
+        let total: u64 = objects.iter().map(|o| o.size).sum();
+        if objects.len() < FANOUT || total > MERGED_MAX {
+            level += 1;
+            continue;
+        }
+        let Some(made) = merge_objects(archive, dir, objects, level + 1).await? else {
+            break;
+        };
+        merged += made.1;
+        levels.entry(level + 1).or_default().push(made.0);
+        level += 1;
+    }
+    Ok(merged)
+}
+
+/// Merge `objects` into one object of `level`; returns it and how many
+/// objects it replaced (`None` when fewer than two could be read).
+async fn merge_objects(
+    archive: &Archive,
+    dir: &Path,
+    objects: Vec<object_store::ObjectMeta>,
+    level: usize,
+) -> Result<Option<(object_store::ObjectMeta, usize)>> {
+    let read: Vec<(Path, Option<KeySummary>)> = futures::stream::iter(objects)
+        .map(|o| async move {
+            let s = read_summary(archive, &o.location).await;
+            (o.location, s)
         })
         .buffer_unordered(READ_CONCURRENCY)
         .collect()
@@ -291,7 +321,7 @@ async fn compact(archive: &Archive, dir: &Path) -> Result<usize> {
     let mut files: BTreeMap<String, FileKeys> = BTreeMap::new();
     let mut done = Vec::new();
     for (p, s) in read {
-        // An unreadable piece stays (a reader ignores it as well).
+        // An unreadable object stays (a reader ignores it as well).
         let Some(s) = s else { continue };
         for f in s.files {
             files.insert(f.name.clone(), f);
@@ -299,21 +329,20 @@ async fn compact(archive: &Archive, dir: &Path) -> Result<usize> {
         done.push(p);
     }
     if done.len() < 2 {
-        return Ok(0);
+        return Ok(None);
     }
-    let name = format!(
-        "{MERGED_PREFIX}{}-{:08x}.json",
+    let path = dir.clone().join(format!(
+        "{MERGED_PREFIX}{level}-{}-{:08x}.json",
         chrono::Utc::now().timestamp_millis(),
         rand::random::<u32>()
-    );
+    ));
     let body = serde_json::to_vec(&KeySummary {
         version: KEY_INDEX_VERSION,
         files: files.into_values().collect(),
     })
     .map_err(|e| Error::Usage(format!("internal error: key summary: {e}")))?;
-    archive
-        .put_bytes(&dir.clone().join(name), body.into())
-        .await?;
+    let size = body.len() as u64;
+    archive.put_bytes(&path, body.into()).await?;
     let n = done.len();
     for p in done {
         if let Err(e) = archive.store.delete(&p).await {
@@ -325,10 +354,18 @@ async fn compact(archive: &Archive, dir: &Path) -> Result<usize> {
     }
     tracing::debug!(
         objects = n,
+        level,
         "key summaries merged: {}",
         archive.describe(dir)
     );
-    Ok(n)
+    let meta = object_store::ObjectMeta {
+        location: path,
+        last_modified: chrono::Utc::now(),
+        size,
+        e_tag: None,
+        version: None,
+    };
+    Ok(Some((meta, n)))
 }
 
 /// One summary object, or `None` (logged) when it cannot be read, parsed,
@@ -478,6 +515,15 @@ mod tests {
         )]));
         RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(keys.to_vec()))])
             .expect("batch")
+    }
+
+    #[test]
+    fn merged_objects_have_levels_and_pieces_level_zero() {
+        assert_eq!(level_of("shardId-000000000001_4960_0_3.json"), 0);
+        assert_eq!(level_of("merged-1-1795132800000-0000abcd.json"), 1);
+        assert_eq!(level_of("merged-3-1795132800000-0000abcd.json"), 3);
+        assert_eq!(level_of("merged-x.json"), 1);
+        assert_eq!(level_of("merged-0-1.json"), 1);
     }
 
     #[test]

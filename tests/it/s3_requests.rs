@@ -497,9 +497,10 @@ fn an_hour_by_arrival_time_reads_each_small_file_with_one_request() {
 }
 
 /// Many small flushes of one day: the writer merges the day's summary
-/// pieces into one object once there are 32, so a lookup reads a few
-/// objects instead of one per flush, and still opens only the files that
-/// may hold the key (the merged object describes every file it replaced).
+/// pieces 8 at a time, and 8 merged objects into one of the next level, so
+/// a lookup reads a few objects instead of one per flush, and still opens
+/// only the files that may hold the key (merged objects describe every file
+/// of the objects they replaced).
 #[test]
 fn many_flushes_of_a_day_leave_few_key_summaries() {
     let s3 = s3();
@@ -512,9 +513,9 @@ fn many_flushes_of_a_day_leave_few_key_summaries() {
     let copy = local_archive(local.path());
     let settings = ParquetSettings::default();
     let shard = "shardId-000000000000";
-    let flushes = 40;
-    // 40 flushes of 20 records each, all on one day (hours 0–19, two per hour).
-    let recs: Vec<Record> = (0..flushes * 20)
+    let flushes = 80;
+    // 80 flushes of 10 records each, all on one day (hours 0–19, four per hour).
+    let recs: Vec<Record> = (0..flushes * 10)
         .map(|i| Record {
             shard_id: shard.into(),
             sequence_number: format!("4960{:052}", i + 1).into(),
@@ -530,7 +531,7 @@ fn many_flushes_of_a_day_leave_few_key_summaries() {
         })
         .collect();
     rt.block_on(async {
-        for part in recs.chunks(20) {
+        for part in recs.chunks(10) {
             write_flush(&direct, &settings, &stream, shard, part)
                 .await
                 .unwrap();
@@ -550,9 +551,12 @@ fn many_flushes_of_a_day_leave_few_key_summaries() {
         .iter()
         .filter_map(|o| o.location.filename().map(str::to_string))
         .collect();
-    let merged = names.iter().filter(|n| n.starts_with("merged-")).count();
-    assert_eq!(merged, 1, "{names:?}");
-    assert!(names.len() <= 1 + 8, "{} objects: {names:?}", names.len());
+    // Checks after writes 1, 9, 17, …, 73: nine level-1 objects were made,
+    // the first eight of them merged into one of level 2.
+    let level = |l: &str| names.iter().filter(|n| n.starts_with(l)).count();
+    assert_eq!(level("merged-2-"), 1, "{names:?}");
+    assert_eq!(level("merged-1-"), 1, "{names:?}");
+    assert_eq!(names.len(), 2 + 7, "{names:?}");
     // Every data file is described, by the merged object or a piece.
     let described: std::collections::BTreeSet<String> = objects
         .iter()
