@@ -864,7 +864,9 @@ mod tests {
         ];
         let exprs = [col("v", schema).expect("v")];
         let field = Arc::new(schema.field(1).clone());
-        let return_field = udaf.return_field(&[field.clone()]).expect("return field");
+        let return_field = udaf
+            .return_field(std::slice::from_ref(&field))
+            .expect("return field");
         let args = AccumulatorArgs {
             return_field,
             schema,
