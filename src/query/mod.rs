@@ -38,6 +38,7 @@ pub mod cli;
 pub mod guard;
 pub mod json;
 pub mod live;
+pub mod ordered_agg;
 pub mod origin;
 pub mod output;
 pub mod snapshot;
@@ -211,6 +212,9 @@ pub async fn session_with(cfg: &Config, opts: &SessionOptions) -> Result<QuerySe
     json::register(&ctx).map_err(|e| Error::Query {
         message: format!("registering JSON functions: {e}"),
     })?;
+    // first_value/last_value with an ORDER BY: a grouped accumulator
+    // comparing keys as bytes (see ordered_agg).
+    ordered_agg::register(&ctx);
     if let Some(s) = &opts.server {
         for name in ["range", "generate_series"] {
             let inner = ctx.table_function(name).map_err(|e| Error::Query {
