@@ -53,7 +53,8 @@ use datafusion::logical_expr::expr::ScalarFunction;
 use datafusion::logical_expr::expr_rewriter::NamePreserver;
 use datafusion::logical_expr::{
     Aggregate, ColumnarValue, Expr, ExprSchemable, Filter, LogicalPlan, Projection,
-    ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+    ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, SubqueryAlias,
+    Volatility,
 };
 use datafusion::optimizer::{OptimizerConfig, OptimizerRule};
 use jiter::{Jiter, JiterError, NumberAny, NumberInt, Peek};
@@ -787,6 +788,37 @@ impl Fusion {
         )?)))
     }
 
+    /// `input`, a filter possibly under nodes that pass columns through
+    /// (projections of columns, aliases), with the `json_multi` columns added below the filter and
+    /// passed up, and the filter's predicate rewritten.
+    fn through(&self, input: Arc<LogicalPlan>) -> DfResult<Arc<LogicalPlan>> {
+        match Arc::unwrap_or_clone(input) {
+            LogicalPlan::Projection(p) if passes_through(&p) => {
+                let mut exprs = p.expr;
+                exprs.extend(
+                    self.columns
+                        .iter()
+                        .map(|(a, _)| Expr::Column(Column::from_name(a.clone()))),
+                );
+                let input = self.through(p.input)?;
+                Ok(Arc::new(LogicalPlan::Projection(Projection::try_new(
+                    exprs, input,
+                )?)))
+            }
+            LogicalPlan::SubqueryAlias(a) => {
+                let input = self.through(a.input)?;
+                Ok(Arc::new(LogicalPlan::SubqueryAlias(
+                    SubqueryAlias::try_new(input, a.alias)?,
+                )))
+            }
+            LogicalPlan::Filter(f) => {
+                let filter = Filter::try_new(self.rewrite(f.predicate)?, self.below(f.input)?)?;
+                Ok(Arc::new(LogicalPlan::Filter(filter)))
+            }
+            _ => internal_err!("a filter was expected"),
+        }
+    }
+
     /// `e` with the fused calls replaced.
     fn rewrite(&self, e: Expr) -> DfResult<Expr> {
         Ok(e.transform_down(|x| match self.replace.get(&x) {
@@ -808,9 +840,35 @@ impl Fusion {
     }
 }
 
+/// `col`, a column of the output of the first node of `chain`, as the
+/// input of its last node sees it (the nodes pass columns through; see [`passes_through`]).
+fn lower(col: &Column, chain: &[&LogicalPlan]) -> Option<Column> {
+    let mut c = col.clone();
+    for node in chain {
+        c = match node {
+            LogicalPlan::SubqueryAlias(a) => {
+                let i = a.schema.index_of_column(&c).ok()?;
+                let (q, f) = a.input.schema().qualified_field(i);
+                Column::new(q.cloned(), f.name())
+            }
+            LogicalPlan::Projection(p) => match p.expr.get(p.schema.index_of_column(&c).ok()?) {
+                Some(Expr::Column(x)) => x.clone(),
+                _ => return None,
+            },
+            _ => return None,
+        };
+    }
+    Some(c)
+}
+
+/// Whether `p` only passes some of its input's columns through.
+fn passes_through(p: &Projection) -> bool {
+    p.expr.iter().all(|e| matches!(e, Expr::Column(_)))
+}
+
 impl FuseJson {
-    /// Fuse in `node` (and the filter right below it, for a projection or an
-    /// aggregate).
+    /// Fuse in `node` (and, for a projection or an aggregate, in the filter
+    /// right below it or below projections that pass columns through).
     fn fuse_node(
         &self,
         node: LogicalPlan,
@@ -846,12 +904,37 @@ impl FuseJson {
             _ => return Ok(Transformed::no(node)),
         };
         let mut calls = self.calls(&exprs, input.schema());
-        let below_filter = match input.as_ref() {
+        // the filter below, possibly under nodes that only pass columns
+        // through (a view's alias, a projection that prunes columns)
+        let mut chain: Vec<&LogicalPlan> = Vec::new();
+        let mut below = input;
+        loop {
+            match below.as_ref() {
+                LogicalPlan::Projection(p) if passes_through(p) => {
+                    chain.push(below.as_ref());
+                    below = &p.input;
+                }
+                LogicalPlan::SubqueryAlias(a) => {
+                    chain.push(below.as_ref());
+                    below = &a.input;
+                }
+                _ => break,
+            }
+        }
+        let below_filter = match below.as_ref() {
             LogicalPlan::Filter(f) => {
                 let in_filter = self.calls(&[&f.predicate], f.input.schema());
-                let any = !in_filter.is_empty();
-                calls.extend(in_filter);
-                any
+                if in_filter.is_empty() {
+                    false
+                } else {
+                    // the node's payload columns as the filter sees them
+                    calls = calls
+                        .into_iter()
+                        .filter_map(|(e, c, s)| lower(&c, &chain).map(|c| (e, c, s)))
+                        .collect();
+                    calls.extend(in_filter);
+                    true
+                }
             }
             _ => false,
         };
@@ -861,11 +944,7 @@ impl FuseJson {
         let names = NamePreserver::new(&node);
         let new_input = |input: Arc<LogicalPlan>| -> DfResult<Arc<LogicalPlan>> {
             if below_filter {
-                let LogicalPlan::Filter(f) = Arc::unwrap_or_clone(input) else {
-                    return internal_err!("a filter was expected");
-                };
-                let filter = Filter::try_new(fusion.rewrite(f.predicate)?, fusion.below(f.input)?)?;
-                Ok(Arc::new(LogicalPlan::Filter(filter)))
+                fusion.through(input)
             } else {
                 fusion.below(input)
             }
@@ -1061,6 +1140,12 @@ mod tests {
     async fn a_filter_and_its_aggregate_share_one_parse() {
         same_rows(
             "SELECT json_get_str(data, 'b') AS b, count(*) AS n FROM t \
+             WHERE json_get_int(data, 'a') > 0 AND json_get_str(data, 'b') IS NOT NULL GROUP BY 1 ORDER BY 1",
+            true,
+        )
+        .await;
+        same_rows(
+            "SELECT json_get_str(data, 'b') AS b, count(*) AS n FROM (SELECT id, data FROM t) AS v \
              WHERE json_get_int(data, 'a') > 0 AND json_get_str(data, 'b') IS NOT NULL GROUP BY 1 ORDER BY 1",
             true,
         )
