@@ -690,7 +690,7 @@ impl FuseJson {
     }
 
     /// The fusable calls in `exprs` (over `schema`), in order, with repeats.
-    fn calls(&self, exprs: &[&Expr], schema: &DFSchema) -> Vec<(Expr, Column, Spec)> {
+    fn calls(&self, exprs: &[&Expr], schema: &DFSchema) -> Vec<Call> {
         let mut out = Vec::new();
         for e in exprs {
             // the closure never fails
@@ -699,7 +699,11 @@ impl FuseJson {
                     return Ok(TreeNodeRecursion::Jump);
                 }
                 if let Some((c, s)) = self.call(x, schema) {
-                    out.push((x.clone(), c, s));
+                    out.push(Call {
+                        expr: x.clone(),
+                        payload: c,
+                        spec: s,
+                    });
                     return Ok(TreeNodeRecursion::Jump);
                 }
                 Ok(TreeNodeRecursion::Continue)
@@ -707,6 +711,16 @@ impl FuseJson {
         }
         out
     }
+}
+
+/// A fusable getter call.
+struct Call {
+    /// The call.
+    expr: Expr,
+    /// Its payload column (as the node that will compute `json_multi` sees it).
+    payload: Column,
+    /// Its getter and path.
+    spec: Spec,
 }
 
 /// The fusion chosen for one node: the `json_multi` columns to add below it
@@ -720,16 +734,12 @@ struct Fusion {
 
 impl Fusion {
     /// Fuse the payload columns that `calls` uses at least twice.
-    fn plan(
-        rule: &FuseJson,
-        calls: &[(Expr, Column, Spec)],
-        config: &dyn OptimizerConfig,
-    ) -> Option<Fusion> {
-        let mut by_payload: Vec<(&Column, Vec<&(Expr, Column, Spec)>)> = Vec::new();
+    fn plan(rule: &FuseJson, calls: &[Call], config: &dyn OptimizerConfig) -> Option<Fusion> {
+        let mut by_payload: Vec<(&Column, Vec<&Call>)> = Vec::new();
         for c in calls {
-            match by_payload.iter_mut().find(|(p, _)| *p == &c.1) {
+            match by_payload.iter_mut().find(|(p, _)| *p == &c.payload) {
                 Some((_, v)) => v.push(c),
-                None => by_payload.push((&c.1, vec![c])),
+                None => by_payload.push((&c.payload, vec![c])),
             }
         }
         let mut fusion = Fusion {
@@ -742,7 +752,10 @@ impl Fusion {
             }
             let alias = config.alias_generator().next("__fluxcap_json");
             let mut specs: Vec<&Spec> = Vec::new();
-            for (e, _, s) in uses {
+            for Call {
+                expr: e, spec: s, ..
+            } in uses
+            {
                 if fusion.replace.contains_key(e) {
                     continue;
                 }
@@ -930,7 +943,10 @@ impl FuseJson {
                     // the node's payload columns as the filter sees them
                     calls = calls
                         .into_iter()
-                        .filter_map(|(e, c, s)| lower(&c, &chain).map(|c| (e, c, s)))
+                        .filter_map(|c| {
+                            let payload = lower(&c.payload, &chain)?;
+                            Some(Call { payload, ..c })
+                        })
                         .collect();
                     calls.extend(in_filter);
                     true
