@@ -5,8 +5,9 @@
 //! json_get_int(data, 'qty') > 3 AND json_get_str(data, 'country') = 'DE'
 //! GROUP BY 1` calls three JSON getters, and each parses the payload again.
 //! The [`FuseJson`] optimizer rule finds, in a projection, an aggregate, a
-//! filter, or an aggregate/projection together with the filter right below
-//! it, the getter calls on one payload column with literal paths, and
+//! filter, or an aggregate/projection together with the filter below it
+//! (directly, or under a view's alias and projections that only pass columns
+//! through), the getter calls on one payload column with literal paths, and
 //! replaces them by one `json_multi(data, <spec>...)` call, computed in a
 //! projection inserted below the filter (or the node), that returns a struct
 //! with one field per distinct call; each call becomes
