@@ -29,8 +29,15 @@ use datafusion::logical_expr::{
 };
 use datafusion::prelude::SessionContext;
 
-/// Register the JSON functions (binary-aware) and `text()` on `ctx`.
+/// Register the JSON functions (binary-aware), `text()` and the rule that
+/// parses a payload once for all the JSON getters of a node
+/// ([`super::json_fuse`]) on `ctx`.
 pub fn register(ctx: &SessionContext) -> DfResult<()> {
+    register_with(ctx, super::json_fuse::enabled())
+}
+
+/// [`register`], with the fusion rule or without it.
+pub fn register_with(ctx: &SessionContext, fuse: bool) -> DfResult<()> {
     let mut capture = Capture::default();
     datafusion_functions_json::register_all(&mut capture)?;
     let wrapped: HashMap<String, Arc<ScalarUDF>> = capture
@@ -61,6 +68,10 @@ pub fn register(ctx: &SessionContext) -> DfResult<()> {
     }
     for f in [BytesFn::text(), BytesFn::octet_length()] {
         state.register_udf(Arc::new(ScalarUDF::new_from_impl(f)))?;
+    }
+    drop(state);
+    if fuse {
+        ctx.add_optimizer_rule(Arc::new(super::json_fuse::FuseJson::new(&wrapped)));
     }
     Ok(())
 }

@@ -37,6 +37,7 @@ pub mod bounds;
 pub mod cli;
 pub mod guard;
 pub mod json;
+pub mod json_fuse;
 pub mod live;
 pub mod ordered_agg;
 pub mod origin;

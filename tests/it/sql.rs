@@ -508,6 +508,55 @@ fn same_answers_as_duckdb() {
     }
 }
 
+/// Several JSON getters in a filter and its aggregate parse each payload
+/// once: the physical plan calls one function on `data` (`json_multi`), and
+/// the rows are DuckDB's and those of the unfused plan
+/// (`FLUXCAP_JSON_FUSION=off`).
+#[test]
+fn json_getters_share_one_parse_per_row() {
+    let ws = Workspace::new("http://127.0.0.1:9", None, None, "", &[("ev", "json")]);
+    let hours: Vec<i64> = (0..2).map(|i| T0 + i * H).collect();
+    ingest_hours(&ws.archive, "ev", 2, &hours, 60);
+    let ours = "SELECT json_get_str(data, 'type') AS ty, count(*) AS n, \
+                sum(json_get_int(data, 'items', 0, 'qty')) AS q FROM archive.ev \
+                WHERE json_get_float(data, 'amount') > 100 AND data->>'customer' <> 'customer-3' \
+                GROUP BY 1";
+    let theirs = "SELECT json_extract_string(decode(data), '$.type') AS ty, count(*) AS n, \
+                  sum(CAST(json_extract(decode(data), '$.items[0].qty') AS BIGINT)) AS q FROM t \
+                  WHERE CAST(json_extract(decode(data), '$.amount') AS DOUBLE) > 100 \
+                  AND json_extract_string(decode(data), '$.customer') <> 'customer-3' GROUP BY 1";
+    let fused = canonical(&ws.sql(ours));
+    assert!(fused.len() > 1, "{fused:?}");
+    assert_eq!(fused, canonical(&duckdb(&ws.archive.join("ev"), theirs)));
+    let unfused = |sql: &str| {
+        let out = ws
+            .cmd()
+            .env("FLUXCAP_JSON_FUSION", "off")
+            .args(["sql", "--format", "json", sql])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        parse_json_lines(&out.stdout)
+    };
+    assert_eq!(fused, canonical(&unfused(ours)));
+    let physical = |rows: Vec<serde_json::Value>| -> String {
+        rows.iter()
+            .filter(|r| r["plan_type"] == "physical_plan")
+            .map(|r| r["plan"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let plan = physical(ws.sql(&format!("EXPLAIN {ours}")));
+    assert_eq!(plan.matches("(data@").count(), 1, "{plan}");
+    assert_eq!(plan.matches("json_multi(data@").count(), 1, "{plan}");
+    let plan = physical(unfused(&format!("EXPLAIN {ours}")));
+    assert!(plan.matches("(data@").count() >= 2, "{plan}");
+    assert!(!plan.contains("json_multi"), "{plan}");
+}
+
 #[test]
 fn sql_over_an_s3_archive() {
     let k = kinesis();
