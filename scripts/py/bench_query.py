@@ -87,6 +87,7 @@ import duckdb, os, sys
 con = duckdb.connect()
 con.execute("SET threads = %d" % (os.cpu_count() or 2))
 con.execute("SET TimeZone = 'UTC'")
+con.execute("SET enable_progress_bar = false")
 con.execute("CREATE VIEW t AS SELECT * FROM read_parquet('%s', hive_partitioning = true, "
             "hive_types = {'dt': VARCHAR, 'hr': VARCHAR})" % sys.argv[1])
 # S: the archive, plus the live records after each shard's last archived one (S's rule).
@@ -279,7 +280,7 @@ def main():
             wall = time.perf_counter() - t
             if p.returncode != 0:
                 sys.exit("duckdb failed on %s:\n%s" % (sql, p.stderr))
-            return wall, int(p.stdout.strip())
+            return wall, int(p.stdout.split()[-1])
 
         files = sum(len(f) for _, _, f in os.walk(os.path.join(args.archive, args.stream)))
         print("archive: %s (%d files) + %d live records on ferrokinesis; %d threads; best of %d "
