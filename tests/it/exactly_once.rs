@@ -158,10 +158,15 @@ fn kill_loop(
 ) {
     let mut rng = rand::rng();
     let mut seen = BTreeMap::new();
-    for i in 0..kills {
+    let mut window = window_ms;
+    let mut i = 0;
+    // At least `kills` kills; on a machine so loaded that no run got as far
+    // as publishing, more (up to twice as many), each window twice as long
+    // as the last (at most 30 s), until one did.
+    while i < kills || (seen.is_empty() && i < 2 * kills) {
         let mut child = ws.spawn_archiver();
         // The kill moment is random by design (not a wait for anything).
-        std::thread::sleep(Duration::from_millis(rng.random_range(window_ms.clone())));
+        std::thread::sleep(Duration::from_millis(rng.random_range(window.clone())));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         // Before any recovery: what does an outside reader see?
@@ -170,6 +175,10 @@ fn kill_loop(
             &raw_layout(raw_args),
             &format!("{label}, after kill {}", i + 1),
         );
+        if seen.is_empty() {
+            window = window.start..(window.end * 2).min(30_000).max(window.start + 1);
+        }
+        i += 1;
     }
     assert!(!seen.is_empty(), "{label}: nothing was ever published");
 }

@@ -24,28 +24,26 @@ const SHARDS: usize = 2;
 const HOURS: usize = 48;
 const PER_HOUR: usize = 40;
 
-/// One shard's records over `HOURS` hours, `PER_HOUR` per hour, with JSON
-/// payloads of ~32 KB that compress to about half (so each file, ~650 KB,
-/// is larger than DataFusion's 512 KiB footer read); the key `k5needle` (inside every file's min/max)
-/// occurs in exactly two hours.
-fn records(shard: usize) -> Vec<Record> {
-    let n = HOURS * PER_HOUR;
-    (0..n)
+/// One shard's records over `hours` hours, `PER_HOUR` per hour, keyed by
+/// `key(i, shard)`, with JSON payloads holding `payload` random hex
+/// characters (about half of it after zstd).
+fn make_records(
+    shard: usize,
+    hours: usize,
+    payload: usize,
+    key: fn(usize, usize) -> String,
+) -> Vec<Record> {
+    (0..hours * PER_HOUR)
         .map(|i| {
             let hour = i / PER_HOUR;
-            let key = if shard == 0 && (hour == 5 || hour == 40) && i % PER_HOUR == 7 {
-                "k5needle".to_string()
-            } else {
-                format!("k{}", (i * 7 + shard) % 211)
-            };
-            let noise: String = (0..32_000)
+            let noise: String = (0..payload)
                 .map(|_| char::from(b"0123456789abcdef"[usize::from(rand::random::<u8>() % 16)]))
                 .collect();
             Record {
                 shard_id: format!("shardId-{shard:012}").into(),
                 sequence_number: format!("4960{:052}", i + 1).into(),
                 subsequence_number: 0,
-                partition_key: key,
+                partition_key: key(i, shard),
                 explicit_hash_key: None,
                 arrival_ms: T0 + hour as i64 * HOUR + (i % PER_HOUR) as i64 * 1000,
                 data: format!("{{\"i\":{i},\"noise\":\"{noise}\"}}")
@@ -54,6 +52,24 @@ fn records(shard: usize) -> Vec<Record> {
             }
         })
         .collect()
+}
+
+/// The key of record `i` of `shard`: `k5needle` in exactly two hours of
+/// shard 0 (inside every file's min/max), `k7` and others in many files.
+fn needle_key(i: usize, shard: usize) -> String {
+    let hour = i / PER_HOUR;
+    if shard == 0 && (hour == 5 || hour == 40) && i % PER_HOUR == 7 {
+        "k5needle".to_string()
+    } else {
+        format!("k{}", (i * 7 + shard) % 211)
+    }
+}
+
+/// One shard's records over `HOURS` hours with payloads of ~32 KB that
+/// compress to about half (so each file, ~650 KB, is larger than
+/// DataFusion's 512 KiB footer read).
+fn records(shard: usize) -> Vec<Record> {
+    make_records(shard, HOURS, 32_000, needle_key)
 }
 
 /// GETs of published data files, per file.
@@ -212,28 +228,9 @@ fn a_key_lookup_over_days_opens_each_file_with_one_request() {
     );
 }
 
-/// Small records of one shard over `HOURS` hours; `k5needle` in two hours of
-/// shard 0, `k7` in many files.
+/// Small records of one shard over `HOURS` hours.
 fn small_records(shard: usize) -> Vec<Record> {
-    (0..HOURS * PER_HOUR)
-        .map(|i| {
-            let hour = i / PER_HOUR;
-            let key = if shard == 0 && (hour == 5 || hour == 40) && i % PER_HOUR == 7 {
-                "k5needle".to_string()
-            } else {
-                format!("k{}", (i * 7 + shard) % 211)
-            };
-            Record {
-                shard_id: format!("shardId-{shard:012}").into(),
-                sequence_number: format!("4960{:052}", i + 1).into(),
-                subsequence_number: 0,
-                partition_key: key,
-                explicit_hash_key: None,
-                arrival_ms: T0 + hour as i64 * HOUR + (i % PER_HOUR) as i64 * 1000,
-                data: format!("{{\"i\":{i}}}").into_bytes().into(),
-            }
-        })
-        .collect()
+    make_records(shard, HOURS, 0, needle_key)
 }
 
 /// With the key summaries the writer leaves beside each flush, a key lookup
@@ -342,30 +339,6 @@ fn a_key_lookup_over_days_opens_only_the_files_the_key_summaries_allow() {
     assert_eq!(data_gets(&proxy).len(), files);
 }
 
-/// Records of one shard over `hours` hours, `PER_HOUR` per hour, with
-/// `payload` hex characters of noise each (about half of it after zstd).
-fn sized_records(shard: usize, hours: usize, payload: usize) -> Vec<Record> {
-    (0..hours * PER_HOUR)
-        .map(|i| {
-            let hour = i / PER_HOUR;
-            let noise: String = (0..payload)
-                .map(|_| char::from(b"0123456789abcdef"[usize::from(rand::random::<u8>() % 16)]))
-                .collect();
-            Record {
-                shard_id: format!("shardId-{shard:012}").into(),
-                sequence_number: format!("4960{:052}", i + 1).into(),
-                subsequence_number: 0,
-                partition_key: format!("k{}", (i * 7 + shard) % 23),
-                explicit_hash_key: None,
-                arrival_ms: T0 + hour as i64 * HOUR + (i % PER_HOUR) as i64 * 1000,
-                data: format!("{{\"i\":{i},\"noise\":\"{noise}\"}}")
-                    .into_bytes()
-                    .into(),
-            }
-        })
-        .collect()
-}
-
 /// A query over one hour by arrival time, which decodes every file of the
 /// hour, opens each with one request: files of ~100–200 KB (more than the
 /// 64 KiB tail, less than the 512 KiB read whole) are read whole by their
@@ -384,7 +357,9 @@ fn an_hour_by_arrival_time_reads_each_small_file_with_one_request() {
     let mut all = Vec::new();
     rt.block_on(async {
         for s in 0..SHARDS {
-            let recs = sized_records(s, hours, 8_000);
+            let recs = make_records(s, hours, 8_000, |i, shard| {
+                format!("k{}", (i * 7 + shard) % 23)
+            });
             write_flush(
                 &direct,
                 &settings,
