@@ -123,6 +123,14 @@ pub fn kinesis_client(endpoint: &str) -> Client {
         .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
         .credentials_provider(creds)
         .endpoint_url(endpoint)
+        // A request the emulator never answers fails (and is retried by the
+        // SDK) instead of hanging the test.
+        .timeout_config(
+            aws_sdk_kinesis::config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .operation_attempt_timeout(Duration::from_secs(30))
+                .build(),
+        )
         .build();
     Client::from_conf(conf)
 }
@@ -319,9 +327,9 @@ impl Workspace {
             .unwrap()
     }
 
-    /// Run `fluxcap <args>` to completion.
+    /// Run `fluxcap <args>` to completion (within [`COMMAND_LIMIT`]).
     pub fn run(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().unwrap()
+        output_within(self.cmd().args(args), COMMAND_LIMIT)
     }
 
     /// Run and require success.
@@ -352,15 +360,89 @@ pub struct Archived {
     pub hr: String,
 }
 
+/// How long one command a test runs may take before the test fails. No
+/// command of the suite needs a tenth of it; it turns a hang (a server that
+/// stopped answering, a retry loop) into a failure that shows the command's
+/// output so far, instead of a suite that never ends.
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(300);
+
+/// Run `cmd` to completion like `Command::output`, but kill it (SIGTERM, then
+/// SIGKILL 10 s later) and panic with what it printed once it ran for `limit`.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+    use std::io::Read;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let started = Instant::now();
+    let mut termed: Option<Instant> = None;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        match termed {
+            None if started.elapsed() > limit => {
+                // SAFETY: plain kill(2) on our own child's pid.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                termed = Some(Instant::now());
+            }
+            Some(t) if t.elapsed() > Duration::from_secs(10) => {
+                let _ = child.kill();
+            }
+            _ => {}
+        }
+        // A watchdog's poll, not a synchronisation: the command's end is
+        // what the loop waits for.
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    if termed.is_some() {
+        panic!(
+            "{cmd:?} still ran after {limit:?} and was stopped ({status}):\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        );
+    }
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
 /// Read `<dir>` (one stream's table directory) with pyarrow or duckdb.
 pub fn read_archive(engine: &str, args: &[&str]) -> Vec<Archived> {
-    let out = Command::new(python())
-        .arg(root().join("scripts/py/read_archive.py"))
-        .arg("--engine")
-        .arg(engine)
-        .args(args)
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new(python())
+            .arg(root().join("scripts/py/read_archive.py"))
+            .arg("--engine")
+            .arg(engine)
+            .args(args),
+        COMMAND_LIMIT,
+    );
     assert!(
         out.status.success(),
         "read_archive.py {engine} failed: {}",
