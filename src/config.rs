@@ -148,6 +148,11 @@ pub struct ArchiverConfig {
     pub shard_discovery_interval: HumanDuration,
     /// Lease lifetime without renewal.
     pub lease_ttl: HumanDuration,
+    /// Share each stream with other `fluxcap archive --shared` processes:
+    /// shards are claimed one by one and balanced across the live archivers
+    /// (see `archive::archiver::workers`) instead of one process per stream.
+    #[serde(default)]
+    pub shared: bool,
     /// Backoff cap.
     pub max_backoff: HumanDuration,
     /// Prometheus endpoint address; empty disables.

@@ -140,6 +140,19 @@ pub enum Error {
         expires: String,
     },
 
+    /// A single archiver and shared ones (`--shared`) on the same stream.
+    #[error("stream `{stream}` is being archived by {running} ({owner}): {hint}")]
+    ArchiverModeConflict {
+        /// Stream name.
+        stream: String,
+        /// "a single archiver" or "shared archivers".
+        running: &'static str,
+        /// The running one (host, pid, start time).
+        owner: String,
+        /// What to do.
+        hint: &'static str,
+    },
+
     /// Another process is running (or resuming) this replay.
     #[error(
         "replay {id} is being run by another process ({owner}); its lease expires at {expires}. \
@@ -324,7 +337,10 @@ impl Error {
             | Error::TooComplex { .. }
             | Error::ReadOnly { .. } => 2,
             Error::VerifyFailed { .. } | Error::Rejected { .. } => 3,
-            Error::LeaseHeld { .. } | Error::Fenced { .. } | Error::ReplayHeld { .. } => 4,
+            Error::LeaseHeld { .. }
+            | Error::Fenced { .. }
+            | Error::ReplayHeld { .. }
+            | Error::ArchiverModeConflict { .. } => 4,
             Error::Interrupted => 130,
             _ => 1,
         }

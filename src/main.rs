@@ -52,6 +52,10 @@ enum Command {
         /// Only this stream.
         #[arg(long)]
         stream: Option<String>,
+        /// Share the streams with other `--shared` archivers, shard by shard
+        /// (same as `archiver.shared = true`).
+        #[arg(long)]
+        shared: bool,
     },
     /// Per-shard archive state, lag and retention risk.
     Status {
@@ -252,9 +256,18 @@ async fn run(cli: Cli) -> Result<()> {
             print!("{}", cfg.to_toml());
             Ok(())
         }
-        Command::Archive { once, stream } => {
+        Command::Archive {
+            once,
+            stream,
+            shared,
+        } => {
             let cancel = shutdown_token();
-            let summary = archiver::run(&cfg, ArchiveOptions { once, stream }, cancel).await?;
+            let opts = ArchiveOptions {
+                once,
+                stream,
+                shared: shared || cfg.archiver.shared,
+            };
+            let summary = archiver::run(&cfg, opts, cancel).await?;
             eprintln!(
                 "archived {} records ({:.1} MB of payload) in {} files{}{}",
                 summary.records,

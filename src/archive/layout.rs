@@ -130,6 +130,16 @@ impl Layout {
         self.stream_dir(stream).join(STATE_DIR).join("lease")
     }
 
+    /// `<root>/<stream>/_fluxcap/workers/`: heartbeats of shared archivers.
+    pub fn workers_dir(&self, stream: &str) -> Path {
+        self.stream_dir(stream).join(STATE_DIR).join("workers")
+    }
+
+    /// `<root>/<stream>/_fluxcap/owners/`: which shared archiver owns which shard.
+    pub fn owners_dir(&self, stream: &str) -> Path {
+        self.stream_dir(stream).join(STATE_DIR).join("owners")
+    }
+
     /// One lease epoch object.
     pub fn lease(&self, stream: &str, epoch: u64) -> Path {
         self.lease_dir(stream).join(format!("{epoch:020}.json"))

@@ -209,6 +209,14 @@ pub enum Subject {
     Stream(String),
     /// `_fluxcap/replays/<id>/lease/`.
     Replay(String),
+    /// `<stream>/_fluxcap/workers/<owner>/`: the heartbeat of one of the
+    /// stream's shared archivers (see `archive::archiver::workers`).
+    Worker {
+        /// The stream.
+        stream: String,
+        /// The archiver's random id.
+        owner: String,
+    },
 }
 
 impl Subject {
@@ -221,6 +229,9 @@ impl Subject {
                 .join("replays")
                 .join(id.as_str())
                 .join("lease"),
+            Subject::Worker { stream, owner } => {
+                archive.layout.workers_dir(stream).join(owner.as_str())
+            }
         }
     }
 
@@ -231,7 +242,7 @@ impl Subject {
     /// The error for a lease that someone else holds.
     fn held(&self, owner: String, expires: String) -> Error {
         match self {
-            Subject::Stream(s) => Error::LeaseHeld {
+            Subject::Stream(s) | Subject::Worker { stream: s, .. } => Error::LeaseHeld {
                 stream: s.clone(),
                 owner,
                 expires,
@@ -247,7 +258,7 @@ impl Subject {
     /// The error for a lease that was taken over while we held it.
     fn fenced(&self, object: String) -> Error {
         match self {
-            Subject::Stream(s) => Error::Fenced {
+            Subject::Stream(s) | Subject::Worker { stream: s, .. } => Error::Fenced {
                 stream: s.clone(),
                 object,
             },
@@ -455,11 +466,75 @@ impl Lease {
                 }
             }
             _ => {
+                // No conditional update here: at least never undo a
+                // revocation (or a removal) that is already there.
+                match read_json::<LeaseRecord>(&self.archive, &path).await {
+                    Ok(now) if now.revoked_by.is_some() || now.owner != rec.owner => {
+                        return Err(self.subject.fenced(self.archive.describe(&path)));
+                    }
+                    Err(Error::Store {
+                        source: object_store::Error::NotFound { .. },
+                        ..
+                    }) => return Err(self.subject.fenced(self.archive.describe(&path))),
+                    _ => {}
+                }
                 self.archive.put_bytes(&path, body).await?;
                 self.archive.sync_local(&path).await
             }
         }
     }
+
+    /// Give the lease up and remove its object (a shared archiver that
+    /// stops: nobody needs to see its history).
+    pub async fn remove(self) -> Result<()> {
+        self.clock.lose();
+        let dir = self.subject.dir(&self.archive);
+        for o in self.archive.list(&dir).await? {
+            let _ = self.archive.store.delete(&o.location).await;
+        }
+        Ok(())
+    }
+}
+
+/// What this host can tell of the holder of `rec` by its process id:
+/// `Some(true)` when it is dead, `Some(false)` when it runs, `None` when
+/// only watching its renewals can tell (another host or PID namespace, or a
+/// stopped process).
+pub fn pid_verdict(rec: &LeaseRecord) -> Option<bool> {
+    if !Identity::current().shares_pids_with(rec) {
+        return None;
+    }
+    match proc_state(rec.pid) {
+        ProcState::Dead => Some(true),
+        ProcState::Alive => Some(false),
+        ProcState::Stopped => None,
+    }
+}
+
+/// Whether the holder of the lease object at `path` is gone: released,
+/// revoked, dead by its pid, or not renewed while watched for `ttl` plus a
+/// margin (which this waits for).
+pub async fn holder_gone(archive: &Archive, path: &Path, ttl: Duration) -> Result<bool> {
+    let rec: LeaseRecord = match read_json(archive, path).await {
+        Ok(r) => r,
+        Err(Error::Store {
+            source: object_store::Error::NotFound { .. },
+            ..
+        }) => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    if rec.released() {
+        return Ok(true);
+    }
+    match pid_verdict(&rec) {
+        Some(dead) => Ok(dead),
+        None => watch(archive, path, &rec, ttl).await,
+    }
+}
+
+/// Read a lease object (any subject).
+pub async fn read_record(archive: &Archive, path: &Path) -> Result<LeaseRecord> {
+    read_json(archive, path).await
 }
 
 fn held(subject: &Subject, rec: &LeaseRecord) -> Error {

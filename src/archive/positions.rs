@@ -231,7 +231,16 @@ pub async fn read(
         }) => return Ok(None),
         Err(e) => return Err(e),
     };
-    let object = archive.describe(&path);
+    decode(stream, bytes, &archive.describe(&path)).map(Some)
+}
+
+/// Decode a positions table read from `object`.
+fn decode(
+    stream: &str,
+    bytes: bytes::Bytes,
+    object: &str,
+) -> Result<(StreamId, BTreeMap<String, Row>)> {
+    let object = object.to_string();
     let perr = |source| Error::Parquet {
         object: object.clone(),
         source,
@@ -303,7 +312,36 @@ pub async fn read(
         arn: String::new(),
         created_ms: 0,
     });
-    Ok(Some((id, rows)))
+    Ok((id, rows))
+}
+
+/// Whether row `a` is further than row `b` of the same shard: finished, or
+/// at a later position. Rows only ever move forward, so of two writers'
+/// rows the further one is the newer.
+fn further(a: &Row, b: &Row) -> bool {
+    (a.finished, &a.position, a.records) > (b.finished, &b.position, b.records)
+}
+
+/// `ours` merged into the table `theirs` read from the store: for each
+/// shard the further row (rows of another incarnation are dropped).
+fn merge(
+    id: &StreamId,
+    theirs: Option<(StreamId, BTreeMap<String, Row>)>,
+    ours: BTreeMap<String, Row>,
+) -> BTreeMap<String, Row> {
+    let mut out = match theirs {
+        Some((tid, rows)) if &tid == id => rows,
+        _ => BTreeMap::new(),
+    };
+    for (k, r) in ours {
+        match out.get(&k) {
+            Some(t) if !further(&r, t) => {}
+            _ => {
+                out.insert(k, r);
+            }
+        }
+    }
+    out
 }
 
 /// The row a shard's open checkpoint chain gives (what its writer knows is published).
@@ -371,6 +409,10 @@ pub struct PositionsTable {
     rows: std::sync::Mutex<(u64, BTreeMap<String, Row>)>,
     /// How many changes the table in the store holds (held while writing).
     written: tokio::sync::Mutex<u64>,
+    /// Other archivers write rows of the same table (shared archivers):
+    /// every write reads the table, keeps the further row of each shard and
+    /// replaces it only if nobody replaced it meanwhile.
+    shared: bool,
 }
 
 impl PositionsTable {
@@ -389,6 +431,7 @@ impl PositionsTable {
         suffix: &str,
         checkpoints: &[Checkpoint],
         hourly: bool,
+        shared: bool,
     ) -> Result<Self> {
         let previous = match read(archive, &id.stream).await {
             Ok(Some((prev_id, rows))) if prev_id == id => rows,
@@ -442,6 +485,7 @@ impl PositionsTable {
             id,
             rows: std::sync::Mutex::new((1, rows)),
             written: tokio::sync::Mutex::new(0),
+            shared,
         };
         table.write_through(1).await?;
         Ok(table)
@@ -474,11 +518,99 @@ impl PositionsTable {
         };
         let path = self.archive.layout.positions(&self.id.stream);
         let name = self.archive.describe(&path);
-        let body = encode(&self.id, &rows, &name)?;
-        self.archive.put_bytes(&path, body.into()).await?;
-        self.archive.sync_local(&path).await?;
+        if self.shared {
+            self.write_merged(&path, rows).await?;
+        } else {
+            let body = encode(&self.id, &rows, &name)?;
+            self.archive.put_bytes(&path, body.into()).await?;
+            self.archive.sync_local(&path).await?;
+        }
         *written = upto;
         Ok(())
+    }
+
+    /// Merge `rows` into the table in the store and replace it, unless
+    /// another writer replaced it meanwhile (then again): a conditional
+    /// update on S3, under an exclusive file lock on a local directory.
+    async fn write_merged(
+        &self,
+        path: &object_store::path::Path,
+        rows: BTreeMap<String, Row>,
+    ) -> Result<()> {
+        use object_store::{PutMode, PutOptions, PutPayload, UpdateVersion};
+        let name = self.archive.describe(path);
+        let stream = self.id.stream.clone();
+        if let crate::config::ArchiveLocation::Local(root) = &self.archive.location {
+            let lock_path = root.join(path.as_ref()).with_extension("lock");
+            let lock = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+                if let Some(d) = lock_path.parent() {
+                    std::fs::create_dir_all(d)?;
+                }
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&lock_path)?;
+                f.lock()?;
+                Ok(f)
+            })
+            .await
+            .map_err(|e| Error::Usage(format!("internal error: lock task failed: {e}")))?
+            .map_err(|source| Error::Io {
+                path: format!("{name} (its lock file)").into(),
+                source,
+            })?;
+            let theirs = read(&self.archive, &stream).await?;
+            let body = encode(&self.id, &merge(&self.id, theirs, rows), &name)?;
+            let res = async {
+                self.archive.put_bytes(path, body.into()).await?;
+                self.archive.sync_local(path).await
+            }
+            .await;
+            drop(lock);
+            return res;
+        }
+        for _ in 0..100 {
+            let (theirs, version) = match self.archive.store.get(path).await {
+                Ok(r) => {
+                    let etag = r.meta.e_tag.clone();
+                    let bytes = r.bytes().await.map_err(|e| Error::store(&name, e))?;
+                    (Some(decode(&stream, bytes, &name)?), etag)
+                }
+                Err(object_store::Error::NotFound { .. }) => (None, None),
+                Err(e) => return Err(Error::store(&name, e)),
+            };
+            let mode = match (&theirs, version) {
+                (Some(_), Some(e_tag)) => PutMode::Update(UpdateVersion {
+                    e_tag: Some(e_tag),
+                    version: None,
+                }),
+                (Some(_), None) => PutMode::Overwrite,
+                (None, _) => PutMode::Create,
+            };
+            let body = encode(&self.id, &merge(&self.id, theirs, rows.clone()), &name)?;
+            let opts = PutOptions {
+                mode,
+                ..Default::default()
+            };
+            match self
+                .archive
+                .store
+                .put_opts(path, PutPayload::from(body), opts)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(object_store::Error::Precondition { .. })
+                | Err(object_store::Error::AlreadyExists { .. }) => {
+                    tracing::debug!("{name} was replaced meanwhile: merging again");
+                }
+                Err(e) => return Err(Error::store(&name, e)),
+            }
+        }
+        Err(Error::CorruptState {
+            object: name,
+            message: "replaced by other archivers 100 times in a row while writing it".into(),
+        })
     }
 }
 

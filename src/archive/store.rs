@@ -276,8 +276,15 @@ impl Archive {
 /// Abort the incomplete multipart uploads under `prefix`: uploads of an
 /// archiver that died or was fenced (a staged file, or a publishing copy),
 /// which nobody will complete. Only a new lease holder calls this, for its
-/// own stream, before it starts any upload. Returns how many were aborted.
-pub async fn abort_stale_uploads(cfg: &Config, archive: &Archive, prefix: &Path) -> Result<usize> {
+/// own stream, before it starts any upload — or, with `shard`, a shared
+/// archiver taking a shard over, for that shard's files only. Returns how
+/// many were aborted.
+pub async fn abort_stale_uploads(
+    cfg: &Config,
+    archive: &Archive,
+    prefix: &Path,
+    shard: Option<&str>,
+) -> Result<usize> {
     let ArchiveLocation::S3 { bucket, .. } = &archive.location else {
         return Ok(0);
     };
@@ -301,7 +308,16 @@ pub async fn abort_stale_uploads(cfg: &Config, archive: &Archive, prefix: &Path)
             .await
             .map_err(|e| fail(crate::aws::error_text(&e)))?;
         for u in page.uploads() {
-            if let (Some(key), Some(id)) = (u.key(), u.upload_id()) {
+            let of_shard = |key: &str| {
+                shard.is_none_or(|s| {
+                    key.rsplit('/')
+                        .next()
+                        .is_some_and(|n| n.strip_prefix(s).is_some_and(|r| r.starts_with('_')))
+                })
+            };
+            if let (Some(key), Some(id)) = (u.key(), u.upload_id())
+                && of_shard(key)
+            {
                 match client
                     .abort_multipart_upload()
                     .bucket(bucket)

@@ -188,6 +188,32 @@ pub async fn split_first_shard(c: &Client, stream: &str) {
     wait_active(c, stream).await;
 }
 
+/// Merge the two open children of the one split of `stream` back into one
+/// shard and wait until the stream is active again.
+pub async fn merge_split_children(c: &Client, stream: &str) {
+    let shards = c.list_shards().stream_name(stream).send().await.unwrap();
+    let open: Vec<_> = shards
+        .shards()
+        .iter()
+        .filter(|s| {
+            s.sequence_number_range()
+                .unwrap()
+                .ending_sequence_number()
+                .is_none()
+                && s.parent_shard_id().is_some()
+        })
+        .collect();
+    assert_eq!(open.len(), 2, "two children after the split");
+    c.merge_shards()
+        .stream_name(stream)
+        .shard_to_merge(open[0].shard_id())
+        .adjacent_shard_to_merge(open[1].shard_id())
+        .send()
+        .await
+        .unwrap();
+    wait_active(c, stream).await;
+}
+
 /// A record as put, with where Kinesis placed it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Put {

@@ -34,4 +34,5 @@ mod server;
 mod sql;
 mod ui;
 mod verify_scale;
+mod workers;
 mod writer_interop;

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::archive::budget::{ENCODER_FIXED, MemoryBudget, PROCESS_FIXED};
 use crate::archive::checkpoint::{Commit, Gap, PublishPolicy, ShardCheckpoint, load_all};
 use crate::archive::identity;
-use crate::archive::lease::{Lease, LeaseClock};
+use crate::archive::lease::{Lease, LeaseClock, Subject};
 use crate::archive::manifest;
 use crate::archive::positions::{self, PositionsTable, StreamId};
 use crate::archive::store::Archive;
@@ -40,8 +40,10 @@ use crate::kinesis::{self, Client};
 use crate::metrics::Stats;
 
 mod shard;
+mod workers;
 
 use shard::archive_shard;
+use workers::Coordinator;
 
 pub use crate::archive::footer::{decode_position, encode_position, flush_metadata, meta};
 
@@ -52,6 +54,8 @@ pub struct ArchiveOptions {
     pub once: bool,
     /// Only this stream (default: every configured stream).
     pub stream: Option<String>,
+    /// Share each stream with other archivers, shard by shard (see `workers`).
+    pub shared: bool,
 }
 
 /// What a run did.
@@ -121,6 +125,7 @@ pub async fn run(
             encoders: encoders.clone(),
             settings: ParquetSettings::from(&cfg.archive),
             once: opts.once,
+            shared: opts.shared,
             epoch: AtomicU64::new(0),
             lease_clock: OnceLock::new(),
             suffix: OnceLock::new(),
@@ -177,6 +182,8 @@ struct StreamCtx {
     encoders: Arc<Semaphore>,
     settings: ParquetSettings,
     once: bool,
+    /// Shared with other archivers, shard by shard (see `workers`).
+    shared: bool,
     /// Epoch of the stream's lease once held (checkpoints and staged files carry it).
     epoch: AtomicU64,
     /// The lease's validity; no commit starts when its end is too close.
@@ -227,20 +234,63 @@ async fn archive_stream(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Resul
         .map(|c| c.epoch)
         .max()
         .unwrap_or(0);
-    let mut lease = Lease::acquire(&ctx.archive, &name, &ctx.owner, ttl, min_epoch).await?;
-    ctx.epoch.store(lease.epoch(), Ordering::Release);
-    let _ = ctx.lease_clock.set(lease.clock());
-    tracing::info!(stream = %name, epoch = lease.epoch(), "lease acquired; archiving into {}", ctx.archive.describe(&ctx.archive.layout.stream_dir(&name)));
-    // Uploads of an earlier holder are never completed (it died, or it is
-    // fenced): abort them all before this holder starts any of its own.
-    let stream_dir = ctx.archive.layout.stream_dir(&name);
-    match crate::archive::store::abort_stale_uploads(&ctx.cfg, &ctx.archive, &stream_dir).await {
-        Ok(0) => {}
-        Ok(n) => {
-            tracing::info!(stream = %name, "aborted {n} incomplete upload(s) of an earlier archiver")
+    let mut lease = if ctx.shared {
+        if let Some(rec) = workers::single_archiver(&ctx.archive, &name, ttl).await? {
+            return Err(Error::ArchiverModeConflict {
+                stream: name,
+                running: "a single archiver",
+                owner: format!(
+                    "host {}, pid {}, since {}",
+                    rec.host, rec.pid, rec.started_at
+                ),
+                hint: "stop it first, or run every archiver of the stream with --shared",
+            });
         }
-        Err(e) => tracing::warn!(stream = %name, "{e}"),
-    }
+        // Our heartbeat: other shared archivers see us alive while it is renewed.
+        let lease = Lease::acquire_on(
+            &ctx.archive,
+            Subject::Worker {
+                stream: name.clone(),
+                owner: ctx.owner.clone(),
+            },
+            &ctx.owner,
+            ttl,
+            0,
+        )
+        .await?;
+        tracing::info!(stream = %name, archiver = %ctx.owner, "archiving shared with other archivers into {}", ctx.archive.describe(&ctx.archive.layout.stream_dir(&name)));
+        lease
+    } else {
+        if let Some(rec) = workers::shared_archiver(&ctx.archive, &name, ttl).await? {
+            return Err(Error::ArchiverModeConflict {
+                stream: name,
+                running: "shared archivers",
+                owner: format!(
+                    "host {}, pid {}, since {}",
+                    rec.host, rec.pid, rec.started_at
+                ),
+                hint: "run this one with --shared too (archiver.shared = true), or stop them first",
+            });
+        }
+        let lease = Lease::acquire(&ctx.archive, &name, &ctx.owner, ttl, min_epoch).await?;
+        ctx.epoch.store(lease.epoch(), Ordering::Release);
+        tracing::info!(stream = %name, epoch = lease.epoch(), "lease acquired; archiving into {}", ctx.archive.describe(&ctx.archive.layout.stream_dir(&name)));
+        // Uploads of an earlier holder are never completed (it died, or it is
+        // fenced): abort them all before this holder starts any of its own.
+        // (Shared archivers abort those of a shard they take over.)
+        let stream_dir = ctx.archive.layout.stream_dir(&name);
+        match crate::archive::store::abort_stale_uploads(&ctx.cfg, &ctx.archive, &stream_dir, None)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(stream = %name, "aborted {n} incomplete upload(s) of an earlier archiver")
+            }
+            Err(e) => tracing::warn!(stream = %name, "{e}"),
+        }
+        lease
+    };
+    let _ = ctx.lease_clock.set(lease.clock());
 
     // Shard tasks stop on `shards` (cancel or lease loss), the renewer on `renew_stop`.
     let shards = cancel.child_token();
@@ -264,8 +314,11 @@ async fn archive_stream(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Resul
         })
     };
 
-    let result = match identify(&ctx).await {
-        Ok(ckpts) => supervise(ctx.clone(), ckpts, shards.clone()).await,
+    let coord = ctx
+        .shared
+        .then(|| Coordinator::new(&ctx.archive, &name, &ctx.owner, ttl, min_epoch));
+    let result = match identify(&ctx, coord).await {
+        Ok((ckpts, coord)) => supervise(ctx.clone(), ckpts, coord, shards.clone()).await,
         Err(e) => Err(e),
     };
     shards.cancel();
@@ -276,8 +329,14 @@ async fn archive_stream(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Resul
         )))
     });
     match (result, lease_res) {
+        // The others take our shards at once, rather than after the ttl.
+        (Err(e), Ok(lease)) if ctx.shared => {
+            let _ = lease.remove().await;
+            Err(e)
+        }
         (Err(e), _) => Err(e),
         (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(lease)) if ctx.shared => lease.remove().await,
         (Ok(()), Ok(lease)) => {
             lease.release().await?;
             Ok(())
@@ -288,7 +347,13 @@ async fn archive_stream(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Resul
 /// Find which incarnation of the stream this is (see `identity`), record
 /// it, and close what an earlier incarnation left unfinished (its records are
 /// gone with it: recorded as gaps). Returns the checkpoints of the current one.
-async fn identify(ctx: &StreamCtx) -> Result<Vec<crate::archive::checkpoint::Checkpoint>> {
+async fn identify(
+    ctx: &StreamCtx,
+    mut coord: Option<Coordinator>,
+) -> Result<(
+    Vec<crate::archive::checkpoint::Checkpoint>,
+    Option<Coordinator>,
+)> {
     let name = &ctx.stream.name;
     let (arn, created) =
         identity::describe(&ctx.client, name, ctx.cfg.archiver.max_backoff.0).await?;
@@ -313,17 +378,26 @@ async fn identify(ctx: &StreamCtx) -> Result<Vec<crate::archive::checkpoint::Che
         );
     }
     let _ = ctx.suffix.set(suffix.clone());
+    if let Some(coord) = coord.as_mut() {
+        coord.refresh().await?;
+    }
     let mut current = Vec::new();
     for c in ckpts {
         if identity::split_key(&c.shard_id).1 == suffix {
             current.push(c);
         } else if !c.finished {
-            record_lost_shard(
-                ctx,
-                &c.shard_id,
-                "the stream was deleted (and re-created) before this shard was archived to its end",
-            )
-            .await?;
+            let why =
+                "the stream was deleted (and re-created) before this shard was archived to its end";
+            match coord.as_mut() {
+                None => record_lost_shard(ctx, &c.shard_id, ctx.epoch(), why).await?,
+                // Shared: whoever claims it records it.
+                Some(coord) => {
+                    if let Some((epoch, _)) = coord.claim(&c.shard_id, c.epoch).await? {
+                        record_lost_shard(ctx, &c.shard_id, epoch, why).await?;
+                        coord.release(&c.shard_id, epoch, true).await?;
+                    }
+                }
+            }
         }
     }
     let table = PositionsTable::start(
@@ -336,25 +410,32 @@ async fn identify(ctx: &StreamCtx) -> Result<Vec<crate::archive::checkpoint::Che
         &suffix,
         &current,
         ctx.cfg.archive.publish == crate::config::PublishMode::Hour,
+        ctx.shared,
     )
     .await?;
     let _ = ctx.positions.set(Arc::new(table));
-    Ok(current)
+    Ok((current, coord))
 }
 
 async fn supervise(
     ctx: Arc<StreamCtx>,
     ckpts: Vec<crate::archive::checkpoint::Checkpoint>,
+    mut coord: Option<Coordinator>,
     cancel: CancellationToken,
 ) -> Result<()> {
     let name = ctx.stream.name.clone();
     let max_backoff = ctx.cfg.archiver.max_backoff.0;
+    let suffix = ctx.suffix.get().cloned().unwrap_or_default();
     // We hold the lease: checkpoints change only through our own tasks, so
-    // they are read once; task results keep `finished` current. Sets hold
-    // Kinesis shard ids of the current incarnation.
+    // they are read once; task results keep `finished` current. (Shared:
+    // other archivers' `done` claims add to it.) Sets hold Kinesis shard
+    // ids of the current incarnation.
     let kinesis_id =
         |c: &crate::archive::checkpoint::Checkpoint| identity::split_key(&c.shard_id).0.to_string();
     let checkpointed: HashSet<String> = ckpts.iter().map(kinesis_id).collect();
+    // Epoch of each shard's chain at start: a claim goes above it.
+    let chain_epoch: HashMap<String, u64> =
+        ckpts.iter().map(|c| (kinesis_id(c), c.epoch)).collect();
     let mut finished: HashSet<String> = ckpts
         .iter()
         .filter(|c| c.finished)
@@ -365,13 +446,19 @@ async fn supervise(
     let mut relist = true;
     // Shard of each running task, by task id (a panicked task still has its id).
     let mut running: HashMap<tokio::task::Id, String> = HashMap::new();
+    // Shared: each running shard's claim epoch and stop token, and the
+    // shards being given up to other archivers.
+    let mut held: HashMap<String, (u64, CancellationToken)> = HashMap::new();
+    let mut shedding: HashSet<String> = HashSet::new();
     let mut tasks: JoinSet<Result<ShardOutcome>> = JoinSet::new();
     let mut first_err: Option<Error> = None;
     let mut caught_up: HashSet<String> = HashSet::new();
     let mut restarts: HashMap<String, u32> = HashMap::new();
+    let round = ctx.cfg.archiver.lease_ttl.0 / 4;
 
     loop {
-        if !cancel.is_cancelled() && first_err.is_none() && relist {
+        let working = !cancel.is_cancelled() && first_err.is_none();
+        if working && relist {
             match list_shards(&ctx.client, &name, max_backoff).await {
                 Ok(l) => {
                     listed = Some(l.into_iter().map(|s| (s.shard_id.clone(), s)).collect());
@@ -388,6 +475,21 @@ async fn supervise(
                     tracing::error!(stream = %name, "{e}");
                     cancel.cancel();
                     first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(coord) = coord.as_mut().filter(|_| working) {
+            match coord.refresh().await {
+                Ok(()) => {
+                    for key in coord.done() {
+                        let (id, sfx) = identity::split_key(key);
+                        if sfx == suffix {
+                            finished.insert(id.to_string());
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(stream = %name, "reading the other archivers' claims failed, keeping the previous view: {e}")
                 }
             }
         }
@@ -408,10 +510,33 @@ async fn supervise(
                 .collect();
             for id in lost {
                 let key = ctx.key(&id);
-                match record_lost_shard(&ctx, &key, "the shard left the stream (closed longer than the retention ago) before it was archived to its end").await {
-                    Ok(()) => {
+                let why = "the shard left the stream (closed longer than the retention ago) before it was archived to its end";
+                let res = match coord.as_mut() {
+                    None => record_lost_shard(&ctx, &key, ctx.epoch(), why)
+                        .await
+                        .map(|()| true),
+                    Some(coord) => {
+                        let min = chain_epoch.get(&id).copied().unwrap_or(0);
+                        match coord.claim(&key, min).await {
+                            Ok(Some((epoch, _))) => {
+                                async {
+                                    record_lost_shard(&ctx, &key, epoch, why).await?;
+                                    coord.release(&key, epoch, true).await?;
+                                    Ok(true)
+                                }
+                                .await
+                            }
+                            // Another archiver holds it: its business.
+                            Ok(None) => Ok(false),
+                            Err(e) => Err(e),
+                        }
+                    }
+                };
+                match res {
+                    Ok(true) => {
                         finished.insert(id);
                     }
+                    Ok(false) => {}
                     Err(e) => {
                         tracing::error!(stream = %name, shard = %id, "{e}");
                         cancel.cancel();
@@ -421,7 +546,7 @@ async fn supervise(
             }
             let initial = initial.get_or_insert_with(|| listed.keys().cloned().collect());
             let active: HashSet<&String> = running.values().collect();
-            let mut start = Vec::new();
+            let mut candidates = Vec::new();
             for (id, info) in listed {
                 if finished.contains(id) || active.contains(id) || caught_up.contains(id) {
                     continue;
@@ -433,13 +558,93 @@ async fn supervise(
                 if !parents_done(info, listed, &finished, &checkpointed) {
                     continue;
                 }
-                start.push(info.clone());
+                candidates.push(info.clone());
             }
-            for info in start {
-                let (c, t) = (ctx.clone(), cancel.clone());
+            let start: Vec<(ShardInfo, u64)> = match coord.as_mut() {
+                None => candidates.into_iter().map(|i| (i, ctx.epoch())).collect(),
+                Some(coord) => {
+                    // Ours no more: another archiver took it while we did not
+                    // renew in time. Its task stops (its commits are fenced).
+                    for (id, (epoch, token)) in &held {
+                        if coord
+                            .claim_of(&ctx.key(id))
+                            .is_some_and(|c| c.epoch > *epoch)
+                            && !token.is_cancelled()
+                        {
+                            tracing::warn!(stream = %name, shard = %id, "another archiver took this shard over: stopping its task");
+                            token.cancel();
+                        }
+                    }
+                    candidates.retain(|i| !coord.held_by_other(&ctx.key(&i.shard_id)));
+                    let mine = held.len() - shedding.len().min(held.len());
+                    let target = workers::target(candidates.len() + mine, coord.live().len());
+                    if mine > target {
+                        // Give shards up to archivers with room: their tasks
+                        // flush and commit, then the claims are freed.
+                        let give: Vec<String> = held
+                            .keys()
+                            .filter(|id| !shedding.contains(*id))
+                            .take(mine - target)
+                            .cloned()
+                            .collect();
+                        for id in give {
+                            tracing::info!(stream = %name, shard = %id, "handing the shard over to another archiver (balancing)");
+                            if let Some((_, token)) = held.get(&id) {
+                                token.cancel();
+                            }
+                            shedding.insert(id);
+                        }
+                    }
+                    let mut room = target.saturating_sub(mine);
+                    let mut start = Vec::new();
+                    // Archivers starting together try different shards first.
+                    use rand::seq::SliceRandom;
+                    candidates.shuffle(&mut rand::rng());
+                    for info in candidates {
+                        if room == 0 {
+                            break;
+                        }
+                        let id = info.shard_id.clone();
+                        let key = ctx.key(&id);
+                        let min = chain_epoch.get(&id).copied().unwrap_or(0);
+                        match coord.claim(&key, min).await {
+                            Ok(Some((epoch, from))) => {
+                                if let Some(from) = from {
+                                    tracing::info!(stream = %name, shard = %id, "taking the shard over from archiver {from}, which stopped renewing its heartbeat");
+                                    let dir = ctx.archive.layout.stream_dir(&name);
+                                    if let Err(e) = crate::archive::store::abort_stale_uploads(
+                                        &ctx.cfg,
+                                        &ctx.archive,
+                                        &dir,
+                                        Some(&key),
+                                    )
+                                    .await
+                                    {
+                                        tracing::warn!(stream = %name, shard = %id, "{e}");
+                                    }
+                                }
+                                start.push((info, epoch));
+                                room -= 1;
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                tracing::warn!(stream = %name, shard = %id, "claiming the shard failed (trying again later): {e}");
+                                break;
+                            }
+                        }
+                    }
+                    start
+                }
+            };
+            for (info, epoch) in start {
+                let token = cancel.child_token();
+                let (c, t) = (ctx.clone(), token.clone());
                 let id = info.shard_id.clone();
-                let handle = tasks.spawn(async move { archive_shard(c, info, t).await });
-                running.insert(handle.id(), id);
+                let handle = tasks.spawn(async move { archive_shard(c, info, epoch, t).await });
+                running.insert(handle.id(), id.clone());
+                if coord.is_some() {
+                    held.insert(id, (epoch, token));
+                }
             }
         }
         if running.is_empty() && (ctx.once || cancel.is_cancelled() || first_err.is_some()) {
@@ -458,39 +663,58 @@ async fn supervise(
                     }
                 };
                 let id = running.remove(&task).unwrap_or_else(|| "?".into());
+                let claim = held.remove(&id).map(|(epoch, _)| epoch);
+                shedding.remove(&id);
+                // Shared: what becomes of the shard's claim.
+                let mut release: Option<bool> = None;
                 match res {
                     Ok(ShardOutcome::Finished) => {
                         tracing::info!(stream = %name, shard = %id, "shard finished");
                         if let Err(e) = manifest::record_finished_shard(&ctx.archive, &name, &ctx.key(&id)).await {
                             tracing::warn!(stream = %name, shard = %id, "could not update the finished-shard manifest: {e}");
                         }
-                        finished.insert(id);
+                        finished.insert(id.clone());
+                        release = Some(true);
                         // Its children may be listed (or be new) and can start now.
                         relist = true;
                     }
                     Ok(ShardOutcome::CaughtUp) => {
-                        caught_up.insert(id);
+                        caught_up.insert(id.clone());
+                        release = Some(false);
                     }
-                    Ok(ShardOutcome::Stopped) => {}
+                    Ok(ShardOutcome::Stopped) => release = Some(false),
                     // A late write of an earlier archiver changed the shard's
-                    // state: its task starts again from the new state.
+                    // state: its task starts again from the new state (the
+                    // claim, if any, stays ours).
                     Err(e @ Error::StaleCheckpoint { .. })
                         if restarts.get(&id).copied().unwrap_or(0) < 20 =>
                     {
                         *restarts.entry(id.clone()).or_default() += 1;
                         tracing::warn!(stream = %name, shard = %id, "{e}; reading the shard again from its committed state");
                     }
+                    // Shared: another archiver took the shard over (we were
+                    // taken for dead); the claim is theirs.
+                    Err(e @ Error::Fenced { .. }) if claim.is_some() => {
+                        tracing::warn!(stream = %name, shard = %id, "{e}: another archiver holds the shard now");
+                    }
                     Err(e) => {
                         tracing::error!(stream = %name, shard = %id, "{e}");
                         cancel.cancel();
                         first_err.get_or_insert(e);
+                        release = Some(false);
                     }
+                }
+                if let (Some(coord), Some(epoch), Some(done)) = (coord.as_mut(), claim, release)
+                    && let Err(e) = coord.release(&ctx.key(&id), epoch, done).await
+                {
+                    tracing::warn!(stream = %name, shard = %id, "could not release the shard's claim (others take it over after the lease ttl): {e}");
                 }
             }
             _ = cancel.cancelled(), if !cancel.is_cancelled() => {}
             _ = tokio::time::sleep(discovery), if !ctx.once && !cancel.is_cancelled() => {
                 relist = true;
             }
+            _ = tokio::time::sleep(round), if coord.is_some() && !cancel.is_cancelled() => {}
         }
     }
     match first_err {
@@ -501,7 +725,7 @@ async fn supervise(
 
 /// Record that the unarchived end of `shard` left the stream: a gap from
 /// its checkpoint to the end of the shard, and the shard finished.
-async fn record_lost_shard(ctx: &StreamCtx, shard: &str, reason: &str) -> Result<()> {
+async fn record_lost_shard(ctx: &StreamCtx, shard: &str, epoch: u64, reason: &str) -> Result<()> {
     let stream = &ctx.stream.name;
     let mut ck = ShardCheckpoint::open_with(
         &ctx.archive,
@@ -509,7 +733,7 @@ async fn record_lost_shard(ctx: &StreamCtx, shard: &str, reason: &str) -> Result
         shard,
         vec![],
         &ctx.owner,
-        ctx.epoch(),
+        epoch,
         PublishPolicy::from_config(&ctx.cfg.archive),
     )
     .await?;

@@ -98,9 +98,13 @@ impl ShardBuffer {
     }
 }
 
+/// Archive one shard as the holder of lease `epoch` (the stream's lease, or
+/// with shared archivers the shard's own claim) until it is finished, caught
+/// up (`--once`) or cancelled.
 pub(super) async fn archive_shard(
     ctx: Arc<StreamCtx>,
     info: ShardInfo,
+    epoch: u64,
     cancel: CancellationToken,
 ) -> Result<ShardOutcome> {
     let stream = ctx.stream.name.clone();
@@ -112,7 +116,7 @@ pub(super) async fn archive_shard(
         &ctx.key(&shard),
         info.parents.iter().map(|p| ctx.key(p)).collect(),
         &ctx.owner,
-        ctx.epoch(),
+        epoch,
         PublishPolicy::from_config(&ctx.cfg.archive),
     )
     .await?;
@@ -368,7 +372,7 @@ async fn flush(
         .map_err(|e| Error::Usage(format!("internal error: encoder task failed: {e}")))??;
         keys.extend(k);
         written += bytes.len() as u64;
-        staged.push(stage_with_retry(ctx, &path, bytes::Bytes::from(bytes)).await?);
+        staged.push(stage_with_retry(ctx, ck.epoch(), &path, bytes::Bytes::from(bytes)).await?);
     }
     drop(_encoding);
     let (pos, arrival) = match last {
@@ -444,13 +448,14 @@ fn lease_lapsed(ctx: &StreamCtx) -> Error {
 
 async fn stage_with_retry(
     ctx: &StreamCtx,
+    epoch: u64,
     path: &object_store::path::Path,
     bytes: bytes::Bytes,
 ) -> Result<crate::archive::checkpoint::PublishEntry> {
     let mut backoff = kinesis::Backoff::new(ctx.cfg.archiver.max_backoff.0);
     let stream = &ctx.stream.name;
     loop {
-        match stage(&ctx.archive, stream, ctx.epoch(), path, bytes.clone()).await {
+        match stage(&ctx.archive, stream, epoch, path, bytes.clone()).await {
             Ok(e) => return Ok(e),
             Err(e)
                 if backoff.attempts() < 8

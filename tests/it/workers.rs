@@ -1,0 +1,324 @@
+//! Several archivers on one stream (`fluxcap archive --shared`): shards
+//! balanced across them, taken over when one dies or stops, lineage across
+//! archivers, every record exactly once, per-key order intact.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+use crate::resharding::{archived_count, assert_per_key_order, terminate};
+
+/// Latest claim of each shard: shard key → holder (an archiver id, `free`
+/// or `done`), read from the archive directory as any tool could.
+fn claims(archive: &Path, stream: &str) -> BTreeMap<String, String> {
+    let dir = archive.join(stream).join("_fluxcap/owners");
+    let mut out = BTreeMap::new();
+    for shard in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let latest = std::fs::read_dir(shard.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|f| {
+                let name = f.file_name().to_string_lossy().to_string();
+                let (e, h) = name.strip_suffix(".json")?.split_once('-')?;
+                Some((e.to_string(), h.to_string()))
+            })
+            .max();
+        if let Some((_, holder)) = latest {
+            out.insert(shard.file_name().to_string_lossy().to_string(), holder);
+        }
+    }
+    out
+}
+
+/// Archiver id of the shared archiver with process id `pid` (from its heartbeat).
+fn archiver_id(archive: &Path, stream: &str, pid: u32) -> Option<String> {
+    let dir = archive.join(stream).join("_fluxcap/workers");
+    for w in std::fs::read_dir(&dir).ok()?.flatten() {
+        for f in std::fs::read_dir(w.path()).ok()?.flatten() {
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(f.path()).ok()?).ok()?;
+            if v["pid"].as_u64() == Some(u64::from(pid)) {
+                return Some(w.file_name().to_string_lossy().to_string());
+            }
+        }
+    }
+    None
+}
+
+/// Open shards of the stream (no ending sequence number).
+fn open_shards(
+    rt: &tokio::runtime::Runtime,
+    c: &aws_sdk_kinesis::Client,
+    stream: &str,
+) -> Vec<String> {
+    rt.block_on(async {
+        let r = c.list_shards().stream_name(stream).send().await.unwrap();
+        r.shards()
+            .iter()
+            .filter(|s| {
+                s.sequence_number_range()
+                    .unwrap()
+                    .ending_sequence_number()
+                    .is_none()
+            })
+            .map(|s| s.shard_id().to_string())
+            .collect()
+    })
+}
+
+/// Wait until every open shard is held by one of `holders`; returns how
+/// long that took. Fails after `limit`, naming who holds what.
+fn wait_held_by(
+    ws: &Workspace,
+    rt: &tokio::runtime::Runtime,
+    c: &aws_sdk_kinesis::Client,
+    stream: &str,
+    holders: &BTreeSet<String>,
+    limit: Duration,
+) -> Duration {
+    let start = Instant::now();
+    let open = open_shards(rt, c, stream);
+    loop {
+        let cl = claims(&ws.archive, stream);
+        if open
+            .iter()
+            .all(|s| cl.get(s).is_some_and(|h| holders.contains(h)))
+        {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "open shards {open:?} not all held by {holders:?} after {limit:?}: {cl:?}"
+        );
+        // Polling the store for a condition, with a deadline.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn ids(archive: &Path, stream: &str, children: &[&Child]) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    children
+        .iter()
+        .map(|ch| {
+            loop {
+                if let Some(id) = archiver_id(archive, stream, ch.id()) {
+                    break id;
+                }
+                assert!(Instant::now() < deadline, "no heartbeat of pid {}", ch.id());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn three_shared_archivers_split_a_resharded_stream_and_survive_kill_9_and_sigterm() {
+    let k = kinesis();
+    let stream = unique("shared");
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    rt.block_on(create_stream(&c, &stream, 16));
+    let ttl = Duration::from_secs(4);
+    let ws = Workspace::new(
+        &k.endpoint(),
+        None,
+        None,
+        "[archive.flush]\nmax_age = \"500ms\"\n[archiver]\nshared = true\nlease_ttl = \"4s\"\nshard_discovery_interval = \"1s\"\npoll_interval = \"200ms\"\nmetrics_bind = \"\"",
+        &[(&stream, "json")],
+    );
+    let mut a = ws.spawn_archiver();
+    let mut b = ws.spawn_archiver();
+    let mut cc = ws.spawn_archiver();
+    let id = ids(&ws.archive, &stream, &[&a, &b, &cc]);
+    let all: BTreeSet<String> = id.iter().cloned().collect();
+
+    // The 16 shards end up spread over the three archivers.
+    wait_held_by(&ws, &rt, &c, &stream, &all, Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let cl = claims(&ws.archive, &stream);
+        let per: Vec<usize> = id
+            .iter()
+            .map(|w| cl.values().filter(|h| *h == w).count())
+            .collect();
+        if per.iter().all(|n| (5..=6).contains(n)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not balanced: {per:?} {cl:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let mut puts = Vec::new();
+    puts.extend(rt.block_on(put_records(&c, &stream, &orders(400, 1))));
+    rt.block_on(split_first_shard(&c, &stream));
+    puts.extend(rt.block_on(put_records(&c, &stream, &orders(400, 2))));
+    rt.block_on(merge_split_children(&c, &stream));
+    puts.extend(rt.block_on(put_records(&c, &stream, &orders(400, 3))));
+    // The children of the split and of the merge are taken too.
+    wait_held_by(&ws, &rt, &c, &stream, &all, Duration::from_secs(60));
+
+    // SIGKILL one: the others hold every open shard within 2 × the ttl.
+    let rc = unsafe { libc::kill(a.id() as libc::pid_t, libc::SIGKILL) };
+    assert_eq!(rc, 0);
+    a.wait().unwrap();
+    let rest: BTreeSet<String> = id[1..].iter().cloned().collect();
+    let took = wait_held_by(&ws, &rt, &c, &stream, &rest, 2 * ttl);
+    eprintln!("after SIGKILL, every open shard was held by the others in {took:?}");
+    puts.extend(rt.block_on(put_records(&c, &stream, &orders(400, 4))));
+
+    // SIGTERM another: it commits, frees its shards, and the last one takes them.
+    let st = terminate(&mut b);
+    assert!(st.success(), "SIGTERM exit status: {st}");
+    let last: BTreeSet<String> = id[2..].iter().cloned().collect();
+    let took = wait_held_by(&ws, &rt, &c, &stream, &last, 2 * ttl);
+    eprintln!("after SIGTERM, every open shard was held by the last one in {took:?}");
+    puts.extend(rt.block_on(put_records(&c, &stream, &orders(400, 5))));
+
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while archived_count(&ws, &rt, &stream) < puts.len() as u64 {
+        assert!(Instant::now() < deadline, "the archivers did not catch up");
+        assert!(cc.try_wait().unwrap().is_none(), "archiver exited early");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let st = terminate(&mut cc);
+    assert!(st.success(), "SIGTERM exit status: {st}");
+    // Every archiver gone: no heartbeat left but the killed one's (removed
+    // by whoever took its shards), every claim free or done.
+    let cl = claims(&ws.archive, &stream);
+    assert!(
+        cl.values().all(|h| h == "free" || h == "done"),
+        "claims after every archiver stopped: {cl:?}"
+    );
+    ws.ok(&["verify"]);
+
+    let got = read_local("duckdb", &ws.archive.join(&stream));
+    assert_same(
+        &puts_multiset(&puts),
+        &archived_multiset(&got),
+        "archive of three shared archivers",
+    );
+    assert_per_key_order(&c, &rt, &stream, &puts, &got, true);
+    // The positions table, written by all three, names every shard's last record.
+    let rows = duckdb(
+        &ws.archive,
+        &format!(
+            "SELECT shard_id, sequence_number FROM read_parquet('{}/fluxcap-positions/{stream}/positions.parquet')",
+            ws.archive.display()
+        ),
+    );
+    let mut last: BTreeMap<String, fluxcap::record::Position> = BTreeMap::new();
+    for g in &got {
+        let p = fluxcap::record::Position::new(g.sequence_number.clone(), 0);
+        let e = last.entry(g.shard_id.clone()).or_insert(p.clone());
+        if p > *e {
+            *e = p;
+        }
+    }
+    let table: BTreeMap<String, String> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["shard_id"].as_str().unwrap_or_default().to_string(),
+                r["sequence_number"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    for (shard, p) in &last {
+        assert_eq!(
+            table.get(shard),
+            Some(&p.sequence_number),
+            "positions row of {shard}: {table:?}"
+        );
+    }
+}
+
+#[test]
+fn single_and_shared_archivers_refuse_each_other() {
+    let k = kinesis();
+    let stream = unique("modes");
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    rt.block_on(create_stream(&c, &stream, 2));
+    let ws = Workspace::new(
+        &k.endpoint(),
+        None,
+        None,
+        "[archiver]\nlease_ttl = \"4s\"\nmetrics_bind = \"\"",
+        &[(&stream, "json")],
+    );
+    let lease_dir = ws.archive.join(&stream).join("_fluxcap/lease");
+    let workers_dir = ws.archive.join(&stream).join("_fluxcap/workers");
+    let has_objects = |d: &Path| {
+        walk_files(d)
+            .iter()
+            .any(|p| p.extension().is_some_and(|e| e == "json"))
+    };
+
+    let mut single = ws.spawn_archiver();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !has_objects(&lease_dir) {
+        assert!(
+            Instant::now() < deadline,
+            "the single archiver took no lease"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = ws.run(&["archive", "--once", "--shared"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("a single archiver"), "{err}");
+    assert!(terminate(&mut single).success());
+
+    let mut shared = ws.cmd();
+    let mut shared = shared
+        .args(["archive", "--shared"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !has_objects(&workers_dir) {
+        assert!(
+            Instant::now() < deadline,
+            "the shared archiver has no heartbeat"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = ws.run(&["archive", "--once"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("shared archivers") && err.contains("--shared"),
+        "{err}"
+    );
+    assert!(terminate(&mut shared).success());
+    // Its heartbeat is gone with it: a single archiver may start again.
+    assert!(!has_objects(&workers_dir));
+    let puts = rt.block_on(put_records(&c, &stream, &orders(50, 7)));
+    ws.ok(&["archive", "--once"]);
+    let got = read_local("pyarrow", &ws.archive.join(&stream));
+    assert_same(
+        &puts_multiset(&puts),
+        &archived_multiset(&got),
+        "after both modes",
+    );
+}
+
+fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
