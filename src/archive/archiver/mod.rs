@@ -20,6 +20,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -450,6 +451,8 @@ async fn supervise(
     // shards being given up to other archivers.
     let mut held: HashMap<String, (u64, CancellationToken)> = HashMap::new();
     let mut shedding: HashSet<String> = HashSet::new();
+    // Shards given up lately, left to the others for a few rounds.
+    let mut given: HashMap<String, Instant> = HashMap::new();
     let mut tasks: JoinSet<Result<ShardOutcome>> = JoinSet::new();
     let mut first_err: Option<Error> = None;
     let mut caught_up: HashSet<String> = HashSet::new();
@@ -575,26 +578,35 @@ async fn supervise(
                             token.cancel();
                         }
                     }
-                    candidates.retain(|i| !coord.held_by_other(&ctx.key(&i.shard_id)));
+                    // Every shard that can be archived now, whoever holds it.
                     let mine = held.len() - shedding.len().min(held.len());
                     let target = workers::target(candidates.len() + mine, coord.live().len());
-                    if mine > target {
-                        // Give shards up to archivers with room: their tasks
-                        // flush and commit, then the claims are freed.
-                        let give: Vec<String> = held
-                            .keys()
-                            .filter(|id| !shedding.contains(*id))
-                            .take(mine - target)
-                            .cloned()
-                            .collect();
-                        for id in give {
-                            tracing::info!(stream = %name, shard = %id, "handing the shard over to another archiver (balancing)");
-                            if let Some((_, token)) = held.get(&id) {
-                                token.cancel();
-                            }
-                            shedding.insert(id);
+                    candidates.retain(|i| !coord.held_by_other(&ctx.key(&i.shard_id)));
+                    // Too many, or two more than another archiver: give
+                    // shards up (their tasks flush and commit, then the
+                    // claims are freed) and leave them to the others a while.
+                    let excess = if mine > target {
+                        mine - target
+                    } else {
+                        usize::from(coord.fewest_held_by_others().is_some_and(|n| mine >= n + 2))
+                    };
+                    let give: Vec<String> = held
+                        .keys()
+                        .filter(|id| !shedding.contains(*id))
+                        .take(excess)
+                        .cloned()
+                        .collect();
+                    for id in give {
+                        tracing::info!(stream = %name, shard = %id, "handing the shard over to another archiver (balancing)");
+                        if let Some((_, token)) = held.get(&id) {
+                            token.cancel();
                         }
+                        given.insert(id.clone(), Instant::now());
+                        shedding.insert(id);
                     }
+                    let mine = mine - excess.min(mine);
+                    given.retain(|_, t| t.elapsed() < 3 * round);
+                    candidates.retain(|i| !given.contains_key(&i.shard_id));
                     let mut room = target.saturating_sub(mine);
                     let mut start = Vec::new();
                     // Archivers starting together try different shards first.

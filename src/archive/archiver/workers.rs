@@ -5,10 +5,11 @@
 //! ```text
 //!  <stream>/_fluxcap/workers/<id>/<epoch>.json   heartbeat of archiver <id>, renewed
 //!                                                every lease_ttl/3 (a lease, see `lease`)
-//!  <stream>/_fluxcap/owners/<shard>/<epoch>-<holder>.json
-//!                                                immutable claims, created conditionally;
-//!                                                the highest epoch says who holds the shard:
-//!                                                an archiver id, `free` or `done`
+//!  <stream>/_fluxcap/owners/<shard>/<epoch>.json
+//!                                                immutable claims, created conditionally
+//!                                                (one per epoch); the highest epoch says
+//!                                                who holds the shard: an archiver id,
+//!                                                `free` or `done`
 //!
 //!  every round (lease_ttl/4, and when a shard task ends):
 //!    LIST workers/  → live archivers: those whose heartbeat changed within
@@ -17,7 +18,9 @@
 //!                     cannot renew it if it was only paused
 //!    LIST owners/   → who holds what
 //!    target = ⌈ shards that can be archived now / live archivers ⌉
-//!    more than target → stop a shard task (it flushes and commits), claim `free`
+//!    more than target, or 2 more than another archiver
+//!                    → stop a shard task (it flushes and commits), claim `free`,
+//!                      and leave that shard to the others for a few rounds
 //!    fewer           → claim a `free` shard, or one of a dead archiver, as
 //!                      <epoch+1>-<me>; a lost race (the name exists) is no claim
 //!    shard finished  → claim `done`: its children may start, whoever runs them
@@ -38,9 +41,9 @@ use std::time::{Duration, Instant};
 
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::archive::checkpoint::create_object;
+use crate::archive::checkpoint::{create_object, read_json};
 use crate::archive::layout::parse_generation;
 use crate::archive::lease::{self, LeaseRecord};
 use crate::archive::store::Archive;
@@ -86,15 +89,21 @@ pub(super) struct Claim {
     older: Vec<Path>,
 }
 
-/// What a claim object says, for people reading the store.
-#[derive(Serialize)]
-struct ClaimBody<'a> {
+/// What a claim object says.
+#[derive(Serialize, Deserialize)]
+struct ClaimBody {
+    /// Format version ([`CLAIM_VERSION`]).
     version: u32,
-    shard: &'a str,
+    /// Checkpoint key of the shard.
+    shard: String,
+    /// The claim's epoch (its object's name).
     epoch: u64,
-    holder: &'a str,
+    /// An archiver id, `free` or `done`.
+    holder: String,
+    /// Host and process of the archiver that wrote it (for people).
     host: String,
     pid: u32,
+    /// When it was written (RFC 3339).
     at: String,
 }
 
@@ -128,6 +137,8 @@ pub(super) struct Coordinator {
     claims: BTreeMap<String, Claim>,
     /// Other archivers by id, as last listed.
     workers: HashMap<String, Watched>,
+    /// Holder named by each claim object read so far (they never change).
+    holders: HashMap<Path, Holder>,
 }
 
 impl Coordinator {
@@ -146,6 +157,7 @@ impl Coordinator {
             min_epoch,
             claims: BTreeMap::new(),
             workers: HashMap::new(),
+            holders: HashMap::new(),
         }
     }
 
@@ -240,7 +252,8 @@ impl Coordinator {
         }
 
         let odir = self.archive.layout.owners_dir(&self.stream);
-        let mut claims: BTreeMap<String, Claim> = BTreeMap::new();
+        // Claim objects of each shard, by epoch.
+        let mut objects: BTreeMap<String, Vec<(u64, Path)>> = BTreeMap::new();
         for o in self.archive.list(&odir).await? {
             let rel: Vec<String> = o
                 .location
@@ -250,30 +263,51 @@ impl Coordinator {
             let [key, file] = rel.as_slice() else {
                 continue;
             };
-            let Some((epoch, holder)) = parse_claim(file) else {
+            let Some(epoch) = parse_generation(file) else {
                 continue;
             };
-            let c = claims.entry(key.clone()).or_insert(Claim {
-                epoch: 0,
-                holder: Holder::Free,
-                older: Vec::new(),
-            });
-            if epoch > c.epoch {
-                if c.epoch > 0 {
-                    // The previous latest one becomes older; its path is
-                    // rebuilt from its name below.
-                    let prev = odir
-                        .clone()
-                        .join(key.as_str())
-                        .join(claim_name(c.epoch, &c.holder));
-                    c.older.push(prev);
-                }
-                c.epoch = epoch;
-                c.holder = holder;
-            } else {
-                c.older.push(o.location.clone());
-            }
+            objects
+                .entry(key.clone())
+                .or_default()
+                .push((epoch, o.location));
         }
+        let mut claims: BTreeMap<String, Claim> = BTreeMap::new();
+        for (key, mut objs) in objects {
+            objs.sort();
+            let Some((epoch, path)) = objs.pop() else {
+                continue;
+            };
+            let holder = match self.holders.get(&path) {
+                Some(h) => h.clone(),
+                None => match read_json::<ClaimBody>(&self.archive, &path).await {
+                    Ok(b) => {
+                        let h = Holder::parse(&b.holder);
+                        self.holders.insert(path.clone(), h.clone());
+                        h
+                    }
+                    // Replaced and removed meanwhile: the next round sees its successor.
+                    Err(Error::Store {
+                        source: object_store::Error::NotFound { .. },
+                        ..
+                    }) => continue,
+                    Err(e) => return Err(e),
+                },
+            };
+            claims.insert(
+                key,
+                Claim {
+                    epoch,
+                    holder,
+                    older: objs.into_iter().map(|(_, p)| p).collect(),
+                },
+            );
+        }
+        // The cache keeps the latest claims only.
+        let latest: HashSet<Path> = claims
+            .iter()
+            .map(|(k, c)| claim_path(&odir, k, c.epoch))
+            .collect();
+        self.holders.retain(|p, _| latest.contains(p));
         self.claims = claims;
         Ok(())
     }
@@ -296,6 +330,21 @@ impl Coordinator {
             .iter()
             .filter(|(_, c)| c.holder == Holder::Done)
             .map(|(k, _)| k)
+    }
+
+    /// How many shards the live archiver holding the fewest holds (this one
+    /// excluded); `None` when this one is alone.
+    pub(super) fn fewest_held_by_others(&self) -> Option<usize> {
+        let mut counts: HashMap<&str, usize> =
+            self.workers.keys().map(|w| (w.as_str(), 0)).collect();
+        for c in self.claims.values() {
+            if let Holder::Worker(w) = &c.holder
+                && let Some(n) = counts.get_mut(w.as_str())
+            {
+                *n += 1;
+            }
+        }
+        counts.into_values().min()
     }
 
     /// Whether shard `key` is held by another live archiver.
@@ -351,17 +400,12 @@ impl Coordinator {
 
     /// Create claim `<epoch>-<holder>` of `key`; false when the name exists.
     async fn create(&mut self, key: &str, epoch: u64, holder: &Holder) -> Result<bool> {
-        let path = self
-            .archive
-            .layout
-            .owners_dir(&self.stream)
-            .join(key)
-            .join(claim_name(epoch, holder));
+        let path = claim_path(&self.archive.layout.owners_dir(&self.stream), key, epoch);
         let body = ClaimBody {
             version: CLAIM_VERSION,
-            shard: key,
+            shard: key.to_string(),
             epoch,
-            holder: holder.name(),
+            holder: holder.name().to_string(),
             host: lease::hostname(),
             pid: std::process::id(),
             at: chrono::Utc::now().to_rfc3339(),
@@ -372,6 +416,7 @@ impl Coordinator {
         })?;
         match create_object(&self.archive, &path, body).await {
             Ok(()) => {
+                self.holders.insert(path, holder.clone());
                 let older = self
                     .claims
                     .get(key)
@@ -397,13 +442,11 @@ impl Coordinator {
     fn forget_older(&mut self, key: &str, replaced: Option<Claim>) {
         let Some(replaced) = replaced else { return };
         if let Some(c) = self.claims.get_mut(key) {
-            c.older = vec![
-                self.archive
-                    .layout
-                    .owners_dir(&self.stream)
-                    .join(key)
-                    .join(claim_name(replaced.epoch, &replaced.holder)),
-            ];
+            c.older = vec![claim_path(
+                &self.archive.layout.owners_dir(&self.stream),
+                key,
+                replaced.epoch,
+            )];
         }
         let store = self.archive.store.clone();
         tokio::spawn(async move {
@@ -419,18 +462,9 @@ pub(super) fn target(work: usize, live: usize) -> usize {
     work.div_ceil(live.max(1))
 }
 
-fn claim_name(epoch: u64, holder: &Holder) -> String {
-    format!("{epoch:020}-{}.json", holder.name())
-}
-
-/// `<epoch>-<holder>.json` → (epoch, holder).
-fn parse_claim(name: &str) -> Option<(u64, Holder)> {
-    let stem = name.strip_suffix(".json")?;
-    let (e, h) = stem.split_once('-')?;
-    if e.len() != 20 || h.is_empty() {
-        return None;
-    }
-    Some((e.parse().ok()?, Holder::parse(h)))
+/// `<owners>/<key>/<epoch>.json`.
+fn claim_path(owners: &Path, key: &str, epoch: u64) -> Path {
+    owners.clone().join(key).join(format!("{epoch:020}.json"))
 }
 
 /// The single archiver holding the stream's lease, if one lives (a shared
@@ -491,13 +525,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn claim_names_round_trip() {
+    fn holders_round_trip() {
         for h in [Holder::Free, Holder::Done, Holder::Worker("0af3".into())] {
-            let n = claim_name(42, &h);
-            assert_eq!(parse_claim(&n), Some((42, h)));
+            assert_eq!(Holder::parse(h.name()), h);
         }
-        assert_eq!(parse_claim("42-free.json"), None);
-        assert_eq!(parse_claim("00000000000000000042.json"), None);
+        let p = claim_path(&Path::from("s/_fluxcap/owners"), "shardId-000000000001", 42);
+        assert_eq!(p.filename().and_then(parse_generation), Some(42), "{p}");
     }
 
     #[test]
