@@ -325,3 +325,178 @@ fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Latest claim holder of each shard, read through the store (S3 or local).
+fn claims_in(
+    rt: &tokio::runtime::Runtime,
+    a: &fluxcap::archive::store::Archive,
+    stream: &str,
+) -> BTreeMap<String, String> {
+    rt.block_on(async {
+        let dir = a.layout.owners_dir(stream);
+        let mut latest: BTreeMap<String, object_store::path::Path> = BTreeMap::new();
+        for o in a.list(&dir).await.unwrap() {
+            let Some(rel) = o.location.prefix_match(&dir) else {
+                continue;
+            };
+            let parts: Vec<String> = rel.map(|p| p.as_ref().to_string()).collect();
+            if parts.len() == 2 && latest.get(&parts[0]).is_none_or(|p| *p < o.location) {
+                latest.insert(parts[0].clone(), o.location.clone());
+            }
+        }
+        let mut out = BTreeMap::new();
+        for (k, p) in latest {
+            let v: serde_json::Value =
+                serde_json::from_slice(&a.get_bytes(&p).await.unwrap()).unwrap();
+            out.insert(k, v["holder"].as_str().unwrap_or_default().to_string());
+        }
+        out
+    })
+}
+
+#[test]
+fn a_paused_shared_archiver_on_s3_is_taken_over_and_stops_when_it_wakes_up() {
+    let k = kinesis();
+    let s3 = s3();
+    let stream = unique("paused");
+    let bucket = unique("paused-bucket");
+    create_bucket(&s3, &bucket);
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    rt.block_on(create_stream(&c, &stream, 4));
+    let ttl = Duration::from_secs(4);
+    let ws = Workspace::new(
+        &k.endpoint(),
+        Some(&format!("s3://{bucket}/arch")),
+        Some(&s3.endpoint()),
+        "[archive.flush]\nmax_age = \"500ms\"\n[archiver]\nshared = true\nlease_ttl = \"4s\"\nshard_discovery_interval = \"1s\"\npoll_interval = \"200ms\"\nmetrics_bind = \"\"",
+        &[(&stream, "json")],
+    );
+    let store = s3_archive(&s3.endpoint(), &bucket, "arch");
+    let mut a = ws.cmd();
+    let a = a
+        .arg("archive")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut b = ws.spawn_archiver();
+    let mut puts = rt.block_on(put_records(&c, &stream, &orders(300, 11)));
+    // Both hold two shards.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (ida, idb) = loop {
+        let cl = claims_in(&rt, &store, &stream);
+        let mut holders: BTreeMap<&String, usize> = BTreeMap::new();
+        for h in cl.values() {
+            *holders.entry(h).or_default() += 1;
+        }
+        if cl.len() == 4 && holders.len() == 2 && holders.values().all(|n| *n == 2) {
+            // Which is which: the heartbeat objects name their pids.
+            let hb = rt
+                .block_on(store.list(&store.layout.workers_dir(&stream)))
+                .unwrap();
+            let mut by_pid = BTreeMap::new();
+            for o in hb {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&rt.block_on(store.get_bytes(&o.location)).unwrap())
+                        .unwrap();
+                by_pid.insert(
+                    v["pid"].as_u64().unwrap_or(0),
+                    v["owner"].as_str().unwrap_or("").to_string(),
+                );
+            }
+            let ida = by_pid[&u64::from(a.id())].clone();
+            let idb = by_pid[&u64::from(b.id())].clone();
+            break (ida, idb);
+        }
+        assert!(Instant::now() < deadline, "not two each: {cl:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    // Pause A (as a long GC pause or a frozen VM would): B, which cannot
+    // tell a stopped process from a slow one, takes its shards over after
+    // watching its heartbeat go unrenewed, within 2 × the ttl.
+    assert_eq!(
+        unsafe { libc::kill(a.id() as libc::pid_t, libc::SIGSTOP) },
+        0
+    );
+    let paused = Instant::now();
+    loop {
+        let cl = claims_in(&rt, &store, &stream);
+        if cl.len() == 4 && cl.values().all(|h| *h == idb) {
+            break;
+        }
+        assert!(
+            paused.elapsed() < 2 * ttl + Duration::from_secs(2),
+            "B did not take A's shards over in time: {cl:?} (A = {ida})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "B held every shard {:?} after A was paused",
+        paused.elapsed()
+    );
+    puts.extend(rt.block_on(put_records(&c, &stream, &orders(300, 12))));
+
+    // A wakes up: its heartbeat is gone, so it stops (exit 4) without
+    // committing anything over B's work.
+    assert_eq!(
+        unsafe { libc::kill(a.id() as libc::pid_t, libc::SIGCONT) },
+        0
+    );
+    let out = output_after_exit(a, Duration::from_secs(60));
+    assert_eq!(out.0.code(), Some(4), "A after waking up: {}", out.1);
+    assert!(out.1.contains("fenced"), "{}", out.1);
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let archived = || -> u64 {
+        rt.block_on(fluxcap::archive::checkpoint::load_all(&store, &stream))
+            .unwrap()
+            .iter()
+            .map(|c| c.records)
+            .sum()
+    };
+    while archived() < puts.len() as u64 {
+        assert!(Instant::now() < deadline, "B did not catch up");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(terminate(&mut b).success());
+    let got = read_archive(
+        "duckdb",
+        &[
+            "--s3-endpoint",
+            &s3.endpoint(),
+            "--bucket",
+            &bucket,
+            "--prefix",
+            &format!("arch/{stream}"),
+        ],
+    );
+    assert_same(
+        &puts_multiset(&puts),
+        &archived_multiset(&got),
+        "archive after a pause",
+    );
+}
+
+/// Wait for `child` to exit (within `limit`, else kill it and fail);
+/// its status and standard error.
+fn output_after_exit(mut child: Child, limit: Duration) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    (status, err)
+}
