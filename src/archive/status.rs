@@ -63,6 +63,10 @@ pub struct ShardStatus {
     /// Records known to be lost (expired before they were archived), one
     /// description per gap the archiver recorded.
     pub gaps: Vec<String>,
+    /// With shared archivers (`archive --shared`): who holds the shard
+    /// ("archiver <id> (host, pid)", "free" or "done").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<String>,
 }
 
 /// Build the status report.
@@ -121,6 +125,7 @@ async fn stream_status(
         .into_iter()
         .map(|c| (c.shard_id.clone(), c))
         .collect();
+    let holders = crate::archive::archiver::shard_holders(archive, stream).await?;
     let warn_secs = cfg.status.retention_warning.0.as_secs() as i64;
     let now = Utc::now().timestamp_millis();
     let mut shards = Vec::new();
@@ -184,6 +189,12 @@ async fn stream_status(
             expires_in_secs: None,
             warning: false,
             gaps: ck.map(describe_gaps).unwrap_or_default(),
+            held_by: holders
+                .get(&crate::archive::identity::shard_key(
+                    &info.shard_id,
+                    &suffix,
+                ))
+                .cloned(),
         };
         if !finished {
             // Peek at the first record after the checkpoint.
@@ -266,6 +277,7 @@ async fn stream_status(
                 expires_in_secs: None,
                 warning: false,
                 gaps: describe_gaps(c),
+                held_by: holders.get(key).cloned(),
             });
         }
     }
@@ -398,9 +410,16 @@ impl StatusReport {
                 "stream {} (retention {}h)\n",
                 s.stream, s.retention_hours
             ));
+            let shared = s.shards.iter().any(|sh| sh.held_by.is_some());
             o.push_str(&format!(
-                "  {:<24} {:<9} {:<22} {:>10} {:>10} {:>12}\n",
-                "SHARD", "STATE", "CHECKPOINT", "RECORDS", "LAG", "EXPIRES IN"
+                "  {:<24} {:<9} {:<22} {:>10} {:>10} {:>12}{}\n",
+                "SHARD",
+                "STATE",
+                "CHECKPOINT",
+                "RECORDS",
+                "LAG",
+                "EXPIRES IN",
+                if shared { "  HELD BY" } else { "" }
             ));
             for sh in &s.shards {
                 let ck = match (&sh.checkpoint_sequence, sh.checkpoint_subsequence) {
@@ -414,14 +433,20 @@ impl StatusReport {
                     .lag_ms
                     .map_or("-".into(), |l| format!("{:.1}s", l as f64 / 1000.0));
                 let exp = sh.expires_in_secs.map_or("-".into(), fmt_secs);
+                let held = match (&sh.held_by, shared) {
+                    (Some(h), _) => format!("  {h}"),
+                    (None, true) => "  -".into(),
+                    (None, false) => String::new(),
+                };
                 o.push_str(&format!(
-                    "  {:<24} {:<9} {:<22} {:>10} {:>10} {:>12}{}\n",
+                    "  {:<24} {:<9} {:<22} {:>10} {:>10} {:>12}{}{}\n",
                     sh.shard_id,
                     sh.state,
                     ck,
                     sh.records_archived,
                     lag,
                     exp,
+                    held,
                     if sh.warning { "  <-- WARNING" } else { "" }
                 ));
             }

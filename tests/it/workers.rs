@@ -154,6 +154,18 @@ fn three_shared_archivers_split_a_resharded_stream_and_survive_kill_9_and_sigter
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // `fluxcap status` says who holds each shard.
+    let st: serde_json::Value =
+        serde_json::from_slice(&ws.ok(&["status", "--format", "json"]).stdout).unwrap();
+    for sh in st["streams"][0]["shards"].as_array().unwrap() {
+        let held = sh["held_by"].as_str().unwrap_or_default();
+        assert!(
+            id.iter()
+                .any(|w| held.starts_with(&format!("archiver {w} (host "))),
+            "{sh}"
+        );
+    }
+
     let mut puts = Vec::new();
     puts.extend(rt.block_on(put_records(&c, &stream, &orders(400, 1))));
     rt.block_on(split_first_shard(&c, &stream));

@@ -45,6 +45,7 @@ mod workers;
 
 use shard::archive_shard;
 use workers::Coordinator;
+pub use workers::shard_holders;
 
 pub use crate::archive::footer::{decode_position, encode_position, flush_metadata, meta};
 

@@ -467,6 +467,47 @@ fn claim_path(owners: &Path, key: &str, epoch: u64) -> Path {
     owners.clone().join(key).join(format!("{epoch:020}.json"))
 }
 
+/// Who holds each shard of `stream` among shared archivers, by checkpoint
+/// key: "archiver <id> (host <h>, pid <p>)", "free" or "done" (for
+/// `fluxcap status`; empty when no shared archiver ever ran).
+pub async fn shard_holders(archive: &Archive, stream: &str) -> Result<BTreeMap<String, String>> {
+    let odir = archive.layout.owners_dir(stream);
+    let mut latest: BTreeMap<String, (u64, Path)> = BTreeMap::new();
+    for o in archive.list(&odir).await? {
+        let rel: Vec<String> = o
+            .location
+            .prefix_match(&odir)
+            .map(|p| p.map(|x| x.as_ref().to_string()).collect())
+            .unwrap_or_default();
+        let [key, file] = rel.as_slice() else {
+            continue;
+        };
+        if let Some(e) = parse_generation(file)
+            && latest.get(key).is_none_or(|(le, _)| e > *le)
+        {
+            latest.insert(key.clone(), (e, o.location));
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (key, (_, path)) in latest {
+        match read_json::<ClaimBody>(archive, &path).await {
+            Ok(b) => {
+                let what = match Holder::parse(&b.holder) {
+                    Holder::Worker(id) => format!("archiver {id} (host {}, pid {})", b.host, b.pid),
+                    other => other.name().to_string(),
+                };
+                out.insert(key, what);
+            }
+            Err(Error::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
 /// The single archiver holding the stream's lease, if one lives (a shared
 /// archiver must not start beside it). Watches a holder on another host for
 /// up to `ttl` plus a margin.
