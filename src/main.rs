@@ -481,8 +481,13 @@ fn main() -> ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse();
     init_tracing(cli.verbose, cli.quiet);
+    // Blocking threads (local-directory I/O, encoding, fsync) are few: with
+    // hundreds of shards flushing at once, tokio's default of up to 512 threads
+    // would hold a stack and allocator caches each, outside the memory budget.
+    let blocking = std::thread::available_parallelism().map_or(2, |n| n.get()) * 8;
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(blocking.max(16))
         .build()
     {
         Ok(rt) => rt,
