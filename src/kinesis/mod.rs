@@ -1,7 +1,8 @@
-//! Kinesis: client set-up, shard discovery and lineage, the shard reader,
-//! KPL de-aggregation, the PutRecords writer (replay), and the retry policy for
+//! Kinesis: client set-up, shard discovery and lineage, the shard readers
+//! (GetRecords polling, enhanced fan-out), KPL de-aggregation, the PutRecords writer (replay), and the retry policy for
 //! throttling and transient faults.
 
+pub mod fanout;
 pub mod kpl;
 pub mod pace;
 pub mod reader;

@@ -16,10 +16,11 @@ use crate::archive::checkpoint::{Commit, Gap, PublishPolicy, ShardCheckpoint, st
 use crate::archive::footer::flush_metadata;
 use crate::archive::key_index;
 use crate::archive::layout::hour_key;
-use crate::config::PayloadFormat;
+use crate::config::{PayloadFormat, ReadMode};
 use crate::error::{Error, Result};
 use crate::kinesis;
-use crate::kinesis::reader::{ShardReader, StartAt};
+use crate::kinesis::fanout::FanoutReader;
+use crate::kinesis::reader::{Reader, ShardReader, StartAt};
 use crate::kinesis::shards::ShardInfo;
 use crate::metrics::ShardStats;
 use crate::record::{Position, Record, RecordBatchBuilder};
@@ -123,15 +124,6 @@ pub(super) async fn archive_shard(
         return Ok(ShardOutcome::Finished);
     }
     let a = &ctx.cfg.archiver;
-    let mut reader = ShardReader::new(
-        ctx.client.clone(),
-        &stream,
-        &shard,
-        StartAt::TrimHorizon,
-        a.max_records_per_call,
-        a.max_backoff.0,
-        ctx.stats.retries.clone(),
-    );
     // Its share of the shard's calls (archiver.max_reads_per_second), and
     // the bytes it read waited out at the shard's read limit.
     let pacer = crate::kinesis::pace::shard_pacer(
@@ -142,10 +134,41 @@ pub(super) async fn archive_shard(
             bytes_per_second: crate::kinesis::pace::SHARD_BYTES_PER_SECOND,
         },
     );
-    reader = reader.paced(pacer.clone());
-    if let Some(pos) = &ck.state().position {
-        reader = reader.resume_after(pos);
-    }
+    let mut reader = match a.read {
+        ReadMode::Polling => {
+            let mut r = ShardReader::new(
+                ctx.client.clone(),
+                &stream,
+                &shard,
+                StartAt::TrimHorizon,
+                a.max_records_per_call,
+                a.max_backoff.0,
+                ctx.stats.retries.clone(),
+            )
+            .paced(pacer.clone());
+            if let Some(pos) = &ck.state().position {
+                r = r.resume_after(pos);
+            }
+            Reader::Polling(r)
+        }
+        ReadMode::Fanout => {
+            let mut r = FanoutReader::new(
+                ctx.client.clone(),
+                &stream,
+                &shard,
+                &a.consumer_name,
+                StartAt::TrimHorizon,
+                info.closed,
+                a.shard_discovery_interval.0,
+                a.max_backoff.0,
+                ctx.stats.retries.clone(),
+            );
+            if let Some(pos) = &ck.state().position {
+                r = r.resume_after(pos);
+            }
+            Reader::Fanout(r)
+        }
+    };
     tracing::debug!(%stream, %shard, position = ?ck.state().position, "shard task started");
     let started_ms = chrono::Utc::now().timestamp_millis();
     let flush_cfg = &ctx.cfg.archive.flush;
@@ -154,17 +177,20 @@ pub(super) async fn archive_shard(
     let mut sizer = CallSizer::new(&ctx.budget, a.max_records_per_call);
 
     loop {
-        // Kinesis allows 5 GetRecords per second per shard.
+        // Kinesis allows 5 GetRecords per second per shard (events are pushed).
         let since = last_call.elapsed();
-        if since < Duration::from_millis(200) {
+        if reader.polls() && since < Duration::from_millis(200) {
             tokio::time::sleep(Duration::from_millis(200) - since).await;
         }
         // The shard's read pace first: no memory is held while waiting for it.
-        tokio::select! {
-            _ = pacer.ready() => {}
-            _ = cancel.cancelled() => {}
+        if reader.polls() {
+            tokio::select! {
+                _ = pacer.ready() => {}
+                _ = cancel.cancelled() => {}
+            }
         }
-        // Then the memory of the response, before the call (see `budget`).
+        // Then the memory of the response, before the call (see `budget`);
+        // with fan-out, before the next event is taken from the stream.
         let call = call_memory(&ctx, &mut ck, &mut buf, &stats, &sizer, &cancel).await?;
         last_call = Instant::now();
         let batch = match call {
@@ -259,9 +285,15 @@ pub(super) async fn archive_shard(
                 ck.publish_closed(closed_before(&buf)).await?;
                 ctx.publish_position(&ck).await?;
             }
+            // An idle subscription delivers its next event by itself.
+            let pause = if reader.polls() {
+                a.poll_interval.0
+            } else {
+                Duration::ZERO
+            };
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                _ = tokio::time::sleep(a.poll_interval.0) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = ctx.budget.asked_to_flush() => {
                     if !buf.is_empty() {
                         flush(&ctx, &mut ck, &mut buf, &stats, false).await?;
