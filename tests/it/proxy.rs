@@ -10,7 +10,8 @@
 //! forwarded request (S3 GETs of data files show what a command read), and logs
 //! when each Kinesis call arrived and, for GetRecords,
 //! which shard it read (following the iterators it hands out), so that a
-//! test can measure the call rate per shard.
+//! test can measure the call rate per shard. SubscribeToShard event streams
+//! (HTTP/1.1, chunked) are passed through as they arrive.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -323,6 +324,30 @@ pub async fn forward(upstream: u16, head: &str, body: &[u8]) -> std::io::Result<
     Ok(resp)
 }
 
+/// Send one request to `127.0.0.1:upstream` and pass its response to `sock`
+/// as it arrives (SubscribeToShard's event stream).
+async fn stream_through(
+    upstream: u16,
+    head: &str,
+    body: &[u8],
+    sock: &mut TcpStream,
+) -> std::io::Result<()> {
+    let mut up = TcpStream::connect(("127.0.0.1", upstream)).await?;
+    let mut new_head = String::new();
+    for line in head.split("\r\n") {
+        if line.to_ascii_lowercase().starts_with("connection:") || line.is_empty() {
+            continue;
+        }
+        new_head.push_str(line);
+        new_head.push_str("\r\n");
+    }
+    new_head.push_str("connection: close\r\n\r\n");
+    up.write_all(new_head.as_bytes()).await?;
+    up.write_all(body).await?;
+    tokio::io::copy(&mut up, sock).await?;
+    sock.shutdown().await
+}
+
 fn status_of(resp: &[u8]) -> u16 {
     String::from_utf8_lossy(&resp[..resp.len().min(32)])
         .split_whitespace()
@@ -477,6 +502,10 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
             let _ = sock.write_all(&resp).await;
         }
         return Ok(());
+    }
+    if target == "SubscribeToShard" {
+        // An event stream: passed through as it arrives, for as long as it lasts.
+        return stream_through(upstream, &head, &body, &mut sock).await;
     }
     let mut resp = forward(upstream, &head, &body).await?;
     log_request(&resp);

@@ -1,0 +1,214 @@
+//! `archiver.read = "fanout"`: the archiver reads with enhanced fan-out
+//! (a registered consumer and SubscribeToShard) against kinesis-mock and
+//! ferrokinesis, which both serve SubscribeToShard's event stream to the
+//! Rust SDK over plain HTTP/1.1 (chunked). Every record exactly once, with
+//! a split during archiving; the consumer registered once and reused by
+//! later runs; no GetRecords call at all (counted by the test proxy, which
+//! passes event streams through); failed subscriptions retried.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+use crate::proxy::Proxy;
+use crate::resharding::{archived_count, terminate};
+
+const FANOUT: &str = "[archiver]\nread = \"fanout\"\nshard_discovery_interval = \"1s\"\n\
+                      [archive.flush]\nmax_age = \"500ms\"\n";
+
+/// The consumers registered on `stream`: (name, status).
+async fn consumers(c: &aws_sdk_kinesis::Client, stream: &str) -> Vec<(String, String)> {
+    let arn = c
+        .describe_stream_summary()
+        .stream_name(stream)
+        .send()
+        .await
+        .unwrap()
+        .stream_description_summary
+        .unwrap()
+        .stream_arn;
+    c.list_stream_consumers()
+        .stream_arn(arn)
+        .send()
+        .await
+        .unwrap()
+        .consumers()
+        .iter()
+        .map(|c| {
+            (
+                c.consumer_name().to_string(),
+                c.consumer_status().as_str().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn archived_exactly(ws: &Workspace, stream: &str, puts: &[Put], what: &str) {
+    let table = ws.archive.join(stream);
+    for engine in ["pyarrow", "duckdb"] {
+        assert_same(
+            &puts_multiset(puts),
+            &archived_multiset(&read_local(engine, &table)),
+            &format!("{what} ({engine})"),
+        );
+    }
+}
+
+/// `archive --once` twice around a split, through the counting proxy: the
+/// first run registers the consumer, the second finds it; the split
+/// parent is read to its end, then its children; zero GetRecords calls.
+fn once_runs_around_a_split(k: &Server, server: &str) {
+    let stream = unique("fanout");
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    let proxy = rt.block_on(Proxy::start(k.port));
+    let mut puts = rt.block_on(async {
+        create_stream(&c, &stream, 2).await;
+        put_records(&c, &stream, &orders(200, 1)).await
+    });
+    let ws = Workspace::new(&proxy.endpoint(), None, None, FANOUT, &[(&stream, "json")]);
+    let out = ws.ok(&["archive", "--once"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("archived 200 records"), "{server}: {err}");
+    archived_exactly(&ws, &stream, &puts, &format!("{server}, first run"));
+    assert_eq!(proxy.calls("RegisterStreamConsumer"), 1, "{server}");
+    assert!(proxy.calls("SubscribeToShard") >= 2, "{server}");
+
+    // Split a shard, write to the parent's children and the other shard.
+    rt.block_on(split_first_shard(&c, &stream));
+    puts.extend(rt.block_on(put_records(&c, &stream, &orders(200, 2))));
+    let out = ws.ok(&["archive", "--once"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("shard finished"), "{server}: {err}");
+    // The children existed at the start of this run: it reads them too.
+    archived_exactly(&ws, &stream, &puts, &format!("{server}, after the split"));
+
+    // Nothing new: nothing archived, and still the one consumer.
+    let out = ws.ok(&["archive", "--once"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("archived 0 records"),
+        "{server}"
+    );
+    assert_eq!(
+        rt.block_on(consumers(&c, &stream)),
+        vec![("fluxcap-archiver".to_string(), "ACTIVE".to_string())],
+        "{server}: one consumer, registered once and reused"
+    );
+    assert_eq!(proxy.calls("RegisterStreamConsumer"), 1, "{server}");
+    assert!(proxy.calls("DescribeStreamConsumer") >= 3, "{server}");
+    // Every record came through SubscribeToShard: 2, 4 and 3 shards read.
+    assert_eq!(proxy.calls("GetRecords"), 0, "{server}: no GetRecords");
+    assert_eq!(proxy.calls("GetShardIterator"), 0, "{server}");
+    assert!(proxy.calls("SubscribeToShard") >= 7, "{server}");
+    let out = ws.ok(&["verify"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no gaps, no duplicates"),
+        "{server}"
+    );
+}
+
+#[test]
+fn fanout_once_runs_around_a_split_on_kinesis_mock() {
+    once_runs_around_a_split(&kinesis(), "kinesis-mock");
+}
+
+#[test]
+fn fanout_once_runs_around_a_split_on_ferrokinesis() {
+    once_runs_around_a_split(&ferrokinesis(false), "ferrokinesis");
+}
+
+/// A continuous archiver reading with fan-out while a shard is split and
+/// records keep coming: every record exactly once, lineage kept, and
+/// still no GetRecords call.
+#[test]
+fn fanout_split_while_archiving() {
+    let k = kinesis();
+    let stream = unique("fanout-live");
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    let proxy = rt.block_on(Proxy::start(k.port));
+    rt.block_on(create_stream(&c, &stream, 2));
+    let ws = Workspace::new(&proxy.endpoint(), None, None, FANOUT, &[(&stream, "json")]);
+    let mut child = ws.spawn_archiver();
+    let mut puts = rt.block_on(put_records(&c, &stream, &orders(150, 1)));
+    let wait_for = |n: usize, what: &str, child: &mut std::process::Child| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while archived_count(&ws, &rt, &stream) < n as u64 {
+            assert!(Instant::now() < deadline, "archiver did not catch up: {what}");
+            assert!(child.try_wait().unwrap().is_none(), "archiver exited early");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_for(puts.len(), "before the split", &mut child);
+    rt.block_on(split_first_shard(&c, &stream));
+    puts.extend(rt.block_on(put_records(&c, &stream, &orders(150, 2))));
+    wait_for(puts.len(), "after the split", &mut child);
+    let st = terminate(&mut child);
+    assert!(st.success(), "archiver exit status after SIGTERM: {st}");
+    archived_exactly(&ws, &stream, &puts, "split while archiving");
+    let out = ws.ok(&["verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("no gaps, no duplicates"), "{text}");
+    assert_eq!(proxy.calls("GetRecords"), 0);
+    assert_eq!(proxy.calls("RegisterStreamConsumer"), 1);
+    // The two initial shards, then the split parent's two children.
+    assert!(proxy.calls("SubscribeToShard") >= 4);
+    assert_eq!(rt.block_on(consumers(&c, &stream)).len(), 1);
+}
+
+/// Failed subscriptions (server errors, another subscription still
+/// active) are retried with backoff; nothing is lost or read twice.
+#[test]
+fn fanout_retries_failed_subscriptions() {
+    let k = kinesis();
+    let stream = unique("fanout-retry");
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    let proxy = rt.block_on(Proxy::start(k.port));
+    let puts = rt.block_on(async {
+        create_stream(&c, &stream, 1).await;
+        put_records(&c, &stream, &orders(100, 3)).await
+    });
+    proxy.fail_kinesis("SubscribeToShard", "InternalFailure", 2);
+    proxy.fail_kinesis("SubscribeToShard", "ResourceInUseException", 1);
+    let ws = Workspace::new(&proxy.endpoint(), None, None, FANOUT, &[(&stream, "json")]);
+    let out = ws.ok(&["archive", "--once"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("archived 100 records"), "{err}");
+    assert_eq!(proxy.injected(), 3);
+    assert_eq!(proxy.calls("SubscribeToShard"), 4);
+    assert_eq!(proxy.calls("GetRecords"), 0);
+    archived_exactly(&ws, &stream, &puts, "after failed subscriptions");
+}
+
+/// `archiver.read` takes "polling" or "fanout"; `config show` shows it.
+#[test]
+fn fanout_read_mode_is_validated() {
+    let ws = Workspace::new(
+        "http://127.0.0.1:9",
+        None,
+        None,
+        "[archiver]\nread = \"push\"\n",
+        &[("s", "json")],
+    );
+    let out = ws.run(&["config", "show"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("archiver.read") || err.contains("read"), "{err}");
+    assert!(err.contains("fanout"), "{err}");
+    let ws = Workspace::new(
+        "http://127.0.0.1:9",
+        None,
+        None,
+        "[archiver]\nconsumer_name = \"no spaces allowed\"\n",
+        &[("s", "json")],
+    );
+    let out = ws.run(&["config", "show"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("archiver.consumer_name"), "{err}");
+    let ws = Workspace::new("http://127.0.0.1:9", None, None, "", &[("s", "json")]);
+    let out = ws.ok(&["config", "show"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("read = \"polling\""), "{text}");
+    assert!(text.contains("consumer_name = \"fluxcap-archiver\""), "{text}");
+}
