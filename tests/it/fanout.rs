@@ -212,3 +212,148 @@ fn fanout_read_mode_is_validated() {
     assert!(text.contains("read = \"polling\""), "{text}");
     assert!(text.contains("consumer_name = \"fluxcap-archiver\""), "{text}");
 }
+
+/// kinesis-mock with its TLS port on a certificate for 127.0.0.1 made by
+/// the test; killed on drop.
+struct TlsKinesis {
+    child: std::process::Child,
+    plain: u16,
+    tls: u16,
+    log: std::path::PathBuf,
+    ca: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TlsKinesis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tls_kinesis() -> TlsKinesis {
+    let dir = tempfile::tempdir().unwrap();
+    // A CA, and the server's certificate for 127.0.0.1 signed by it.
+    let p = |name: &str| dir.path().join(name);
+    let (ca, key, cert) = (p("ca.pem"), p("key.pem"), p("cert.pem"));
+    std::fs::write(
+        p("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let st = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl (to make the emulator's certificate)");
+        assert!(st.success(), "openssl {args:?} failed");
+    };
+    openssl(&[
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=fluxcap test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign",
+        "-keyout", "ca.key", "-out", "ca.pem",
+    ]);
+    openssl(&[
+        "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "key.pem",
+        "-out", "leaf.csr",
+    ]);
+    openssl(&[
+        "x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-days", "2", "-extfile", "leaf.ext", "-out", "cert.pem",
+    ]);
+    let server_json = dir.path().join("server.json");
+    let json = serde_json::json!({"server": {
+        "key": std::fs::read_to_string(&key).unwrap(),
+        "cert": std::fs::read_to_string(&cert).unwrap(),
+    }});
+    std::fs::write(&server_json, json.to_string()).unwrap();
+    let (plain, tls) = (free_port(), free_port());
+    let log = dir.path().join("kinesis-mock.log");
+    let child = std::process::Command::new(root().join("scripts/kinesis-mock"))
+        .arg(plain.to_string())
+        .env("KINESIS_MOCK_TLS_PORT", tls.to_string())
+        .env("KINESIS_MOCK_CERT_PATH", &server_json)
+        // Request lines with their HTTP version are logged at TRACE.
+        .env("LOG_LEVEL", "TRACE")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut k = TlsKinesis {
+        child,
+        plain,
+        tls,
+        log,
+        ca,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for port in [plain, tls] {
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(k.child.try_wait().unwrap().is_none(), "kinesis-mock exited");
+            assert!(Instant::now() < deadline, "kinesis-mock did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    k
+}
+
+/// Over TLS the SDK negotiates HTTP/2 (ALPN), as with AWS, where
+/// SubscribeToShard needs it: the archiver reads through kinesis-mock's
+/// TLS port, trusting its certificate through `AWS_CA_BUNDLE`, and every
+/// request it made there — SubscribeToShard included — was HTTP/2.
+/// (Over plain `http://` endpoints the SDK speaks HTTP/1.1, which both
+/// emulators accept for SubscribeToShard too; AWS endpoints are HTTPS.)
+#[test]
+fn fanout_over_tls_speaks_http2() {
+    let k = tls_kinesis();
+    let stream = unique("fanout-h2");
+    let c = kinesis_client(&format!("http://127.0.0.1:{}", k.plain));
+    let rt = rt();
+    let puts = rt.block_on(async {
+        create_stream(&c, &stream, 2).await;
+        put_records(&c, &stream, &orders(120, 4)).await
+    });
+    let ws = Workspace::new(
+        &format!("https://127.0.0.1:{}", k.tls),
+        None,
+        None,
+        FANOUT,
+        &[(&stream, "json")],
+    );
+    // What the test's own client asked (HTTP/1.1, on the plain port) is logged before.
+    let before = std::fs::read_to_string(&k.log).unwrap().lines().count();
+    let out = output_within(
+        ws.cmd()
+            .args(["archive", "--once"])
+            .env("AWS_CA_BUNDLE", &k.ca),
+        Duration::from_secs(120),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("archived 120 records"), "{err}");
+    archived_exactly(&ws, &stream, &puts, "over TLS");
+    let log = std::fs::read_to_string(&k.log).unwrap();
+    // Request lines: "<version> POST <uri> Headers(… x-amz-target: …SubscribeToShard …)".
+    let requests: Vec<&str> = log
+        .lines()
+        .skip(before)
+        .filter(|l| l.contains(" POST ") && l.contains("x-amz-target: Kinesis_20131202."))
+        .collect();
+    let subscribes: Vec<&str> = requests
+        .iter()
+        .copied()
+        .filter(|l| l.contains("x-amz-target: Kinesis_20131202.SubscribeToShard"))
+        .collect();
+    assert!(subscribes.len() >= 2, "SubscribeToShard requests logged: {}", subscribes.len());
+    let http1: Vec<String> = requests
+        .iter()
+        .filter(|l| !l.contains("HTTP/2.0 POST "))
+        .map(|l| l.chars().take(300).collect())
+        .collect();
+    assert!(http1.is_empty(), "requests not over HTTP/2: {http1:#?}");
+}
