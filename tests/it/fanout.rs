@@ -99,6 +99,22 @@ fn once_runs_around_a_split(k: &Server, server: &str) {
     assert_eq!(proxy.calls("GetRecords"), 0, "{server}: no GetRecords");
     assert_eq!(proxy.calls("GetShardIterator"), 0, "{server}");
     assert!(proxy.calls("SubscribeToShard") >= 7, "{server}");
+    // Runs after the first resume their shards at the checkpointed record.
+    // (A subscription may be retried: the server may still hold the
+    // previous run's for a moment, answering ResourceInUseException.)
+    let resumed: std::collections::BTreeSet<(String, String)> = proxy
+        .subscriptions()
+        .iter()
+        .filter(|r| r["StartingPosition"]["Type"] == "AT_SEQUENCE_NUMBER")
+        .map(|r| {
+            (
+                r["ShardId"].as_str().unwrap().to_string(),
+                r["StartingPosition"]["SequenceNumber"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    // Run 2: both initial shards; run 3: the open one and both children.
+    assert_eq!(resumed.len(), 5, "{server}: {resumed:#?}");
     let out = ws.ok(&["verify"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("no gaps, no duplicates"),
@@ -356,4 +372,76 @@ fn fanout_over_tls_speaks_http2() {
         .map(|l| l.chars().take(300).collect())
         .collect();
     assert!(http1.is_empty(), "requests not over HTTP/2: {http1:#?}");
+}
+
+/// Subscriptions that end early or break (here: cut by the proxy every
+/// 1.5 s, as Kinesis ends each after 5 minutes) are renewed from
+/// AFTER_SEQUENCE_NUMBER of the last record read: records put across many
+/// subscriptions are archived exactly once.
+#[test]
+fn fanout_resubscribes_after_the_last_record() {
+    let k = kinesis();
+    let stream = unique("fanout-resub");
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    let proxy = rt.block_on(Proxy::start(k.port));
+    proxy.cut_subscriptions_after(1500);
+    rt.block_on(create_stream(&c, &stream, 1));
+    let ws = Workspace::new(&proxy.endpoint(), None, None, FANOUT, &[(&stream, "json")]);
+    let mut child = ws.spawn_archiver();
+    let mut puts = Vec::new();
+    for round in 0..4 {
+        puts.extend(rt.block_on(put_records(&c, &stream, &orders(60, 10 + round))));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while archived_count(&ws, &rt, &stream) < puts.len() as u64 {
+            assert!(Instant::now() < deadline, "archiver did not catch up (round {round})");
+            assert!(child.try_wait().unwrap().is_none(), "archiver exited early");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // Let a few more subscriptions come and go over what was read.
+    let subscribed = proxy.calls("SubscribeToShard");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.calls("SubscribeToShard") < subscribed + 2 {
+        assert!(Instant::now() < deadline, "no new subscription");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = terminate(&mut child);
+    assert!(st.success(), "archiver exit status after SIGTERM: {st}");
+    assert!(proxy.calls("SubscribeToShard") >= 4);
+    archived_exactly(&ws, &stream, &puts, "across subscriptions");
+    // The first subscription starts at the trim horizon; every later one
+    // right after a record read (none before the first record arrived).
+    let positions: Vec<serde_json::Value> = proxy
+        .subscriptions()
+        .iter()
+        .map(|r| r["StartingPosition"].clone())
+        .collect();
+    assert_eq!(positions[0]["Type"], "TRIM_HORIZON", "{positions:#?}");
+    let seqs: std::collections::HashSet<&str> =
+        puts.iter().map(|p| p.sequence_number.as_str()).collect();
+    let mut after = 0;
+    for p in &positions[1..] {
+        match p["Type"].as_str() {
+            Some("AFTER_SEQUENCE_NUMBER") => {
+                let seq = p["SequenceNumber"].as_str().unwrap();
+                assert!(seqs.contains(seq), "{p}: not a record put");
+                after += 1;
+            }
+            Some("TRIM_HORIZON") if after == 0 => {}
+            _ => panic!("unexpected starting position {p}"),
+        }
+    }
+    assert!(after >= 4, "{positions:#?}");
+    // The last one is after the last record put.
+    let last = positions.last().unwrap();
+    assert_eq!(
+        last["SequenceNumber"].as_str(),
+        puts.iter().map(|p| p.sequence_number.as_str()).max_by(|a, b| fluxcap::record::cmp_sequence(a, b)),
+        "{last}"
+    );
+    let out = ws.ok(&["verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("no gaps, no duplicates"), "{text}");
+    assert_eq!(proxy.calls("GetRecords"), 0);
 }

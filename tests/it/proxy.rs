@@ -67,6 +67,10 @@ struct Ctl {
     /// Every forwarded request: its request line, its `Range` header, the
     /// bytes of the response.
     requests: Mutex<Vec<Request>>,
+    /// Every SubscribeToShard request (`ShardId`, `StartingPosition`, …), in order.
+    subscriptions: Mutex<Vec<serde_json::Value>>,
+    /// SubscribeToShard event streams are cut after this long (0: never).
+    cut_subscriptions_ms: std::sync::atomic::AtomicU64,
 }
 
 /// A request the proxy forwarded.
@@ -112,6 +116,19 @@ impl Proxy {
 
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Every SubscribeToShard request so far (`ShardId`, `StartingPosition`, …), in order.
+    pub fn subscriptions(&self) -> Vec<serde_json::Value> {
+        self.ctl.subscriptions.lock().unwrap().clone()
+    }
+
+    /// Cut every SubscribeToShard event stream after `ms` (the connection
+    /// closes mid-stream, as a subscription that breaks or ends early).
+    pub fn cut_subscriptions_after(&self, ms: u64) {
+        self.ctl
+            .cut_subscriptions_ms
+            .store(ms, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Delay every request by `ms` before forwarding it.
@@ -504,8 +521,18 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
         return Ok(());
     }
     if target == "SubscribeToShard" {
+        let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        ctl.subscriptions.lock().unwrap().push(req);
         // An event stream: passed through as it arrives, for as long as it lasts.
-        return stream_through(upstream, &head, &body, &mut sock).await;
+        let cut = ctl
+            .cut_subscriptions_ms
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let pass = stream_through(upstream, &head, &body, &mut sock);
+        if cut == 0 {
+            return pass.await;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(cut), pass).await;
+        return Ok(());
     }
     let mut resp = forward(upstream, &head, &body).await?;
     log_request(&resp);
