@@ -1163,8 +1163,7 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
     }
     let consumer_ok = !a.consumer_name.is_empty()
         && a.consumer_name.len() <= 128
-        && a
-            .consumer_name
+        && a.consumer_name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if !consumer_ok {

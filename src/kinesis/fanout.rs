@@ -29,8 +29,9 @@
 //! re-subscription, else TRIM_HORIZON or AT_TIMESTAMP.
 //!
 //! The end of a closed shard is the event without a continuation sequence
-//! number that names the child shards. Local emulators do not all send it
-//! (kinesis-mock never does): a shard that ListShards shows closed and whose
+//! number that names the child shards. Local emulators do not send it
+//! (kinesis-mock names no children; ferrokinesis names them but keeps a
+//! continuation number, then ends the subscription): a shard that ListShards shows closed and whose
 //! subscription delivers an empty event at the tip (`MillisBehindLatest` 0)
 //! is finished too — a closed shard takes no more records, so nothing is
 //! left to read.
@@ -71,6 +72,10 @@ const SUBSCRIPTION_LIFETIME: Duration = Duration::from_secs(5 * 60 + 30);
 /// Pause between DescribeStreamConsumer calls while a consumer is created
 /// or deleted (the call allows 20 per second and stream).
 const CONSUMER_POLL: Duration = Duration::from_secs(1);
+/// Payload bytes the shard task reserves memory for before taking the next
+/// event: one second of a shard's push rate (2 MiB/s). A larger event is
+/// charged as debt when it arrives.
+pub const EVENT_PAYLOAD: u64 = 2 * 1024 * 1024;
 /// Give up registering after this many consecutive failures (e.g. the
 /// stream already has its 20 consumers).
 const REGISTER_ATTEMPTS: u32 = 30;
@@ -159,7 +164,12 @@ async fn ensure_consumer(
 ) -> Result<String> {
     let mut backoff = Backoff::new(max_backoff);
     let stream_arn = loop {
-        match client.describe_stream_summary().stream_name(stream).send().await {
+        match client
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+        {
             Ok(r) => match r.stream_description_summary {
                 Some(s) => break s.stream_arn,
                 None => {
@@ -172,7 +182,15 @@ async fn ensure_consumer(
                 }
             },
             Err(e) => match classify(&e) {
-                Failure::Retry(m) => consumer_pause(&mut backoff, cancel, ("DescribeStreamSummary", stream, name), m).await?,
+                Failure::Retry(m) => {
+                    consumer_pause(
+                        &mut backoff,
+                        cancel,
+                        ("DescribeStreamSummary", stream, name),
+                        m,
+                    )
+                    .await?
+                }
                 other => {
                     return Err(super::stream_error("DescribeStreamSummary", stream, other));
                 }
@@ -216,7 +234,12 @@ async fn ensure_consumer(
                         if started.elapsed() > Duration::from_secs(60)
                             && started.elapsed().as_secs().is_multiple_of(30)
                         {
-                            tracing::warn!(stream, consumer = name, ?status, "still waiting for the consumer to be ACTIVE");
+                            tracing::warn!(
+                                stream,
+                                consumer = name,
+                                ?status,
+                                "still waiting for the consumer to be ACTIVE"
+                            );
                         }
                         if !sleep_unless_cancelled(cancel, CONSUMER_POLL).await {
                             return Err(Error::Interrupted);
@@ -236,7 +259,15 @@ async fn ensure_consumer(
                     // Registered meanwhile (another archiver): describe it again.
                     Err(e) if is_code(&e, "ResourceInUseException") => {}
                     Err(e) => match classify(&e) {
-                        Failure::Retry(m) => consumer_pause(&mut backoff, cancel, ("RegisterStreamConsumer", stream, name), m).await?,
+                        Failure::Retry(m) => {
+                            consumer_pause(
+                                &mut backoff,
+                                cancel,
+                                ("RegisterStreamConsumer", stream, name),
+                                m,
+                            )
+                            .await?
+                        }
                         Failure::NotFound(m) | Failure::Fatal(m) => {
                             return Err(consumer_error("RegisterStreamConsumer", stream, name, m));
                         }
@@ -252,7 +283,15 @@ async fn ensure_consumer(
                 }
             }
             Err(e) => match classify(&e) {
-                Failure::Retry(m) => consumer_pause(&mut backoff, cancel, ("DescribeStreamConsumer", stream, name), m).await?,
+                Failure::Retry(m) => {
+                    consumer_pause(
+                        &mut backoff,
+                        cancel,
+                        ("DescribeStreamConsumer", stream, name),
+                        m,
+                    )
+                    .await?
+                }
                 other => {
                     let m = match other {
                         Failure::NotFound(m) | Failure::Fatal(m) | Failure::Retry(m) => m,
@@ -362,7 +401,7 @@ pub struct FanoutReader {
     backoff: Backoff,
     retries: Arc<AtomicU64>,
     subscriptions: Arc<AtomicU64>,
-    sub: Option<Subscription>,
+    sub: Option<Box<Subscription>>,
     done: bool,
 }
 
@@ -472,11 +511,11 @@ impl FanoutReader {
             match sent {
                 Ok(out) => {
                     tracing::debug!(stream = %self.stream, shard = %self.shard, position = ?self.last_sequence.as_ref().or(self.start_at_sequence.as_ref()), "subscribed");
-                    self.sub = Some(Subscription {
+                    self.sub = Some(Box::new(Subscription {
                         events: out,
                         since: Instant::now(),
                         events_seen: 0,
-                    });
+                    }));
                     return Ok(true);
                 }
                 // The previous subscription of this consumer to the shard is
@@ -514,7 +553,9 @@ impl FanoutReader {
                         return Err(self.kerr("SubscribeToShard", m));
                     }
                     Failure::ExpiredIterator => {
-                        return Err(self.kerr("SubscribeToShard", "unexpected expired iterator".into()));
+                        return Err(
+                            self.kerr("SubscribeToShard", "unexpected expired iterator".into())
+                        );
                     }
                 },
             }
@@ -594,15 +635,17 @@ impl FanoutReader {
                     // before its first event counts as a failure.
                     let empty = sub.events_seen == 0;
                     self.sub = None;
-                    if empty && !self.pause(cancel, "the subscription ended without an event").await {
+                    if empty
+                        && !self
+                            .pause(cancel, "the subscription ended without an event")
+                            .await
+                    {
                         return Ok(None);
                     }
                 }
                 Ok(Err(e)) => {
                     let why = match classify(&e) {
-                        Failure::Retry(m)
-                        | Failure::Fatal(m)
-                        | Failure::NotFound(m) => m,
+                        Failure::Retry(m) | Failure::Fatal(m) | Failure::NotFound(m) => m,
                         Failure::ExpiredIterator => "expired".into(),
                     };
                     self.sub = None;
@@ -684,6 +727,9 @@ mod tests {
         assert_eq!(event_end("4960", Some(0)), EventEnd::More);
         assert_eq!(event_end("4960", None), EventEnd::More);
         assert_eq!(event_end("4960", Some(2)), EventEnd::More);
+        // ferrokinesis on a closed shard: children, but a continuation
+        // (its end comes from the ListShards fallback).
+        assert_eq!(event_end("4960", Some(1)), EventEnd::More);
         // No continuation but no children either: not an end we trust.
         assert_eq!(event_end("", None), EventEnd::More);
         assert_eq!(event_end("", Some(0)), EventEnd::More);

@@ -56,7 +56,10 @@ fn ca_bundle_client() -> Option<aws_sdk_kinesis::config::SharedHttpClient> {
     let pem = match std::fs::read(&path) {
         Ok(pem) => pem,
         Err(e) => {
-            tracing::warn!("AWS_CA_BUNDLE {}: {e}; using the system's certificate authorities only", path.to_string_lossy());
+            tracing::warn!(
+                "AWS_CA_BUNDLE {}: {e}; using the system's certificate authorities only",
+                path.to_string_lossy()
+            );
             return None;
         }
     };
@@ -71,7 +74,10 @@ fn ca_bundle_client() -> Option<aws_sdk_kinesis::config::SharedHttpClient> {
                 .build_https(),
         ),
         Err(e) => {
-            tracing::warn!("AWS_CA_BUNDLE {}: {e}; using the system's certificate authorities only", path.to_string_lossy());
+            tracing::warn!(
+                "AWS_CA_BUNDLE {}: {e}; using the system's certificate authorities only",
+                path.to_string_lossy()
+            );
             None
         }
     }

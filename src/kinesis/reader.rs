@@ -359,7 +359,12 @@ impl ShardReader {
                 }
                 self.expect_first = None;
             }
-            append_records(&self.shard, resp.records, &mut batch, &mut self.last_sequence);
+            append_records(
+                &self.shard,
+                resp.records,
+                &mut batch,
+                &mut self.last_sequence,
+            );
             if let Some(skip) = &self.skip_through {
                 batch.records.retain(|r| r.position() > *skip);
                 batch.bytes = batch.records.iter().map(|r| r.data.len()).sum();

@@ -13,7 +13,7 @@ use crate::proxy::Proxy;
 use crate::resharding::{archived_count, terminate};
 
 const FANOUT: &str = "[archiver]\nread = \"fanout\"\nshard_discovery_interval = \"1s\"\n\
-                      [archive.flush]\nmax_age = \"500ms\"\n";
+                      metrics_bind = \"127.0.0.1:0\"\n[archive.flush]\nmax_age = \"500ms\"\n";
 
 /// The consumers registered on `stream`: (name, status).
 async fn consumers(c: &aws_sdk_kinesis::Client, stream: &str) -> Vec<(String, String)> {
@@ -109,7 +109,10 @@ fn once_runs_around_a_split(k: &Server, server: &str) {
         .map(|r| {
             (
                 r["ShardId"].as_str().unwrap().to_string(),
-                r["StartingPosition"]["SequenceNumber"].as_str().unwrap().to_string(),
+                r["StartingPosition"]["SequenceNumber"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
             )
         })
         .collect();
@@ -144,13 +147,29 @@ fn fanout_split_while_archiving() {
     let proxy = rt.block_on(Proxy::start(k.port));
     rt.block_on(create_stream(&c, &stream, 2));
     let ws = Workspace::new(&proxy.endpoint(), None, None, FANOUT, &[(&stream, "json")]);
-    let mut child = ws.spawn_archiver();
+    let log = ws.dir.path().join("archiver.log");
+    let mut child = ws
+        .cmd()
+        .arg("archive")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
     let mut puts = rt.block_on(put_records(&c, &stream, &orders(150, 1)));
     let wait_for = |n: usize, what: &str, child: &mut std::process::Child| {
         let deadline = Instant::now() + Duration::from_secs(120);
         while archived_count(&ws, &rt, &stream) < n as u64 {
-            assert!(Instant::now() < deadline, "archiver did not catch up: {what}");
-            assert!(child.try_wait().unwrap().is_none(), "archiver exited early");
+            let log = || std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(
+                Instant::now() < deadline,
+                "archiver did not catch up: {what}\n{}",
+                log()
+            );
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "archiver exited early:\n{}",
+                log()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     };
@@ -209,7 +228,10 @@ fn fanout_read_mode_is_validated() {
     let out = ws.run(&["config", "show"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("archiver.read") || err.contains("read"), "{err}");
+    assert!(
+        err.contains("archiver.read") || err.contains("read"),
+        "{err}"
+    );
     assert!(err.contains("fanout"), "{err}");
     let ws = Workspace::new(
         "http://127.0.0.1:9",
@@ -226,7 +248,10 @@ fn fanout_read_mode_is_validated() {
     let out = ws.ok(&["config", "show"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("read = \"polling\""), "{text}");
-    assert!(text.contains("consumer_name = \"fluxcap-archiver\""), "{text}");
+    assert!(
+        text.contains("consumer_name = \"fluxcap-archiver\""),
+        "{text}"
+    );
 }
 
 /// kinesis-mock with its TLS port on a certificate for 127.0.0.1 made by
@@ -268,17 +293,52 @@ fn tls_kinesis() -> TlsKinesis {
         assert!(st.success(), "openssl {args:?} failed");
     };
     openssl(&[
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=fluxcap test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign",
-        "-keyout", "ca.key", "-out", "ca.pem",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=fluxcap test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
     ]);
     openssl(&[
-        "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "key.pem",
-        "-out", "leaf.csr",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "leaf.csr",
     ]);
     openssl(&[
-        "x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-days", "2", "-extfile", "leaf.ext", "-out", "cert.pem",
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "leaf.ext",
+        "-out",
+        "cert.pem",
     ]);
     let server_json = dir.path().join("server.json");
     let json = serde_json::json!({"server": {
@@ -365,7 +425,11 @@ fn fanout_over_tls_speaks_http2() {
         .copied()
         .filter(|l| l.contains("x-amz-target: Kinesis_20131202.SubscribeToShard"))
         .collect();
-    assert!(subscribes.len() >= 2, "SubscribeToShard requests logged: {}", subscribes.len());
+    assert!(
+        subscribes.len() >= 2,
+        "SubscribeToShard requests logged: {}",
+        subscribes.len()
+    );
     let http1: Vec<String> = requests
         .iter()
         .filter(|l| !l.contains("HTTP/2.0 POST "))
@@ -394,7 +458,10 @@ fn fanout_resubscribes_after_the_last_record() {
         puts.extend(rt.block_on(put_records(&c, &stream, &orders(60, 10 + round))));
         let deadline = Instant::now() + Duration::from_secs(120);
         while archived_count(&ws, &rt, &stream) < puts.len() as u64 {
-            assert!(Instant::now() < deadline, "archiver did not catch up (round {round})");
+            assert!(
+                Instant::now() < deadline,
+                "archiver did not catch up (round {round})"
+            );
             assert!(child.try_wait().unwrap().is_none(), "archiver exited early");
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -437,7 +504,9 @@ fn fanout_resubscribes_after_the_last_record() {
     let last = positions.last().unwrap();
     assert_eq!(
         last["SequenceNumber"].as_str(),
-        puts.iter().map(|p| p.sequence_number.as_str()).max_by(|a, b| fluxcap::record::cmp_sequence(a, b)),
+        puts.iter()
+            .map(|p| p.sequence_number.as_str())
+            .max_by(|a, b| fluxcap::record::cmp_sequence(a, b)),
         "{last}"
     );
     let out = ws.ok(&["verify"]);

@@ -191,7 +191,13 @@ pub(super) async fn archive_shard(
         }
         // Then the memory of the response, before the call (see `budget`);
         // with fan-out, before the next event is taken from the stream.
-        let call = call_memory(&ctx, &mut ck, &mut buf, &stats, &sizer, &cancel).await?;
+        let (limit, mut bytes) = sizer.next_call();
+        if !reader.polls() {
+            // An event holds what the shard pushed since the last one (at
+            // most 2 MiB/s): reserve that, a larger one is charged as debt.
+            bytes = bytes.min(response_cost(kinesis::fanout::EVENT_PAYLOAD));
+        }
+        let call = call_memory(&ctx, &mut ck, &mut buf, &stats, (limit, bytes), &cancel).await?;
         last_call = Instant::now();
         let batch = match call {
             Some((limit, mut held)) => {
@@ -304,8 +310,8 @@ pub(super) async fn archive_shard(
     }
 }
 
-/// Memory for the shard's next GetRecords call and the call's `Limit` (see
-/// `budget`): taken at once when free; otherwise the shard first flushes
+/// Memory for the shard's next GetRecords call (or event) of `bytes` and
+/// the call's `Limit` (see `budget`, [`CallSizer`]): taken at once when free; otherwise the shard first flushes
 /// what it buffered (it holds nothing while it waits), asks the idle shards
 /// to flush theirs, and waits its turn. `None`: cancelled while waiting.
 async fn call_memory(
@@ -313,10 +319,9 @@ async fn call_memory(
     ck: &mut ShardCheckpoint,
     buf: &mut ShardBuffer,
     stats: &ShardStats,
-    sizer: &CallSizer,
+    (limit, bytes): (i32, u64),
     cancel: &CancellationToken,
 ) -> Result<Option<(i32, Reservation)>> {
-    let (limit, bytes) = sizer.next_call();
     if let Some(r) = ctx.budget.try_take(bytes) {
         return Ok(Some((limit, r)));
     }
