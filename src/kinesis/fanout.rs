@@ -31,10 +31,12 @@
 //! The end of a closed shard is the event without a continuation sequence
 //! number that names the child shards. Local emulators do not send it
 //! (kinesis-mock names no children; ferrokinesis names them but keeps a
-//! continuation number, then ends the subscription): a shard that ListShards shows closed and whose
-//! subscription delivers an empty event at the tip (`MillisBehindLatest` 0)
-//! is finished too — a closed shard takes no more records, so nothing is
-//! left to read.
+//! continuation number, then ends the subscription): a shard that
+//! ListShards shows closed and whose subscription delivers an empty event
+//! at the tip (`MillisBehindLatest` 0) is finished too — a closed shard
+//! takes no more records, so nothing is left to read. An open shard idle at
+//! its tip is looked up again at most every `archiver.shard_discovery_interval`,
+//! with one ListShards listing shared by the stream's shards.
 //!
 //! Memory: events are pushed, but an event is only taken from the stream
 //! when the shard task asks for the next batch, which it does once it holds
@@ -43,7 +45,7 @@
 //! flow control holds the server back (at most the connection's receive
 //! window is buffered meanwhile).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
@@ -76,11 +78,26 @@ const CONSUMER_POLL: Duration = Duration::from_secs(1);
 /// event: one second of a shard's push rate (2 MiB/s). A larger event is
 /// charged as debt when it arrives.
 pub const EVENT_PAYLOAD: u64 = 2 * 1024 * 1024;
+/// Consecutive failed subscriptions, each ended by an error event that is
+/// not transient (access denied, stream gone, …), before the error is final.
+const STREAM_ERROR_ATTEMPTS: u32 = 5;
 /// Give up registering after this many consecutive failures (e.g. the
 /// stream already has its 20 consumers).
 const REGISTER_ATTEMPTS: u32 = 30;
 
 type ConsumerCell = Arc<OnceCell<String>>;
+
+/// The closed shards of a stream as last listed, and when.
+type ClosedListing = Arc<tokio::sync::Mutex<Option<(Instant, HashSet<String>)>>>;
+
+/// Per stream: the last listing of its closed shards (see
+/// [`FanoutReader::shard_closed`]), shared by its shard readers.
+static CLOSED: LazyLock<Mutex<HashMap<String, ClosedListing>>> = LazyLock::new(Default::default);
+
+fn closed_listing(stream: &str) -> ClosedListing {
+    let mut all = CLOSED.lock().unwrap_or_else(|p| p.into_inner());
+    all.entry(stream.to_string()).or_default().clone()
+}
 
 /// Consumers found or registered by this process: (stream, name) → ARN.
 static CONSUMERS: LazyLock<Mutex<HashMap<(String, String), ConsumerCell>>> =
@@ -563,7 +580,8 @@ impl FanoutReader {
     }
 
     /// Whether ListShards shows the shard closed (looked up at most every
-    /// `closed_check_interval`; a failed lookup says "not yet").
+    /// `closed_check_interval`, one listing shared by the stream's shards;
+    /// a failed lookup says "not yet").
     async fn shard_closed(&mut self) -> bool {
         if self.closed {
             return true;
@@ -575,16 +593,29 @@ impl FanoutReader {
             return false;
         }
         self.closed_checked = Some(Instant::now());
-        match super::shards::list_shards(&self.client, &self.stream, self.max_backoff).await {
-            Ok(shards) => {
-                self.closed = shards
-                    .iter()
-                    .any(|s| *s.shard_id == *self.shard && s.closed);
-            }
-            Err(e) => {
-                tracing::debug!(stream = %self.stream, shard = %self.shard, "ListShards failed: {e}");
+        let cell = closed_listing(&self.stream);
+        let mut listing = cell.lock().await;
+        let fresh = listing
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < self.closed_check_interval);
+        if !fresh {
+            match super::shards::list_shards(&self.client, &self.stream, self.max_backoff).await {
+                Ok(shards) => {
+                    let closed = shards
+                        .into_iter()
+                        .filter(|s| s.closed)
+                        .map(|s| s.shard_id)
+                        .collect();
+                    *listing = Some((Instant::now(), closed));
+                }
+                Err(e) => {
+                    tracing::debug!(stream = %self.stream, shard = %self.shard, "ListShards failed: {e}");
+                }
             }
         }
+        self.closed = listing
+            .as_ref()
+            .is_some_and(|(_, closed)| closed.contains(self.shard.as_ref()));
         self.closed
     }
 
@@ -644,8 +675,18 @@ impl FanoutReader {
                     }
                 }
                 Ok(Err(e)) => {
+                    // An error event or a broken stream: subscribe again; an
+                    // error that retrying does not cure ends the shard's task
+                    // after a few attempts.
                     let why = match classify(&e) {
-                        Failure::Retry(m) | Failure::Fatal(m) | Failure::NotFound(m) => m,
+                        Failure::Retry(m) => m,
+                        Failure::Fatal(m) if is_code(&e, "ResourceInUseException") => m,
+                        Failure::Fatal(m) | Failure::NotFound(m) => {
+                            if self.backoff.attempts() >= STREAM_ERROR_ATTEMPTS {
+                                return Err(self.kerr("SubscribeToShard", m));
+                            }
+                            m
+                        }
                         Failure::ExpiredIterator => "expired".into(),
                     };
                     self.sub = None;
