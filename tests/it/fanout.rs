@@ -215,6 +215,12 @@ fn fanout_retries_failed_subscriptions() {
     archived_exactly(&ws, &stream, &puts, "after failed subscriptions");
 }
 
+/// KPL aggregates pushed by SubscribeToShard are de-aggregated as polled ones are.
+#[test]
+fn fanout_deaggregates_kpl_records() {
+    crate::kpl::deaggregated(FANOUT);
+}
+
 /// `archiver.read` takes "polling" or "fanout"; `config show` shows it.
 #[test]
 fn fanout_read_mode_is_validated() {
