@@ -215,6 +215,27 @@ fn fanout_retries_failed_subscriptions() {
     archived_exactly(&ws, &stream, &puts, "after failed subscriptions");
 }
 
+/// With a memory budget far too small for every shard's next event at once,
+/// the shards take turns (an event is taken from its stream only with memory
+/// for it) and everything is archived exactly once.
+#[test]
+fn fanout_shards_take_turns_within_a_tiny_memory_budget() {
+    let k = kinesis();
+    let stream = unique("fanout-mem");
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    let puts = rt.block_on(async {
+        create_stream(&c, &stream, 4).await;
+        put_records(&c, &stream, &orders(400, 5)).await
+    });
+    let extra = format!("{FANOUT}memory_budget = \"1MiB\"\n");
+    let ws = Workspace::new(&k.endpoint(), None, None, &extra, &[(&stream, "json")]);
+    let out = ws.ok(&["archive", "--once"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("archived 400 records"), "{err}");
+    archived_exactly(&ws, &stream, &puts, "tiny budget");
+}
+
 /// KPL aggregates pushed by SubscribeToShard are de-aggregated as polled ones are.
 #[test]
 fn fanout_deaggregates_kpl_records() {
