@@ -1,6 +1,7 @@
 //! Kinesis: client set-up, shard discovery and lineage, the shard readers
-//! (GetRecords polling, enhanced fan-out), KPL de-aggregation, the PutRecords writer (replay), and the retry policy for
-//! throttling and transient faults.
+//! (GetRecords polling, enhanced fan-out), KPL de-aggregation, the
+//! PutRecords writer (replay), and the retry policy for throttling and
+//! transient faults.
 
 pub mod fanout;
 pub mod kpl;

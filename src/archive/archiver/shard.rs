@@ -310,10 +310,11 @@ pub(super) async fn archive_shard(
     }
 }
 
-/// Memory for the shard's next GetRecords call (or event) of `bytes` and
-/// the call's `Limit` (see `budget`, [`CallSizer`]): taken at once when free; otherwise the shard first flushes
-/// what it buffered (it holds nothing while it waits), asks the idle shards
-/// to flush theirs, and waits its turn. `None`: cancelled while waiting.
+/// Memory (`bytes`) for the shard's next GetRecords call or event, and the
+/// call's `Limit` (see `budget`, [`CallSizer`]): taken at once when free;
+/// otherwise the shard first flushes what it buffered (it holds nothing
+/// while it waits), asks the idle shards to flush theirs, and waits its
+/// turn. `None`: cancelled while waiting.
 async fn call_memory(
     ctx: &StreamCtx,
     ck: &mut ShardCheckpoint,
