@@ -161,6 +161,23 @@ pub struct ArchiverConfig {
     pub metrics_public: bool,
     /// Period of progress log lines when not on a terminal.
     pub progress_interval: HumanDuration,
+    /// How shards are read: GetRecords polling or enhanced fan-out.
+    pub read: ReadMode,
+    /// Name of the enhanced fan-out consumer registered on each stream
+    /// (`read = "fanout"`).
+    pub consumer_name: String,
+}
+
+/// `archiver.read`: how the archiver reads shards.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadMode {
+    /// GetShardIterator and GetRecords, paced to `max_reads_per_second`.
+    #[default]
+    Polling,
+    /// Enhanced fan-out: a registered consumer and SubscribeToShard (HTTP/2
+    /// on AWS), records pushed to the archiver at up to 2 MiB/s per shard.
+    Fanout,
 }
 
 /// `[status]`
@@ -1146,6 +1163,20 @@ fn validate(cfg: &Config, prov: &Provenance) -> Result<()> {
             format!(
                 "expected more than 0 and at most 5 (Kinesis allows 5 GetRecords calls per second per shard), got {}",
                 a.max_reads_per_second
+            ),
+        ));
+    }
+    let consumer_ok = !a.consumer_name.is_empty()
+        && a.consumer_name.len() <= 128
+        && a.consumer_name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !consumer_ok {
+        return Err(bad(
+            "archiver.consumer_name",
+            format!(
+                "expected a Kinesis consumer name (1-128 of a-z A-Z 0-9 _ . -), got {:?}",
+                a.consumer_name
             ),
         ));
     }

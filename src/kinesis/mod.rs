@@ -1,7 +1,9 @@
-//! Kinesis: client set-up, shard discovery and lineage, the shard reader,
-//! KPL de-aggregation, the PutRecords writer (replay), and the retry policy for
-//! throttling and transient faults.
+//! Kinesis: client set-up, shard discovery and lineage, the shard readers
+//! (GetRecords polling, enhanced fan-out), KPL de-aggregation, the
+//! PutRecords writer (replay), and the retry policy for throttling and
+//! transient faults.
 
+pub mod fanout;
 pub mod kpl;
 pub mod pace;
 pub mod reader;
@@ -23,6 +25,11 @@ pub use aws_sdk_kinesis::Client;
 ///
 /// The SDK's own retries are off: [`Backoff`] retries throttling and transient
 /// faults without limit (a record is never skipped), with full jitter.
+///
+/// Its HTTPS connections offer HTTP/2 (ALPN), which SubscribeToShard needs
+/// (`archiver.read = "fanout"`). `AWS_CA_BUNDLE` (a PEM file, as for the AWS
+/// CLI) adds certificate authorities to trust, e.g. a TLS-inspecting proxy's
+/// or a local emulator's.
 pub async fn client(cfg: &Config) -> Client {
     let sdk = crate::aws::sdk_config(&cfg.aws).await;
     let mut b = aws_sdk_kinesis::config::Builder::from(&sdk)
@@ -36,7 +43,45 @@ pub async fn client(cfg: &Config) -> Client {
     if let Some(ep) = &cfg.aws.kinesis_endpoint {
         b = b.endpoint_url(ep);
     }
+    if let Some(http) = ca_bundle_client() {
+        b = b.http_client(http);
+    }
     Client::from_conf(b.build())
+}
+
+/// An HTTPS client that also trusts the certificates of `AWS_CA_BUNDLE`;
+/// `None` (the SDK's default client) when it is unset or unreadable.
+fn ca_bundle_client() -> Option<aws_sdk_kinesis::config::SharedHttpClient> {
+    use aws_smithy_http_client::tls::{self, TlsContext, TrustStore, rustls_provider::CryptoMode};
+    let path = std::env::var_os("AWS_CA_BUNDLE").filter(|p| !p.is_empty())?;
+    let pem = match std::fs::read(&path) {
+        Ok(pem) => pem,
+        Err(e) => {
+            tracing::warn!(
+                "AWS_CA_BUNDLE {}: {e}; using the system's certificate authorities only",
+                path.to_string_lossy()
+            );
+            return None;
+        }
+    };
+    let ctx = TlsContext::builder()
+        .with_trust_store(TrustStore::default().with_pem_certificate(pem))
+        .build();
+    match ctx {
+        Ok(ctx) => Some(
+            aws_smithy_http_client::Builder::new()
+                .tls_provider(tls::Provider::Rustls(CryptoMode::AwsLc))
+                .tls_context(ctx)
+                .build_https(),
+        ),
+        Err(e) => {
+            tracing::warn!(
+                "AWS_CA_BUNDLE {}: {e}; using the system's certificate authorities only",
+                path.to_string_lossy()
+            );
+            None
+        }
+    }
 }
 
 /// How a failed call should be handled.

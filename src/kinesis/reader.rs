@@ -359,43 +359,12 @@ impl ShardReader {
                 }
                 self.expect_first = None;
             }
-            for r in resp.records {
-                let seq: Arc<str> = r.sequence_number.as_str().into();
-                let arrival_ms = r
-                    .approximate_arrival_timestamp
-                    .and_then(|t| t.to_millis().ok())
-                    .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
-                let data = Bytes::from(r.data.into_inner());
-                self.last_sequence = Some(r.sequence_number.clone());
-                match deaggregate(&data) {
-                    Some(users) => {
-                        for (i, u) in users.into_iter().enumerate() {
-                            batch.bytes += u.data.len();
-                            batch.records.push(Record {
-                                shard_id: self.shard.clone(),
-                                sequence_number: seq.clone(),
-                                subsequence_number: i as i64,
-                                partition_key: u.partition_key,
-                                explicit_hash_key: u.explicit_hash_key,
-                                arrival_ms,
-                                data: u.data,
-                            });
-                        }
-                    }
-                    None => {
-                        batch.bytes += data.len();
-                        batch.records.push(Record {
-                            shard_id: self.shard.clone(),
-                            sequence_number: seq,
-                            subsequence_number: 0,
-                            partition_key: r.partition_key,
-                            explicit_hash_key: None,
-                            arrival_ms,
-                            data,
-                        });
-                    }
-                }
-            }
+            append_records(
+                &self.shard,
+                resp.records,
+                &mut batch,
+                &mut self.last_sequence,
+            );
             if let Some(skip) = &self.skip_through {
                 batch.records.retain(|r| r.position() > *skip);
                 batch.bytes = batch.records.iter().map(|r| r.data.len()).sum();
@@ -415,8 +384,89 @@ impl ShardReader {
     }
 }
 
+/// The archiver's reader of one shard (`archiver.read`): GetRecords polling
+/// or enhanced fan-out, behind one interface.
+#[derive(Debug)]
+pub enum Reader {
+    /// GetShardIterator and GetRecords.
+    Polling(ShardReader),
+    /// A registered consumer and SubscribeToShard.
+    Fanout(crate::kinesis::fanout::FanoutReader),
+}
+
+impl Reader {
+    /// The next batch (a GetRecords response or a pushed event); `Ok(None)`
+    /// when cancelled or after the end of the shard.
+    pub async fn next(&mut self, cancel: &CancellationToken) -> Result<Option<ReadBatch>> {
+        match self {
+            Reader::Polling(r) => r.next(cancel).await,
+            Reader::Fanout(r) => r.next(cancel).await,
+        }
+    }
+
+    /// Records asked for per GetRecords call (events have no limit).
+    pub fn set_limit(&mut self, limit: i32) {
+        if let Reader::Polling(r) = self {
+            r.set_limit(limit);
+        }
+    }
+
+    /// Whether the reader makes GetRecords calls (to be paced); events are pushed.
+    pub fn polls(&self) -> bool {
+        matches!(self, Reader::Polling(_))
+    }
+}
+
+/// Turn Kinesis records into user records (KPL aggregates expanded) at the
+/// end of `batch`, counting their payload bytes; `last_sequence` becomes the
+/// sequence number of the last Kinesis record.
+pub(crate) fn append_records(
+    shard: &Arc<str>,
+    records: Vec<aws_sdk_kinesis::types::Record>,
+    batch: &mut ReadBatch,
+    last_sequence: &mut Option<String>,
+) {
+    for r in records {
+        let seq: Arc<str> = r.sequence_number.as_str().into();
+        let arrival_ms = r
+            .approximate_arrival_timestamp
+            .and_then(|t| t.to_millis().ok())
+            .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
+        let data = Bytes::from(r.data.into_inner());
+        *last_sequence = Some(r.sequence_number.clone());
+        match deaggregate(&data) {
+            Some(users) => {
+                for (i, u) in users.into_iter().enumerate() {
+                    batch.bytes += u.data.len();
+                    batch.records.push(Record {
+                        shard_id: shard.clone(),
+                        sequence_number: seq.clone(),
+                        subsequence_number: i as i64,
+                        partition_key: u.partition_key,
+                        explicit_hash_key: u.explicit_hash_key,
+                        arrival_ms,
+                        data: u.data,
+                    });
+                }
+            }
+            None => {
+                batch.bytes += data.len();
+                batch.records.push(Record {
+                    shard_id: shard.clone(),
+                    sequence_number: seq,
+                    subsequence_number: 0,
+                    partition_key: r.partition_key,
+                    explicit_hash_key: None,
+                    arrival_ms,
+                    data,
+                });
+            }
+        }
+    }
+}
+
 /// Bytes of Kinesis records (data and partition keys): in all, and of the largest.
-fn response_bytes(records: &[aws_sdk_kinesis::types::Record]) -> (usize, usize) {
+pub(crate) fn response_bytes(records: &[aws_sdk_kinesis::types::Record]) -> (usize, usize) {
     records
         .iter()
         .map(|k| k.data.as_ref().len() + k.partition_key.len())
@@ -424,7 +474,7 @@ fn response_bytes(records: &[aws_sdk_kinesis::types::Record]) -> (usize, usize) 
 }
 
 /// Sleep `d`; false when cancelled first.
-async fn sleep_unless_cancelled(cancel: &CancellationToken, d: Duration) -> bool {
+pub(crate) async fn sleep_unless_cancelled(cancel: &CancellationToken, d: Duration) -> bool {
     tokio::select! {
         _ = cancel.cancelled() => false,
         _ = tokio::time::sleep(d) => true,

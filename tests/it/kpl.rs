@@ -63,6 +63,13 @@ fn encode_with_python(
 
 #[test]
 fn kpl_aggregates_are_deaggregated() {
+    deaggregated("");
+}
+
+/// KPL aggregates, plain records and a fake aggregate put to a 2-shard
+/// stream, archived by `archive --once` with `extra` configuration: every
+/// user record exactly once, with its subsequence number and keys.
+pub fn deaggregated(extra: &str) {
     let users: Vec<UserRec> = (0..60)
         .map(|i| UserRec {
             pk: format!("user-{}", i % 7),
@@ -134,7 +141,7 @@ fn kpl_aggregates_are_deaggregated() {
     }
     expected.sort();
 
-    let ws = Workspace::new(&k.endpoint(), None, None, "", &[(&stream, "json")]);
+    let ws = Workspace::new(&k.endpoint(), None, None, extra, &[(&stream, "json")]);
     ws.ok(&["archive", "--once"]);
     for engine in ["pyarrow", "duckdb"] {
         let mut got: Vec<_> = read_local(engine, &ws.archive.join(&stream))

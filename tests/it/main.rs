@@ -11,6 +11,7 @@ mod config_cli;
 mod drill;
 mod drill_views;
 mod exactly_once;
+mod fanout;
 mod faults;
 mod fencing;
 mod ferro;

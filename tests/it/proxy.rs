@@ -10,7 +10,8 @@
 //! forwarded request (S3 GETs of data files show what a command read), and logs
 //! when each Kinesis call arrived and, for GetRecords,
 //! which shard it read (following the iterators it hands out), so that a
-//! test can measure the call rate per shard.
+//! test can measure the call rate per shard. SubscribeToShard event streams
+//! (HTTP/1.1, chunked) are passed through as they arrive.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -66,6 +67,10 @@ struct Ctl {
     /// Every forwarded request: its request line, its `Range` header, the
     /// bytes of the response.
     requests: Mutex<Vec<Request>>,
+    /// Every SubscribeToShard request (`ShardId`, `StartingPosition`, …), in order.
+    subscriptions: Mutex<Vec<serde_json::Value>>,
+    /// SubscribeToShard event streams are cut after this long (0: never).
+    cut_subscriptions_ms: std::sync::atomic::AtomicU64,
 }
 
 /// A request the proxy forwarded.
@@ -111,6 +116,19 @@ impl Proxy {
 
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Every SubscribeToShard request so far (`ShardId`, `StartingPosition`, …), in order.
+    pub fn subscriptions(&self) -> Vec<serde_json::Value> {
+        self.ctl.subscriptions.lock().unwrap().clone()
+    }
+
+    /// Cut every SubscribeToShard event stream after `ms` (the connection
+    /// closes mid-stream, as a subscription that breaks or ends early).
+    pub fn cut_subscriptions_after(&self, ms: u64) {
+        self.ctl
+            .cut_subscriptions_ms
+            .store(ms, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Delay every request by `ms` before forwarding it.
@@ -323,6 +341,30 @@ pub async fn forward(upstream: u16, head: &str, body: &[u8]) -> std::io::Result<
     Ok(resp)
 }
 
+/// Send one request to `127.0.0.1:upstream` and pass its response to `sock`
+/// as it arrives (SubscribeToShard's event stream).
+async fn stream_through(
+    upstream: u16,
+    head: &str,
+    body: &[u8],
+    sock: &mut TcpStream,
+) -> std::io::Result<()> {
+    let mut up = TcpStream::connect(("127.0.0.1", upstream)).await?;
+    let mut new_head = String::new();
+    for line in head.split("\r\n") {
+        if line.to_ascii_lowercase().starts_with("connection:") || line.is_empty() {
+            continue;
+        }
+        new_head.push_str(line);
+        new_head.push_str("\r\n");
+    }
+    new_head.push_str("connection: close\r\n\r\n");
+    up.write_all(new_head.as_bytes()).await?;
+    up.write_all(body).await?;
+    tokio::io::copy(&mut up, sock).await?;
+    sock.shutdown().await
+}
+
 fn status_of(resp: &[u8]) -> u16 {
     String::from_utf8_lossy(&resp[..resp.len().min(32)])
         .split_whitespace()
@@ -476,6 +518,20 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
         if let Ok(resp) = resp {
             let _ = sock.write_all(&resp).await;
         }
+        return Ok(());
+    }
+    if target == "SubscribeToShard" {
+        let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        ctl.subscriptions.lock().unwrap().push(req);
+        // An event stream: passed through as it arrives, for as long as it lasts.
+        let cut = ctl
+            .cut_subscriptions_ms
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let pass = stream_through(upstream, &head, &body, &mut sock);
+        if cut == 0 {
+            return pass.await;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(cut), pass).await;
         return Ok(());
     }
     let mut resp = forward(upstream, &head, &body).await?;

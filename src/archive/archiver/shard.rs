@@ -16,10 +16,11 @@ use crate::archive::checkpoint::{Commit, Gap, PublishPolicy, ShardCheckpoint, st
 use crate::archive::footer::flush_metadata;
 use crate::archive::key_index;
 use crate::archive::layout::hour_key;
-use crate::config::PayloadFormat;
+use crate::config::{PayloadFormat, ReadMode};
 use crate::error::{Error, Result};
 use crate::kinesis;
-use crate::kinesis::reader::{ShardReader, StartAt};
+use crate::kinesis::fanout::FanoutReader;
+use crate::kinesis::reader::{Reader, ShardReader, StartAt};
 use crate::kinesis::shards::ShardInfo;
 use crate::metrics::ShardStats;
 use crate::record::{Position, Record, RecordBatchBuilder};
@@ -127,15 +128,6 @@ pub(super) async fn archive_shard(
         return Ok(ShardOutcome::Finished);
     }
     let a = &ctx.cfg.archiver;
-    let mut reader = ShardReader::new(
-        ctx.client.clone(),
-        &stream,
-        &shard,
-        StartAt::TrimHorizon,
-        a.max_records_per_call,
-        a.max_backoff.0,
-        ctx.stats.retries.clone(),
-    );
     // Its share of the shard's calls (archiver.max_reads_per_second), and
     // the bytes it read waited out at the shard's read limit.
     let pacer = crate::kinesis::pace::shard_pacer(
@@ -146,10 +138,41 @@ pub(super) async fn archive_shard(
             bytes_per_second: crate::kinesis::pace::SHARD_BYTES_PER_SECOND,
         },
     );
-    reader = reader.paced(pacer.clone());
-    if let Some(pos) = &ck.state().position {
-        reader = reader.resume_after(pos);
-    }
+    let mut reader = match a.read {
+        ReadMode::Polling => {
+            let mut r = ShardReader::new(
+                ctx.client.clone(),
+                &stream,
+                &shard,
+                StartAt::TrimHorizon,
+                a.max_records_per_call,
+                a.max_backoff.0,
+                ctx.stats.retries.clone(),
+            )
+            .paced(pacer.clone());
+            if let Some(pos) = &ck.state().position {
+                r = r.resume_after(pos);
+            }
+            Reader::Polling(r)
+        }
+        ReadMode::Fanout => {
+            let mut r = FanoutReader::new(
+                ctx.client.clone(),
+                &stream,
+                &shard,
+                &a.consumer_name,
+                StartAt::TrimHorizon,
+                info.closed,
+                a.shard_discovery_interval.0,
+                a.max_backoff.0,
+                ctx.stats.retries.clone(),
+            );
+            if let Some(pos) = &ck.state().position {
+                r = r.resume_after(pos);
+            }
+            Reader::Fanout(r)
+        }
+    };
     tracing::debug!(%stream, %shard, position = ?ck.state().position, "shard task started");
     let started_ms = chrono::Utc::now().timestamp_millis();
     let flush_cfg = &ctx.cfg.archive.flush;
@@ -158,18 +181,27 @@ pub(super) async fn archive_shard(
     let mut sizer = CallSizer::new(&ctx.budget, a.max_records_per_call);
 
     loop {
-        // Kinesis allows 5 GetRecords per second per shard.
+        // Kinesis allows 5 GetRecords per second per shard (events are pushed).
         let since = last_call.elapsed();
-        if since < Duration::from_millis(200) {
+        if reader.polls() && since < Duration::from_millis(200) {
             tokio::time::sleep(Duration::from_millis(200) - since).await;
         }
         // The shard's read pace first: no memory is held while waiting for it.
-        tokio::select! {
-            _ = pacer.ready() => {}
-            _ = cancel.cancelled() => {}
+        if reader.polls() {
+            tokio::select! {
+                _ = pacer.ready() => {}
+                _ = cancel.cancelled() => {}
+            }
         }
-        // Then the memory of the response, before the call (see `budget`).
-        let call = call_memory(&ctx, &mut ck, &mut buf, &stats, &sizer, &cancel).await?;
+        // Then the memory of the response, before the call (see `budget`);
+        // with fan-out, before the next event is taken from the stream.
+        let (limit, mut bytes) = sizer.next_call();
+        if !reader.polls() {
+            // An event holds what the shard pushed since the last one (at
+            // most 2 MiB/s): reserve that, a larger one is charged as debt.
+            bytes = bytes.min(response_cost(kinesis::fanout::EVENT_PAYLOAD));
+        }
+        let call = call_memory(&ctx, &mut ck, &mut buf, &stats, (limit, bytes), &cancel).await?;
         last_call = Instant::now();
         let batch = match call {
             Some((limit, mut held)) => {
@@ -263,9 +295,15 @@ pub(super) async fn archive_shard(
                 ck.publish_closed(closed_before(&buf)).await?;
                 ctx.publish_position(&ck).await?;
             }
+            // An idle subscription delivers its next event by itself.
+            let pause = if reader.polls() {
+                a.poll_interval.0
+            } else {
+                Duration::ZERO
+            };
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                _ = tokio::time::sleep(a.poll_interval.0) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = ctx.budget.asked_to_flush() => {
                     if !buf.is_empty() {
                         flush(&ctx, &mut ck, &mut buf, &stats, false).await?;
@@ -276,19 +314,19 @@ pub(super) async fn archive_shard(
     }
 }
 
-/// Memory for the shard's next GetRecords call and the call's `Limit` (see
-/// `budget`): taken at once when free; otherwise the shard first flushes
-/// what it buffered (it holds nothing while it waits), asks the idle shards
-/// to flush theirs, and waits its turn. `None`: cancelled while waiting.
+/// Memory (`bytes`) for the shard's next GetRecords call or event, and the
+/// call's `Limit` (see `budget`, [`CallSizer`]): taken at once when free;
+/// otherwise the shard first flushes what it buffered (it holds nothing
+/// while it waits), asks the idle shards to flush theirs, and waits its
+/// turn. `None`: cancelled while waiting.
 async fn call_memory(
     ctx: &StreamCtx,
     ck: &mut ShardCheckpoint,
     buf: &mut ShardBuffer,
     stats: &ShardStats,
-    sizer: &CallSizer,
+    (limit, bytes): (i32, u64),
     cancel: &CancellationToken,
 ) -> Result<Option<(i32, Reservation)>> {
-    let (limit, bytes) = sizer.next_call();
     if let Some(r) = ctx.budget.try_take(bytes) {
         return Ok(Some((limit, r)));
     }
