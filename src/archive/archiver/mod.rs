@@ -49,6 +49,12 @@ pub use workers::shard_holders;
 
 pub use crate::archive::footer::{decode_position, encode_position, flush_metadata, meta};
 
+/// GetRecords calls in flight at once in one archiver process. Each holds an
+/// HTTP connection whose buffers stay as large as the responses it read; at
+/// 2 calls/s per shard and tens of milliseconds per call, 32 serve hundreds
+/// of shards.
+pub const MAX_CALLS_IN_FLIGHT: usize = 32;
+
 /// What `fluxcap archive` should do.
 #[derive(Debug, Clone, Default)]
 pub struct ArchiveOptions {
@@ -90,6 +96,7 @@ pub async fn run(
     // Encoding is CPU-bound and copies a buffer: at most one per core at a time.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let encoders = Arc::new(Semaphore::new(cores));
+    let calls = Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
     // The process's and the encoders' fixed working memory are set aside;
     // calls and buffers share the rest.
     let budget = MemoryBudget::new(
@@ -125,6 +132,7 @@ pub async fn run(
             owner: owner.clone(),
             budget: budget.clone(),
             encoders: encoders.clone(),
+            calls: calls.clone(),
             settings: ParquetSettings::from(&cfg.archive),
             once: opts.once,
             shared: opts.shared,
@@ -182,6 +190,8 @@ struct StreamCtx {
     budget: MemoryBudget,
     /// Permits to encode (bounds concurrent encoders and their copies).
     encoders: Arc<Semaphore>,
+    /// Permits for GetRecords calls in flight, process-wide ([`MAX_CALLS_IN_FLIGHT`]).
+    calls: Arc<Semaphore>,
     settings: ParquetSettings,
     once: bool,
     /// Shared with other archivers, shard by shard (see `workers`).

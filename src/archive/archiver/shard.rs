@@ -206,6 +206,17 @@ pub(super) async fn archive_shard(
         let batch = match call {
             Some((limit, mut held)) => {
                 reader.set_limit(limit);
+                // At most so many GetRecords calls in flight in the process:
+                // each keeps an HTTP connection, whose buffers grow to the
+                // responses it read, outside the budget.
+                let _call = if reader.polls() {
+                    tokio::select! {
+                        p = ctx.calls.clone().acquire_owned() => Some(p.map_err(|_| Error::Interrupted)?),
+                        _ = cancel.cancelled() => None,
+                    }
+                } else {
+                    None
+                };
                 reader.next(&cancel).await?.map(|b| {
                     sizer.observe(limit, b.kinesis_records, b.largest_record as u64);
                     // A response larger than expected is in memory already.
