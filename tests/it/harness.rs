@@ -623,12 +623,13 @@ pub fn parse_json_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
 
 /// Rows of `sql` run by DuckDB over one stream's archive directory (view `t`).
 pub fn duckdb(dir: &Path, sql: &str) -> Vec<serde_json::Value> {
-    let out = Command::new(python())
-        .arg(root().join("scripts/py/duckdb_query.py"))
-        .arg(dir)
-        .arg(sql)
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new(python())
+            .arg(root().join("scripts/py/duckdb_query.py"))
+            .arg(dir)
+            .arg(sql),
+        COMMAND_LIMIT,
+    );
     assert!(
         out.status.success(),
         "duckdb_query.py failed on {sql}: {}",
@@ -1121,7 +1122,7 @@ impl BootstrapEnv {
             c.arg(format!("JAVA_HOME={j}"));
         }
         c.arg("bash").arg(script).args(args);
-        c.stdin(Stdio::null()).output().unwrap()
+        output_within(c.stdin(Stdio::null()), Duration::from_secs(900))
     }
 
     /// The test-only `core-site.xml`: S3A to the local S3 server (path-style,
@@ -1283,12 +1284,13 @@ pub fn http_status(url: &str) -> u16 {
 /// (`scripts/py/positions.py live`) to `dest` (`--out PATH`, or
 /// `--s3-endpoint URL --bucket B --key K`); the number of records.
 pub fn live_stand_in(kinesis: &str, stream: &str, dest: &[&str]) -> usize {
-    let o = Command::new(python())
-        .arg(root().join("scripts/py/positions.py"))
-        .args(["live", "--kinesis-endpoint", kinesis, "--stream", stream])
-        .args(dest)
-        .output()
-        .unwrap();
+    let o = output_within(
+        Command::new(python())
+            .arg(root().join("scripts/py/positions.py"))
+            .args(["live", "--kinesis-endpoint", kinesis, "--stream", stream])
+            .args(dest),
+        COMMAND_LIMIT,
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
 }
