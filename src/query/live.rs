@@ -117,6 +117,31 @@ impl LiveTable {
                 return empty();
             }
         };
+        // Deleted and re-created since the archiver last ran: the
+        // checkpoints are the old stream's, and none of the new one's records
+        // is archived (its shards reuse the old shard ids).
+        let renewed;
+        let snapshot: &Snapshot = match &snapshot.incarnation {
+            Some((arn, created)) => {
+                let (now_arn, now_created) = view
+                    .incarnation(&self.client, &self.stream, self.settings.max_backoff)
+                    .await
+                    .map_err(df_err)?;
+                if now_arn != *arn || now_created != *created {
+                    tracing::warn!(
+                        stream = %self.stream,
+                        "stream {} was deleted and re-created since it was last archived: live.{} reads the new stream from its start",
+                        self.stream,
+                        self.stream
+                    );
+                    renewed = snapshot.of_new_incarnation(now_created);
+                    &renewed
+                } else {
+                    snapshot
+                }
+            }
+            None => snapshot,
+        };
         view.count_scan(&self.stream);
         let mut partitions: Vec<Arc<dyn PartitionStream>> = Vec::new();
         let seqs = ShardRange::from_filters(filters);

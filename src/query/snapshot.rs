@@ -19,6 +19,9 @@ pub struct Snapshot {
     pub shards: HashMap<String, Checkpoint>,
     /// Suffix of the stream's current incarnation ("" for the first).
     pub suffix: String,
+    /// ARN and creation time (epoch ms) of the incarnation the archiver
+    /// last saw, when recorded.
+    pub incarnation: Option<(String, i64)>,
 }
 
 impl Snapshot {
@@ -34,6 +37,11 @@ impl Snapshot {
                     return Ok(Snapshot {
                         shards: all.into_iter().map(|c| (c.shard_id.clone(), c)).collect(),
                         suffix: id.current_suffix().to_string(),
+                        incarnation: id
+                            .incarnations
+                            .last()
+                            .filter(|i| i.created_ms > 0)
+                            .map(|i| (i.arn.clone(), i.created_ms)),
                     });
                 }
                 Err(Error::Store {
@@ -42,6 +50,17 @@ impl Snapshot {
                 }) if attempt < 5 => attempt += 1,
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// The view of a stream that was deleted and re-created as `created_ms`
+    /// since the archiver last ran: nothing of it is archived yet (its
+    /// checkpoints, under a new suffix, do not exist).
+    pub fn of_new_incarnation(&self, created_ms: i64) -> Snapshot {
+        Snapshot {
+            shards: self.shards.clone(),
+            suffix: format!(".r{created_ms}"),
+            incarnation: None,
         }
     }
 

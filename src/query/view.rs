@@ -55,6 +55,8 @@ pub struct View {
     pub session_wide: bool,
     snapshots: tokio::sync::Mutex<HashMap<String, Arc<Snapshot>>>,
     listings: tokio::sync::Mutex<HashMap<String, Option<Arc<Vec<ShardInfo>>>>>,
+    /// Each stream's ARN and creation time, from DescribeStreamSummary.
+    incarnations: tokio::sync::Mutex<HashMap<String, (String, i64)>>,
     /// Archive listings by (kind, prefix): objects below a prefix, or the
     /// prefixes directly below it.
     objects: tokio::sync::Mutex<Listings>,
@@ -72,6 +74,7 @@ impl View {
             session_wide,
             snapshots: Default::default(),
             listings: Default::default(),
+            incarnations: Default::default(),
             objects: Default::default(),
             tails: Default::default(),
             scans: Default::default(),
@@ -109,6 +112,22 @@ impl View {
         };
         m.insert(stream.to_string(), listed.clone());
         Ok(listed)
+    }
+
+    /// The stream's ARN and creation time in Kinesis, asked on first use.
+    pub async fn incarnation(
+        &self,
+        client: &crate::kinesis::Client,
+        stream: &str,
+        max_backoff: std::time::Duration,
+    ) -> Result<(String, i64)> {
+        let mut m = self.incarnations.lock().await;
+        if let Some(i) = m.get(stream) {
+            return Ok(i.clone());
+        }
+        let i = crate::archive::identity::describe(client, stream, max_backoff).await?;
+        m.insert(stream.to_string(), i.clone());
+        Ok(i)
     }
 
     /// The archive listing of `prefix` (`delimited`: the prefixes directly
