@@ -211,6 +211,11 @@ fn a_re_created_stream_is_archived_as_a_new_stream() {
         put_records(&c, &stream, &orders(200, 23)).await
     });
     assert!(new.iter().all(|p| p.shard_id == "shardId-000000000000"));
+    // Before the archiver meets the new stream, `S` is the old stream's
+    // archive plus the new stream read live from its start (the old
+    // checkpoints name positions the new stream does not have).
+    let n = ws.sql_count(&format!("SELECT count(*) AS n FROM {}", q(&stream)));
+    assert_eq!(n, 300);
 
     let out = ws.ok(&["archive", "--once"]);
     let err = String::from_utf8_lossy(&out.stderr);
