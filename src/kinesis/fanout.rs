@@ -725,18 +725,13 @@ impl FanoutReader {
             largest_record,
             ..Default::default()
         };
-        if let (Some(expected), Some(first)) = (&self.expect_first, ev.records.first()) {
-            if first.sequence_number != *expected {
-                tracing::warn!(
-                    stream = %self.stream,
-                    shard = %self.shard,
-                    "the checkpointed record {expected} is no longer in the stream: records after it up to {} expired unread",
-                    first.sequence_number
-                );
-                batch.gap_before = Some(Position::new(first.sequence_number.clone(), 0));
-            }
-            self.expect_first = None;
-        }
+        crate::kinesis::reader::note_expired(
+            &self.stream,
+            &self.shard,
+            &mut self.expect_first,
+            ev.records.first(),
+            &mut batch,
+        );
         append_records(&self.shard, ev.records, &mut batch, &mut self.last_sequence);
         if let Some(skip) = &self.skip_through {
             batch.records.retain(|r| r.position() > *skip);

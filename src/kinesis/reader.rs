@@ -347,18 +347,13 @@ impl ShardReader {
                 largest_record,
                 ..Default::default()
             };
-            if let (Some(expected), Some(first)) = (&self.expect_first, resp.records.first()) {
-                if first.sequence_number != *expected {
-                    tracing::warn!(
-                        stream = %self.stream,
-                        shard = %self.shard,
-                        "the checkpointed record {expected} is no longer in the stream: records after it up to {} expired unread",
-                        first.sequence_number
-                    );
-                    batch.gap_before = Some(Position::new(first.sequence_number.clone(), 0));
-                }
-                self.expect_first = None;
-            }
+            note_expired(
+                &self.stream,
+                &self.shard,
+                &mut self.expect_first,
+                resp.records.first(),
+                &mut batch,
+            );
             append_records(
                 &self.shard,
                 resp.records,
@@ -478,5 +473,29 @@ pub(crate) async fn sleep_unless_cancelled(cancel: &CancellationToken, d: Durati
     tokio::select! {
         _ = cancel.cancelled() => false,
         _ = tokio::time::sleep(d) => true,
+    }
+}
+
+/// When a read resumed at the checkpointed record `expect_first`: if the
+/// first record read is another one, the records between expired unread —
+/// recorded as a gap before `first` (polling and fan-out alike).
+pub(crate) fn note_expired(
+    stream: &str,
+    shard: &str,
+    expect_first: &mut Option<String>,
+    first: Option<&aws_sdk_kinesis::types::Record>,
+    batch: &mut ReadBatch,
+) {
+    if let (Some(expected), Some(first)) = (expect_first.as_ref(), first) {
+        if first.sequence_number != *expected {
+            tracing::warn!(
+                %stream,
+                %shard,
+                "the checkpointed record {expected} is no longer in the stream: records after it up to {} expired unread",
+                first.sequence_number
+            );
+            batch.gap_before = Some(Position::new(first.sequence_number.clone(), 0));
+        }
+        *expect_first = None;
     }
 }

@@ -252,25 +252,7 @@ impl Coordinator {
         }
 
         let odir = self.archive.layout.owners_dir(&self.stream);
-        // Claim objects of each shard, by epoch.
-        let mut objects: BTreeMap<String, Vec<(u64, Path)>> = BTreeMap::new();
-        for o in self.archive.list(&odir).await? {
-            let rel: Vec<String> = o
-                .location
-                .prefix_match(&odir)
-                .map(|p| p.map(|x| x.as_ref().to_string()).collect())
-                .unwrap_or_default();
-            let [key, file] = rel.as_slice() else {
-                continue;
-            };
-            let Some(epoch) = parse_generation(file) else {
-                continue;
-            };
-            objects
-                .entry(key.clone())
-                .or_default()
-                .push((epoch, o.location));
-        }
+        let objects = claim_objects(&self.archive, &odir).await?;
         let mut claims: BTreeMap<String, Claim> = BTreeMap::new();
         for (key, mut objs) in objects {
             objs.sort();
@@ -467,27 +449,40 @@ fn claim_path(owners: &Path, key: &str, epoch: u64) -> Path {
     owners.clone().join(key).join(format!("{epoch:020}.json"))
 }
 
-/// Who holds each shard of `stream` among shared archivers, by checkpoint
-/// key: "archiver <id> (host <h>, pid <p>)", "free" or "done" (for
-/// `fluxcap status`; empty when no shared archiver ever ran).
-pub async fn shard_holders(archive: &Archive, stream: &str) -> Result<BTreeMap<String, String>> {
-    let odir = archive.layout.owners_dir(stream);
-    let mut latest: BTreeMap<String, (u64, Path)> = BTreeMap::new();
-    for o in archive.list(&odir).await? {
+/// The claim objects below `owners`, by shard key: (epoch, path) each.
+async fn claim_objects(
+    archive: &Archive,
+    owners: &Path,
+) -> Result<BTreeMap<String, Vec<(u64, Path)>>> {
+    let mut objects: BTreeMap<String, Vec<(u64, Path)>> = BTreeMap::new();
+    for o in archive.list(owners).await? {
         let rel: Vec<String> = o
             .location
-            .prefix_match(&odir)
+            .prefix_match(owners)
             .map(|p| p.map(|x| x.as_ref().to_string()).collect())
             .unwrap_or_default();
         let [key, file] = rel.as_slice() else {
             continue;
         };
-        if let Some(e) = parse_generation(file)
-            && latest.get(key).is_none_or(|(le, _)| e > *le)
-        {
-            latest.insert(key.clone(), (e, o.location));
+        if let Some(epoch) = parse_generation(file) {
+            objects
+                .entry(key.clone())
+                .or_default()
+                .push((epoch, o.location));
         }
     }
+    Ok(objects)
+}
+
+/// Who holds each shard of `stream` among shared archivers, by checkpoint
+/// key: "archiver <id> (host <h>, pid <p>)", "free" or "done" (for
+/// `fluxcap status`; empty when no shared archiver ever ran).
+pub async fn shard_holders(archive: &Archive, stream: &str) -> Result<BTreeMap<String, String>> {
+    let odir = archive.layout.owners_dir(stream);
+    let latest = claim_objects(archive, &odir)
+        .await?
+        .into_iter()
+        .filter_map(|(k, objs)| objs.into_iter().max().map(|l| (k, l)));
     let mut out = BTreeMap::new();
     for (key, (_, path)) in latest {
         match read_json::<ClaimBody>(archive, &path).await {
