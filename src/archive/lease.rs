@@ -76,7 +76,8 @@ pub struct LeaseRecord {
 }
 
 impl LeaseRecord {
-    fn describe(&self) -> String {
+    /// "host …, pid …, since …" (for messages).
+    pub fn describe(&self) -> String {
         format!(
             "host {}, pid {}, since {}",
             self.host, self.pid, self.started_at

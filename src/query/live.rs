@@ -123,10 +123,17 @@ impl LiveTable {
         let renewed;
         let snapshot: &Snapshot = match &snapshot.incarnation {
             Some((arn, created)) => {
-                let (now_arn, now_created) = view
+                // One DescribeStreamSummary per statement; if it fails (its
+                // account-wide limit is low), the recorded incarnation is
+                // taken as current rather than failing the query.
+                let now = view
                     .incarnation(&self.client, &self.stream, self.settings.max_backoff)
                     .await
-                    .map_err(df_err)?;
+                    .inspect_err(|e| {
+                        tracing::debug!(stream = %self.stream, "DescribeStreamSummary failed, assuming the stream was not re-created: {e}")
+                    })
+                    .unwrap_or_else(|_| (arn.clone(), *created));
+                let (now_arn, now_created) = now;
                 if now_arn != *arn || now_created != *created {
                     tracing::warn!(
                         stream = %self.stream,

@@ -10,28 +10,10 @@ use std::time::{Duration, Instant};
 use crate::harness::*;
 use crate::resharding::{archived_count, assert_per_key_order, terminate};
 
-/// Latest claim of each shard: shard key → holder (an archiver id, `free`
-/// or `done`), read from the archive directory as any tool could.
-fn claims(archive: &Path, stream: &str) -> BTreeMap<String, String> {
-    let dir = archive.join(stream).join("_fluxcap/owners");
-    let mut out = BTreeMap::new();
-    for shard in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-        let latest = std::fs::read_dir(shard.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|f| f.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "json"))
-            .max();
-        let body = latest.and_then(|p| std::fs::read(p).ok());
-        if let Some(v) = body.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()) {
-            out.insert(
-                shard.file_name().to_string_lossy().to_string(),
-                v["holder"].as_str().unwrap_or_default().to_string(),
-            );
-        }
-    }
-    out
+/// Latest claim of each shard of the local archive `archive`: shard key →
+/// holder (an archiver id, `free` or `done`), read as any tool could.
+fn claims(rt: &tokio::runtime::Runtime, archive: &Path, stream: &str) -> BTreeMap<String, String> {
+    claims_in(rt, &local_archive(archive), stream)
 }
 
 /// Archiver id of the shared archiver with process id `pid` (from its heartbeat).
@@ -83,7 +65,7 @@ fn wait_held_by(
     let start = Instant::now();
     let open = open_shards(rt, c, stream);
     loop {
-        let cl = claims(&ws.archive, stream);
+        let cl = claims(rt, &ws.archive, stream);
         if open
             .iter()
             .all(|s| cl.get(s).is_some_and(|h| holders.contains(h)))
@@ -140,7 +122,7 @@ fn three_shared_archivers_split_a_resharded_stream_and_survive_kill_9_and_sigter
     wait_held_by(&ws, &rt, &c, &stream, &all, Duration::from_secs(60));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let cl = claims(&ws.archive, &stream);
+        let cl = claims(&rt, &ws.archive, &stream);
         let per: Vec<usize> = id
             .iter()
             .map(|w| cl.values().filter(|h| *h == w).count())
@@ -202,7 +184,7 @@ fn three_shared_archivers_split_a_resharded_stream_and_survive_kill_9_and_sigter
     assert!(st.success(), "SIGTERM exit status: {st}");
     // Every archiver gone: no heartbeat left but the killed one's (removed
     // by whoever took its shards), every claim free or done.
-    let cl = claims(&ws.archive, &stream);
+    let cl = claims(&rt, &ws.archive, &stream);
     assert!(
         cl.values().all(|h| h == "free" || h == "done"),
         "claims after every archiver stopped: {cl:?}"
@@ -358,8 +340,11 @@ fn claims_in(
         }
         let mut out = BTreeMap::new();
         for (k, p) in latest {
-            let v: serde_json::Value =
-                serde_json::from_slice(&a.get_bytes(&p).await.unwrap()).unwrap();
+            // Replaced and removed since the listing: the caller looks again.
+            let Ok(b) = a.get_bytes(&p).await else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
             out.insert(k, v["holder"].as_str().unwrap_or_default().to_string());
         }
         out

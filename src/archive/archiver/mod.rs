@@ -251,10 +251,7 @@ async fn archive_stream(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Resul
             return Err(Error::ArchiverModeConflict {
                 stream: name,
                 running: "a single archiver",
-                owner: format!(
-                    "host {}, pid {}, since {}",
-                    rec.host, rec.pid, rec.started_at
-                ),
+                owner: rec.describe(),
                 hint: "stop it first, or run every archiver of the stream with --shared",
             });
         }
@@ -277,10 +274,7 @@ async fn archive_stream(ctx: Arc<StreamCtx>, cancel: CancellationToken) -> Resul
             return Err(Error::ArchiverModeConflict {
                 stream: name,
                 running: "shared archivers",
-                owner: format!(
-                    "host {}, pid {}, since {}",
-                    rec.host, rec.pid, rec.started_at
-                ),
+                owner: rec.describe(),
                 hint: "run this one with --shared too (archiver.shared = true), or stop them first",
             });
         }

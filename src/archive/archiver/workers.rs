@@ -170,29 +170,21 @@ impl Coordinator {
     /// List the archivers and the claims again (see the module doc).
     pub(super) async fn refresh(&mut self) -> Result<()> {
         let dir = self.archive.layout.workers_dir(&self.stream);
-        // Latest heartbeat object of each archiver.
-        let mut latest: HashMap<String, (u64, object_store::ObjectMeta)> = HashMap::new();
-        for o in self.archive.list(&dir).await? {
-            let rel: Vec<String> = o
-                .location
-                .prefix_match(&dir)
-                .map(|p| p.map(|x| x.as_ref().to_string()).collect())
-                .unwrap_or_default();
-            let [id, file] = rel.as_slice() else { continue };
-            let Some(e) = parse_generation(file) else {
-                continue;
-            };
-            if *id == self.me {
-                continue;
-            }
-            if latest.get(id).is_none_or(|(le, _)| e > *le) {
-                latest.insert(id.clone(), (e, o));
-            }
-        }
+        // Latest heartbeat object of each other archiver.
+        let latest: HashMap<String, object_store::ObjectMeta> = epoch_objects(&self.archive, &dir)
+            .await?
+            .into_iter()
+            .filter(|(id, _)| *id != self.me)
+            .filter_map(|(id, objs)| {
+                objs.into_iter()
+                    .max_by_key(|(e, _)| *e)
+                    .map(|(_, o)| (id, o))
+            })
+            .collect();
         self.workers.retain(|id, _| latest.contains_key(id));
         let patience = self.patience();
         let mut dead = Vec::new();
-        for (id, (_, meta)) in latest {
+        for (id, meta) in latest {
             let seen = (
                 meta.e_tag.clone(),
                 meta.last_modified.timestamp_millis(),
@@ -206,8 +198,12 @@ impl Coordinator {
             });
             if w.seen != seen || w.path != meta.location {
                 w.seen = seen;
-                w.path = meta.location.clone();
                 w.since = Instant::now();
+            }
+            // Its identity is read once per heartbeat object (a renewal only
+            // changes its counters).
+            if w.path != meta.location {
+                w.path = meta.location.clone();
                 w.record = None;
             }
             if w.record.is_none() {
@@ -252,9 +248,11 @@ impl Coordinator {
         }
 
         let odir = self.archive.layout.owners_dir(&self.stream);
-        let objects = claim_objects(&self.archive, &odir).await?;
+        let objects = epoch_objects(&self.archive, &odir).await?;
         let mut claims: BTreeMap<String, Claim> = BTreeMap::new();
-        for (key, mut objs) in objects {
+        for (key, objs) in objects {
+            let mut objs: Vec<(u64, Path)> =
+                objs.into_iter().map(|(e, o)| (e, o.location)).collect();
             objs.sort();
             let Some((epoch, path)) = objs.pop() else {
                 continue;
@@ -399,17 +397,13 @@ impl Coordinator {
         match create_object(&self.archive, &path, body).await {
             Ok(()) => {
                 self.holders.insert(path, holder.clone());
-                let older = self
-                    .claims
-                    .get(key)
-                    .map(|c| c.older.clone())
-                    .unwrap_or_default();
+                // `forget_older` names what the new claim replaced.
                 self.claims.insert(
                     key.to_string(),
                     Claim {
                         epoch,
                         holder: holder.clone(),
-                        older,
+                        older: Vec::new(),
                     },
                 );
                 Ok(true)
@@ -449,26 +443,24 @@ fn claim_path(owners: &Path, key: &str, epoch: u64) -> Path {
     owners.clone().join(key).join(format!("{epoch:020}.json"))
 }
 
-/// The claim objects below `owners`, by shard key: (epoch, path) each.
-async fn claim_objects(
+/// The `<dir>/<name>/<epoch>.json` objects (heartbeats by archiver id,
+/// claims by shard key), by name: (epoch, object) each.
+async fn epoch_objects(
     archive: &Archive,
-    owners: &Path,
-) -> Result<BTreeMap<String, Vec<(u64, Path)>>> {
-    let mut objects: BTreeMap<String, Vec<(u64, Path)>> = BTreeMap::new();
-    for o in archive.list(owners).await? {
+    dir: &Path,
+) -> Result<BTreeMap<String, Vec<(u64, object_store::ObjectMeta)>>> {
+    let mut objects: BTreeMap<String, Vec<(u64, object_store::ObjectMeta)>> = BTreeMap::new();
+    for o in archive.list(dir).await? {
         let rel: Vec<String> = o
             .location
-            .prefix_match(owners)
+            .prefix_match(dir)
             .map(|p| p.map(|x| x.as_ref().to_string()).collect())
             .unwrap_or_default();
         let [key, file] = rel.as_slice() else {
             continue;
         };
         if let Some(epoch) = parse_generation(file) {
-            objects
-                .entry(key.clone())
-                .or_default()
-                .push((epoch, o.location));
+            objects.entry(key.clone()).or_default().push((epoch, o));
         }
     }
     Ok(objects)
@@ -479,10 +471,14 @@ async fn claim_objects(
 /// `fluxcap status`; empty when no shared archiver ever ran).
 pub async fn shard_holders(archive: &Archive, stream: &str) -> Result<BTreeMap<String, String>> {
     let odir = archive.layout.owners_dir(stream);
-    let latest = claim_objects(archive, &odir)
+    let latest = epoch_objects(archive, &odir)
         .await?
         .into_iter()
-        .filter_map(|(k, objs)| objs.into_iter().max().map(|l| (k, l)));
+        .filter_map(|(k, objs)| {
+            objs.into_iter()
+                .max_by_key(|(e, _)| *e)
+                .map(|(e, o)| (k, (e, o.location)))
+        });
     let mut out = BTreeMap::new();
     for (key, (_, path)) in latest {
         match read_json::<ClaimBody>(archive, &path).await {
