@@ -56,14 +56,14 @@ use std::collections::{BTreeMap, HashSet};
 use bytes::Bytes;
 use chrono::Utc;
 use object_store::path::Path;
-use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStoreExt, PutMode};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::archive::footer::{key_values, merged_metadata, segments_of};
 use crate::archive::key_index::{self, FileKeys};
 use crate::archive::layout::{parse_data_file_name, parse_generation, staged_epoch};
-use crate::archive::store::Archive;
+use crate::archive::store::{Archive, put_conditional};
 use crate::archive::writer::ParquetSettings;
 use crate::error::{Error, Result};
 use crate::record::Position;
@@ -742,41 +742,23 @@ pub fn hour_of_path(path: &Path) -> Option<i64> {
 
 /// Create `path` only if it does not exist; a lost race is [`Error::Fenced`].
 pub(crate) async fn create_object(archive: &Archive, path: &Path, body: Vec<u8>) -> Result<()> {
-    let opts = PutOptions {
-        mode: PutMode::Create,
-        ..Default::default()
-    };
-    let mut attempt = 0u32;
-    loop {
-        match archive
-            .store
-            .put_opts(path, PutPayload::from(body.clone()), opts.clone())
-            .await
-        {
-            Ok(_) => return archive.sync_local(path).await,
-            Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => {
-                // A retried request whose first attempt succeeded (the response
-                // was lost) also lands here: the object is ours if it holds
-                // exactly our bytes (they include our owner id and a timestamp).
-                if let Ok(b) = archive.get_bytes(path).await
-                    && b.as_ref() == body.as_slice()
-                {
-                    return archive.sync_local(path).await;
-                }
-                return Err(Error::Fenced {
-                    stream: String::new(),
-                    object: archive.describe(path),
-                });
-            }
-            Err(e) if attempt < 5 => {
-                attempt += 1;
-                tracing::warn!("retrying write of {}: {e}", archive.describe(path));
-                tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt)))
-                    .await;
-            }
-            Err(e) => return Err(Error::store(archive.describe(path), e)),
-        }
+    let what = archive.describe(path);
+    match put_conditional(
+        archive.store.as_ref(),
+        &what,
+        path,
+        body.into(),
+        PutMode::Create,
+    )
+    .await
+    {
+        Ok(_) => archive.sync_local(path).await,
+        Err(object_store::Error::AlreadyExists { .. })
+        | Err(object_store::Error::Precondition { .. }) => Err(Error::Fenced {
+            stream: String::new(),
+            object: what,
+        }),
+        Err(e) => Err(Error::store(what, e)),
     }
 }
 

@@ -31,12 +31,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chrono::Utc;
 use object_store::path::Path;
-use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
+use object_store::{ObjectStoreExt, PutMode, UpdateVersion};
 use serde::{Deserialize, Serialize};
 
 use crate::archive::checkpoint::{create_object, read_json};
 use crate::archive::layout::parse_generation;
-use crate::archive::store::{Archive, with_retry};
+use crate::archive::store::{Archive, put_conditional, with_retry};
 use crate::config::ArchiveLocation;
 use crate::error::{Error, Result};
 
@@ -442,23 +442,14 @@ impl Lease {
         let body = Bytes::from(to_json(&self.archive, &path, rec)?);
         match (&self.archive.location, &self.version) {
             (ArchiveLocation::S3 { .. }, Some(etag)) => {
-                let opts = PutOptions {
-                    mode: PutMode::Update(UpdateVersion {
-                        e_tag: Some(etag.clone()),
-                        version: None,
-                    }),
-                    ..Default::default()
-                };
+                let mode = PutMode::Update(UpdateVersion {
+                    e_tag: Some(etag.clone()),
+                    version: None,
+                });
                 let what = self.archive.describe(&path);
-                match with_retry(&what, || {
-                    self.archive
-                        .store
-                        .put_opts(&path, PutPayload::from(body.clone()), opts.clone())
-                })
-                .await
-                {
-                    Ok(r) => {
-                        self.version = r.e_tag;
+                match put_conditional(self.archive.store.as_ref(), &what, &path, body, mode).await {
+                    Ok(e_tag) => {
+                        self.version = e_tag;
                         Ok(())
                     }
                     Err(object_store::Error::Precondition { .. })
@@ -637,20 +628,11 @@ async fn revoke(
     let what = archive.describe(path);
     match (&archive.location, version) {
         (ArchiveLocation::S3 { .. }, Some(etag)) => {
-            let opts = PutOptions {
-                mode: PutMode::Update(UpdateVersion {
-                    e_tag: Some(etag),
-                    version: None,
-                }),
-                ..Default::default()
-            };
-            match with_retry(&what, || {
-                archive
-                    .store
-                    .put_opts(path, PutPayload::from(body.clone()), opts.clone())
-            })
-            .await
-            {
+            let mode = PutMode::Update(UpdateVersion {
+                e_tag: Some(etag),
+                version: None,
+            });
+            match put_conditional(archive.store.as_ref(), &what, path, body, mode).await {
                 Ok(_) => Ok(()),
                 Err(object_store::Error::Precondition { .. }) => Err(subject.held(
                     format!("{} (renewed while we took over)", rec.describe()),

@@ -537,7 +537,7 @@ impl PositionsTable {
         path: &object_store::path::Path,
         rows: BTreeMap<String, Row>,
     ) -> Result<()> {
-        use object_store::{PutMode, PutOptions, PutPayload, UpdateVersion};
+        use object_store::{PutMode, UpdateVersion};
         let name = self.archive.describe(path);
         let stream = self.id.stream.clone();
         if let crate::config::ArchiveLocation::Local(root) = &self.archive.location {
@@ -571,7 +571,9 @@ impl PositionsTable {
             return res;
         }
         for _ in 0..100 {
-            let (theirs, version) = match self.archive.store.get(path).await {
+            let got =
+                crate::archive::store::with_retry(&name, || self.archive.store.get(path)).await;
+            let (theirs, version) = match got {
                 Ok(r) => {
                     let etag = r.meta.e_tag.clone();
                     let bytes = r.bytes().await.map_err(|e| Error::store(&name, e))?;
@@ -589,14 +591,8 @@ impl PositionsTable {
                 (None, _) => PutMode::Create,
             };
             let body = encode(&self.id, &merge(&self.id, theirs, rows.clone()), &name)?;
-            let opts = PutOptions {
-                mode,
-                ..Default::default()
-            };
-            match self
-                .archive
-                .store
-                .put_opts(path, PutPayload::from(body), opts)
+            let store = self.archive.store.as_ref();
+            match crate::archive::store::put_conditional(store, &name, path, body.into(), mode)
                 .await
             {
                 Ok(_) => return Ok(()),

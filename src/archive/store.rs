@@ -409,6 +409,55 @@ where
     }
 }
 
+/// A conditional write (`mode` is a create or an update of a version) with
+/// the retries of [`with_retry`], that tells our own earlier attempt from a
+/// writer's: a retried request whose first attempt did land (its response was
+/// lost to a reset connection) is refused as `Precondition`/`AlreadyExists`,
+/// yet the object then holds exactly our bytes. Every body written this way
+/// carries something unique to the write (an owner id, a counter, a time), so
+/// equal bytes mean the write is ours. Returns the object's ETag.
+pub async fn put_conditional(
+    store: &dyn ObjectStore,
+    what: &str,
+    path: &Path,
+    body: bytes::Bytes,
+    mode: object_store::PutMode,
+) -> std::result::Result<Option<String>, object_store::Error> {
+    let opts = object_store::PutOptions {
+        mode,
+        ..Default::default()
+    };
+    let sent = with_retry(what, || {
+        store.put_opts(
+            path,
+            object_store::PutPayload::from(body.clone()),
+            opts.clone(),
+        )
+    })
+    .await;
+    match sent {
+        Ok(r) => Ok(r.e_tag),
+        Err(
+            e @ (object_store::Error::Precondition { .. }
+            | object_store::Error::AlreadyExists { .. }),
+        ) => {
+            let now = match with_retry(what, || store.get(path)).await {
+                Ok(r) => r,
+                Err(_) => return Err(e),
+            };
+            let etag = now.meta.e_tag.clone();
+            match now.bytes().await {
+                Ok(b) if b == body => {
+                    tracing::debug!("{what}: a retried write found its first attempt landed");
+                    Ok(etag)
+                }
+                _ => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// The archive's store as query engines see it: reading a staged file that
 /// has been published and removed meanwhile reads its published copy (the
 /// same bytes), so a query planned while a file was staged never fails

@@ -1,7 +1,9 @@
 //! Fault injection: a proxy in front of Kinesis and S3 answers a fraction of
 //! requests with throttling errors, 500s and connection resets (before or
 //! after forwarding); the archive still completes with nothing lost or
-//! duplicated.
+//! duplicated. And deterministically: the response of a conditional write
+//! (lease renewal, checkpoint) that the store did apply is lost, and the
+//! retried write is recognised as ours rather than as another archiver's.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +13,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::harness::*;
-use crate::proxy::{forward, read_request};
+use crate::proxy::{Proxy, forward, read_request};
+use crate::resharding::terminate;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Upstream {
@@ -214,4 +217,97 @@ fn archive_survives_throttling_500s_and_resets() {
         &[(&stream, "json")],
     );
     direct.ok(&["verify"]);
+}
+
+#[test]
+fn a_conditional_write_whose_response_was_lost_is_recognised_as_ours() {
+    let k = kinesis();
+    let s3 = s3();
+    let stream = unique("lostresp");
+    let bucket = unique("lostresp");
+    create_bucket(&s3, &bucket);
+    let c = kinesis_client(&k.endpoint());
+    let rt = rt();
+    let puts = rt.block_on(async {
+        create_stream(&c, &stream, 1).await;
+        put_records(&c, &stream, &orders(300, 11)).await
+    });
+    let proxy = rt.block_on(Proxy::start(s3.port));
+    // The lease's creation and its first two renewals (conditional updates
+    // of the version we wrote), and two checkpoints (conditional creates):
+    // each lands on the store, its answer never reaches the archiver.
+    proxy.lose_responses("PUT", "/_fluxcap/lease/", Some("if-none-match"), 1);
+    proxy.lose_responses("PUT", "/_fluxcap/lease/", Some("if-match"), 2);
+    proxy.lose_responses("PUT", "/_fluxcap/checkpoints/", None, 2);
+    let loc = format!("s3://{bucket}/a");
+    let ws = Workspace::new(
+        &k.endpoint(),
+        Some(&loc),
+        Some(&proxy.endpoint()),
+        "[archive.flush]\nmax_age = \"200ms\"\n[archiver]\npoll_interval = \"100ms\"\nmetrics_bind = \"\"\nlease_ttl = \"3s\"",
+        &[(&stream, "json")],
+    );
+    let log = ws.dir.path().join("archiver.log");
+    let mut child = ws
+        .cmd()
+        .arg("archive")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let alive = |child: &mut std::process::Child| child.try_wait().unwrap().is_none();
+    // Read the checkpoints straight from the S3 server (no proxy).
+    let direct = s3_archive(&s3.endpoint(), &bucket, "a");
+    let archived_count = || -> u64 {
+        rt.block_on(fluxcap::archive::checkpoint::load_all(&direct, &stream))
+            .map(|cks| cks.iter().map(|c| c.records).sum())
+            .unwrap_or(0)
+    };
+    wait_until(
+        60,
+        "the lost responses and the whole stream archived",
+        || {
+            assert!(
+                alive(&mut child),
+                "the archiver stopped: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            proxy.lost("/_fluxcap/lease/") == 3
+                && proxy.lost("/_fluxcap/checkpoints/") == 2
+                && archived_count() == puts.len() as u64
+        },
+    );
+    // One more renewal after the lost ones, answered: the lease is still ours.
+    let renewals = |p: &Proxy| {
+        p.requests()
+            .iter()
+            .filter(|r| r.line.starts_with("PUT ") && r.line.contains("/_fluxcap/lease/"))
+            .count()
+    };
+    let seen = renewals(&proxy);
+    wait_until(30, "a renewal after the lost ones", || {
+        assert!(alive(&mut child), "the archiver stopped");
+        renewals(&proxy) > seen
+    });
+    let st = terminate(&mut child);
+    let err = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(st.success(), "exit status {st}: {err}");
+    assert!(!err.contains("fenced"), "{err}");
+    let got = read_archive(
+        "pyarrow",
+        &[
+            "--s3-endpoint",
+            &s3.endpoint(),
+            "--bucket",
+            &bucket,
+            "--prefix",
+            &format!("a/{stream}"),
+        ],
+    );
+    assert_same(
+        &puts_multiset(&puts),
+        &archived_multiset(&got),
+        "after lost responses",
+    );
+    ws.ok(&["verify"]);
 }

@@ -6,7 +6,8 @@
 //! is older than the retention period — and answer PutRecords calls in part
 //! (some entries throttled or refused, the rest forwarded), as a busy target
 //! does — or never answer PutRecords calls that carry given partition keys,
-//! as a target shard that is throttled for good does. It also keeps every
+//! as a target shard that is throttled for good does — or lose the response
+//! of a request the store did apply, as a reset connection does. It also keeps every
 //! forwarded request (S3 GETs of data files show what a command read), and logs
 //! when each Kinesis call arrived and, for GetRecords,
 //! which shard it read (following the iterators it hands out), so that a
@@ -25,6 +26,8 @@ use tokio::sync::{Notify, oneshot};
 struct Rule {
     method: String,
     path_part: String,
+    /// A header the request must carry (lower case), if any.
+    header: Option<String>,
 }
 
 /// A request the proxy holds.
@@ -71,6 +74,11 @@ struct Ctl {
     subscriptions: Mutex<Vec<serde_json::Value>>,
     /// SubscribeToShard event streams are cut after this long (0: never).
     cut_subscriptions_ms: std::sync::atomic::AtomicU64,
+    /// Requests whose response is lost (forwarded, then the connection is
+    /// reset): rule → how many more times.
+    losing: Mutex<Vec<(Rule, u32)>>,
+    /// Responses lost so far, per rule's `path_part`.
+    lost: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// A request the proxy forwarded.
@@ -143,7 +151,33 @@ impl Proxy {
         *self.ctl.rule.lock().unwrap() = Some(Rule {
             method: method.into(),
             path_part: path_part.into(),
+            header: None,
         });
+    }
+
+    /// The next `times` requests with `method` whose path contains
+    /// `path_part` (and that carry `header`, e.g. `if-match`, if given) reach
+    /// the upstream, which applies them, but their response is lost: the
+    /// proxy resets the connection instead (a client retries a request that
+    /// did land).
+    pub fn lose_responses(&self, method: &str, path_part: &str, header: Option<&str>, times: u32) {
+        let rule = Rule {
+            method: method.into(),
+            path_part: path_part.into(),
+            header: header.map(str::to_ascii_lowercase),
+        };
+        self.ctl.losing.lock().unwrap().push((rule, times));
+    }
+
+    /// Responses lost so far by [`Proxy::lose_responses`] with `path_part`.
+    pub fn lost(&self, path_part: &str) -> u64 {
+        self.ctl
+            .lost
+            .lock()
+            .unwrap()
+            .get(path_part)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Wait until a request is held; returns its request line.
@@ -485,6 +519,34 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
         && let Some(resp) = put_records_in_part(upstream, &head, &body, &ctl).await?
     {
         sock.write_all(&resp).await?;
+        return Ok(());
+    }
+    let lose = {
+        let mut losing = ctl.losing.lock().unwrap();
+        losing
+            .iter_mut()
+            .find(|(r, n)| {
+                *n > 0
+                    && line.starts_with(&format!("{} ", r.method))
+                    && line.contains(&r.path_part)
+                    && r.header.as_ref().is_none_or(|h| {
+                        head.lines().any(|l| {
+                            l.split_once(':')
+                                .is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case(h))
+                        })
+                    })
+            })
+            .map(|(r, n)| {
+                *n -= 1;
+                r.path_part.clone()
+            })
+    };
+    if let Some(part) = lose {
+        let resp = forward(upstream, &head, &body).await?;
+        log_request(&resp);
+        *ctl.lost.lock().unwrap().entry(part).or_default() += 1;
+        let _ = sock.set_zero_linger();
+        drop(sock); // RST: the client never sees the answer
         return Ok(());
     }
     let matched = {
