@@ -74,7 +74,10 @@ impl ShardBuffer {
             .groups
             .entry(hour_key(r.arrival_ms))
             .or_insert_with(|| Group {
-                builder: RecordBatchBuilder::with_capacity(1024, 1 << 20),
+                // Small to start with, grown by doubling: with hundreds of
+                // shards a large up-front capacity (it was 1 MiB each) is
+                // memory outside the budget once written to and reused.
+                builder: RecordBatchBuilder::with_capacity(64, 64 << 10),
                 first: r.position(),
                 count: 0,
             });
