@@ -43,31 +43,27 @@ def die(msg):
 
 def archived(archive, stream):
     """Records the archive's checkpoints hold: the latest generation of every shard."""
-    total = 0
-    for d in glob.glob(os.path.join(archive, stream, "_fluxcap", "checkpoints", "*")):
-        gens = sorted(f for f in os.listdir(d) if f.endswith(".json"))
-        if not gens:
-            continue
-        try:
-            with open(os.path.join(d, gens[-1])) as fh:
-                total += json.load(fh)["records"]
-        except (OSError, ValueError, KeyError):
-            pass  # being replaced right now: read again at the next poll
-    return total
+    return sum(body.get("records", 0) for body in latest_objects(archive, stream, "checkpoints"))
+
+
+def latest_objects(archive, stream, kind):
+    """The latest JSON object (highest name) in each directory of `<stream>/_fluxcap/<kind>/`;
+    one being replaced right now is left out (read again at the next poll)."""
+    for d in glob.glob(os.path.join(archive, stream, "_fluxcap", kind, "*")):
+        names = sorted(f for f in os.listdir(d) if f.endswith(".json"))
+        if names:
+            try:
+                with open(os.path.join(d, names[-1])) as fh:
+                    yield json.load(fh)
+            except (OSError, ValueError):
+                pass
 
 
 def holders(archive, stream):
     """Archiver id -> shards it holds now (its latest claim per shard)."""
     out = {}
-    for d in glob.glob(os.path.join(archive, stream, "_fluxcap", "owners", "*")):
-        claims = sorted(f for f in os.listdir(d) if f.endswith(".json"))
-        if not claims:
-            continue
-        try:
-            with open(os.path.join(d, claims[-1])) as fh:
-                holder = json.load(fh).get("holder", "?")
-        except (OSError, ValueError):
-            continue
+    for body in latest_objects(archive, stream, "owners"):
+        holder = body.get("holder", "?")
         if holder not in ("free", "done"):
             out[holder] = out.get(holder, 0) + 1
     return out

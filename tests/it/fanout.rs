@@ -147,14 +147,7 @@ fn fanout_split_while_archiving() {
     let proxy = rt.block_on(Proxy::start(k.port));
     rt.block_on(create_stream(&c, &stream, 2));
     let ws = Workspace::new(&proxy.endpoint(), None, None, FANOUT, &[(&stream, "json")]);
-    let log = ws.dir.path().join("archiver.log");
-    let mut child = ws
-        .cmd()
-        .arg("archive")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let (mut child, log) = ws.spawn_archiver_logged();
     let mut puts = rt.block_on(put_records(&c, &stream, &orders(150, 1)));
     let wait_for = |n: usize, what: &str, child: &mut std::process::Child| {
         let deadline = Instant::now() + Duration::from_secs(120);

@@ -141,6 +141,30 @@ async fn handle(
     Ok(())
 }
 
+/// `engine` reads the archive of `stream` under `a/` in `bucket` straight
+/// from the S3 server: every record of `puts` exactly once.
+fn assert_archived_once(
+    engine: &str,
+    s3: &Server,
+    bucket: &str,
+    stream: &str,
+    puts: &[Put],
+    what: &str,
+) {
+    let prefix = format!("a/{stream}");
+    let endpoint = s3.endpoint();
+    let args = [
+        "--s3-endpoint",
+        &endpoint,
+        "--bucket",
+        bucket,
+        "--prefix",
+        &prefix,
+    ];
+    let got = read_archive(engine, &args);
+    assert_same(&puts_multiset(puts), &archived_multiset(&got), what);
+}
+
 #[test]
 fn archive_survives_throttling_500s_and_resets() {
     let k = kinesis();
@@ -193,20 +217,12 @@ fn archive_survives_throttling_500s_and_resets() {
     );
 
     // Read the result directly from the S3 server (no proxy).
-    let got = read_archive(
+    assert_archived_once(
         "duckdb",
-        &[
-            "--s3-endpoint",
-            &s3.endpoint(),
-            "--bucket",
-            &bucket,
-            "--prefix",
-            &format!("a/{stream}"),
-        ],
-    );
-    assert_same(
-        &puts_multiset(&puts),
-        &archived_multiset(&got),
+        &s3,
+        &bucket,
+        &stream,
+        &puts,
         "archive under faults",
     );
     let direct = Workspace::new(
@@ -247,14 +263,7 @@ fn a_conditional_write_whose_response_was_lost_is_recognised_as_ours() {
         "[archive.flush]\nmax_age = \"200ms\"\n[archiver]\npoll_interval = \"100ms\"\nmetrics_bind = \"\"\nlease_ttl = \"3s\"",
         &[(&stream, "json")],
     );
-    let log = ws.dir.path().join("archiver.log");
-    let mut child = ws
-        .cmd()
-        .arg("archive")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let (mut child, log) = ws.spawn_archiver_logged();
     let alive = |child: &mut std::process::Child| child.try_wait().unwrap().is_none();
     // Read the checkpoints straight from the S3 server (no proxy).
     let direct = s3_archive(&s3.endpoint(), &bucket, "a");
@@ -293,20 +302,12 @@ fn a_conditional_write_whose_response_was_lost_is_recognised_as_ours() {
     let err = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(st.success(), "exit status {st}: {err}");
     assert!(!err.contains("fenced"), "{err}");
-    let got = read_archive(
+    assert_archived_once(
         "pyarrow",
-        &[
-            "--s3-endpoint",
-            &s3.endpoint(),
-            "--bucket",
-            &bucket,
-            "--prefix",
-            &format!("a/{stream}"),
-        ],
-    );
-    assert_same(
-        &puts_multiset(&puts),
-        &archived_multiset(&got),
+        &s3,
+        &bucket,
+        &stream,
+        &puts,
         "after lost responses",
     );
     ws.ok(&["verify"]);

@@ -353,6 +353,20 @@ impl Workspace {
             .unwrap()
     }
 
+    /// Start `fluxcap archive` in the background, its stderr in a log file
+    /// of the workspace (returned, to show when a test fails).
+    pub fn spawn_archiver_logged(&self) -> (Child, PathBuf) {
+        let log = self.dir.path().join("archiver.log");
+        let child = self
+            .cmd()
+            .arg("archive")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        (child, log)
+    }
+
     /// Run `fluxcap <args>` to completion (within [`COMMAND_LIMIT`]).
     pub fn run(&self, args: &[&str]) -> Output {
         output_within(self.cmd().args(args), COMMAND_LIMIT)
