@@ -297,12 +297,9 @@ impl ArchiveTable {
         limit: Option<usize>,
         snapshot: &Snapshot,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        // A lookup by key on S3 reads the key summaries while the files are
-        // listed (see `archive::key_index`).
-        let keys = match self.archive.location {
-            ArchiveLocation::S3 { .. } => partition_keys(filters),
-            ArchiveLocation::Local(_) => None,
-        };
+        // A lookup by key reads the key summaries while the files are listed
+        // (see `archive::key_index`), and opens only the files they allow.
+        let keys = partition_keys(filters);
         let summaries = async {
             match keys {
                 Some(_) => self.key_index(state, filters).await.map(Some),

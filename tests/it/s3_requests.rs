@@ -228,6 +228,18 @@ fn a_key_lookup_over_days_opens_each_file_with_one_request() {
     );
 }
 
+/// Data files in the physical plan of `sql`; `None` when EXPLAIN shortened
+/// the lists (a plan of many files).
+fn files_in_plan(ws: &Workspace, sql: &str) -> Option<usize> {
+    let rows = ws.sql(&format!("EXPLAIN {sql}"));
+    let plan: String = rows
+        .iter()
+        .filter(|r| r["plan_type"] == "physical_plan")
+        .map(|r| r["plan"].as_str().unwrap().to_string())
+        .collect();
+    (!plan.contains("...")).then(|| plan.matches(".parquet").count())
+}
+
 /// Small records of one shard over `HOURS` hours.
 fn small_records(shard: usize) -> Vec<Record> {
     make_records(shard, HOURS, 0, needle_key)
@@ -299,6 +311,23 @@ fn a_key_lookup_over_days_opens_only_the_files_the_key_summaries_allow() {
     assert_eq!(summary_gets(&proxy), SHARDS * 3);
     let total = proxy.requests().len();
     assert!(total <= 30, "{total} requests: {:#?}", proxy.requests());
+
+    // The same archive in a local directory: the same answer, and the plan
+    // holds only the files the summaries allow (opening a local file costs
+    // its footer and bloom filter reads too).
+    let lws = Workspace::new(
+        "http://127.0.0.1:9",
+        Some(local.path().to_str().unwrap()),
+        None,
+        "",
+        &[(&stream, "json")],
+    );
+    assert_eq!(lws.sql(&lookup(&table, "'k5needle'")), want("'k5needle'"));
+    let planned = files_in_plan(&lws, &lookup(&table, "'k5needle'"));
+    assert!(
+        planned.is_some_and(|n| (2..=4).contains(&n)),
+        "the local plan holds {planned:?} of {files} files (None: too many to list)"
+    );
 
     // A key in many files, with one in two: every file that holds one is read.
     proxy.clear_requests();
