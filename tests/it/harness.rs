@@ -1317,3 +1317,15 @@ pub fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The physical plan `EXPLAIN <sql>` prints (fails when there is none).
+pub fn physical_plan(ws: &Workspace, sql: &str) -> String {
+    let rows = ws.sql(&format!("EXPLAIN {sql}"));
+    let plan: String = rows
+        .iter()
+        .filter(|r| r["plan_type"] == "physical_plan")
+        .map(|r| r["plan"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!plan.is_empty(), "no physical plan in {rows:?}");
+    plan
+}

@@ -231,12 +231,7 @@ fn a_key_lookup_over_days_opens_each_file_with_one_request() {
 /// Data files in the physical plan of `sql`; `None` when EXPLAIN shortened
 /// the lists (a plan of many files).
 fn files_in_plan(ws: &Workspace, sql: &str) -> Option<usize> {
-    let rows = ws.sql(&format!("EXPLAIN {sql}"));
-    let plan: String = rows
-        .iter()
-        .filter(|r| r["plan_type"] == "physical_plan")
-        .map(|r| r["plan"].as_str().unwrap().to_string())
-        .collect();
+    let plan = physical_plan(ws, sql);
     (!plan.contains("...")).then(|| plan.matches(".parquet").count())
 }
 

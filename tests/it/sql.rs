@@ -247,13 +247,7 @@ fn queries_during_archiving_never_double_count() {
 
 /// Hour partitions named in a physical plan.
 fn hours_in_plan(ws: &Workspace, sql: &str) -> BTreeSet<String> {
-    let rows = ws.sql(&format!("EXPLAIN {sql}"));
-    let plan: String = rows
-        .iter()
-        .filter(|r| r["plan_type"] == "physical_plan")
-        .map(|r| r["plan"].as_str().unwrap().to_string())
-        .collect();
-    assert!(!plan.is_empty(), "no physical plan in {rows:?}");
+    let plan = physical_plan(ws, sql);
     assert!(!plan.contains("..."), "plan lists are truncated: {plan}");
     let mut out = BTreeSet::new();
     let mut rest = plan.as_str();
