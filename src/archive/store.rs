@@ -413,9 +413,11 @@ where
 /// the retries of [`with_retry`], that tells our own earlier attempt from a
 /// writer's: a retried request whose first attempt did land (its response was
 /// lost to a reset connection) is refused as `Precondition`/`AlreadyExists`,
-/// yet the object then holds exactly our bytes. Every body written this way
-/// carries something unique to the write (an owner id, a counter, a time), so
-/// equal bytes mean the write is ours. Returns the object's ETag.
+/// yet the object then holds exactly our bytes. Bodies written this way
+/// carry something unique to the writer (an owner id, a counter, a time), so
+/// equal bytes mean the write is ours — or, where two writers can send the
+/// same bytes (two take-overs revoking one lapsed lease), that the object
+/// already says what ours would. Returns the object's ETag.
 pub async fn put_conditional(
     store: &dyn ObjectStore,
     what: &str,

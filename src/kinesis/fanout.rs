@@ -559,11 +559,7 @@ impl FanoutReader {
                     Failure::NotFound(m) if self.start_at_sequence.is_some() => {
                         return Err(self.kerr(
                             "SubscribeToShard",
-                            format!(
-                                "{m} — the checkpointed record is not in the stream: was the \
-                                 stream deleted and re-created under the same name? (then \
-                                 archive it to a new location)"
-                            ),
+                            super::reader::checkpointed_record_missing(&m),
                         ));
                     }
                     Failure::NotFound(m) | Failure::Fatal(m) => {

@@ -233,14 +233,7 @@ impl ShardReader {
                     Failure::NotFound(m)
                         if self.last_sequence.is_some() || self.start_at_sequence.is_some() =>
                     {
-                        return Err(self.kerr(
-                            "GetShardIterator",
-                            format!(
-                                "{m} — the checkpointed record is not in the stream: was the \
-                                 stream deleted and re-created under the same name? (then \
-                                 archive it to a new location)"
-                            ),
-                        ));
+                        return Err(self.kerr("GetShardIterator", checkpointed_record_missing(&m)));
                     }
                     Failure::NotFound(m) | Failure::Fatal(m) => {
                         return Err(self.kerr("GetShardIterator", m));
@@ -498,4 +491,13 @@ pub(crate) fn note_expired(
         }
         *expect_first = None;
     }
+}
+
+/// The message of a "not found" for a shard whose checkpointed record the
+/// reader starts after (polling and enhanced fan-out alike).
+pub(crate) fn checkpointed_record_missing(m: &str) -> String {
+    format!(
+        "{m} — the checkpointed record is not in the stream: was the stream deleted and \
+         re-created under the same name? (then archive it to a new location)"
+    )
 }

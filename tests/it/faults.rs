@@ -5,6 +5,7 @@
 //! (lease renewal, checkpoint) that the store did apply is lost, and the
 //! retried write is recognised as ours rather than as another archiver's.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -13,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::harness::*;
-use crate::proxy::{Proxy, forward, read_request};
+use crate::proxy::{Proxy, forward, read_request, reset};
 use crate::resharding::terminate;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -94,11 +95,6 @@ fn canned(kind: Upstream, throttle: bool) -> Vec<u8> {
         body.len()
     )
     .into_bytes()
-}
-
-fn reset(sock: TcpStream) {
-    let _ = sock.set_zero_linger();
-    drop(sock); // RST
 }
 
 async fn handle(
@@ -235,8 +231,15 @@ fn archive_survives_throttling_500s_and_resets() {
     direct.ok(&["verify"]);
 }
 
-#[test]
-fn a_conditional_write_whose_response_was_lost_is_recognised_as_ours() {
+/// One conditional write the store applied but whose answer is lost: `(path
+/// part, header the request carries, how many times)`.
+type Lose<'a> = (&'a str, Option<&'a str>, u32);
+
+/// Archive a stream on S3 through a proxy that loses the answers of `lose`,
+/// until every answer was lost, every record is committed and `renewed`
+/// (the lease or heartbeat folder) was written once more and answered; then
+/// SIGTERM: exit 0, never "fenced", every record exactly once.
+fn archive_with_lost_responses(extra: &str, lose: &[Lose], renewed: &str) {
     let k = kinesis();
     let s3 = s3();
     let stream = unique("lostresp");
@@ -249,18 +252,19 @@ fn a_conditional_write_whose_response_was_lost_is_recognised_as_ours() {
         put_records(&c, &stream, &orders(300, 11)).await
     });
     let proxy = rt.block_on(Proxy::start(s3.port));
-    // The lease's creation and its first two renewals (conditional updates
-    // of the version we wrote), and two checkpoints (conditional creates):
-    // each lands on the store, its answer never reaches the archiver.
-    proxy.lose_responses("PUT", "/_fluxcap/lease/", Some("if-none-match"), 1);
-    proxy.lose_responses("PUT", "/_fluxcap/lease/", Some("if-match"), 2);
-    proxy.lose_responses("PUT", "/_fluxcap/checkpoints/", None, 2);
+    let mut want: BTreeMap<&str, u64> = BTreeMap::new();
+    for &(part, header, times) in lose {
+        proxy.lose_responses("PUT", part, header, times);
+        *want.entry(part).or_default() += u64::from(times);
+    }
     let loc = format!("s3://{bucket}/a");
     let ws = Workspace::new(
         &k.endpoint(),
         Some(&loc),
         Some(&proxy.endpoint()),
-        "[archive.flush]\nmax_age = \"200ms\"\n[archiver]\npoll_interval = \"100ms\"\nmetrics_bind = \"\"\nlease_ttl = \"3s\"",
+        &format!(
+            "[archive.flush]\nmax_age = \"200ms\"\n[archiver]\npoll_interval = \"100ms\"\nmetrics_bind = \"\"\nlease_ttl = \"3s\"\n{extra}"
+        ),
         &[(&stream, "json")],
     );
     let (mut child, log) = ws.spawn_archiver_logged();
@@ -281,8 +285,7 @@ fn a_conditional_write_whose_response_was_lost_is_recognised_as_ours() {
                 "the archiver stopped: {}",
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
-            proxy.lost("/_fluxcap/lease/") == 3
-                && proxy.lost("/_fluxcap/checkpoints/") == 2
+            want.iter().all(|(part, n)| proxy.lost(part) == *n)
                 && archived_count() == puts.len() as u64
         },
     );
@@ -290,7 +293,7 @@ fn a_conditional_write_whose_response_was_lost_is_recognised_as_ours() {
     let renewals = |p: &Proxy| {
         p.requests()
             .iter()
-            .filter(|r| r.line.starts_with("PUT ") && r.line.contains("/_fluxcap/lease/"))
+            .filter(|r| r.line.starts_with("PUT ") && r.line.contains(renewed))
             .count()
     };
     let seen = renewals(&proxy);
@@ -311,4 +314,36 @@ fn a_conditional_write_whose_response_was_lost_is_recognised_as_ours() {
         "after lost responses",
     );
     ws.ok(&["verify"]);
+}
+
+/// The lease's creation and its first two renewals (conditional updates of
+/// the version we wrote), and two checkpoints (conditional creates).
+#[test]
+fn a_conditional_write_whose_response_was_lost_is_recognised_as_ours() {
+    archive_with_lost_responses(
+        "",
+        &[
+            ("/_fluxcap/lease/", Some("if-none-match"), 1),
+            ("/_fluxcap/lease/", Some("if-match"), 2),
+            ("/_fluxcap/checkpoints/", None, 2),
+        ],
+        "/_fluxcap/lease/",
+    );
+}
+
+/// A shared archiver: its heartbeat's creation and two renewals, its claim
+/// of the shard, and two writes of the positions table (read, merged and
+/// written conditionally by shared archivers).
+#[test]
+fn a_shared_archivers_conditional_writes_survive_lost_responses() {
+    archive_with_lost_responses(
+        "shared = true\nshard_discovery_interval = \"1s\"",
+        &[
+            ("/_fluxcap/workers/", Some("if-none-match"), 1),
+            ("/_fluxcap/workers/", Some("if-match"), 2),
+            ("/_fluxcap/owners/", None, 1),
+            ("/fluxcap-positions/", None, 2),
+        ],
+        "/_fluxcap/workers/",
+    );
 }

@@ -356,8 +356,9 @@ pub async fn read_request(sock: &mut TcpStream) -> std::io::Result<Option<(Strin
     Ok(Some((head, body)))
 }
 
-/// Send one request to `127.0.0.1:upstream` on a connection of its own; the whole response.
-pub async fn forward(upstream: u16, head: &str, body: &[u8]) -> std::io::Result<Vec<u8>> {
+/// Open a connection of its own to `127.0.0.1:upstream` and send one request
+/// on it (`connection: close`); the response is left to read.
+async fn send_upstream(upstream: u16, head: &str, body: &[u8]) -> std::io::Result<TcpStream> {
     let mut up = TcpStream::connect(("127.0.0.1", upstream)).await?;
     let mut new_head = String::new();
     for line in head.split("\r\n") {
@@ -370,6 +371,18 @@ pub async fn forward(upstream: u16, head: &str, body: &[u8]) -> std::io::Result<
     new_head.push_str("connection: close\r\n\r\n");
     up.write_all(new_head.as_bytes()).await?;
     up.write_all(body).await?;
+    Ok(up)
+}
+
+/// Close `sock` with a reset (RST), as a broken connection does.
+pub fn reset(sock: TcpStream) {
+    let _ = sock.set_zero_linger();
+    drop(sock);
+}
+
+/// Send one request to `127.0.0.1:upstream` on a connection of its own; the whole response.
+pub async fn forward(upstream: u16, head: &str, body: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut up = send_upstream(upstream, head, body).await?;
     let mut resp = Vec::new();
     up.read_to_end(&mut resp).await?;
     Ok(resp)
@@ -383,18 +396,7 @@ async fn stream_through(
     body: &[u8],
     sock: &mut TcpStream,
 ) -> std::io::Result<()> {
-    let mut up = TcpStream::connect(("127.0.0.1", upstream)).await?;
-    let mut new_head = String::new();
-    for line in head.split("\r\n") {
-        if line.to_ascii_lowercase().starts_with("connection:") || line.is_empty() {
-            continue;
-        }
-        new_head.push_str(line);
-        new_head.push_str("\r\n");
-    }
-    new_head.push_str("connection: close\r\n\r\n");
-    up.write_all(new_head.as_bytes()).await?;
-    up.write_all(body).await?;
+    let mut up = send_upstream(upstream, head, body).await?;
     tokio::io::copy(&mut up, sock).await?;
     sock.shutdown().await
 }
@@ -545,8 +547,7 @@ async fn handle(mut sock: TcpStream, upstream: u16, ctl: Arc<Ctl>) -> std::io::R
         let resp = forward(upstream, &head, &body).await?;
         log_request(&resp);
         *ctl.lost.lock().unwrap().entry(part).or_default() += 1;
-        let _ = sock.set_zero_linger();
-        drop(sock); // RST: the client never sees the answer
+        reset(sock); // the client never sees the answer
         return Ok(());
     }
     let matched = {
