@@ -3,19 +3,26 @@
 //! `scripts/bench-replay`.
 //!
 //! ```text
-//! cargo run --release --example gen_archive -- DIR STREAM EVENTS DAYS SHARDS
+//! cargo run --release --example gen_archive -- DIR STREAM EVENTS DAYS SHARDS \
+//!     [--flush-minutes M] [--publish flush|hour]
 //! ```
 //!
 //! Events are spread evenly over DAYS days ending 2026-11-20T00:00Z, across
 //! SHARDS shards (`shardId-000000000100` on), each shard written in flushes
-//! of at most 200,000 records.
+//! of at most 200,000 records — or, with `--flush-minutes M`, in one flush
+//! per M minutes of arrival time, as an archiver with `archive.flush.max_age
+//! = "Mm"` on a steady stream writes them. `--publish hour` publishes them as
+//! `archive.publish = "hour"` does: each flush tells the checkpoint that the
+//! hours ended by its last arrival are closed, so a shard's flushes of an
+//! hour are merged into one file (the last flush closes every hour).
 //! The payload is an order event of about 350 bytes; keys (`customer-N`) and
 //! field values repeat the way real traffic does.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use fluxcap::archive::ingest::write_flush;
+use fluxcap::archive::checkpoint::PublishPolicy;
+use fluxcap::archive::ingest::write_flush_with;
 use fluxcap::archive::layout::Layout;
 use fluxcap::archive::store::Archive;
 use fluxcap::archive::writer::ParquetSettings;
@@ -67,16 +74,48 @@ fn event(i: u64, rng: &mut u64) -> (String, String) {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: gen_archive DIR STREAM EVENTS DAYS SHARDS");
+    eprintln!(
+        "usage: gen_archive DIR STREAM EVENTS DAYS SHARDS [--flush-minutes M] [--publish flush|hour]"
+    );
     std::process::exit(2)
+}
+
+/// How the flushes are cut and published.
+#[derive(Clone, Copy)]
+struct Flushes {
+    /// One flush per this many minutes of arrival time; `None`: by count.
+    minutes: Option<u64>,
+    /// Hourly publication (`archive.publish = "hour"`).
+    hourly: bool,
+}
+
+fn parse_flags(rest: &[String]) -> Flushes {
+    let mut f = Flushes {
+        minutes: None,
+        hourly: false,
+    };
+    let mut it = rest.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().unwrap_or_else(|| usage());
+        match (flag.as_str(), value.as_str()) {
+            ("--flush-minutes", m) => {
+                f.minutes = Some(m.parse().ok().filter(|&m| m > 0).unwrap_or_else(|| usage()))
+            }
+            ("--publish", "flush") => f.hourly = false,
+            ("--publish", "hour") => f.hourly = true,
+            _ => usage(),
+        }
+    }
+    f
 }
 
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() != 6 {
+    if args.len() < 6 {
         usage();
     }
+    let flushes = parse_flags(&args[6..]);
     let dir = std::path::PathBuf::from(&args[1]);
     let stream = args[2].clone();
     let parse = |s: &str| s.parse::<u64>().unwrap_or_else(|_| usage());
@@ -108,11 +147,25 @@ async fn main() {
             // From shardId-000000000100: never one of a local emulator's
             // shards (scripts/bench-query reads live records beside it).
             let shard: Arc<str> = format!("shardId-{:012}", s + 100).into();
-            let settings = ParquetSettings::default();
+            let policy = PublishPolicy {
+                hourly: flushes.hourly,
+                settings: ParquetSettings::default(),
+                ..PublishPolicy::default()
+            };
+            let arrival =
+                |j: u64| start_ms + (j as i128 * span_ms as i128 / per_shard as i128) as i64;
             let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (s + 1);
             let mut done = 0u64;
             while done < per_shard {
-                let n = (per_shard - done).min(FLUSH as u64);
+                let n = match flushes.minutes {
+                    None => (per_shard - done).min(FLUSH as u64),
+                    Some(m) => {
+                        // Up to the end of the flush window of record `done`.
+                        let window = (m * 60_000) as i64;
+                        let end = start_ms + ((arrival(done) - start_ms) / window + 1) * window;
+                        (done..per_shard).take_while(|&j| arrival(j) < end).count() as u64
+                    }
+                };
                 let records: Vec<Record> = (done..done + n)
                     .map(|j| {
                         let i = j * shards + s;
@@ -123,14 +176,20 @@ async fn main() {
                             subsequence_number: 0,
                             partition_key: key,
                             explicit_hash_key: None,
-                            arrival_ms: start_ms
-                                + (j as i128 * span_ms as i128 / per_shard as i128) as i64,
+                            arrival_ms: arrival(j),
                             data: Bytes::from(body),
                         }
                     })
                     .collect();
-                write_flush(&archive, &settings, &stream, &shard, &records).await?;
                 done += n;
+                // The flush happens at its last arrival (at the end, at the
+                // end of the span: every hour is closed then).
+                let now = if done == per_shard {
+                    END_MS
+                } else {
+                    arrival(done - 1) + 1
+                };
+                write_flush_with(&archive, &policy, &stream, &shard, &records, Some(now)).await?;
             }
             Ok::<u64, fluxcap::Error>(done)
         });

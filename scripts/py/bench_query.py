@@ -17,6 +17,9 @@ the archive; DuckDB reads the archive plus those records (fetched from the emula
 written to a Parquet file) as a UNION ALL with S's rule: a live record counts only after its
 shard's last archived record (DuckDB finds that by a scan; fluxcap reads its checkpoints). Results of both engines are compared (values for small
 results, row counts for large ones) before anything is timed.
+
+`--compare A.json B.json …` prints one table of earlier runs' --json-out files (one per archive
+layout: scripts/bench-query with LAYOUTS).
 """
 import argparse
 import csv
@@ -238,7 +241,31 @@ def geo(rs):
     return math.exp(sum(math.log(r) for r in rs) / len(rs))
 
 
+def compare(paths):
+    """One table of several runs (one per archive layout): each engine's time per layout, and how
+    much slower each engine is on every layout than on the first."""
+    runs = [json.load(open(p)) for p in paths]
+    base = runs[0]
+    print("layouts: " + "; ".join("%s = %d files" % (r["layout"], r["files"]) for r in runs))
+    for way in ("cold", "warm"):
+        print()
+        head = ["query"] + ["%s %s %s" % (way, e, r["layout"]) for r in runs for e in ("fluxcap", "DuckDB")]
+        head += ["%s/%s %s" % (r["layout"], base["layout"], e) for r in runs[1:] for e in ("fluxcap", "DuckDB")]
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for i, row in enumerate(base["rows"]):
+            cells = [row["query"]]
+            cells += ["%.3f s" % t for r in runs for t in r["rows"][i][way]]
+            cells += ["%.2f×" % (r["rows"][i][way][e] / row[way][e]) for r in runs[1:] for e in (0, 1)]
+            print("| " + " | ".join(cells) + " |")
+        for r in runs:
+            print("%s, %s: geometric mean fluxcap/DuckDB %.2f×" % (
+                r["layout"], way, geo([x[way][0] / x[way][1] for x in r["rows"]])))
+
+
 def main():
+    if len(sys.argv) > 2 and sys.argv[1] == "--compare":
+        return compare(sys.argv[2:])
     import duckdb
 
     ap = argparse.ArgumentParser()
@@ -248,6 +275,8 @@ def main():
     ap.add_argument("--root", required=True)
     ap.add_argument("--skip-live", action="store_true",
                     help="leave out the unified view (an archive whose shard ids are the emulator's)")
+    ap.add_argument("--layout", default="", help="name of the archive's layout, for --json-out")
+    ap.add_argument("--json-out", help="also write the table to this JSON file (for --compare)")
     args = ap.parse_args()
     if args.skip_live:
         QUERIES.pop()
@@ -325,6 +354,11 @@ def main():
                   "(target ≤ 1.5)" % (label, geo(rs), max(rs)))
         print(json.dumps({"cold": {"geomean": round(geo(cold), 3), "ratios": [round(r, 3) for r in cold]},
                           "warm": {"geomean": round(geo(warm), 3), "ratios": [round(r, 3) for r in warm]}}))
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump({"layout": args.layout, "files": files,
+                           "rows": [{"query": name, "cold": [fc, dc], "warm": [fw, dw]}
+                                    for name, fc, dc, fw, dw, _ in table]}, f)
     finally:
         if flux:
             flux.stop()
